@@ -1,0 +1,272 @@
+"""Throughput / memory / I/O benchmark of the DICOM -> FHIR converter (not part of the test suite).
+
+All cases run in one invocation on the same warm archive so their ratios are comparable:
+  (a) bare pydicom header parse, 1 core - the baseline every other figure is divided by
+  (b) beam_pipeline.convert.convert_files in-process, 1 core (no Beam)
+  (c) full pipeline, DirectRunner in_memory, 1 worker       (subprocess)
+  (d) full pipeline, DirectRunner multi_processing, 2 workers (subprocess)
+plus bytes read per file by (b) with and without 4 MiB pixel data, and (d) on one huge study.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pydicom
+
+from benchmarks.make_archive import make_archive
+
+MIB = 1 << 20
+PIXEL_BYTES = 4 * MIB
+
+
+def list_dicoms(root) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("*.dcm"))
+
+
+def warm(paths) -> None:
+    """Read every file once so all cases start from the same (hot) page cache."""
+    for p in paths:
+        with open(p, "rb") as fh:
+            while fh.read(MIB):
+                pass
+
+
+def rchar() -> int:
+    """Bytes this process asked read() for (counts page-cache hits, unlike read_bytes)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+@contextlib.contextmanager
+def one_core():
+    """Pin this process to one CPU so in-process cases cannot borrow a second core."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def parse_pydicom(paths) -> None:
+    for p in paths:
+        pydicom.dcmread(p, stop_before_pixels=True)
+
+
+def convert(paths):
+    from beam_pipeline.convert import convert_files  # imported late: may not exist yet
+    return convert_files(paths)
+
+
+def timed(fn, paths, repeat=1):
+    """Best wall time of `repeat` runs (and the last result)."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn(paths)
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def rss_tree(proc: psutil.Process) -> int:
+    """RSS summed over a process and all its descendants (Beam workers are children)."""
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def run_pipeline(archive, out, mode, workers, log_path) -> dict:
+    """Run the pipeline CLI as a subprocess, polling the tree's RSS every 50 ms."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "beam_pipeline", "--input", str(archive), "--output", str(out),
+           "--direct_running_mode", mode, "--direct_num_workers", str(workers)]
+    peak = 0
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            peak = max(peak, rss_tree(ps))
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+    fig = {"cmd": " ".join(cmd), "seconds": seconds, "peak_rss_mib": peak / MIB, "rc": proc.returncode}
+    summary = Path(out) / "summary.json"
+    if proc.returncode or not summary.exists():
+        tail = Path(log_path).read_text(errors="replace")[-2000:]
+        fig["error"] = f"rc={proc.returncode}, summary.json {'present' if summary.exists() else 'missing'}"
+        print(f"  ! {fig['error']}; log {log_path}:\n{tail}", file=sys.stderr)
+        return fig
+    outcomes = json.loads(summary.read_text()).get("outcomes", {})
+    fig["outcomes"] = outcomes
+    fig["instances"] = outcomes.get("converted", 0)
+    fig["rate"] = fig["instances"] / seconds
+    return fig
+
+
+def guarded(label, fn, *args):
+    """Run one case; a failure (e.g. converter not written yet) is recorded, not fatal."""
+    print(f"-- {label}", file=sys.stderr, flush=True)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not crash
+        print(f"  ! {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def case_in_process(fn, paths, repeat) -> dict:
+    fn(paths[:2])  # import + first-call costs are not throughput
+    with one_core():
+        seconds, result = timed(fn, paths, repeat)
+    fig = {"instances": len(paths), "seconds": seconds, "rate": len(paths) / seconds}
+    if result is not None:  # convert_files result
+        fig["errors"] = len(result.errors)
+        fig["outcomes"] = dict(result.outcomes)
+        fig["resources"] = {k: len(v) for k, v in result.resources.items()}
+    return fig
+
+
+def bytes_read(fn, small, large) -> dict:
+    """rchar per file on the same archive without and with PIXEL_BYTES of pixel data."""
+    fn(small[:2])
+    per_file = {}
+    for name, paths in (("pixels_0", small), ("pixels_4mib", large)):
+        before = rchar()
+        fn(paths)
+        per_file[name] = (rchar() - before) / len(paths)
+    added = PIXEL_BYTES - 2  # the pixel_bytes=0 archive still carries a 1x1 16-bit image
+    per_file["pct_of_added"] = 100 * (per_file["pixels_4mib"] - per_file["pixels_0"]) / added
+    return per_file
+
+
+def targets(fig) -> list[tuple[str, float | None, str, bool | None]]:
+    """(name, measured, target text, pass) - None where a figure is missing."""
+    def get(case, key):  # figures of a failed run do not count
+        f = fig.get(case) or {}
+        return None if "error" in f else f.get(key)
+
+    a, b, c, d = (get(k, "rate") for k in "abcd")
+    ratio = lambda x, y: x / y if x and y else None  # noqa: E731
+    rows = [
+        ("(b) inst/s", b, ">= 4000", lambda v: v >= 4000),
+        ("(b) / (a)", ratio(b, a), ">= 2.0", lambda v: v >= 2.0),
+        ("(d) / (a)", ratio(d, a), ">= 1.5", lambda v: v >= 1.5),
+        ("(c) / (d) wall time (per instance)", ratio(d, c), ">= 1.5", lambda v: v >= 1.5),
+        ("(b) pixel bytes read, % of added", get("b_bytes_read", "pct_of_added"), "< 5 %", lambda v: v < 5),
+        ("(c) peak RSS MiB", get("c", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
+        ("(d) peak RSS MiB", get("d", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
+        ("(big) peak RSS MiB", get("big", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
+    ]
+    return [(n, v, t, None if v is None else ok(v)) for n, v, t, ok in rows]
+
+
+def report(fig, n_files) -> None:
+    a = fig.get("a", {}).get("rate")
+    print(f"\n{'case':<44}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'x (a)':>8}{'peak RSS MiB':>14}")
+    names = {"a": "(a) pydicom dcmread, 1 core", "b": "(b) convert_files, 1 core",
+             "c": "(c) pipeline in_memory, 1 worker", "d": "(d) pipeline multi_processing, 2 workers",
+             "big": f"(big) (d) on one study of {fig.get('big_files', '?')} instances"}
+    for key, name in names.items():
+        f = fig.get(key)
+        if f is None:
+            continue
+        if "rate" not in f:
+            print(f"{name:<44}  FAILED: {f.get('error')}")
+            continue
+        x = f"{f['rate'] / a:.2f}" if a else "-"
+        rss = f"{f['peak_rss_mib']:.0f}" if "peak_rss_mib" in f else "-"
+        print(f"{name:<44}{f['instances']:>10}{f['seconds']:>10.2f}{f['rate']:>10.0f}{x:>8}{rss:>14}")
+        if key != "big" and (f["instances"] != n_files or f.get("errors")):
+            print(f"{'':<4}note: {f['instances']} of {n_files} files counted, {f.get('errors', '?')} errors, "
+                  f"outcomes {f.get('outcomes')}")
+    for key in ("a_bytes_read", "b_bytes_read"):
+        br = fig.get(key)
+        if br and "pct_of_added" in br:
+            print(f"{key[0]} bytes read per file: {br['pixels_0']:.0f} without pixels, {br['pixels_4mib']:.0f} "
+                  f"with 4 MiB pixels -> {br['pct_of_added']:.2f} % of the added pixel bytes")
+    print(f"\n{'target':<44}{'measured':>12}  {'target':<10}result")
+    for name, value, goal, ok in fig["targets"]:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        print(f"{name:<44}{shown:>12}  {goal:<10}{'-' if ok is None else ('PASS' if ok else 'FAIL')}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--studies", type=int, default=40)
+    p.add_argument("--series", type=int, default=4)
+    p.add_argument("--instances", type=int, default=100)
+    p.add_argument("--big-study", type=int, default=0, metavar="N", help="also run (d) on one study of N instances")
+    p.add_argument("--pixel-files", type=int, default=200, help="files in each bytes-read archive")
+    p.add_argument("--repeat", type=int, default=1, help="runs of (a)/(b); the best is kept")
+    p.add_argument("--workdir", help="where archives and outputs go (default: a temp dir, removed)")
+    p.add_argument("--skip-pipeline", action="store_true", help="only (a), (b) and bytes read")
+    p.add_argument("--json", help="write all figures here")
+    args = p.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="beam-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fig = {"args": vars(args), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "pydicom": pydicom.__version__}
+    try:
+        def archive(name, **kw):
+            shutil.rmtree(work / name, ignore_errors=True)
+            m = make_archive(work / name, **kw)
+            print(f"-- generated {name}: {m['files']} files, {m['bytes'] / MIB:.0f} MiB, "
+                  f"{m['seconds']:.1f} s", file=sys.stderr)
+            paths = list_dicoms(work / name)
+            warm(paths)
+            return m, paths
+
+        m, paths = archive("archive", studies=args.studies, series=args.series, instances=args.instances)
+        fig["archive"] = {k: v for k, v in m.items() if k != "study_uids"}
+        fig["a"] = guarded("(a) pydicom", case_in_process, parse_pydicom, paths, args.repeat)
+        fig["b"] = guarded("(b) convert_files", case_in_process, convert, paths, args.repeat)
+
+        per_study = max(1, args.pixel_files // 2)
+        _, small = archive("pixels_0", studies=2, series=1, instances=per_study)
+        _, large = archive("pixels_4mib", studies=2, series=1, instances=per_study, pixel_bytes=PIXEL_BYTES)
+        fig["a_bytes_read"] = guarded("(a) bytes read", bytes_read, parse_pydicom, small, large)
+        fig["b_bytes_read"] = guarded("(b) bytes read", bytes_read, convert, small, large)
+        shutil.rmtree(work / "pixels_4mib", ignore_errors=True)  # 800 MiB we no longer need
+
+        if not args.skip_pipeline:
+            fig["c"] = guarded("(c) pipeline in_memory", run_pipeline, work / "archive", work / "out_c",
+                               "in_memory", 1, work / "c.log")
+            fig["d"] = guarded("(d) pipeline multi_processing", run_pipeline, work / "archive", work / "out_d",
+                               "multi_processing", 2, work / "d.log")
+            if args.big_study:
+                bm, _ = archive("big", studies=1, series=1, instances=args.big_study)
+                fig["big_files"] = bm["files"]
+                fig["big"] = guarded("(big) pipeline multi_processing", run_pipeline, work / "big",
+                                     work / "out_big", "multi_processing", 2, work / "big.log")
+        fig["targets"] = targets(fig)
+        report(fig, m["files"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(fig, indent=1, default=str))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
