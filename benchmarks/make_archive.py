@@ -124,9 +124,10 @@ def _series_dataset(tpl, modality, device, body_part, patient, study, series, se
     ds.FrameOfReferenceUID = _uid(seed, "for", study, series)
     ds.AccessionNumber = f"ACC{st_no:07d}"
     ds.StudyID = str(st_no)
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = when.strftime("%Y%m%d")
+    ds.InstanceCreationDate = ds.StudyDate
     ds.StudyTime = when.strftime("%H%M%S")
-    ds.SeriesTime = ds.ContentTime = ser_when.strftime("%H%M%S")
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ds.InstanceCreationTime = ser_when.strftime("%H%M%S")
     ds.StudyDescription = f"Synthetic {modality} study {st_no}"
     ds.SeriesDescription = f"{body_part} {modality} series {se_no}"
     ds.SeriesNumber = se_no
