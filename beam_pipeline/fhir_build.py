@@ -1,0 +1,314 @@
+"""DICOM study → FHIR R4 ImagingStudy, Device (and Observation) dicts: pure functions, no Beam.
+
+Identifier and reference rules follow the converter we grow from (see README): ids are sha256 hex
+digests of ``"<system>|<value>"``, so the same study always gets the same ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from beam_pipeline import mii
+from beam_pipeline.study import StudyGroup, rank
+
+MII_BASE = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/StructureDefinition/"
+IMAGING_STUDY_PROFILE = MII_BASE + "mii-pr-bildgebung-bildgebungsstudie"
+DEVICE_PROFILE = MII_BASE + "mii-pr-bildgebung-geraet"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+MISSING_PATIENT_ID = "missing-patient-id"
+MISSING_MODALITY = "missing-modality"
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """Options of the mapping; defaults follow the converter we grow from."""
+
+    study_id_system: str = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
+    patient_id_system: str = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
+    accession_id_system: str | None = None
+    encounter_id_system: str | None = None
+    patient_id_length: int | None = None
+    timezone: str = "Europe/Berlin"
+    include_instances: bool = True
+    include_devices: bool = True
+    observations: bool = False
+
+
+@dataclass
+class BuiltStudy:
+    """Resources of one study (ImagingStudy first), or why the study was rejected."""
+
+    resources: list = field(default_factory=list)    # (resource type, resource dict)
+    notes: Counter = field(default_factory=Counter)  # values left out or changed, by kind
+    rejection: tuple[str, str] | None = None
+
+
+def sha256_id(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
+
+
+def imaging_study_id(config: ConversionConfig, study_uid: str) -> str:
+    return sha256_id(config.study_id_system, study_uid)
+
+
+def patient_reference(config: ConversionConfig, patient_id: str) -> dict:
+    return {
+        "reference": "Patient/" + sha256_id(config.patient_id_system, patient_id),
+        "identifier": {
+            "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
+            "system": config.patient_id_system,
+            "value": patient_id,
+        },
+    }
+
+
+def device_id(serial: str, manufacturer: str) -> str:
+    return sha256_id(serial, manufacturer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dates and times
+
+
+_DATE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_TIME = re.compile(r"^(\d{2})(?::?(\d{2}))?(?::?(\d{2}))?(?:\.(\d{1,6}))?$")
+_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
+                   timezone: str, notes: Counter, what: str) -> str | None:
+    """FHIR dateTime from DICOM DA/TM; the offset comes from TimezoneOffsetFromUTC or the zone.
+
+    Returns None (and counts it) when the date does not parse; a bad time keeps the date only.
+    """
+    if not date:
+        return None
+    match = _DATE.match(date)
+    try:
+        day = datetime(int(match[1]), int(match[2]), int(match[3])) if match else None
+    except ValueError:
+        day = None
+    if day is None:
+        notes[f"unparseable-date:{what}"] += 1
+        return None
+    date_text = day.strftime("%Y-%m-%d")
+    if not time:
+        return date_text
+    tmatch = _TIME.match(time)
+    try:
+        if not tmatch:
+            raise ValueError(time)
+        moment = day.replace(hour=int(tmatch[1]), minute=int(tmatch[2] or 0), second=int(tmatch[3] or 0))
+    except ValueError:
+        notes[f"unparseable-time:{what}"] += 1
+        return date_text
+    fraction = f".{tmatch[4]}" if tmatch[4] else ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + _offset(moment, utc_offset, timezone, notes)
+
+
+def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Counter) -> str:
+    if utc_offset:
+        match = _OFFSET.match(utc_offset)
+        if match and int(match[2]) <= 14 and int(match[3]) < 60:
+            return f"{match[1]}{match[2]}:{match[3]}"
+        notes["unparseable:TimezoneOffsetFromUTC"] += 1
+    minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStudy:
+    """All resources for one grouped study, or a rejection with a reason code."""
+    built = BuiltStudy()
+    built.rejection = group.rejection()
+    if built.rejection:
+        return built
+    study = group.representative
+    patient_ids = sorted(group.patient_ids)
+    if not patient_ids:
+        built.rejection = (MISSING_PATIENT_ID, "no instance of the study carries a PatientID")
+        return built
+    patient_id = patient_ids[0]
+    if config.patient_id_length and len(patient_id) > config.patient_id_length:
+        patient_id = patient_id[: config.patient_id_length]
+        built.notes["patient-id-truncated"] += 1
+    no_modality = sorted(uid for uid, rec in group.series.items() if "Modality" not in rec)
+    if no_modality:
+        built.rejection = (MISSING_MODALITY, f"series {no_modality[0]} has no Modality")
+        return built
+
+    notes = built.notes
+    subject = patient_reference(config, patient_id)
+    offset = study.get("TimezoneOffsetFromUTC")
+    started = dicom_datetime(study.get("StudyDate"), study.get("StudyTime"), offset,
+                             config.timezone, notes, "StudyDate")
+    study_extras = mii.study_elements(study, {
+        "observations": config.observations,
+        "encounter_id_system": config.encounter_id_system,
+        "subject": subject,
+        "started": started,
+        "study_instance_uid": group.study_uid,
+    }, terms, notes)
+
+    by_series: dict[str, list] = {uid: [] for uid in group.series}
+    for sop, (series_uid, fields) in group.instances.items():
+        by_series[series_uid].append((rank({"SOPInstanceUID": sop, **fields}), sop, fields))
+
+    devices: dict[str, dict] = {}
+    series_list = []
+    for series_uid, record in sorted(group.series.items(), key=_series_order):
+        instances = sorted(by_series[series_uid])
+        series_list.append(_series(series_uid, record, instances, study, config, terms, notes, devices))
+
+    resource = {"resourceType": "ImagingStudy", "id": imaging_study_id(config, group.study_uid),
+                "meta": {"profile": [IMAGING_STUDY_PROFILE]}}
+    if study_extras.get("extension"):
+        resource["extension"] = study_extras["extension"]
+    resource["identifier"] = _study_identifiers(group, config)
+    resource["status"] = "available"
+    resource["modality"] = [{"system": DCM_SYSTEM, "code": code}
+                            for code in sorted({rec["Modality"] for rec in group.series.values()})]
+    resource["subject"] = subject
+    if study_extras.get("encounter"):
+        resource["encounter"] = study_extras["encounter"]
+    if started:
+        resource["started"] = started
+    resource["numberOfSeries"] = len(series_list)
+    resource["numberOfInstances"] = len(group.instances)
+    if study_extras.get("procedureCode"):
+        resource["procedureCode"] = study_extras["procedureCode"]
+    if study.get("StudyDescription"):
+        resource["description"] = study["StudyDescription"]
+    resource["series"] = series_list
+
+    built.resources.append(("ImagingStudy", resource))
+    built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
+    built.resources.extend(("Observation", obs) for obs in study_extras.get("observations", ()))
+    return built
+
+
+def _series_order(item):
+    uid, record = item
+    number = record.get("SeriesNumber")
+    return (float("inf") if number is None else number, uid)
+
+
+def _study_identifiers(group: StudyGroup, config: ConversionConfig) -> list[dict]:
+    identifiers = []
+    accessions = sorted(group.accession_numbers)
+    if accessions:
+        acsn = {"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}}
+        if config.accession_id_system:
+            acsn["system"] = config.accession_id_system
+        acsn["value"] = accessions[0]
+        identifiers.append(acsn)
+    identifiers.append({"system": "urn:dicom:uid", "value": "urn:oid:" + group.study_uid})
+    return identifiers
+
+
+def _series(uid, record, instances, study, config, terms, notes, devices) -> dict:
+    series: dict = {}
+    extensions = mii.series_extensions(record, terms, config.include_instances, notes)
+    if extensions:
+        series["extension"] = extensions
+    series["uid"] = uid
+    if record.get("SeriesNumber", -1) >= 0:  # FHIR unsignedInt
+        series["number"] = record["SeriesNumber"]
+    series["modality"] = {"system": DCM_SYSTEM, "code": record["Modality"]}
+    if record.get("SeriesDescription"):
+        series["description"] = record["SeriesDescription"]
+    series["numberOfInstances"] = len(instances)
+    body_part = record.get("BodyPartExamined")
+    if body_part:
+        coding = terms.body_site(body_part)
+        if coding:
+            series["bodySite"] = coding
+        else:
+            notes["unmapped:BodyPartExamined"] += 1
+    laterality = record.get("Laterality") or record.get("ImageLaterality")
+    if laterality:
+        coding = terms.laterality(laterality)
+        if coding:
+            series["laterality"] = coding
+        else:
+            notes["unmapped:Laterality"] += 1
+    started = dicom_datetime(record.get("SeriesDate") or (study.get("StudyDate") if record.get("SeriesTime") else None),
+                             record.get("SeriesTime"), study.get("TimezoneOffsetFromUTC"),
+                             config.timezone, notes, "SeriesDate")
+    if started:
+        series["started"] = started
+    device = build_device(record) if config.include_devices else None
+    if device:
+        devices[device["id"]] = device
+        series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]
+    if config.include_instances:
+        series["instance"] = [_instance(sop, fields, terms, notes) for _, sop, fields in instances]
+    return series
+
+
+def _instance(sop: str, fields: dict, terms, notes) -> dict:
+    instance: dict = {}
+    extensions = mii.instance_extensions(fields, terms, notes)
+    if extensions:
+        instance["extension"] = extensions
+    instance["uid"] = sop
+    instance["sopClass"] = {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + fields["SOPClassUID"]}
+    if fields.get("InstanceNumber", -1) >= 0:  # FHIR unsignedInt
+        instance["number"] = fields["InstanceNumber"]
+    return instance
+
+
+def build_device(record: dict) -> dict | None:
+    """The scanner of a series, or None without a DeviceSerialNumber (no stable identity)."""
+    serial = record.get("DeviceSerialNumber")
+    if not serial:
+        return None
+    manufacturer = record.get("Manufacturer", "")
+    device = {"resourceType": "Device", "id": device_id(serial, manufacturer),
+              "meta": {"profile": [DEVICE_PROFILE]},
+              "identifier": [{"value": serial}], "status": "active"}
+    if manufacturer:
+        device["manufacturer"] = manufacturer
+    if record.get("ManufacturerModelName"):
+        device["deviceName"] = [{"name": record["ManufacturerModelName"], "type": "model-name"}]
+    return device
+
+
+class Validator:
+    """Checks resources against the fhir.resources R4B models (FHIR R4-compatible); built once per worker."""
+
+    def __init__(self):
+        from fhir.resources.R4B.device import Device
+        from fhir.resources.R4B.imagingstudy import ImagingStudy
+        from fhir.resources.R4B.observation import Observation
+
+        self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation}
+
+    def problem(self, resources) -> tuple[str, str] | None:
+        """("invalid-fhir", where and what) for the first invalid resource; values are not quoted."""
+        from pydantic import ValidationError
+
+        for resource_type, resource in resources:
+            try:
+                self.models[resource_type].model_validate(resource)
+            except ValidationError as exc:
+                errors = exc.errors(include_input=False, include_url=False)
+                where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
+                return "invalid-fhir", f"{resource_type}: {where}"
+        return None

@@ -1,0 +1,181 @@
+"""Which DICOM attributes the converter reads, and how raw element bytes become plain values.
+
+Both header readers (the fast scanner and the pydicom fallback) only locate elements; turning the
+element bytes into a value happens here, once, so the two readers cannot disagree on decoding.
+
+A *record* is a plain dict ``keyword -> value`` holding only elements that are present, non-empty
+and parseable:
+
+- string VRs: ``str`` stripped of padding, text VRs decoded with the file's character set;
+- DS/FL/FD: ``float``; IS/US/UL/SS/SL: ``int``;
+- keywords whose dictionary VM is not ``"1"`` are always a ``tuple`` (even with one value);
+- sequences: a tuple of item records (only the item keywords asked for);
+- numbers that do not parse are left out and their keywords listed under ``INVALID_KEY``.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+
+INVALID_KEY = "_invalid"
+
+# The converter's own needs (identifiers, references, core ImagingStudy/Device elements).
+CORE_KEYWORDS = {
+    "study": (
+        "StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
+        "TimezoneOffsetFromUTC", "StudyDescription",
+    ),
+    "series": (
+        "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "SeriesDate",
+        "SeriesTime", "BodyPartExamined", "Laterality", "ImageLaterality",
+        "DeviceSerialNumber", "Manufacturer", "ManufacturerModelName",
+    ),
+    "instance": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
+}
+
+# File meta elements (group 0002) used to classify a file.
+META_KEYWORDS = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+_TEXT_VRS = frozenset({"SH", "LO", "UC"})            # backslash separates values
+_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT"})     # backslash is just a character
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "DS", "IS"})
+_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One DICOM attribute to extract: its tag, the VR used to decode it and its multiplicity."""
+
+    keyword: str
+    tag: int
+    vr: str
+    multi: bool
+    items: tuple["Attribute", ...] = ()  # for sequences: the attributes read from each item
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """The attributes to extract, by tag, with the largest tag needed (readers may stop after it)."""
+
+    attributes: tuple[Attribute, ...]
+
+    @property
+    def by_tag(self) -> dict[int, Attribute]:
+        return {a.tag: a for a in self.attributes}
+
+    @property
+    def last_tag(self) -> int:
+        return max(a.tag for a in self.attributes)
+
+
+def _attribute(keyword: str, sequence_items: Mapping[str, Iterable[str]], depth: int = 0) -> Attribute:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"unknown DICOM keyword {keyword!r}")
+    vr = dictionary_VR(tag).split(" or ")[0]
+    items: tuple[Attribute, ...] = ()
+    if vr == "SQ":
+        if depth > 4:
+            raise ValueError(f"sequence nesting too deep at {keyword!r}")
+        names = sorted(set(sequence_items.get(keyword, ())))
+        items = tuple(_attribute(k, sequence_items, depth + 1) for k in names)
+        items = tuple(sorted(items, key=lambda a: a.tag))
+    return Attribute(keyword, tag, vr, dictionary_VM(tag) != "1", items)
+
+
+def build_spec(levels: Iterable[Iterable[str]], sequence_items: Mapping[str, Iterable[str]]) -> FieldSpec:
+    """A FieldSpec for the union of keyword lists; SpecificCharacterSet is always read (decoding)."""
+    keywords = {"SpecificCharacterSet"}
+    for level in levels:
+        keywords.update(level)
+    attributes = sorted((_attribute(k, sequence_items) for k in keywords), key=lambda a: a.tag)
+    return FieldSpec(tuple(attributes))
+
+
+def default_spec() -> FieldSpec:
+    """Core keywords plus everything the MII extension mapping reads."""
+    from beam_pipeline import mii
+
+    levels = [*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()]
+    return build_spec(levels, mii.SEQUENCE_ITEM_KEYWORDS)
+
+
+def encodings_for(raw_charset: bytes | None, inherited: list[str] | None) -> list[str]:
+    """Python codecs for a (0008,0005) value; items without their own inherit the parent's."""
+    if raw_charset is None:
+        return inherited or ["iso8859"]
+    terms = [t.strip() for t in raw_charset.decode("ascii", "replace").split("\\")]
+    if not any(terms):
+        return inherited or ["iso8859"]
+    return convert_encodings(terms)
+
+
+def decode_value(attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool = True):
+    """Plain value for raw element bytes, or None when empty. Raises ValueError when unparseable."""
+    vr = attr.vr
+    if vr in _BINARY_FORMATS:
+        fmt = _BINARY_FORMATS[vr]
+        size = struct.calcsize(fmt)
+        count = len(raw) // size
+        if count == 0:
+            return None
+        values = struct.unpack(("<" if little_endian else ">") + fmt * count, raw[: count * size])
+        if vr in ("FL", "FD") and not all(math.isfinite(v) for v in values):
+            raise ValueError("non-finite float")
+        return _shape(attr, list(values))
+    if vr in _SINGLE_TEXT_VRS:
+        text = decode_bytes(raw, encodings, TEXT_VR_DELIMS).rstrip("\0 ").strip()
+        return _shape(attr, [text] if text else [])
+    if vr in _TEXT_VRS:
+        parts = decode_bytes(raw, encodings, TEXT_VR_DELIMS).split("\\")
+    elif vr in _ASCII_VRS:
+        parts = raw.decode("latin-1").split("\\")
+    else:  # OB, UN, PN and other VRs the converter never needs as values
+        raise ValueError(f"VR {vr} is not decoded")
+    parts = [p.strip("\0 ").strip() for p in parts]
+    parts = [p for p in parts if p]
+    if vr == "DS":
+        parts = [_to_float(p) for p in parts]
+    elif vr == "IS":
+        parts = [_to_int(p) for p in parts]
+    return _shape(attr, parts)
+
+
+def _to_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("non-finite decimal")
+    return value
+
+
+def _to_int(text: str) -> int:
+    value = float(text)  # IS sometimes written as "12.0" by sloppy writers; reject real fractions
+    if not value.is_integer():
+        raise ValueError("fractional integer string")
+    return int(value)
+
+
+def _shape(attr: Attribute, values: list):
+    if not values:
+        return None
+    if attr.multi:
+        return tuple(values)
+    return values[0]
+
+
+def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool) -> None:
+    """Decode and store one element into a record, noting unparseable values instead of raising."""
+    try:
+        value = decode_value(attr, raw, encodings, little_endian)
+    except (ValueError, UnicodeDecodeError, LookupError, struct.error):
+        record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
+        return
+    if value is not None:
+        record[attr.keyword] = value

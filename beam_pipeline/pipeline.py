@@ -1,0 +1,552 @@
+"""The Beam pipeline: match files, read headers, group per study, build FHIR, write NDJSON.
+
+Each domain step is one composite PTransform; the DICOM and FHIR logic lives in pure modules
+(`header`, `study`, `fhir_build`, `mii`) and is only wired here.
+"""
+from __future__ import annotations
+
+import argparse
+import glob as globlib
+import json
+import logging
+import os
+import time
+import warnings
+
+import apache_beam as beam
+import orjson
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from beam_pipeline import fhir_build, header, study
+from beam_pipeline.fields import CORE_KEYWORDS, INVALID_KEY, default_spec
+
+NAMESPACE = "dicom2fhir"
+RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation")
+OUTCOMES = ("converted", "duplicate", "skipped_not_dicom", "skipped_dicomdir", "error", "rejected_with_study")
+PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
+
+_LOG = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Match
+
+
+def resolve_pattern(input_path: str) -> str:
+    """A directory (local or bucket prefix) becomes a recursive glob; a glob or file stays as is."""
+    if globlib.has_magic(input_path):
+        return input_path
+    if "://" not in input_path:
+        return os.path.join(input_path, "**") if os.path.isdir(input_path) else input_path
+    if input_path.endswith("/") or not FileSystems.exists(input_path):
+        return input_path.rstrip("/") + "/**"
+    return input_path
+
+
+def group_root(input_path: str) -> str:
+    """The folder whose first-level subfolders are studies in ``--group-by directory`` mode."""
+    root = input_path
+    while globlib.has_magic(root):
+        root = root.rsplit("/", 1)[0]
+    return root.rstrip("/")
+
+
+def first_level_folder(path: str, root: str) -> str:
+    """Key of a file in directory mode: its first-level folder under root (files at the top: root)."""
+    relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+    parts = relative.split("/")
+    return root + "/" + parts[0] if len(parts) > 1 else root
+
+
+class MatchInputFiles(beam.PTransform):
+    """Lists the input files and spreads them, in batches of paths, over the workers."""
+
+    def __init__(self, pattern: str, batch_size: int = PATHS_PER_BATCH):
+        super().__init__()
+        self.pattern = pattern
+        self.batch_size = batch_size
+
+    def expand(self, pbegin):
+        matched = Metrics.counter(NAMESPACE, "files_matched")
+
+        def path_of(metadata):
+            matched.inc()
+            return metadata.path
+
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+            | "Path" >> beam.Map(path_of)
+            | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+            | "Spread" >> beam.Reshuffle()
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Read headers
+
+
+def open_file(path: str):
+    if "://" in path:
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return open(path, "rb")
+
+
+class ReadHeaderDoFn(beam.DoFn):
+    """Reads the header of each file in a batch; instances go to the main output, errors aside."""
+
+    ERRORS = "errors"
+
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+        self.use_fast_reader = use_fast_reader
+        self.group_by = group_by
+        self.root = root
+        self.files = Metrics.counter(NAMESPACE, "files_read")
+        self.not_dicom = Metrics.counter(NAMESPACE, "outcome:skipped_not_dicom")
+        self.dicomdir = Metrics.counter(NAMESPACE, "outcome:skipped_dicomdir")
+        self.errors = Metrics.counter(NAMESPACE, "outcome:error")
+        self.instances = Metrics.counter(NAMESPACE, "instances_read")
+
+    def setup(self):
+        self.spec = default_spec()
+        logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote element values
+
+    def process(self, paths):
+        """Yields (group key, record): the study uid, or the first-level folder in directory mode."""
+        for path in paths:
+            result = self._read(path)
+            self.files.inc()
+            if result.kind == header.INSTANCE:
+                self.instances.inc()
+                for keyword in result.record.get(INVALID_KEY, ()):
+                    Metrics.counter(NAMESPACE, f"note:unparseable:{keyword}").inc()
+                if self.group_by == "directory":
+                    yield first_level_folder(path, self.root), result.record
+                else:
+                    yield result.record["StudyInstanceUID"], result.record
+            elif result.kind == header.NOT_DICOM:
+                self.not_dicom.inc()
+            elif result.kind == header.DICOMDIR:
+                self.dicomdir.inc()
+            else:
+                self.errors.inc()
+                Metrics.counter(NAMESPACE, f"error:{result.reason}").inc()
+                yield beam.pvalue.TaggedOutput(self.ERRORS, {"reason": result.reason, "path": path,
+                                                             "detail": result.detail})
+
+    def _read(self, path: str) -> header.HeaderResult:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with open_file(path) as fp:
+                    return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
+        except OSError as exc:
+            return header.HeaderResult(header.ERROR, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}")
+
+
+class ReadHeaders(beam.PTransform):
+    """Batches of paths -> ((group key, instance record), file errors)."""
+
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+        super().__init__()
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root)
+
+    def expand(self, batches):
+        results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(
+            ReadHeaderDoFn.ERRORS, main="records")
+        return results.records, results[ReadHeaderDoFn.ERRORS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Group per study (multi-study guard)
+
+
+def instance_keys() -> tuple[str, ...]:
+    from beam_pipeline import mii
+
+    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
+
+
+class StudyCombineFn(beam.CombineFn):
+    """Aggregates records of one study; lifted by Beam so bundles pre-aggregate before the shuffle."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, group, record):
+        if group is None:
+            group = study.StudyGroup(record["StudyInstanceUID"])
+        return group.add(record, self.keys)
+
+    def merge_accumulators(self, groups):
+        merged = None
+        for group in groups:
+            if group is None:
+                continue
+            merged = group if merged is None else merged.merge(group)
+        return merged
+
+    def extract_output(self, group):
+        return group
+
+
+class DirectoryCombineFn(beam.CombineFn):
+    """Directory mode: every study found in one first-level folder, kept apart for the guard."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, groups, record):
+        return study.add_to_directory(groups, record, self.keys)
+
+    def merge_accumulators(self, accumulators):
+        return study.merge_directories(accumulators)
+
+    def extract_output(self, groups):
+        return groups
+
+
+class DirectoryGuardDoFn(beam.DoFn):
+    """Rejects a folder holding more than one study as a whole; passes single-study folders on."""
+
+    REJECTED = "rejected"
+
+    def __init__(self):
+        self.rejected_files = Metrics.counter(NAMESPACE, "outcome:rejected_with_study")
+        self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
+
+    def process(self, item):
+        directory, groups = item
+        if len(groups) == 1:
+            (uid, group), = groups.items()
+            yield uid, group
+            return
+        uids = sorted(groups)
+        files = sum(g.files for g in groups.values())
+        self.rejected_files.inc(files)
+        self.rejected.inc(len(uids))
+        Metrics.counter(NAMESPACE, f"error:{study.MULTIPLE_STUDIES_IN_DIRECTORY}").inc()
+        yield beam.pvalue.TaggedOutput(self.REJECTED, {
+            "reason": study.MULTIPLE_STUDIES_IN_DIRECTORY, "path": directory, "study_uids": uids,
+            "files": files, "detail": f"{len(uids)} StudyInstanceUIDs in one folder: {', '.join(uids)}",
+        })
+
+
+class GroupStudies(beam.PTransform):
+    """Keyed records -> StudyGroup per study, plus folder rejections (directory mode)."""
+
+    def __init__(self, group_by: str = "study"):
+        super().__init__()
+        self.group_by = group_by
+
+    def expand(self, keyed_records):
+        keys = instance_keys()
+        if self.group_by == "study":
+            groups = keyed_records | "CombineStudy" >> beam.CombinePerKey(StudyCombineFn(keys))
+            empty = keyed_records.pipeline | "NoFolderRejections" >> beam.Create([])
+            return groups | "DropKey" >> beam.Values(), empty
+        guarded = (keyed_records
+                   | "CombineFolder" >> beam.CombinePerKey(DirectoryCombineFn(keys))
+                   | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(DirectoryGuardDoFn.REJECTED, main="ok"))
+        groups = (guarded.ok
+                  | "MergeSplitStudies" >> beam.CombinePerKey(MergeGroupsFn())
+                  | "DropKey" >> beam.Values())
+        return groups, guarded[DirectoryGuardDoFn.REJECTED]
+
+
+class MergeGroupsFn(beam.CombineFn):
+    """Merges StudyGroups of one study found in several folders."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, merged, group):
+        return group if merged is None else merged.merge(group)
+
+    def merge_accumulators(self, groups):
+        merged = None
+        for group in groups:
+            if group is not None:
+                merged = group if merged is None else merged.merge(group)
+        return merged
+
+    def extract_output(self, merged):
+        return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Build resources
+
+
+def dumps(resource: dict) -> str:
+    return orjson.dumps(resource).decode("utf-8")
+
+
+class BuildResourcesDoFn(beam.DoFn):
+    """StudyGroup -> (resource type, NDJSON line); rejected studies go to the errors output."""
+
+    ERRORS = "errors"
+
+    def __init__(self, config: fhir_build.ConversionConfig, validate: bool = True):
+        self.config = config
+        self.validate = validate
+        self.converted = Metrics.counter(NAMESPACE, "outcome:converted")
+        self.duplicates = Metrics.counter(NAMESPACE, "outcome:duplicate")
+        self.rejected_files = Metrics.counter(NAMESPACE, "outcome:rejected_with_study")
+        self.written = Metrics.counter(NAMESPACE, "studies_written")
+        self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
+
+    def setup(self):
+        from terminologies import Terminologies
+
+        self.terms = Terminologies.load()
+        self.validator = fhir_build.Validator() if self.validate else None
+
+    def process(self, group):
+        built = fhir_build.build_study(group, self.config, self.terms)
+        if built.rejection is None and self.validator is not None:
+            built.rejection = self.validator.problem(built.resources)
+        if built.rejection is not None:
+            reason, detail = built.rejection
+            self.rejected.inc()
+            self.rejected_files.inc(group.files)
+            Metrics.counter(NAMESPACE, f"error:{reason}").inc()
+            yield beam.pvalue.TaggedOutput(self.ERRORS, {"reason": reason, "study_uid": group.study_uid,
+                                                         "files": group.files, "detail": detail})
+            return
+        self.written.inc()
+        self.converted.inc(len(group.instances))
+        self.duplicates.inc(group.duplicates)
+        for note, count in built.notes.items():
+            Metrics.counter(NAMESPACE, f"note:{note}").inc(count)
+        for resource_type, resource in built.resources:
+            yield resource_type, resource["id"], dumps(resource)
+
+
+class BuildResources(beam.PTransform):
+    """StudyGroups -> {resource type: NDJSON lines}, errors; each Device once for the whole run."""
+
+    def __init__(self, config: fhir_build.ConversionConfig, validate: bool = True):
+        super().__init__()
+        self.config = config
+        self.validate = validate
+
+    def expand(self, groups):
+        built = groups | "Build" >> beam.ParDo(BuildResourcesDoFn(self.config, self.validate)).with_outputs(
+            BuildResourcesDoFn.ERRORS, main="resources")
+        by_type = built.resources | "ByType" >> beam.Partition(
+            lambda item, n: RESOURCE_TYPES.index(item[0]), len(RESOURCE_TYPES))
+        lines = {}
+        for resource_type, resources in zip(RESOURCE_TYPES, by_type):
+            if resource_type == "ImagingStudy":
+                lines[resource_type] = resources | f"{resource_type}Line" >> beam.Map(lambda item: item[2])
+            else:  # shared by many studies: one line per id, chosen deterministically
+                lines[resource_type] = (
+                    resources
+                    | f"{resource_type}ById" >> beam.Map(lambda item: (item[1], item[2]))
+                    | f"{resource_type}Once" >> beam.CombinePerKey(min)
+                    | f"{resource_type}Line" >> beam.Values())
+        return lines, built[BuildResourcesDoFn.ERRORS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Write
+
+
+class WriteNdjson(beam.PTransform):
+    """Sharded ``<name>-SSSSS-of-NNNNN.ndjson`` files, one JSON object per line."""
+
+    def __init__(self, output_dir: str, name: str):
+        super().__init__()
+        self.prefix = FileSystems.join(output_dir, name)
+
+        self.name = name
+
+    def expand(self, lines):
+        written = Metrics.counter(NAMESPACE, f"lines:{self.name}")
+
+        def count(line):
+            written.inc()
+            return line
+
+        return (lines
+                | "Count" >> beam.Map(count)
+                | "Write" >> beam.io.WriteToText(self.prefix, file_name_suffix=".ndjson"))
+
+
+def error_line(error: dict) -> str:
+    return json.dumps(error, sort_keys=True, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_pipeline",
+        description="Convert a DICOM archive into FHIR R4 ImagingStudy/Device NDJSON for bulk import.")
+    parser.add_argument("--input", required=True, help="directory (recursive), glob, or gs:// path/glob")
+    parser.add_argument("--output", required=True, help="output directory (local or gs://)")
+    parser.add_argument("--group-by", choices=("study", "directory"), default="study",
+                        help="study: one study across any folders (default); directory: each first-level "
+                             "folder under --input is one study, folders with several studies are rejected")
+    defaults = fhir_build.ConversionConfig()
+    parser.add_argument("--study-id-system", default=defaults.study_id_system)
+    parser.add_argument("--patient-id-system", default=defaults.patient_id_system)
+    parser.add_argument("--accession-id-system", default=defaults.accession_id_system,
+                        help="system of the ACSN identifier (default: none, as the legacy converter)")
+    parser.add_argument("--encounter-id-system", default=defaults.encounter_id_system,
+                        help="system of Encounter identifiers built from AdmissionID")
+    parser.add_argument("--patient-id-length", type=int, default=None,
+                        help="keep only the first N characters of PatientID (default: whole)")
+    parser.add_argument("--timezone", default=defaults.timezone,
+                        help="zone of DICOM dates without TimezoneOffsetFromUTC (default Europe/Berlin)")
+    parser.add_argument("--no-instances", action="store_true", help="leave out the instance level")
+    parser.add_argument("--no-devices", action="store_true", help="write no Device resources")
+    parser.add_argument("--observations", action="store_true",
+                        help="write body weight/height Observations and reference them")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip fhir.resources validation of each study (faster)")
+    parser.add_argument("--pydicom-only", action="store_true",
+                        help="read every header with pydicom instead of the fast scanner")
+    args, beam_args = parser.parse_known_args(argv)
+    if args.patient_id_length is not None and args.patient_id_length < 1:
+        parser.error("--patient-id-length must be at least 1")
+    try:
+        fhir_build.dicom_datetime("20000101", "1200", None, args.timezone, __import__("collections").Counter(), "x")
+    except Exception:
+        parser.error(f"--timezone {args.timezone!r} is not a known time zone")
+    return args, beam_args
+
+
+def config_from_args(args) -> fhir_build.ConversionConfig:
+    return fhir_build.ConversionConfig(
+        study_id_system=args.study_id_system, patient_id_system=args.patient_id_system,
+        accession_id_system=args.accession_id_system, encounter_id_system=args.encounter_id_system,
+        patient_id_length=args.patient_id_length, timezone=args.timezone,
+        include_instances=not args.no_instances, include_devices=not args.no_devices,
+        observations=args.observations)
+
+
+def build_pipeline(pipeline, args) -> None:
+    """Wires the steps; shared by run() and the tests."""
+    config = config_from_args(args)
+    root = group_root(args.input)
+    batches = pipeline | "MatchFiles" >> MatchInputFiles(resolve_pattern(args.input))
+    records, file_errors = batches | "ReadHeaders" >> ReadHeaders(not args.pydicom_only, args.group_by, root)
+    groups, folder_errors = records | "GroupStudies" >> GroupStudies(args.group_by)
+    lines, study_errors = groups | "BuildResources" >> BuildResources(config, validate=not args.no_validate)
+    for resource_type in RESOURCE_TYPES:
+        if resource_type == "Observation" and not args.observations:
+            continue
+        if resource_type == "Device" and args.no_devices:
+            continue
+        lines[resource_type] | f"Write{resource_type}" >> WriteNdjson(args.output, resource_type)
+    ((file_errors, folder_errors, study_errors)
+     | "AllErrors" >> beam.Flatten()
+     | "ErrorLine" >> beam.Map(error_line)
+     | "WriteErrors" >> WriteNdjson(args.output, "errors"))
+
+
+
+def local_runner(options: PipelineOptions):
+    """The in-process FnApiRunner unless a runner was named: Beam 2.77's DirectRunner first tries
+    to download the Prism runner, which an air-gapped machine cannot do."""
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner()
+    return None
+
+
+def clear_previous_output(output_dir: str) -> None:
+    """Old shards would mix with new ones (a re-run may write fewer shards): remove ours only."""
+    patterns = [FileSystems.join(output_dir, f"{name}-*-of-*.ndjson") for name in (*RESOURCE_TYPES, "errors")]
+    patterns.append(FileSystems.join(output_dir, "summary.json"))
+    stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def counters(result) -> dict[str, int]:
+    """Committed counter values of this pipeline, summed over the steps that share a name."""
+    totals: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    return totals
+
+
+def summarize(totals: dict[str, int], seconds: float) -> dict:
+    def prefixed(prefix):
+        return {k[len(prefix):]: v for k, v in sorted(totals.items()) if k.startswith(prefix)}
+
+    outcomes = {name: totals.get(f"outcome:{name}", 0) for name in OUTCOMES}
+    converted = outcomes["converted"]
+    return {
+        "files_matched": totals.get("files_matched", 0),
+        "outcomes": outcomes,
+        "studies": {"written": totals.get("studies_written", 0), "rejected": totals.get("studies_rejected", 0)},
+        "resources": {name: totals.get(f"lines:{name}", 0) for name in RESOURCE_TYPES},
+        "errors_by_reason": prefixed("error:"),
+        "notes": prefixed("note:"),
+        "seconds": round(seconds, 3),
+        "instances_per_second": round(converted / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def write_summary(output_dir: str, summary: dict) -> str:
+    path = FileSystems.join(output_dir, "summary.json")
+    with FileSystems.create(path) as out:
+        out.write(json.dumps(summary, indent=2, sort_keys=False).encode("utf-8") + b"\n")
+    return path
+
+
+def describe(summary: dict) -> str:
+    """A short human-readable report (counts only: no identifiers)."""
+    outcomes = summary["outcomes"]
+    accounted = sum(outcomes.values())
+    lines = [
+        f"files matched: {summary['files_matched']} (accounted for: {accounted})",
+        "outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()),
+        f"studies written: {summary['studies']['written']}, rejected: {summary['studies']['rejected']}",
+        "resources: " + ", ".join(f"{k} {v}" for k, v in summary["resources"].items()),
+    ]
+    if summary["errors_by_reason"]:
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()))
+    if summary["notes"]:
+        lines.append("notes: " + ", ".join(f"{k} {v}" for k, v in summary["notes"].items()))
+    lines.append(f"{summary['seconds']} s, {summary['instances_per_second']} instances/s")
+    return "\n".join(lines)
+
+
+def run(argv=None) -> dict:
+    """Parse options once, run the pipeline to completion, write and print the summary."""
+    args, beam_args = parse_args(argv)
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    started = time.monotonic()
+    clear_previous_output(args.output)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+    build_pipeline(pipeline, args)
+    result = pipeline.run()
+    result.wait_until_finish()
+    summary = summarize(counters(result), time.monotonic() - started)
+    write_summary(args.output, summary)
+    print(describe(summary), flush=True)
+    if sum(summary["outcomes"].values()) != summary["files_matched"]:
+        _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
+    return summary

@@ -1,0 +1,118 @@
+"""Collect the instances of one study, and the multi-study guard.
+
+A ``StudyGroup`` is built incrementally (``add``/``merge``), so Beam can pre-aggregate per study
+inside each bundle before the shuffle; the result does not depend on the order of arrival:
+representatives are chosen by a total order, counts are sums, conflicts are kept as sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Reasons a whole study (or directory) is rejected.
+CONFLICTING_PATIENT_ID = "conflicting-patient-id"
+CONFLICTING_ACCESSION = "conflicting-accession-number"
+CONFLICTING_DUPLICATE = "conflicting-duplicate-instance"
+MULTIPLE_STUDIES_IN_DIRECTORY = "multiple-studies-in-directory"
+
+_NO_NUMBER = float("inf")
+
+
+def rank(record: dict) -> tuple:
+    """Total order of instances: instance number, then SOPInstanceUID (ties impossible)."""
+    number = record.get("InstanceNumber")
+    return (_NO_NUMBER if number is None else number, record["SOPInstanceUID"])
+
+
+@dataclass
+class StudyGroup:
+    """Everything needed to build one ImagingStudy, without keeping whole per-instance records."""
+
+    study_uid: str
+    files: int = 0
+    duplicates: int = 0
+    patient_ids: set = field(default_factory=set)
+    accession_numbers: set = field(default_factory=set)
+    representative: dict | None = None            # record of the first instance by rank
+    series: dict = field(default_factory=dict)    # series uid -> representative record
+    instances: dict = field(default_factory=dict)  # sop uid -> (series uid, instance fields)
+    conflicting_sops: set = field(default_factory=set)
+
+    def add(self, record: dict, instance_keys: tuple[str, ...]) -> "StudyGroup":
+        self.files += 1
+        if "PatientID" in record:
+            self.patient_ids.add(record["PatientID"])
+        if "AccessionNumber" in record:
+            self.accession_numbers.add(record["AccessionNumber"])
+        if self.representative is None or rank(record) < rank(self.representative):
+            self.representative = record
+        series_uid = record["SeriesInstanceUID"]
+        current = self.series.get(series_uid)
+        if current is None or rank(record) < rank(current):
+            self.series[series_uid] = record
+        sop = record["SOPInstanceUID"]
+        fields = {k: record[k] for k in instance_keys if k in record}
+        self._add_instance(sop, series_uid, fields)
+        return self
+
+    def _add_instance(self, sop: str, series_uid: str, fields: dict) -> None:
+        seen = self.instances.get(sop)
+        if seen is None:
+            self.instances[sop] = (series_uid, fields)
+            return
+        self.duplicates += 1
+        if seen[0] != series_uid:
+            self.conflicting_sops.add(sop)
+        elif sorted(fields.items()) < sorted(seen[1].items()):
+            self.instances[sop] = (series_uid, fields)  # keep a deterministic copy
+
+    def merge(self, other: "StudyGroup") -> "StudyGroup":
+        self.files += other.files
+        self.duplicates += other.duplicates
+        self.patient_ids |= other.patient_ids
+        self.accession_numbers |= other.accession_numbers
+        self.conflicting_sops |= other.conflicting_sops
+        if other.representative is not None and (
+            self.representative is None or rank(other.representative) < rank(self.representative)
+        ):
+            self.representative = other.representative
+        for uid, record in other.series.items():
+            current = self.series.get(uid)
+            if current is None or rank(record) < rank(current):
+                self.series[uid] = record
+        for sop, (series_uid, fields) in other.instances.items():
+            self._add_instance(sop, series_uid, fields)
+        return self
+
+    def rejection(self) -> tuple[str, str] | None:
+        """(reason, detail) when the study must not be converted. Details never carry identifiers."""
+        if len(self.patient_ids) > 1:
+            return CONFLICTING_PATIENT_ID, f"{len(self.patient_ids)} distinct PatientID values in one study"
+        if len(self.accession_numbers) > 1:
+            return CONFLICTING_ACCESSION, f"{len(self.accession_numbers)} distinct AccessionNumber values in one study"
+        if self.conflicting_sops:
+            sops = sorted(self.conflicting_sops)
+            return CONFLICTING_DUPLICATE, (
+                f"{len(sops)} SOPInstanceUID(s) appear in more than one series, e.g. {sops[0]}"
+            )
+        return None
+
+
+def add_to_directory(groups: dict, record: dict, instance_keys: tuple[str, ...]) -> dict:
+    """Directory mode accumulator: study uid -> StudyGroup for one first-level folder."""
+    uid = record["StudyInstanceUID"]
+    group = groups.get(uid)
+    if group is None:
+        group = groups[uid] = StudyGroup(uid)
+    group.add(record, instance_keys)
+    return groups
+
+
+def merge_directories(accumulators) -> dict:
+    merged: dict = {}
+    for groups in accumulators:
+        for uid, group in groups.items():
+            if uid in merged:
+                merged[uid].merge(group)
+            else:
+                merged[uid] = group
+    return merged
