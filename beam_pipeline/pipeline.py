@@ -217,6 +217,7 @@ class DirectoryCombineFn(beam.CombineFn):
         return groups
 
 
+@beam.typehints.with_output_types(tuple[str, study.StudyGroup])
 class DirectoryGuardDoFn(beam.DoFn):
     """Rejects a folder holding more than one study as a whole; passes single-study folders on."""
 
@@ -533,20 +534,25 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(argv=None) -> dict:
-    """Parse options once, run the pipeline to completion, write and print the summary."""
-    args, beam_args = parse_args(argv)
-    options = PipelineOptions(beam_args)
-    options.view_as(SetupOptions).save_main_session = False
+def execute(pipeline, args) -> dict:
+    """Build, run to completion and summarize; the summary is written to the output directory."""
     started = time.monotonic()
     clear_previous_output(args.output)
-    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_pipeline(pipeline, args)
     result = pipeline.run()
     result.wait_until_finish()
     summary = summarize(counters(result), time.monotonic() - started)
     write_summary(args.output, summary)
-    print(describe(summary), flush=True)
     if sum(summary["outcomes"].values()) != summary["files_matched"]:
         _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
+    return summary
+
+
+def run(argv=None) -> dict:
+    """Parse options once, run the pipeline, write and print the summary."""
+    args, beam_args = parse_args(argv)
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    summary = execute(beam.Pipeline(runner=local_runner(options), options=options), args)
+    print(describe(summary), flush=True)
     return summary

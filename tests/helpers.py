@@ -1,0 +1,62 @@
+"""Test helpers: real DICOM files from pydicom, and a real Beam run of the whole pipeline."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pydicom
+import pydicom.data
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from beam_pipeline.pipeline import execute, parse_args
+
+TEST_FILES = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+DICOMDIR_TREE = os.path.join(TEST_FILES, "dicomdirtests")
+
+
+def pydicom_file(name: str) -> str:
+    return os.path.join(TEST_FILES, name)
+
+
+def run_pipeline(input_path, output_dir, *options: str) -> dict:
+    """Runs the real pipeline through TestPipeline on the in-process runner; returns the summary."""
+    args, beam_args = parse_args(["--input", str(input_path), "--output", str(output_dir), *options])
+    pipeline = TestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
+    return execute(pipeline, args)
+
+
+def read_ndjson(output_dir, name: str) -> list[dict]:
+    lines = []
+    for path in sorted(glob.glob(os.path.join(str(output_dir), f"{name}-*-of-*.ndjson"))):
+        with open(path, encoding="utf-8") as handle:
+            lines.extend(json.loads(line) for line in handle if line.strip())
+    return lines
+
+
+def raw_lines(output_dir, name: str) -> list[str]:
+    lines = []
+    for path in glob.glob(os.path.join(str(output_dir), f"{name}-*-of-*.ndjson")):
+        with open(path, encoding="utf-8") as handle:
+            lines.extend(line.rstrip("\n") for line in handle if line.strip())
+    return sorted(lines)
+
+
+def copy_dicom(src: str, dst, **changes) -> str:
+    """Copies a real DICOM file, optionally changing (or deleting, with None) attributes."""
+    os.makedirs(os.path.dirname(str(dst)), exist_ok=True)
+    if not changes:
+        shutil.copyfile(src, dst)
+        return str(dst)
+    ds = pydicom.dcmread(src)
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(str(dst), enforce_file_format=False)
+    return str(dst)

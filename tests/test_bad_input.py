@@ -1,0 +1,150 @@
+"""Each kind of bad input lands in its own outcome with a reason; the run finishes; nothing is lost."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from pydicom.uid import generate_uid
+
+from helpers import DICOMDIR_TREE, copy_dicom, read_ndjson, run_pipeline, pydicom_file
+
+CT = pydicom_file("CT_small.dcm")
+MR = pydicom_file("MR_small.dcm")
+
+
+def uid(name: str) -> str:
+    return generate_uid(entropy_srcs=[name])
+
+
+@pytest.fixture(scope="module")
+def messy_archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    copy_dicom(CT, root / "good" / "ct.dcm")
+    copy_dicom(CT, root / "copies" / "ct-again.dcm")                       # exact duplicate
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a DICOM file\n" * 20)
+    (root / "notes" / "empty.dcm").write_bytes(b"")
+    with open(CT, "rb") as handle:
+        (root / "notes" / "truncated.dcm").write_bytes(handle.read(700))
+    shutil.copyfile(os.path.join(DICOMDIR_TREE, "DICOMDIR"), root / "DICOMDIR")
+    copy_dicom(MR, root / "bad" / "no-study.dcm", StudyInstanceUID=None)
+    copy_dicom(MR, root / "bad" / "no-series.dcm", SeriesInstanceUID=None, StudyInstanceUID=uid("s1"))
+    copy_dicom(MR, root / "bad" / "no-sop.dcm", SOPInstanceUID=None, StudyInstanceUID=uid("s2"))
+    # One study, two instances, two different patients.
+    copy_dicom(MR, root / "pid" / "a.dcm", StudyInstanceUID=uid("pid"), SOPInstanceUID=uid("pid-a"))
+    copy_dicom(MR, root / "pid" / "b.dcm", StudyInstanceUID=uid("pid"), SOPInstanceUID=uid("pid-b"),
+               PatientID="SOMEONE-ELSE")
+    copy_dicom(MR, root / "acc" / "a.dcm", StudyInstanceUID=uid("acc"), SOPInstanceUID=uid("acc-a"),
+               AccessionNumber="A1")
+    copy_dicom(MR, root / "acc" / "b.dcm", StudyInstanceUID=uid("acc"), SOPInstanceUID=uid("acc-b"),
+               AccessionNumber="A2")
+    # The same SOP instance filed under two different series.
+    copy_dicom(MR, root / "dup" / "a.dcm", StudyInstanceUID=uid("dup"), SOPInstanceUID=uid("dup-x"))
+    copy_dicom(MR, root / "dup" / "b.dcm", StudyInstanceUID=uid("dup"), SOPInstanceUID=uid("dup-x"),
+               SeriesInstanceUID=uid("dup-other-series"))
+    copy_dicom(MR, root / "date" / "a.dcm", StudyInstanceUID=uid("date"), StudyDate="20051399",
+               SeriesDate="20051399")
+    summary = run_pipeline(root, root.parent / (root.name + "-out"))
+    return root, root.parent / (root.name + "-out"), summary
+
+
+def errors_by(out, key):
+    return {e.get(key): e for e in read_ndjson(out, "errors") if e.get(key)}
+
+
+def test_outcomes_add_up_to_files_matched(messy_archive):
+    _, _, summary = messy_archive
+    assert summary["files_matched"] == 16
+    assert sum(summary["outcomes"].values()) == 16
+    assert summary["outcomes"] == {
+        "converted": 2,            # CT study + the study with the bad date
+        "duplicate": 1,
+        "skipped_not_dicom": 1,
+        "skipped_dicomdir": 1,
+        "error": 5,                # empty, truncated, 3 missing uids
+        "rejected_with_study": 6,  # 3 studies x 2 files
+    }
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("notes/empty.dcm", "empty-file"),
+    ("notes/truncated.dcm", "truncated"),
+    ("bad/no-study.dcm", "missing-study-instance-uid"),
+    ("bad/no-series.dcm", "missing-series-instance-uid"),
+    ("bad/no-sop.dcm", "missing-sop-instance-uid"),
+])
+def test_file_errors_carry_path_and_reason(messy_archive, name, reason):
+    root, out, summary = messy_archive
+    errors = errors_by(out, "path")
+    error = errors[str(root / name)]
+    assert error["reason"] == reason
+    assert error["detail"]
+    assert summary["errors_by_reason"][reason] == 1
+
+
+@pytest.mark.parametrize("study, reason", [
+    ("pid", "conflicting-patient-id"),
+    ("acc", "conflicting-accession-number"),
+    ("dup", "conflicting-duplicate-instance"),
+])
+def test_inconsistent_studies_are_rejected_whole(messy_archive, study, reason):
+    _, out, summary = messy_archive
+    error = errors_by(out, "study_uid")[uid(study)]
+    assert error["reason"] == reason
+    assert error["files"] == 2
+    assert "SOMEONE-ELSE" not in error["detail"]  # no patient ids in messages
+    written = {s["identifier"][-1]["value"] for s in read_ndjson(out, "ImagingStudy")}
+    assert f"urn:oid:{uid(study)}" not in written
+    assert summary["studies"]["rejected"] == 3
+
+
+def test_not_dicom_and_dicomdir_are_skipped_without_error(messy_archive):
+    root, out, _ = messy_archive
+    paths = {e.get("path") for e in read_ndjson(out, "errors")}
+    assert str(root / "notes" / "readme.txt") not in paths
+    assert str(root / "DICOMDIR") not in paths
+
+
+def test_exact_duplicates_count_once(messy_archive):
+    _, out, _ = messy_archive
+    ct = [s for s in read_ndjson(out, "ImagingStudy") if s["modality"][0]["code"] == "CT"]
+    assert len(ct) == 1
+    assert ct[0]["numberOfInstances"] == 1
+    assert len(ct[0]["series"][0]["instance"]) == 1
+
+
+def test_unparseable_date_leaves_started_out_and_is_counted(messy_archive):
+    _, out, summary = messy_archive
+    study = [s for s in read_ndjson(out, "ImagingStudy") if s["identifier"][-1]["value"] == f"urn:oid:{uid('date')}"]
+    assert len(study) == 1
+    assert "started" not in study[0]
+    assert "started" not in study[0]["series"][0]
+    assert summary["notes"]["unparseable-date:StudyDate"] == 1
+
+
+def test_directory_mode_rejects_a_folder_with_two_studies(tmp_path):
+    root = tmp_path / "archive"
+    copy_dicom(CT, root / "folder-one" / "ct.dcm")
+    copy_dicom(MR, root / "folder-two" / "mr.dcm")
+    copy_dicom(CT, root / "folder-two" / "sub" / "ct.dcm", StudyInstanceUID=uid("other"), SOPInstanceUID=uid("o"))
+    summary = run_pipeline(root, tmp_path / "out", "--group-by", "directory")
+    errors = read_ndjson(tmp_path / "out", "errors")
+    assert [e["reason"] for e in errors] == ["multiple-studies-in-directory"]
+    assert errors[0]["path"] == str(root / "folder-two")
+    assert errors[0]["files"] == 2
+    assert len(errors[0]["study_uids"]) == 2
+    studies = read_ndjson(tmp_path / "out", "ImagingStudy")
+    assert len(studies) == 1 and studies[0]["modality"][0]["code"] == "CT"
+    assert summary["outcomes"]["rejected_with_study"] == 2
+    assert summary["outcomes"]["converted"] == 1
+    assert sum(summary["outcomes"].values()) == summary["files_matched"] == 3
+
+
+def test_study_mode_joins_one_study_across_folders(tmp_path):
+    root = tmp_path / "archive"
+    copy_dicom(MR, root / "a" / "1.dcm", SOPInstanceUID=uid("x1"))
+    copy_dicom(MR, root / "b" / "2.dcm", SOPInstanceUID=uid("x2"))
+    run_pipeline(root, tmp_path / "out")
+    studies = read_ndjson(tmp_path / "out", "ImagingStudy")
+    assert len(studies) == 1 and studies[0]["numberOfInstances"] == 2
