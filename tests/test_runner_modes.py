@@ -1,0 +1,33 @@
+"""Same input, same NDJSON lines: whatever the runner mode or number of workers."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.make_archive import make_archive
+from helpers import raw_lines, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archive")
+    make_archive(root, studies=5, series=3, instances=8)
+    return root
+
+
+def test_in_memory_and_two_process_runs_write_identical_lines(archive, tmp_path):
+    one = run_pipeline(archive, tmp_path / "one", "--direct_running_mode", "in_memory", "--direct_num_workers", "1")
+    two = run_pipeline(archive, tmp_path / "two", "--direct_running_mode", "multi_processing",
+                       "--direct_num_workers", "2")
+    for name in ("ImagingStudy", "Device", "errors"):
+        assert raw_lines(tmp_path / "one", name) == raw_lines(tmp_path / "two", name), name
+    assert len(raw_lines(tmp_path / "one", "ImagingStudy")) == 5
+    assert one["outcomes"] == two["outcomes"]
+    assert one["outcomes"]["converted"] == 5 * 3 * 8
+    assert one["resources"] == two["resources"]
+
+
+def test_rerun_into_the_same_directory_replaces_the_output(archive, tmp_path):
+    run_pipeline(archive, tmp_path / "out")
+    first = raw_lines(tmp_path / "out", "ImagingStudy")
+    run_pipeline(archive, tmp_path / "out")
+    assert raw_lines(tmp_path / "out", "ImagingStudy") == first
