@@ -1,0 +1,125 @@
+"""The mapping as pure functions over plain records: no Beam."""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+
+import pytest
+
+from beam_pipeline import fhir_build
+from beam_pipeline.fhir_build import ConversionConfig, build_study, dicom_datetime
+from beam_pipeline.study import StudyGroup
+from terminologies import Terminologies
+
+KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+
+
+def record(sop, series="1.2.3.1", number=None, **extra):
+    rec = {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": series, "SOPInstanceUID": sop,
+           "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "PatientID": "P1", "Modality": "CT"}
+    if number is not None:
+        rec["InstanceNumber"] = number
+    rec.update(extra)
+    return rec
+
+
+@pytest.fixture(scope="module")
+def terms():
+    return Terminologies.load()
+
+
+@pytest.mark.parametrize("date, time, offset, expected", [
+    ("20050906", "163926", None, "2005-09-06T16:39:26+02:00"),          # Berlin summer time
+    ("20050106", "163926", None, "2005-01-06T16:39:26+01:00"),          # Berlin winter time
+    ("20050906", "163926.123456", None, "2005-09-06T16:39:26.123456+02:00"),
+    ("20050906", "1639", None, "2005-09-06T16:39:00+02:00"),
+    ("20050906", "163926", "-0500", "2005-09-06T16:39:26-05:00"),
+    ("2005.09.06", "16:39:26", None, "2005-09-06T16:39:26+02:00"),       # ACR-NEMA style
+    ("20050906", None, None, "2005-09-06"),
+])
+def test_dicom_datetime(date, time, offset, expected):
+    notes = Counter()
+    assert dicom_datetime(date, time, offset, "Europe/Berlin", notes, "StudyDate") == expected
+    assert not notes
+
+
+@pytest.mark.parametrize("date, time, note", [
+    ("20051399", "120000", "unparseable-date:StudyDate"),
+    ("2005", None, "unparseable-date:StudyDate"),
+    ("20050906", "25xx", "unparseable-time:StudyDate"),
+])
+def test_unparseable_dates_are_counted_not_raised(date, time, note):
+    notes = Counter()
+    result = dicom_datetime(date, time, None, "Europe/Berlin", notes, "StudyDate")
+    assert notes[note] == 1
+    assert result in (None, "2005-09-06")
+
+
+def test_ids_follow_the_readme_formulas(terms):
+    group = StudyGroup("1.2.3").add(record("1.2.3.1.1", DeviceSerialNumber="SN1", Manufacturer="ACME"), KEYS)
+    built = build_study(group, ConversionConfig(), terms)
+    study = built.resources[0][1]
+    assert study["id"] == hashlib.sha256(
+        b"https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id|1.2.3").hexdigest()
+    assert study["subject"]["reference"] == "Patient/" + hashlib.sha256(
+        b"https://fhir.diz.uk-erlangen.de/identifiers/patient-id|P1").hexdigest()
+    device = built.resources[1][1]
+    assert device["id"] == hashlib.sha256(b"SN1|ACME").hexdigest()
+    assert study["series"][0]["performer"] == [{"actor": {"reference": "Device/" + device["id"]}}]
+
+
+def test_patient_id_length_truncates_and_counts(terms):
+    group = StudyGroup("1.2.3").add(record("1.2.3.1.1", PatientID="1234567890123"), KEYS)
+    built = build_study(group, ConversionConfig(patient_id_length=9), terms)
+    assert built.resources[0][1]["subject"]["identifier"]["value"] == "123456789"
+    assert built.notes["patient-id-truncated"] == 1
+
+
+def test_arrival_order_and_bundling_do_not_change_the_result(terms):
+    records = [record(f"1.2.3.{s}.{i}", series=f"1.2.3.{s}", number=(i * 7) % 5, SeriesNumber=s)
+               for s in (3, 1, 2) for i in range(6)]
+    records.append(dict(records[0]))  # an exact duplicate
+    expected = build_study(_group(records), ConversionConfig(), terms).resources
+    rng = random.Random(7)
+    for _ in range(5):
+        shuffled = records[:]
+        rng.shuffle(shuffled)
+        cut = rng.randrange(1, len(shuffled))
+        merged = _group(shuffled[:cut]).merge(_group(shuffled[cut:]))
+        assert build_study(merged, ConversionConfig(), terms).resources == expected
+    study = expected[0][1]
+    assert [s["number"] for s in study["series"]] == [1, 2, 3]
+    assert study["numberOfInstances"] == 18
+
+
+def test_no_instances_and_no_devices(terms):
+    group = StudyGroup("1.2.3").add(record("1.2.3.1.1", DeviceSerialNumber="SN1"), KEYS)
+    built = build_study(group, ConversionConfig(include_instances=False, include_devices=False), terms)
+    assert [t for t, _ in built.resources] == ["ImagingStudy"]
+    series = built.resources[0][1]["series"][0]
+    assert "instance" not in series and "performer" not in series
+    assert series["numberOfInstances"] == 1
+
+
+def test_body_site_and_laterality_are_snomed(terms):
+    group = StudyGroup("1.2.3").add(record("1.2.3.1.1", BodyPartExamined="head", Laterality="L"), KEYS)
+    series = build_study(group, ConversionConfig(), terms).resources[0][1]["series"][0]
+    assert series["bodySite"]["system"] == "http://snomed.info/sct"
+    assert series["bodySite"]["code"] == "69536005"
+    assert series["laterality"]["code"] == "7771000"
+
+
+def test_missing_patient_id_rejects_the_study(terms):
+    rec = record("1.2.3.1.1")
+    del rec["PatientID"]
+    built = build_study(StudyGroup("1.2.3").add(rec, KEYS), ConversionConfig(), terms)
+    assert built.rejection[0] == fhir_build.MISSING_PATIENT_ID
+    assert not built.resources
+
+
+def _group(records):
+    group = StudyGroup("1.2.3")
+    for rec in records:
+        group.add(rec, KEYS)
+    return group
