@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,12 +96,18 @@ def rss_tree(proc: psutil.Process) -> int:
     return total
 
 
+def _children_cpu() -> float:
+    """user+sys of all reaped descendants: shows whether a run kept both cores busy."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_pipeline(archive, out, mode, workers, log_path) -> dict:
     """Run the pipeline CLI as a subprocess, polling the tree's RSS every 50 ms."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "beam_pipeline", "--input", str(archive), "--output", str(out),
            "--direct_running_mode", mode, "--direct_num_workers", str(workers)]
-    peak = 0
+    peak, cpu0 = 0, _children_cpu()
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -109,15 +116,18 @@ def run_pipeline(archive, out, mode, workers, log_path) -> dict:
             peak = max(peak, rss_tree(ps))
             time.sleep(0.05)
         seconds = time.perf_counter() - t0
-    fig = {"cmd": " ".join(cmd), "seconds": seconds, "peak_rss_mib": peak / MIB, "rc": proc.returncode}
+    fig = {"cmd": " ".join(cmd), "seconds": seconds, "peak_rss_mib": peak / MIB, "rc": proc.returncode,
+           "cpu_seconds": _children_cpu() - cpu0}
     summary = Path(out) / "summary.json"
     if proc.returncode or not summary.exists():
         tail = Path(log_path).read_text(errors="replace")[-2000:]
         fig["error"] = f"rc={proc.returncode}, summary.json {'present' if summary.exists() else 'missing'}"
         print(f"  ! {fig['error']}; log {log_path}:\n{tail}", file=sys.stderr)
         return fig
-    outcomes = json.loads(summary.read_text()).get("outcomes", {})
+    summary = json.loads(summary.read_text())
+    outcomes = summary.get("outcomes", {})
     fig["outcomes"] = outcomes
+    fig["self_reported_seconds"] = summary.get("seconds")  # the pipeline's own clock, no interpreter start
     fig["instances"] = outcomes.get("converted", 0)
     fig["rate"] = fig["instances"] / seconds
     return fig
@@ -195,6 +205,9 @@ def report(fig, n_files) -> None:
         x = f"{f['rate'] / a:.2f}" if a else "-"
         rss = f"{f['peak_rss_mib']:.0f}" if "peak_rss_mib" in f else "-"
         print(f"{name:<44}{f['instances']:>10}{f['seconds']:>10.2f}{f['rate']:>10.0f}{x:>8}{rss:>14}")
+        if f.get("self_reported_seconds"):
+            print(f"{'':<4}(pipeline's own clock {f['self_reported_seconds']} s; CPU {f['cpu_seconds']:.1f} s "
+                  f"= {f['cpu_seconds'] / f['seconds']:.2f} cores busy on average)")
         if key != "big" and (f["instances"] != n_files or f.get("errors")):
             print(f"{'':<4}note: {f['instances']} of {n_files} files counted, {f.get('errors', '?')} errors, "
                   f"outcomes {f.get('outcomes')}")
