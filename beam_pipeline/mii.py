@@ -206,12 +206,17 @@ def _alternatives(source: str) -> tuple[_Path, ...]:
     return tuple(_parse_path(p) for p in source.split("|"))
 
 
+def _invalid(container: Mapping) -> tuple:
+    keywords = container.get(INVALID_KEY, ())
+    return keywords if isinstance(keywords, tuple) else ()
+
+
 def _matches(container: Mapping, keywords: tuple[str, ...]) -> tuple[list, bool]:
     """All values at ``keywords`` (across sequence items, in order) and whether one was unparseable."""
     head, rest = keywords[0], keywords[1:]
     value = container.get(head)
     if value is None:
-        return [], head in container.get(INVALID_KEY, ())
+        return [], head in _invalid(container)
     if not rest:
         return [value], False
     found, invalid = [], False
@@ -229,7 +234,7 @@ def _pick(value, index: int | None):
     return value[index] if isinstance(value, tuple) and len(value) > index else None
 
 
-# --- value kinds: (value, arg, ctx) -> {"value[x]": ...} | None -----------------------------------
+# --- value kinds: (value, arg, ctx) -> {"value[x]": ...}, None (cannot map) or {} (nothing to emit) --
 
 def _number(value) -> float | int | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -245,7 +250,9 @@ def quantity_value(value, unit_code: tuple[str, str]) -> dict | None:
 
 
 def _quantity(value, arg, ctx):
-    return quantity_value(value, arg)
+    """Measured header quantities are positive; DICOM writers put 0 where the value is unknown."""
+    number = _number(value)
+    return quantity_value(number, arg) if number is not None and number > 0 else None
 
 
 def _string(value, arg, ctx):
@@ -349,8 +356,10 @@ def _contrast_given(value, arg, ctx):
 
 def _contrast_agent(value, arg, ctx):
     """The agent's name as a display-only reference: the profile has no coded agent element."""
-    if not isinstance(value, str) or value.strip().upper() in NO_CONTRAST:
+    if not isinstance(value, str):
         return None
+    if value.strip().upper() in NO_CONTRAST:
+        return {}  # deliberately nothing: no agent was given
     return {"valueReference": {"display": value}}
 
 
@@ -487,7 +496,8 @@ def sha256_hex(text: str) -> str:
 def procedure_codes(study: Mapping, notes: Counter) -> list[dict]:
     """CodeableConcepts from Procedure Code Sequence; unknown coding schemes keep only the text."""
     concepts = []
-    for item in study.get(PROCEDURE_CODE_SOURCE) or ():
+    items = study.get(PROCEDURE_CODE_SOURCE)
+    for item in items if isinstance(items, tuple) else ():
         if not isinstance(item, Mapping):
             continue
         coding = code_item_coding(item)
@@ -540,7 +550,7 @@ def vital_observation(vital: Vital, value: float, config: Mapping) -> dict:
 def _vitals(study: Mapping, config: Mapping, notes: Counter) -> tuple[list[dict], list[dict]]:
     extensions, observations = [], []
     for vital in VITALS:
-        if vital.keyword in study.get(INVALID_KEY, ()):
+        if vital.keyword in _invalid(study):
             notes[f"unparseable:{vital.keyword}"] += 1
         if vital.keyword not in study:
             continue
