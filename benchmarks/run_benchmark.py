@@ -68,9 +68,14 @@ def parse_pydicom(paths) -> None:
         pydicom.dcmread(p, stop_before_pixels=True)
 
 
-def convert(paths):
+def convert(paths, **kw):
     from beam_pipeline.convert import convert_files  # imported late: may not exist yet
-    return convert_files(paths)
+    return convert_files(paths, **kw)
+
+
+def convert_unvalidated(paths):
+    """Informational: how much of (b) is fhir.resources validation."""
+    return convert(paths, validate=False)
 
 
 def timed(fn, paths, repeat=1):
@@ -193,6 +198,7 @@ def report(fig, n_files) -> None:
     a = fig.get("a", {}).get("rate")
     print(f"\n{'case':<44}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'x (a)':>8}{'peak RSS MiB':>14}")
     names = {"a": "(a) pydicom dcmread, 1 core", "b": "(b) convert_files, 1 core",
+             "b_novalidate": "    (b) with validate=False, for information",
              "c": "(c) pipeline in_memory, 1 worker", "d": "(d) pipeline multi_processing, 2 workers",
              "big": f"(big) (d) on one study of {fig.get('big_files', '?')} instances"}
     for key, name in names.items():
@@ -253,6 +259,7 @@ def main(argv=None) -> int:
         fig["archive"] = {k: v for k, v in m.items() if k != "study_uids"}
         fig["a"] = guarded("(a) pydicom", case_in_process, parse_pydicom, paths, args.repeat)
         fig["b"] = guarded("(b) convert_files", case_in_process, convert, paths, args.repeat)
+        fig["b_novalidate"] = guarded("(b) without validation", case_in_process, convert_unvalidated, paths, 1)
 
         per_study = max(1, args.pixel_files // 2)
         _, small = archive("pixels_0", studies=2, series=1, instances=per_study)
