@@ -234,6 +234,12 @@ def _pick(value, index: int | None):
     return value[index] if isinstance(value, tuple) and len(value) > index else None
 
 
+SERIES_ROWS = (*(row for spec in (*dict.fromkeys(MODALITY_EXTENSIONS.values()), KONTRASTMITTEL) for row in spec.rows),
+               SCHICHTDICKE)
+ALL_ROWS = (*SERIES_ROWS, *INSTANZ_DETAILS.rows, BILDGEBUNGSGRUND)
+PATHS = {row.source: _alternatives(row.source) for row in ALL_ROWS}  # parsed once, at import
+
+
 # --- value kinds: (value, arg, ctx) -> {"value[x]": ...}, None (cannot map) or {} (nothing to emit) --
 
 def _number(value) -> float | int | None:
@@ -295,13 +301,13 @@ def _mii_code(value, system: str, ctx):
 
 def code_item_coding(item: Mapping) -> dict | None:
     """A Coding for a DICOM code sequence item whose scheme has a FHIR system, else None."""
-    scheme = item.get("CodingSchemeDesignator")
+    scheme, meaning = item.get("CodingSchemeDesignator"), item.get("CodeMeaning")
     code = item.get("CodeValue") or item.get("LongCodeValue")
-    if scheme not in SYSTEMS or not isinstance(code, str):
+    if not isinstance(scheme, str) or scheme not in SYSTEMS or not isinstance(code, str):
         return None
     coding = {"system": SYSTEMS[scheme], "code": code}
-    if item.get("CodeMeaning"):
-        coding["display"] = item["CodeMeaning"]
+    if isinstance(meaning, str) and meaning:
+        coding["display"] = meaning
     return coding
 
 
@@ -437,7 +443,7 @@ def row_value(row: Row, record: Mapping, terms: Terminologies, notes: Counter) -
     """The value[x] entry for one row: the first path alternative that is present and maps."""
     convert = VALUE_KINDS[row.kind]
     problem = None
-    for path in _alternatives(row.source):
+    for path in PATHS[row.source]:
         keyword = path.keywords[-1]
         values, invalid = _matches(record, path.keywords)
         if invalid and problem is None:
@@ -476,7 +482,8 @@ def simple_extension(row: Row, record: Mapping, terms: Terminologies, notes: Cou
 
 def series_extensions(series: Mapping, terms: Terminologies, include_instances: bool, notes: Counter) -> list[dict]:
     """Modality extension (by Modality), kontrastmittel, and serie-schichtdicke without instances."""
-    specs = [MODALITY_EXTENSIONS.get(series.get("Modality")), KONTRASTMITTEL]
+    modality = series.get("Modality")
+    specs = [MODALITY_EXTENSIONS.get(modality) if isinstance(modality, str) else None, KONTRASTMITTEL]
     out = [ext for spec in specs if spec and (ext := complex_extension(spec, series, terms, notes))]
     if not include_instances and (thickness := simple_extension(SCHICHTDICKE, series, terms, notes)):
         out.append(thickness)
@@ -501,8 +508,9 @@ def procedure_codes(study: Mapping, notes: Counter) -> list[dict]:
         if not isinstance(item, Mapping):
             continue
         coding = code_item_coding(item)
-        text = item.get("CodeMeaning") or " ".join(
-            v for v in (item.get("CodingSchemeDesignator"), item.get("CodeValue")) if isinstance(v, str))
+        parts = (item.get("CodeMeaning"),) if isinstance(item.get("CodeMeaning"), str) else (
+            item.get("CodingSchemeDesignator"), item.get("CodeValue"))
+        text = " ".join(p for p in parts if isinstance(p, str) and p)
         if coding:
             concepts.append({"coding": [coding]})
         elif text:
@@ -586,38 +594,27 @@ def study_elements(study: Mapping, config: Mapping, terms: Terminologies, notes:
 
 # --- what the reader must extract (derived from the table, so it cannot drift) --------------------
 
-def _declared(rows, extra=()) -> tuple[tuple[str, ...], dict[str, set]]:
-    top, items = dict.fromkeys(extra), {}
-    for row in rows:
-        for path in _alternatives(row.source):
-            top[path.keywords[0]] = None
-            for parent, child in zip(path.keywords, path.keywords[1:]):
-                items.setdefault(parent, set()).add(child)
-    return tuple(top), items
+def _top_keywords(rows, extra=()) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*extra, *(path.keywords[0] for row in rows for path in PATHS[row.source])]))
 
 
-def _all_rows(specs) -> list[Row]:
-    return [row for spec in specs for row in (spec.rows if isinstance(spec, Complex) else (spec,))]
-
-
-_STUDY = _declared([BILDGEBUNGSGRUND], (ADMISSION_ID, PROCEDURE_CODE_SOURCE, *(v.keyword for v in VITALS)))
-_SERIES = _declared(_all_rows([*dict.fromkeys(MODALITY_EXTENSIONS.values()), KONTRASTMITTEL, SCHICHTDICKE]),
-                    ("Modality", *ACQUISITION_KEYWORDS))
-_INSTANCE = _declared(INSTANZ_DETAILS.rows)
-
-KEYWORDS: dict[str, tuple[str, ...]] = {"study": _STUDY[0], "series": _SERIES[0], "instance": _INSTANCE[0]}
+KEYWORDS: dict[str, tuple[str, ...]] = {
+    "study": _top_keywords([BILDGEBUNGSGRUND], (ADMISSION_ID, PROCEDURE_CODE_SOURCE, *(v.keyword for v in VITALS))),
+    "series": _top_keywords(SERIES_ROWS, ("Modality", *ACQUISITION_KEYWORDS)),
+    "instance": _top_keywords(INSTANZ_DETAILS.rows),
+}
 
 
 def _item_keywords() -> dict[str, tuple[str, ...]]:
-    merged: dict[str, set] = {}
-    for _top, items in (_STUDY, _SERIES, _INSTANCE):
-        for parent, children in items.items():
-            merged.setdefault(parent, set()).update(children)
-    names = {*merged, *(c for children in merged.values() for c in children), *(k for ks in KEYWORDS.values() for k in ks)}
+    items: dict[str, set] = {}
+    for path in (path for paths in PATHS.values() for path in paths):
+        for parent, child in zip(path.keywords, path.keywords[1:]):
+            items.setdefault(parent, set()).add(child)
+    names = {*items, *(c for children in items.values() for c in children), *(k for ks in KEYWORDS.values() for k in ks)}
     for name in names:
         if name.endswith("CodeSequence"):  # coded items: read the basic code attributes
-            merged.setdefault(name, set()).update(CODE_ITEM_KEYWORDS)
-    return {name: tuple(sorted(children)) for name, children in sorted(merged.items())}
+            items.setdefault(name, set()).update(CODE_ITEM_KEYWORDS)
+    return {name: tuple(sorted(children)) for name, children in sorted(items.items())}
 
 
 SEQUENCE_ITEM_KEYWORDS: dict[str, tuple[str, ...]] = _item_keywords()

@@ -55,8 +55,8 @@ class _CodedIndex:
             self.by_meaning.setdefault(meaning_key(meaning), entry)
 
     def find(self, code: str | None = None, meaning: str | None = None) -> dict | None:
-        entry = self.by_code.get(code.strip()) if code else None
-        if entry is None and meaning:
+        entry = self.by_code.get(code.strip()) if isinstance(code, str) else None
+        if entry is None and isinstance(meaning, str):
             entry = self.by_meaning.get(meaning_key(meaning))
         return coding(*entry) if entry else None
 

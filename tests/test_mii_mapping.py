@@ -244,3 +244,16 @@ def test_implausible_or_invalid_vitals_are_left_out(study, note):
     notes = Counter()
     assert mii.study_elements(study, CONFIG, TERMS, notes) == {}
     assert notes == Counter({note: 1})
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=repr)
+def test_garbage_inside_code_items_never_raises(garbage):
+    item = {k: garbage for k in mii.CODE_ITEM_KEYWORDS}
+    record = {"Modality": "PT", "ViewCodeSequence": (item,), "ProcedureCodeSequence": (item,),
+              "RadiopharmaceuticalInformationSequence": ({"RadionuclideCodeSequence": (item,),
+                                                          "RadiopharmaceuticalCodeSequence": (item,),
+                                                          "RadiopharmaceuticalStartTime": garbage},)}
+    notes = Counter()
+    mii.series_extensions(record, TERMS, True, notes)
+    out = mii.study_elements(record, {}, TERMS, notes)
+    assert all(c.get("coding") or c.get("text") for c in out.get("procedureCode", []))
