@@ -7,7 +7,6 @@ and set the attributes those modalities carry. The profiles are copied into ``te
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections import Counter
@@ -21,7 +20,7 @@ from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from pydicom.data import get_testdata_file
-from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VM, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -551,3 +550,10 @@ def test_checker_rejects_violations():
     for broken, context in ((wrong_code, SERIES), (with_value, SERIES), (bad_slice, SERIES), (repeated, SERIES),
                             (good, INSTANCE), (image_type, INSTANCE), (empty, SERIES)):
         assert check_extension(broken, context), broken
+
+
+def test_module_code_lists_match_the_profile_value_sets():
+    """mii.MII_CODES (what the mapping may emit) must equal what the bound value sets allow."""
+    for system, codes in mii.MII_CODES.items():
+        bound = {code for pairs in value_sets().values() for s, code in pairs if s == system}
+        assert codes == bound, system
