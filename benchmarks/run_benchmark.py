@@ -101,6 +101,22 @@ def rss_tree(proc: psutil.Process) -> int:
     return total
 
 
+def _system_busy() -> float:
+    """Non-idle CPU seconds of the whole machine (others may share it)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0)
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _foreign_load(busy0: float, own_cpu: float, wall: float) -> float:
+    """Average cores used by processes other than ours during `wall` seconds."""
+    return max(0.0, _system_busy() - busy0 - own_cpu) / wall
+
+
 def _children_cpu() -> float:
     """user+sys of all reaped descendants: shows whether a run kept both cores busy."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,7 +128,7 @@ def run_pipeline(archive, out, mode, workers, log_path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "beam_pipeline", "--input", str(archive), "--output", str(out),
            "--direct_running_mode", mode, "--direct_num_workers", str(workers)]
-    peak, cpu0 = 0, _children_cpu()
+    peak, cpu0, busy0, self0 = 0, _children_cpu(), _system_busy(), _self_cpu()
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -123,6 +139,7 @@ def run_pipeline(archive, out, mode, workers, log_path) -> dict:
         seconds = time.perf_counter() - t0
     fig = {"cmd": " ".join(cmd), "seconds": seconds, "peak_rss_mib": peak / MIB, "rc": proc.returncode,
            "cpu_seconds": _children_cpu() - cpu0}
+    fig["foreign_cores"] = _foreign_load(busy0, fig["cpu_seconds"] + _self_cpu() - self0, seconds)
     summary = Path(out) / "summary.json"
     if proc.returncode or not summary.exists():
         tail = Path(log_path).read_text(errors="replace")[-2000:]
@@ -150,9 +167,11 @@ def guarded(label, fn, *args):
 
 def case_in_process(fn, paths, repeat) -> dict:
     fn(paths[:2])  # import + first-call costs are not throughput
+    busy0, cpu0, t0 = _system_busy(), _self_cpu(), time.perf_counter()
     with one_core():
         seconds, result = timed(fn, paths, repeat)
-    fig = {"instances": len(paths), "seconds": seconds, "rate": len(paths) / seconds}
+    fig = {"instances": len(paths), "seconds": seconds, "rate": len(paths) / seconds,
+           "foreign_cores": _foreign_load(busy0, _self_cpu() - cpu0, time.perf_counter() - t0)}
     if result is not None:  # convert_files result
         fig["errors"] = len(result.errors)
         fig["outcomes"] = dict(result.outcomes)
@@ -214,6 +233,8 @@ def report(fig, n_files) -> None:
         if f.get("self_reported_seconds"):
             print(f"{'':<4}(pipeline's own clock {f['self_reported_seconds']} s; CPU {f['cpu_seconds']:.1f} s "
                   f"= {f['cpu_seconds'] / f['seconds']:.2f} cores busy on average)")
+        if f.get("foreign_cores", 0) > 0.1:
+            print(f"{'':<4}! other processes kept {f['foreign_cores']:.2f} cores busy meanwhile: noisy figure")
         if key != "big" and (f["instances"] != n_files or f.get("errors")):
             print(f"{'':<4}note: {f['instances']} of {n_files} files counted, {f.get('errors', '?')} errors, "
                   f"outcomes {f.get('outcomes')}")
