@@ -112,8 +112,7 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False) -> Pa
         if value:
             meta[keyword] = str(value).strip("\0 ")
     stopped_before_end = fp.tell() < size
-    charset = ds.get_item(0x00080005)
-    encodings = encodings_for(_raw_bytes(charset), None)
+    encodings = encodings_for(_charset_bytes(ds), None)
     record = _record(ds, spec.attributes, encodings)
     truncated = _ends_inside_header(ds, size, stopped_before_end)
     return ParsedHeader(meta, record, truncated)
@@ -128,7 +127,7 @@ def _record(ds, attributes: tuple[Attribute, ...], encodings: list[str]) -> dict
         if attr.vr == "SQ":
             items = []
             for item in ds[attr.tag].value or ():
-                item_encodings = encodings_for(_raw_bytes(item.get_item(0x00080005)), encodings)
+                item_encodings = encodings_for(_charset_bytes(item), encodings)
                 item_record = _record(item, attr.items, item_encodings)
                 if item_record:
                     items.append(item_record)
@@ -140,6 +139,15 @@ def _record(ds, attributes: tuple[Attribute, ...], encodings: list[str]) -> dict
             little = elem.is_little_endian if isinstance(elem, RawDataElement) else True
             add_value(record, attr, raw, encodings, little)
     return record
+
+
+def _charset_bytes(ds) -> bytes | None:
+    """(0008,0005) as raw bytes; pydicom may already have converted it while reading."""
+    elem = ds.get_item(0x00080005)
+    if elem is None or isinstance(elem.value, bytes) or elem.value is None:
+        return _raw_bytes(elem)
+    values = [elem.value] if isinstance(elem.value, str) else list(elem.value)
+    return "\\".join(values).encode("ascii", "replace")
 
 
 def _raw_bytes(elem) -> bytes | None:
