@@ -222,7 +222,7 @@ def _parse_dataset(buffer: _Buffer, pos: int, needed: _Table, last_tag: int, col
         if tag > last_tag:  # the stop point (pixel data included)
             if vr_header.get(vr) == 12 and pos + 12 > end_of_data:
                 raise _Decline  # pydicom reads the 4-byte length before stopping and fails
-            if count == 0 and tag in (0x7FE00010, 0x7FE00009, 0x7FE00008):
+            if count == 0 and tag in (0x7FE00010, 0x7FE00009, 0x7FE00008, _ITEM_END):
                 raise _Truncated  # pydicom's dataset is empty
             return
         size = vr_header.get(vr)

@@ -291,6 +291,39 @@ def test_sequences_and_item_charsets(undefined):
     assert read(data, WIDE_SPEC, use_fast=True) == header.classify(reference)
 
 
+def test_odd_but_valid_encodings():
+    """A needed element encoded as UN, private sequences (undefined length, nested), empty values."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "2.25.11"
+    ds.AccessionNumber = ""
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    private = Dataset()
+    private.add_new(0x00090010, "LO", "ACME 1.0")
+    _put_sequence(private, "ProcedureCodeSequence", [_code("P", "private", undefined=True)], True)
+    private.is_undefined_length_sequence_item = True
+    ds.add_new(0x00091001, "SQ", Sequence([private, Dataset()]))
+    ds[0x00091001].is_undefined_length = True
+    ds.add_new(0x00091002, "OB", b"\x00" * 1000)
+    ds.PatientID = "PAT\u00c4 1"                                    # re-encoded as UN below
+    ds.StudyInstanceUID = "2.25.12"
+    ds.SeriesInstanceUID = "2.25.13"
+    ds.add_new(0x00200011, "IS", None)                              # SeriesNumber, empty
+    ds.InstanceNumber = "12.0"
+    ds.PixelSpacing = ["1.5", "2.5"]
+    data = _write(ds).replace(b"1.5\\2.5 ", b"0.5\\x   ")             # PixelSpacing, unparseable
+    data = data.replace(b"\x10\x00\x20\x00LO\x06\x00", b"\x10\x00\x20\x00UN\x00\x00\x06\x00\x00\x00")
+    assert b"\x10\x00\x20\x00UN\x00\x00" in data and b"\x09\x00\x01\x10SQ\x00\x00\xff\xff\xff\xff" in data
+    for spec in SPECS.values():
+        parsed = fast_parse(data, spec)
+        assert parsed is not None
+        assert parsed == _reference_from_bytes(data, spec)
+        assert parsed.record["PatientID"] == "PAT\u00c4 1"
+        assert "SeriesNumber" not in parsed.record
+    assert fast_parse(data, CORE_SPEC).record[fields.INVALID_KEY] == ("PixelSpacing",)
+
+
 def _reference_from_bytes(data: bytes, spec) -> header.ParsedHeader:
     import tempfile
 
