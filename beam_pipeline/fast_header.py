@@ -81,7 +81,10 @@ def _plan(spec: FieldSpec) -> tuple[_Table, int]:
         if len(_plans) > 64:
             _plans.clear()
         table = _table(spec.attributes)
-        table.setdefault(_CHARSET, (None, None))  # always needed for decoding, recorded if asked
+        # Top-level (0008,0005) is read for decoding only: header.parse_with_pydicom cannot record
+        # it (pydicom converts it while reading, so its raw bytes are gone), and both readers
+        # must give the same record. In items it is recorded when the spec asks for it.
+        table[_CHARSET] = (None, None)
         cached = (spec, table, spec.last_tag)
         _plans[id(spec)] = cached
     return cached[1], cached[2]
