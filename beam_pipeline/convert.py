@@ -20,7 +20,7 @@ class ConversionResult:
     notes: Counter = field(default_factory=Counter)
 
 
-def convert_files(paths, config: fhir_build.ConversionConfig | None = None, validate: bool = True,
+def convert_files(paths, config: fhir_build.ConversionConfig | None = None, validate: bool | str = True,
                   use_fast_reader: bool = True) -> ConversionResult:
     """Read, group by StudyInstanceUID and build, exactly as the pipeline does in study mode."""
     from terminologies import Terminologies
@@ -28,7 +28,8 @@ def convert_files(paths, config: fhir_build.ConversionConfig | None = None, vali
 
     config = config or fhir_build.ConversionConfig()
     spec, keys, terms = default_spec(), instance_keys(), Terminologies.load()
-    validator = fhir_build.Validator() if validate else None
+    mode = {True: "sampled", False: "none"}.get(validate, validate)
+    validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
     result = ConversionResult()
     groups: dict[str, StudyGroup] = {}
     with warnings.catch_warnings():

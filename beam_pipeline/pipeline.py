@@ -299,7 +299,7 @@ class BuildResourcesDoFn(beam.DoFn):
 
     ERRORS = "errors"
 
-    def __init__(self, config: fhir_build.ConversionConfig, validate: bool = True):
+    def __init__(self, config: fhir_build.ConversionConfig, validate: str = "sampled"):
         self.config = config
         self.validate = validate
         self.converted = Metrics.counter(NAMESPACE, "outcome:converted")
@@ -312,7 +312,7 @@ class BuildResourcesDoFn(beam.DoFn):
         from terminologies import Terminologies
 
         self.terms = Terminologies.load()
-        self.validator = fhir_build.Validator() if self.validate else None
+        self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
 
     def process(self, group):
         built = fhir_build.build_study(group, self.config, self.terms)
@@ -338,7 +338,7 @@ class BuildResourcesDoFn(beam.DoFn):
 class BuildResources(beam.PTransform):
     """StudyGroups -> {resource type: NDJSON lines}, errors; each Device once for the whole run."""
 
-    def __init__(self, config: fhir_build.ConversionConfig, validate: bool = True):
+    def __init__(self, config: fhir_build.ConversionConfig, validate: str = "sampled"):
         super().__init__()
         self.config = config
         self.validate = validate
@@ -418,8 +418,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-devices", action="store_true", help="write no Device resources")
     parser.add_argument("--observations", action="store_true",
                         help="write body weight/height Observations and reference them")
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip fhir.resources validation of each study (faster)")
+    parser.add_argument("--validate", choices=("sampled", "full", "none"), default="sampled",
+                        help="fhir.resources R4B validation of every study: sampled (default) validates each "
+                             "resource with one instance per distinct instance shape and checks every "
+                             "instance uid; full validates every instance (slow for large studies); none")
     parser.add_argument("--pydicom-only", action="store_true",
                         help="read every header with pydicom instead of the fast scanner")
     args, beam_args = parser.parse_known_args(argv)
@@ -448,7 +450,7 @@ def build_pipeline(pipeline, args) -> None:
     batches = pipeline | "MatchFiles" >> MatchInputFiles(resolve_pattern(args.input))
     records, file_errors = batches | "ReadHeaders" >> ReadHeaders(not args.pydicom_only, args.group_by, root)
     groups, folder_errors = records | "GroupStudies" >> GroupStudies(args.group_by)
-    lines, study_errors = groups | "BuildResources" >> BuildResources(config, validate=not args.no_validate)
+    lines, study_errors = groups | "BuildResources" >> BuildResources(config, validate=args.validate)
     for resource_type in RESOURCE_TYPES:
         if resource_type == "Observation" and not args.observations:
             continue

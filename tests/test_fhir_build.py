@@ -123,3 +123,20 @@ def _group(records):
     for rec in records:
         group.add(rec, KEYS)
     return group
+
+
+def test_sampled_validation_sees_every_uid_and_each_instance_shape(terms):
+    records = [record(f"1.2.3.1.{i}", number=i) for i in range(1, 40)]
+    built = build_study(_group(records), ConversionConfig(), terms)
+    study = built.resources[0][1]
+    view = fhir_build.validation_view(study)
+    assert len(view["series"][0]["instance"]) == 1          # all alike: one shape
+    assert len(study["series"][0]["instance"]) == 39        # the written resource is untouched
+    validator = fhir_build.Validator()
+    assert validator.problem(built.resources) is None
+    study["series"][0]["instance"][-1]["uid"] = "1.2.3 bad uid"   # not the sampled instance
+    assert validator.problem(built.resources)[0] == "invalid-fhir"
+    study["series"][0]["instance"][-1]["uid"] = "1.2.3.1.99"
+    study["series"][0]["instance"][-1]["number"] = "seven"          # a new shape: validated
+    assert validator.problem(built.resources)[0] == "invalid-fhir"
+    assert fhir_build.Validator(full=True).problem(built.resources)[0] == "invalid-fhir"
