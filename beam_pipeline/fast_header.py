@@ -15,7 +15,11 @@ whether the element is a sequence; an undefined length on anything but an SQ; un
 UN (an implicit VR sequence); item/delimiter structure that does not add up; and a file ending
 inside a sequence or inside a 12-byte element header (pydicom raises there, it does not report a
 truncated file). A file ending inside a top-level element before the stop point gives
-``truncated=True`` following ``header._ends_inside_header``.
+``truncated=True`` following ``header._ends_inside_header``; a cut after the stop point is not
+seen (by design: the rest of the file is not read).
+
+The top-level (0008,0005) Specific Character Set is used for decoding but, like in
+``header.parse_with_pydicom``, not put in the record; in items it is recorded if asked for.
 """
 from __future__ import annotations
 

@@ -251,6 +251,7 @@ def test_sequences_and_item_charsets(undefined):
     assert read(data, WIDE_SPEC, use_fast=True) == header.classify(reference)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
 def test_odd_but_valid_encodings():
     """A needed element encoded as UN, private sequences (undefined length, nested), empty values."""
     ds = Dataset()
