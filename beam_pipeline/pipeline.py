@@ -98,7 +98,12 @@ def open_file(path: str):
 
 
 class ReadHeaderDoFn(beam.DoFn):
-    """Reads the header of each file in a batch; instances go to the main output, errors aside."""
+    """Reads the headers of a batch of files and pre-aggregates its instances per study.
+
+    Emits one (group key, serialized partial) per study found in the batch instead of one element
+    per instance, so the shuffle carries few, compact elements (the multi-process runner routes each
+    shuffled element through its coordinator). Errors go to a tagged output.
+    """
 
     ERRORS = "errors"
 
@@ -114,10 +119,11 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def setup(self):
         self.spec = default_spec()
+        self.instance_keys = instance_keys()
         logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote element values
 
     def process(self, paths):
-        """Yields (group key, record): the study uid, or the first-level folder in directory mode."""
+        partials: dict[str, dict] = {}
         for path in paths:
             result = self._read(path)
             self.files.inc()
@@ -125,10 +131,9 @@ class ReadHeaderDoFn(beam.DoFn):
                 self.instances.inc()
                 for keyword in result.record.get(INVALID_KEY, ()):
                     Metrics.counter(NAMESPACE, f"note:unparseable:{keyword}").inc()
-                if self.group_by == "directory":
-                    yield first_level_folder(path, self.root), result.record
-                else:
-                    yield result.record["StudyInstanceUID"], result.record
+                key = (first_level_folder(path, self.root) if self.group_by == "directory"
+                       else result.record["StudyInstanceUID"])
+                study.add_to_directory(partials.setdefault(key, {}), result.record, self.instance_keys)
             elif result.kind == header.NOT_DICOM:
                 self.not_dicom.inc()
             elif result.kind == header.DICOMDIR:
@@ -138,6 +143,8 @@ class ReadHeaderDoFn(beam.DoFn):
                 Metrics.counter(NAMESPACE, f"error:{result.reason}").inc()
                 yield beam.pvalue.TaggedOutput(self.ERRORS, {"reason": result.reason, "path": path,
                                                              "detail": result.detail})
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
 
     def _read(self, path: str) -> header.HeaderResult:
         try:
@@ -149,8 +156,14 @@ class ReadHeaderDoFn(beam.DoFn):
             return header.HeaderResult(header.ERROR, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}")
 
 
+def instance_keys() -> tuple[str, ...]:
+    from beam_pipeline import mii
+
+    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
+
+
 class ReadHeaders(beam.PTransform):
-    """Batches of paths -> ((group key, instance record), file errors)."""
+    """Batches of paths -> ((group key, serialized partial groups), file errors)."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
         super().__init__()
@@ -158,63 +171,17 @@ class ReadHeaders(beam.PTransform):
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(
-            ReadHeaderDoFn.ERRORS, main="records")
-        return results.records, results[ReadHeaderDoFn.ERRORS]
+            ReadHeaderDoFn.ERRORS, main="partials")
+        return results.partials, results[ReadHeaderDoFn.ERRORS]
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Group per study (multi-study guard)
 
 
-def instance_keys() -> tuple[str, ...]:
-    from beam_pipeline import mii
-
-    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
-
-
-class StudyCombineFn(beam.CombineFn):
-    """Aggregates records of one study; lifted by Beam so bundles pre-aggregate before the shuffle."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = keys
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, group, record):
-        if group is None:
-            group = study.StudyGroup(record["StudyInstanceUID"])
-        return group.add(record, self.keys)
-
-    def merge_accumulators(self, groups):
-        merged = None
-        for group in groups:
-            if group is None:
-                continue
-            merged = group if merged is None else merged.merge(group)
-        return merged
-
-    def extract_output(self, group):
-        return group
-
-
-class DirectoryCombineFn(beam.CombineFn):
-    """Directory mode: every study found in one first-level folder, kept apart for the guard."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = keys
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, groups, record):
-        return study.add_to_directory(groups, record, self.keys)
-
-    def merge_accumulators(self, accumulators):
-        return study.merge_directories(accumulators)
-
-    def extract_output(self, groups):
-        return groups
+def merge_partials(item) -> tuple[str, dict]:
+    key, blobs = item
+    return key, study.merge_directories(study.load_groups(blob) for blob in blobs)
 
 
 @beam.typehints.with_output_types(tuple[str, study.StudyGroup])
@@ -244,30 +211,8 @@ class DirectoryGuardDoFn(beam.DoFn):
         })
 
 
-class GroupStudies(beam.PTransform):
-    """Keyed records -> StudyGroup per study, plus folder rejections (directory mode)."""
-
-    def __init__(self, group_by: str = "study"):
-        super().__init__()
-        self.group_by = group_by
-
-    def expand(self, keyed_records):
-        keys = instance_keys()
-        if self.group_by == "study":
-            groups = keyed_records | "CombineStudy" >> beam.CombinePerKey(StudyCombineFn(keys))
-            empty = keyed_records.pipeline | "NoFolderRejections" >> beam.Create([])
-            return groups | "DropKey" >> beam.Values(), empty
-        guarded = (keyed_records
-                   | "CombineFolder" >> beam.CombinePerKey(DirectoryCombineFn(keys))
-                   | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(DirectoryGuardDoFn.REJECTED, main="ok"))
-        groups = (guarded.ok
-                  | "MergeSplitStudies" >> beam.CombinePerKey(MergeGroupsFn())
-                  | "DropKey" >> beam.Values())
-        return groups, guarded[DirectoryGuardDoFn.REJECTED]
-
-
 class MergeGroupsFn(beam.CombineFn):
-    """Merges StudyGroups of one study found in several folders."""
+    """Merges StudyGroups of one study found in several folders (directory mode)."""
 
     def create_accumulator(self):
         return None
@@ -286,6 +231,29 @@ class MergeGroupsFn(beam.CombineFn):
         return merged
 
 
+class GroupStudies(beam.PTransform):
+    """Partials keyed by study (or folder) -> one StudyGroup per study, plus folder rejections."""
+
+    def __init__(self, group_by: str = "study"):
+        super().__init__()
+        self.group_by = group_by
+
+    def expand(self, partials):
+        merged = (partials
+                  | "Shuffle" >> beam.GroupByKey()
+                  | "Merge" >> beam.Map(merge_partials))
+        if self.group_by == "study":
+            groups = merged | "OneStudy" >> beam.FlatMap(lambda item: item[1].values())
+            empty = partials.pipeline | "NoFolderRejections" >> beam.Create([])
+            return groups, empty
+        guarded = merged | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(
+            DirectoryGuardDoFn.REJECTED, main="ok")
+        groups = (guarded.ok
+                  | "MergeSplitStudies" >> beam.CombinePerKey(MergeGroupsFn())
+                  | "DropKey" >> beam.Values())
+        return groups, guarded[DirectoryGuardDoFn.REJECTED]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Build resources
 
@@ -298,6 +266,7 @@ class BuildResourcesDoFn(beam.DoFn):
     """StudyGroup -> (resource type, NDJSON line); rejected studies go to the errors output."""
 
     ERRORS = "errors"
+    DEVICES = "devices"
 
     def __init__(self, config: fhir_build.ConversionConfig, validate: str = "sampled"):
         self.config = config
@@ -332,11 +301,14 @@ class BuildResourcesDoFn(beam.DoFn):
         for note, count in built.notes.items():
             Metrics.counter(NAMESPACE, f"note:{note}").inc(count)
         for resource_type, resource in built.resources:
-            yield resource_type, resource["id"], dumps(resource)
+            if resource_type == "Device":  # shared by studies: deduplicated downstream
+                yield beam.pvalue.TaggedOutput(self.DEVICES, (resource["id"], dumps(resource)))
+            else:
+                yield resource_type, dumps(resource)
 
 
 class BuildResources(beam.PTransform):
-    """StudyGroups -> {resource type: NDJSON lines}, errors; each Device once for the whole run."""
+    """StudyGroups -> (resource type, NDJSON line), errors; each Device once for the whole run."""
 
     def __init__(self, config: fhir_build.ConversionConfig, validate: str = "sampled"):
         super().__init__()
@@ -344,46 +316,54 @@ class BuildResources(beam.PTransform):
         self.validate = validate
 
     def expand(self, groups):
+        """Returns (ImagingStudy/Observation lines, Device lines, errors), each as (name, line)."""
         built = groups | "Build" >> beam.ParDo(BuildResourcesDoFn(self.config, self.validate)).with_outputs(
-            BuildResourcesDoFn.ERRORS, main="resources")
-        by_type = built.resources | "ByType" >> beam.Partition(
-            lambda item, n: RESOURCE_TYPES.index(item[0]), len(RESOURCE_TYPES))
-        lines = {}
-        for resource_type, resources in zip(RESOURCE_TYPES, by_type):
-            if resource_type == "ImagingStudy":
-                lines[resource_type] = resources | f"{resource_type}Line" >> beam.Map(lambda item: item[2])
-            else:  # shared by many studies: one line per id, chosen deterministically
-                lines[resource_type] = (
-                    resources
-                    | f"{resource_type}ById" >> beam.Map(lambda item: (item[1], item[2]))
-                    | f"{resource_type}Once" >> beam.CombinePerKey(min)
-                    | f"{resource_type}Line" >> beam.Values())
-        return lines, built[BuildResourcesDoFn.ERRORS]
+            BuildResourcesDoFn.ERRORS, BuildResourcesDoFn.DEVICES, main="resources")
+        devices = (built[BuildResourcesDoFn.DEVICES]
+                   | "DeviceOnce" >> beam.CombinePerKey(min)  # same id: one line, chosen deterministically
+                   | "DeviceLine" >> beam.Map(lambda item: ("Device", item[1])))
+        return built.resources, devices, built[BuildResourcesDoFn.ERRORS]
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. Write
 
 
+class _NdjsonSink(fileio.FileSink):
+    """Writes the line of each (name, line) element."""
+
+    def open(self, fh):
+        self._fh = fh
+
+    def write(self, record):
+        self._fh.write(record[1].encode("utf-8"))
+        self._fh.write(b"\n")
+
+    def flush(self):
+        self._fh.flush()
+
+
 class WriteNdjson(beam.PTransform):
-    """Sharded ``<name>-SSSSS-of-NNNNN.ndjson`` files, one JSON object per line."""
+    """(name, line) -> sharded ``<name>-SSSSS-of-NNNNN.ndjson`` files, several names in one step.
 
-    def __init__(self, output_dir: str, name: str):
+    Apply it where the lines are produced: a Flatten in front would make the runner materialize
+    every line between stages.
+    """
+
+    def __init__(self, output_dir: str):
         super().__init__()
-        self.prefix = FileSystems.join(output_dir, name)
+        self.output_dir = output_dir
 
-        self.name = name
+    def expand(self, named_lines):
+        def count(item):
+            Metrics.counter(NAMESPACE, f"lines:{item[0]}").inc()
+            return item
 
-    def expand(self, lines):
-        written = Metrics.counter(NAMESPACE, f"lines:{self.name}")
-
-        def count(line):
-            written.inc()
-            return line
-
-        return (lines
+        return (named_lines
                 | "Count" >> beam.Map(count)
-                | "Write" >> beam.io.WriteToText(self.prefix, file_name_suffix=".ndjson"))
+                | "Write" >> fileio.WriteToFiles(
+                    path=self.output_dir, destination=lambda item: item[0], sink=lambda _: _NdjsonSink(),
+                    file_naming=fileio.destination_prefix_naming(".ndjson")))
 
 
 def error_line(error: dict) -> str:
@@ -450,18 +430,12 @@ def build_pipeline(pipeline, args) -> None:
     batches = pipeline | "MatchFiles" >> MatchInputFiles(resolve_pattern(args.input))
     records, file_errors = batches | "ReadHeaders" >> ReadHeaders(not args.pydicom_only, args.group_by, root)
     groups, folder_errors = records | "GroupStudies" >> GroupStudies(args.group_by)
-    lines, study_errors = groups | "BuildResources" >> BuildResources(config, validate=args.validate)
-    for resource_type in RESOURCE_TYPES:
-        if resource_type == "Observation" and not args.observations:
-            continue
-        if resource_type == "Device" and args.no_devices:
-            continue
-        lines[resource_type] | f"Write{resource_type}" >> WriteNdjson(args.output, resource_type)
-    ((file_errors, folder_errors, study_errors)
-     | "AllErrors" >> beam.Flatten()
-     | "ErrorLine" >> beam.Map(error_line)
-     | "WriteErrors" >> WriteNdjson(args.output, "errors"))
-
+    studies, devices, study_errors = groups | "BuildResources" >> BuildResources(config, validate=args.validate)
+    studies | "WriteStudies" >> WriteNdjson(args.output)
+    error_lines = ((file_errors, folder_errors, study_errors)
+                   | "AllErrors" >> beam.Flatten()
+                   | "ErrorLine" >> beam.Map(lambda error: ("errors", error_line(error))))
+    (devices, error_lines) | "SmallOutputs" >> beam.Flatten() | "WriteDevicesAndErrors" >> WriteNdjson(args.output)
 
 
 def local_runner(options: PipelineOptions):
@@ -482,6 +456,15 @@ def clear_previous_output(output_dir: str) -> None:
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
+
+
+def remove_empty_temp_dirs(output_dir: str) -> None:
+    """fileio leaves its emptied local ``.temp…`` folders behind (object stores have no folders)."""
+    if "://" in output_dir or not os.path.isdir(output_dir):
+        return
+    for entry in os.scandir(output_dir):
+        if entry.name.startswith(".temp") and entry.is_dir() and not os.listdir(entry.path):
+            os.rmdir(entry.path)
 
 
 def counters(result) -> dict[str, int]:
@@ -543,6 +526,7 @@ def execute(pipeline, args) -> dict:
     build_pipeline(pipeline, args)
     result = pipeline.run()
     result.wait_until_finish()
+    remove_empty_temp_dirs(args.output)
     summary = summarize(counters(result), time.monotonic() - started)
     write_summary(args.output, summary)
     if sum(summary["outcomes"].values()) != summary["files_matched"]:

@@ -6,6 +6,7 @@ representatives are chosen by a total order, counts are sums, conflicts are kept
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 # Reasons a whole study (or directory) is rejected.
@@ -116,3 +117,12 @@ def merge_directories(accumulators) -> dict:
             else:
                 merged[uid] = group
     return merged
+
+
+def dump_groups(groups: dict) -> bytes:
+    """Compact bytes for the shuffle: the runner then moves opaque blobs instead of decoding objects."""
+    return pickle.dumps(groups, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_groups(blob: bytes) -> dict:
+    return pickle.loads(blob)
