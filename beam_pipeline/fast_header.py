@@ -72,7 +72,6 @@ class _Truncated(Exception):
 
 # Per-spec lookup tables: tag -> (attribute, item table or None), and the stop tag.
 _Table = dict[int, tuple[Attribute, "dict | None"]]
-_plans: dict[int, tuple[FieldSpec, _Table, int]] = {}
 
 
 def _table(attributes: tuple[Attribute, ...]) -> _Table:
@@ -80,18 +79,15 @@ def _table(attributes: tuple[Attribute, ...]) -> _Table:
 
 
 def _plan(spec: FieldSpec) -> tuple[_Table, int]:
-    cached = _plans.get(id(spec))
-    if cached is None or cached[0] is not spec:
-        if len(_plans) > 64:
-            _plans.clear()
+    plan = spec.derived.get("fast_header")
+    if plan is None:
         table = _table(spec.attributes)
         # Top-level (0008,0005) is read for decoding only: header.parse_with_pydicom cannot record
         # it (pydicom converts it while reading, so its raw bytes are gone), and both readers
         # must give the same record. In items it is recorded when the spec asks for it.
         table[_CHARSET] = (None, None)
-        cached = (spec, table, spec.last_tag)
-        _plans[id(spec)] = cached
-    return cached[1], cached[2]
+        plan = spec.derived["fast_header"] = (table, spec.last_tag)
+    return plan
 
 
 class _Buffer:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Mapping
 
 from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
@@ -65,12 +66,14 @@ class FieldSpec:
     """The attributes to extract, by tag, with the largest tag needed (readers may stop after it)."""
 
     attributes: tuple[Attribute, ...]
+    # Lookup tables derived by the readers, built once per spec (so once per worker), not per file.
+    derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    @property
+    @cached_property
     def by_tag(self) -> dict[int, Attribute]:
         return {a.tag: a for a in self.attributes}
 
-    @property
+    @cached_property
     def last_tag(self) -> int:
         return max(a.tag for a in self.attributes)
 

@@ -42,6 +42,7 @@ def resolve_pattern(input_path: str) -> str:
     if globlib.has_magic(input_path):
         return input_path
     if "://" not in input_path:
+        input_path = os.path.abspath(input_path)  # matched paths are absolute; folder keys must agree
         return os.path.join(input_path, "**") if os.path.isdir(input_path) else input_path
     if input_path.endswith("/") or not FileSystems.exists(input_path):
         return input_path.rstrip("/") + "/**"
@@ -50,7 +51,7 @@ def resolve_pattern(input_path: str) -> str:
 
 def group_root(input_path: str) -> str:
     """The folder whose first-level subfolders are studies in ``--group-by directory`` mode."""
-    root = input_path
+    root = input_path if "://" in input_path else os.path.abspath(input_path)
     while globlib.has_magic(root):
         root = root.rsplit("/", 1)[0]
     return root.rstrip("/")
@@ -91,10 +92,26 @@ class MatchInputFiles(beam.PTransform):
 # 2. Read headers
 
 
-def open_file(path: str):
-    if "://" in path:
-        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    return open(path, "rb")
+GCS_READ_CHUNK = 64 * 1024  # Beam's GCS reader fetches 16 MiB per read by default: pixel data
+
+
+class FileOpener:
+    """Opens input files for reading headers: local files directly, ``gs://`` objects with small
+    ranged reads (so pixel data is not downloaded), other schemes through Beam's FileSystems."""
+
+    def __init__(self):
+        self._gcs = None
+
+    def __call__(self, path: str):
+        if path.startswith("gs://"):
+            if self._gcs is None:
+                from apache_beam.io.gcp.gcsio import GcsIO
+
+                self._gcs = GcsIO()
+            return self._gcs.open(path, "rb", read_buffer_size=GCS_READ_CHUNK)
+        if "://" in path:
+            return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        return open(path, "rb")
 
 
 class ReadHeaderDoFn(beam.DoFn):
@@ -120,6 +137,7 @@ class ReadHeaderDoFn(beam.DoFn):
     def setup(self):
         self.spec = default_spec()
         self.instance_keys = instance_keys()
+        self.open_file = FileOpener()
         logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote element values
 
     def process(self, paths):
@@ -150,7 +168,7 @@ class ReadHeaderDoFn(beam.DoFn):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with open_file(path) as fp:
+                with self.open_file(path) as fp:
                     return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
         except OSError as exc:
             return header.HeaderResult(header.ERROR, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}")
@@ -405,6 +423,8 @@ def parse_args(argv=None):
     parser.add_argument("--pydicom-only", action="store_true",
                         help="read every header with pydicom instead of the fast scanner")
     args, beam_args = parser.parse_known_args(argv)
+    if "://" not in args.input and not globlib.has_magic(args.input) and not os.path.exists(args.input):
+        parser.error(f"--input {args.input} does not exist")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
     try:
@@ -529,6 +549,8 @@ def execute(pipeline, args) -> dict:
     remove_empty_temp_dirs(args.output)
     summary = summarize(counters(result), time.monotonic() - started)
     write_summary(args.output, summary)
+    if summary["files_matched"] == 0:
+        _LOG.warning("no file matched --input %s", args.input)
     if sum(summary["outcomes"].values()) != summary["files_matched"]:
         _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
     return summary

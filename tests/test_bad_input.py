@@ -148,3 +148,19 @@ def test_study_mode_joins_one_study_across_folders(tmp_path):
     run_pipeline(root, tmp_path / "out")
     studies = read_ndjson(tmp_path / "out", "ImagingStudy")
     assert len(studies) == 1 and studies[0]["numberOfInstances"] == 2
+
+
+def test_directory_mode_with_a_relative_input_path(tmp_path, monkeypatch):
+    copy_dicom(CT, tmp_path / "archive" / "one" / "ct.dcm")
+    copy_dicom(MR, tmp_path / "archive" / "two" / "mr.dcm")
+    monkeypatch.chdir(tmp_path)
+    summary = run_pipeline("archive", "out", "--group-by", "directory")
+    assert summary["outcomes"]["converted"] == 2
+    assert summary["studies"]["written"] == 2
+
+
+def test_missing_input_is_a_clear_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(tmp_path / "nowhere", tmp_path / "out")
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
