@@ -155,6 +155,25 @@ def run_pipeline(archive, out, mode, workers, log_path) -> dict:
     return fig
 
 
+TRIVIAL_PIPELINE = """
+import sys, time
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+t0 = time.perf_counter()
+with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(sys.argv[1:])) as p:
+    p | beam.Create(range(10)) | beam.Map(lambda x: x)
+print(time.perf_counter() - t0)
+"""
+
+
+def runner_floor(mode, workers) -> dict:
+    """Seconds a trivial 10-element pipeline takes in a runner mode: start-up no converter can avoid."""
+    cmd = [sys.executable, "-c", TRIVIAL_PIPELINE, "--direct_running_mode", mode, "--direct_num_workers", str(workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {"seconds": float(out.strip().splitlines()[-1])}
+
+
 def guarded(label, fn, *args):
     """Run one case; a failure (e.g. converter not written yet) is recorded, not fatal."""
     print(f"-- {label}", file=sys.stderr, flush=True)
@@ -243,6 +262,12 @@ def report(fig, n_files) -> None:
         if br and "pct_of_added" in br:
             print(f"{key[0]} bytes read per file: {br['pixels_0']:.0f} without pixels, {br['pixels_4mib']:.0f} "
                   f"with 4 MiB pixels -> {br['pct_of_added']:.2f} % of the added pixel bytes")
+    c, d = fig.get("c") or {}, fig.get("d") or {}
+    fc, fd = (fig.get("floor_c") or {}).get("seconds"), (fig.get("floor_d") or {}).get("seconds")
+    if fc is not None and fd is not None and c.get("self_reported_seconds") and d.get("self_reported_seconds"):
+        net_c, net_d = c["self_reported_seconds"] - fc, d["self_reported_seconds"] - fd
+        print(f"runner start-up (trivial 10-element pipeline): in_memory {fc:.2f} s, multi_processing {fd:.2f} s; "
+              f"(c)/(d) without it: {net_c:.2f} s / {net_d:.2f} s = {net_c / net_d:.2f} (information)")
     print(f"\n{'target':<44}{'measured':>12}  {'target':<10}result")
     for name, value, goal, ok in fig["targets"]:
         shown = "n/a" if value is None else f"{value:.2f}"
@@ -294,6 +319,8 @@ def main(argv=None) -> int:
                                "in_memory", 1, work / "c.log")
             fig["d"] = guarded("(d) pipeline multi_processing", run_pipeline, work / "archive", work / "out_d",
                                "multi_processing", 2, work / "d.log")
+            fig["floor_c"] = guarded("trivial pipeline in_memory", runner_floor, "in_memory", 1)
+            fig["floor_d"] = guarded("trivial pipeline multi_processing", runner_floor, "multi_processing", 2)
             if args.big_study:
                 bm, _ = archive("big", studies=1, series=1, instances=args.big_study)
                 fig["big_files"] = bm["files"]

@@ -124,3 +124,28 @@ def test_devices_are_deduplicated_across_studies_and_referenced(tmp_path):
     assert summary["resources"]["Device"] == len(ids)
     assert summary["outcomes"]["converted"] == 6 * 2 * 3
     assert manifest  # generator reports what it wrote
+
+
+def test_observations_encounter_and_procedure_from_a_real_header(tmp_path):
+    from helpers import copy_dicom, pydicom_file
+    from fhir.resources.R4B.observation import Observation
+
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "77477000", "SCT", "CT scan"
+    copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "in" / "ct.dcm", PatientWeight=72.5, PatientSize=1.81,
+               AdmissionID="ADM-1", ProcedureCodeSequence=pydicom.Sequence([code]))
+    summary = run_pipeline(tmp_path / "in", tmp_path / "out", "--observations")
+    study, = read_ndjson(tmp_path / "out", "ImagingStudy")
+    observations = read_ndjson(tmp_path / "out", "Observation")
+    assert summary["resources"]["Observation"] == len(observations) == 2
+    for observation in observations:
+        Observation.model_validate(observation)
+        assert observation["subject"]["reference"] == study["subject"]["reference"]
+    codes = {o["code"]["coding"][0]["code"]: o for o in observations}
+    assert codes["29463-7"]["valueQuantity"]["value"] == 72.5
+    referenced = {e["valueReference"]["reference"] for e in study["extension"] if "valueReference" in e}
+    assert referenced == {f"Observation/{o['id']}" for o in observations}
+    assert study["encounter"]["reference"].startswith("Encounter/")
+    assert study["procedureCode"][0]["coding"][0] == {
+        "system": "http://snomed.info/sct", "code": "77477000", "display": "CT scan"}
+    ImagingStudy.model_validate(study)

@@ -31,3 +31,15 @@ def test_rerun_into_the_same_directory_replaces_the_output(archive, tmp_path):
     first = raw_lines(tmp_path / "out", "ImagingStudy")
     run_pipeline(archive, tmp_path / "out")
     assert raw_lines(tmp_path / "out", "ImagingStudy") == first
+
+
+def test_fast_reader_writes_what_pydicom_alone_writes(tmp_path):
+    """Every file pydicom ships, read by the fast scanner and by pydicom only: same output."""
+    from helpers import TEST_FILES
+
+    fast = run_pipeline(TEST_FILES, tmp_path / "fast")
+    slow = run_pipeline(TEST_FILES, tmp_path / "slow", "--pydicom-only")
+    for name in ("ImagingStudy", "Device", "errors"):
+        assert raw_lines(tmp_path / "fast", name) == raw_lines(tmp_path / "slow", name), name
+    assert fast["outcomes"] == slow["outcomes"]
+    assert fast["outcomes"]["converted"] > 100
