@@ -250,7 +250,8 @@ class MergeGroupsFn(beam.CombineFn):
 
 
 class GroupStudies(beam.PTransform):
-    """Partials keyed by study (or folder) -> one StudyGroup per study, plus folder rejections."""
+    """Partials keyed by study (or folder) -> one StudyGroup per study, plus folder rejections
+    (directory mode; None in study mode)."""
 
     def __init__(self, group_by: str = "study"):
         super().__init__()
@@ -261,9 +262,7 @@ class GroupStudies(beam.PTransform):
                   | "Shuffle" >> beam.GroupByKey()
                   | "Merge" >> beam.Map(merge_partials))
         if self.group_by == "study":
-            groups = merged | "OneStudy" >> beam.FlatMap(lambda item: item[1].values())
-            empty = partials.pipeline | "NoFolderRejections" >> beam.Create([])
-            return groups, empty
+            return merged | "OneStudy" >> beam.FlatMap(lambda item: item[1].values()), None
         guarded = merged | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(
             DirectoryGuardDoFn.REJECTED, main="ok")
         groups = (guarded.ok
@@ -452,7 +451,8 @@ def build_pipeline(pipeline, args) -> None:
     groups, folder_errors = records | "GroupStudies" >> GroupStudies(args.group_by)
     studies, devices, study_errors = groups | "BuildResources" >> BuildResources(config, validate=args.validate)
     studies | "WriteStudies" >> WriteNdjson(args.output)
-    error_lines = ((file_errors, folder_errors, study_errors)
+    errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
+    error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLine" >> beam.Map(lambda error: ("errors", error_line(error))))
     (devices, error_lines) | "SmallOutputs" >> beam.Flatten() | "WriteDevicesAndErrors" >> WriteNdjson(args.output)
