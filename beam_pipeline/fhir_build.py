@@ -234,20 +234,15 @@ def _series(uid, record, instances, study, config, terms, notes, devices) -> dic
     if record.get("SeriesDescription"):
         series["description"] = record["SeriesDescription"]
     series["numberOfInstances"] = len(instances)
-    body_part = record.get("BodyPartExamined")
-    if body_part:
-        coding = terms.body_site(body_part)
-        if coding:
-            series["bodySite"] = coding
-        else:
-            notes["unmapped:BodyPartExamined"] += 1
-    laterality = record.get("Laterality") or record.get("ImageLaterality")
-    if laterality:
-        coding = terms.laterality(laterality)
-        if coding:
-            series["laterality"] = coding
-        else:
-            notes["unmapped:Laterality"] += 1
+    for element, keywords, lookup in (("bodySite", ("BodyPartExamined",), terms.body_site),
+                                      ("laterality", ("Laterality", "ImageLaterality"), terms.laterality)):
+        term = next((record[k] for k in keywords if record.get(k)), None)
+        if term:
+            coding = lookup(term)
+            if coding:
+                series[element] = coding
+            else:
+                notes[f"unmapped:{keywords[0]}"] += 1
     started = dicom_datetime(record.get("SeriesDate") or (study.get("StudyDate") if record.get("SeriesTime") else None),
                              record.get("SeriesTime"), study.get("TimezoneOffsetFromUTC"),
                              config.timezone, notes, "SeriesDate")

@@ -51,12 +51,17 @@ def copy_dicom(src: str, dst, **changes) -> str:
     if not changes:
         shutil.copyfile(src, dst)
         return str(dst)
-    ds = pydicom.dcmread(src)
+    ds = with_changes(pydicom.dcmread(src), **changes)
+    ds.save_as(str(dst), enforce_file_format=False)
+    return str(dst)
+
+
+def with_changes(ds, **changes):
+    """Sets attributes of a dataset in place; None deletes one. Returns the dataset."""
     for keyword, value in changes.items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    ds.save_as(str(dst), enforce_file_format=False)
-    return str(dst)
+    return ds

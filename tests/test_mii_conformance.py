@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers import with_changes
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
@@ -262,14 +263,7 @@ def radiopharmaceutical_info(**attributes) -> Sequence:
 
 
 def modified(ds: Dataset, **changes) -> Dataset:
-    ds = deepcopy(ds)
-    for keyword, value in changes.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
+    return with_changes(deepcopy(ds), **changes)
 
 
 def region(**attributes) -> Dataset:
