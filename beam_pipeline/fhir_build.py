@@ -290,11 +290,12 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 def _shape(value):
     """The structure of a JSON value without its values: instances built alike share one shape."""
-    if isinstance(value, dict):
-        return tuple((key, _shape(item)) for key, item in value.items())
-    if isinstance(value, list):
-        return tuple(_shape(item) for item in value)
-    return type(value)
+    kind = type(value)
+    if kind is dict:
+        return tuple([(key, _shape(item)) for key, item in value.items()])
+    if kind is list:
+        return tuple([_shape(item) for item in value])
+    return kind
 
 
 def validation_view(study: dict) -> dict:
