@@ -164,3 +164,21 @@ def test_missing_input_is_a_clear_usage_error(tmp_path, capsys):
         run_pipeline(tmp_path / "nowhere", tmp_path / "out")
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_output_names_no_patient(tmp_path):
+    """The CLI's own output (summary, logs, warnings) never carries patient names or ids."""
+    import subprocess
+    import sys
+
+    copy_dicom(CT, tmp_path / "in" / "a.dcm", PatientID="SECRET-PID-4711", PatientName="Secret^Name",
+               StudyDate="2005XX01")
+    copy_dicom(CT, tmp_path / "in" / "b.dcm", PatientID="OTHER-PID-0815", PatientName="Other^Name",
+               SOPInstanceUID=uid("b"))
+    copy_dicom(MR, tmp_path / "in" / "c.dcm", PatientID="THIRD-PID-9")
+    done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    console = done.stdout + done.stderr
+    assert "rejected: 1" in console  # the conflicting study was reported
+    for secret in ("SECRET-PID-4711", "OTHER-PID-0815", "THIRD-PID-9", "Secret", "Other^Name"):
+        assert secret not in console
