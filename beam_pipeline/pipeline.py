@@ -138,7 +138,10 @@ class ReadHeaderDoFn(beam.DoFn):
         self.spec = default_spec()
         self.instance_keys = instance_keys()
         self.open_file = FileOpener()
-        logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote element values
+        # pydicom's warnings about odd files may quote element values (patient data): keep them
+        # off the console. Set once per worker: catch_warnings per file is not thread-safe.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="pydicom")
 
     def process(self, paths):
         partials: dict[str, dict] = {}
@@ -166,10 +169,8 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def _read(self, path: str) -> header.HeaderResult:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with self.open_file(path) as fp:
-                    return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
+            with self.open_file(path) as fp:
+                return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
         except OSError as exc:
             return header.HeaderResult(header.ERROR, reason="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}")
 
