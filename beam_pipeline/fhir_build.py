@@ -78,7 +78,7 @@ def device_id(serial: str, manufacturer: str) -> str:
 
 
 _DATE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_TIME = re.compile(r"^(\d{2})(?::?(\d{2}))?(?::?(\d{2}))?(?:\.(\d{1,6}))?$")
+_TIME = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 
@@ -103,7 +103,7 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
     if day is None:
         notes[f"unparseable-date:{what}"] += 1
         return None
-    date_text = day.strftime("%Y-%m-%d")
+    date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
     if not time:
         return date_text
     tmatch = _TIME.match(time)
@@ -115,13 +115,14 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
         notes[f"unparseable-time:{what}"] += 1
         return date_text
     fraction = f".{tmatch[4]}" if tmatch[4] else ""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + _offset(moment, utc_offset, timezone, notes)
+    clock = f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    return date_text + clock + fraction + _offset(moment, utc_offset, timezone, notes)
 
 
 def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Counter) -> str:
     if utc_offset:
         match = _OFFSET.match(utc_offset)
-        if match and int(match[2]) <= 14 and int(match[3]) < 60:
+        if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
             return f"{match[1]}{match[2]}:{match[3]}"
         notes["unparseable:TimezoneOffsetFromUTC"] += 1
     minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
@@ -228,7 +229,7 @@ def _series(uid, record, instances, study, config, terms, notes, devices) -> dic
     if extensions:
         series["extension"] = extensions
     series["uid"] = uid
-    if record.get("SeriesNumber", -1) >= 0:  # FHIR unsignedInt
+    if _unsigned_int(record.get("SeriesNumber"), notes, "SeriesNumber"):
         series["number"] = record["SeriesNumber"]
     series["modality"] = {"system": DCM_SYSTEM, "code": record["Modality"]}
     if record.get("SeriesDescription"):
@@ -257,6 +258,16 @@ def _series(uid, record, instances, study, config, terms, notes, devices) -> dic
     return series
 
 
+def _unsigned_int(value, notes: Counter, keyword: str) -> bool:
+    """FHIR unsignedInt is 0..2^31-1; DICOM IS allows more (some writers put timestamps there)."""
+    if value is None:
+        return False
+    if 0 <= value <= 2_147_483_647:
+        return True
+    notes[f"out-of-range:{keyword}"] += 1
+    return False
+
+
 def _instance(sop: str, fields: dict, terms, notes) -> dict:
     instance: dict = {}
     extensions = mii.instance_extensions(fields, terms, notes)
@@ -264,7 +275,7 @@ def _instance(sop: str, fields: dict, terms, notes) -> dict:
         instance["extension"] = extensions
     instance["uid"] = sop
     instance["sopClass"] = {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + fields["SOPClassUID"]}
-    if fields.get("InstanceNumber", -1) >= 0:  # FHIR unsignedInt
+    if _unsigned_int(fields.get("InstanceNumber"), notes, "InstanceNumber"):
         instance["number"] = fields["InstanceNumber"]
     return instance
 

@@ -60,6 +60,8 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True) -> HeaderR
         from beam_pipeline import fast_header
 
         parsed = fast_header.parse(head, fp, spec)
+        if parsed is not None and _lacks_identity(parsed):
+            parsed = None  # e.g. an element out of order stopped the scanner early: pydicom decides
     try:
         if parsed is None:
             parsed = parse_with_pydicom(fp, spec, force=not has_preamble)
@@ -85,6 +87,12 @@ def classify(parsed: ParsedHeader) -> HeaderResult:
             why = "is not a valid value" if keyword in record.get(INVALID_KEY, ()) else "is missing or empty"
             return HeaderResult(ERROR, reason=reason, detail=f"{keyword} {why}")
     return HeaderResult(INSTANCE, record=record)
+
+
+def _lacks_identity(parsed: ParsedHeader) -> bool:
+    if parsed.truncated or parsed.meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+        return False
+    return any(keyword not in parsed.record for keyword, _ in _REQUIRED_UIDS[:3])
 
 
 def _looks_like_bare_dataset(head: bytes) -> bool:

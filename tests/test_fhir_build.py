@@ -140,3 +140,27 @@ def test_sampled_validation_sees_every_uid_and_each_instance_shape(terms):
     study["series"][0]["instance"][-1]["number"] = "seven"          # a new shape: validated
     assert validator.problem(built.resources)[0] == "invalid-fhir"
     assert fhir_build.Validator(full=True).problem(built.resources)[0] == "invalid-fhir"
+
+
+@pytest.mark.parametrize("date, time, offset, expected, note", [
+    ("09990101", None, None, "0999-01-01", None),                               # FHIR wants 4 digits
+    ("20050906", "120000", "+1430", "2005-09-06T12:00:00+02:00", "unparseable:TimezoneOffsetFromUTC"),
+    ("20050906", "120000", "+1400", "2005-09-06T12:00:00+14:00", None),
+    ("20050906", "12.5", None, "2005-09-06", "unparseable-time:StudyDate"),    # a fraction needs seconds
+])
+def test_dates_stay_within_fhir_datetime(date, time, offset, expected, note):
+    notes = Counter()
+    assert dicom_datetime(date, time, offset, "Europe/Berlin", notes, "StudyDate") == expected
+    assert list(notes) == ([note] if note else [])
+
+
+def test_numbers_beyond_fhir_unsigned_int_are_left_out_and_counted(terms):
+    group = _group([record("1.2.3.1.1", number=999999999999, SeriesNumber=20230101123),
+                    record("1.2.3.1.2", number=2, SeriesNumber=20230101123)])
+    built = build_study(group, ConversionConfig(), terms)
+    series = built.resources[0][1]["series"][0]
+    assert "number" not in series
+    assert [i.get("number") for i in series["instance"]] == [2, None]
+    assert built.notes["out-of-range:InstanceNumber"] == 1
+    assert built.notes["out-of-range:SeriesNumber"] == 1
+    assert fhir_build.Validator().problem(built.resources) is None
