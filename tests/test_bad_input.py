@@ -182,3 +182,23 @@ def test_console_output_names_no_patient(tmp_path):
     assert "rejected: 1" in console  # the conflicting study was reported
     for secret in ("SECRET-PID-4711", "OTHER-PID-0815", "THIRD-PID-9", "Secret", "Other^Name"):
         assert secret not in console
+
+
+def test_an_element_out_of_order_does_not_hide_the_study(tmp_path):
+    """The fast scanner stops at the first tag past the last one it needs; a private element
+    written out of order (group 0099 before 0020) must not make the file look UID-less."""
+    from beam_pipeline import header
+    from beam_pipeline.fields import default_spec
+
+    data = bytearray(open(CT, "rb").read())
+    at = data.index(b"\x09\x00\x10\x00LO")  # CT_small's private creator (0009,0010)
+    data[at:at + 2] = b"\x99\x00"
+    path = tmp_path / "odd.dcm"
+    path.write_bytes(bytes(data))
+    spec = default_spec()
+    with open(path, "rb") as fp:
+        fast = header.read_header(fp, spec)
+    with open(path, "rb") as fp:
+        slow = header.read_header(fp, spec, use_fast=False)
+    assert fast.kind == slow.kind == header.INSTANCE
+    assert fast.record == slow.record
