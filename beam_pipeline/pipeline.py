@@ -211,7 +211,6 @@ class DirectoryGuardDoFn(beam.DoFn):
 
     def __init__(self):
         self.rejected_files = Metrics.counter(NAMESPACE, "outcome:rejected_with_study")
-        self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
 
     def process(self, item):
         directory, groups = item
@@ -222,12 +221,13 @@ class DirectoryGuardDoFn(beam.DoFn):
         uids = sorted(groups)
         files = sum(g.files for g in groups.values())
         self.rejected_files.inc(files)
-        self.rejected.inc(len(uids))
         Metrics.counter(NAMESPACE, f"error:{study.MULTIPLE_STUDIES_IN_DIRECTORY}").inc()
         yield beam.pvalue.TaggedOutput(self.REJECTED, {
             "reason": study.MULTIPLE_STUDIES_IN_DIRECTORY, "path": directory, "study_uids": uids,
             "files": files, "detail": f"{len(uids)} StudyInstanceUIDs in one folder: {', '.join(uids)}",
         })
+        for uid in uids:  # no file of these studies may be written from other folders either
+            yield uid, study.StudyGroup(uid, rejected_folders={directory})
 
 
 class MergeGroupsFn(beam.CombineFn):
@@ -308,10 +308,11 @@ class BuildResourcesDoFn(beam.DoFn):
         if built.rejection is not None:
             reason, detail = built.rejection
             self.rejected.inc()
-            self.rejected_files.inc(group.files)
-            Metrics.counter(NAMESPACE, f"error:{reason}").inc()
-            yield beam.pvalue.TaggedOutput(self.ERRORS, {"reason": reason, "study_uid": group.study_uid,
-                                                         "files": group.files, "detail": detail})
+            if group.files:  # a study wholly inside a rejected folder is named by the folder's error
+                self.rejected_files.inc(group.files)
+                Metrics.counter(NAMESPACE, f"error:{reason}").inc()
+                yield beam.pvalue.TaggedOutput(self.ERRORS, {"reason": reason, "study_uid": group.study_uid,
+                                                             "files": group.files, "detail": detail})
             return
         self.written.inc()
         self.converted.inc(len(group.instances))

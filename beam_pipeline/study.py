@@ -14,6 +14,7 @@ CONFLICTING_PATIENT_ID = "conflicting-patient-id"
 CONFLICTING_ACCESSION = "conflicting-accession-number"
 CONFLICTING_DUPLICATE = "conflicting-duplicate-instance"
 MULTIPLE_STUDIES_IN_DIRECTORY = "multiple-studies-in-directory"
+STUDY_IN_REJECTED_DIRECTORY = "study-in-rejected-directory"
 
 _NO_NUMBER = float("inf")
 
@@ -37,6 +38,7 @@ class StudyGroup:
     series: dict = field(default_factory=dict)    # series uid -> representative record
     instances: dict = field(default_factory=dict)  # sop uid -> (series uid, instance fields)
     conflicting_sops: set = field(default_factory=set)
+    rejected_folders: set = field(default_factory=set)  # directory mode: folders rejected with this study
 
     def add(self, record: dict, instance_keys: tuple[str, ...]) -> "StudyGroup":
         self.files += 1
@@ -72,6 +74,7 @@ class StudyGroup:
         self.patient_ids |= other.patient_ids
         self.accession_numbers |= other.accession_numbers
         self.conflicting_sops |= other.conflicting_sops
+        self.rejected_folders |= other.rejected_folders
         if other.representative is not None and (
             self.representative is None or rank(other.representative) < rank(self.representative)
         ):
@@ -86,6 +89,10 @@ class StudyGroup:
 
     def rejection(self) -> tuple[str, str] | None:
         """(reason, detail) when the study must not be converted. Details never carry identifiers."""
+        if self.rejected_folders:  # writing the rest would be an incomplete study
+            return STUDY_IN_REJECTED_DIRECTORY, (
+                f"part of the study is in {len(self.rejected_folders)} folder(s) rejected for holding "
+                f"several studies: {', '.join(sorted(self.rejected_folders))}")
         if len(self.patient_ids) > 1:
             return CONFLICTING_PATIENT_ID, f"{len(self.patient_ids)} distinct PatientID values in one study"
         if len(self.accession_numbers) > 1:

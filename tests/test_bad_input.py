@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -202,3 +203,22 @@ def test_an_element_out_of_order_does_not_hide_the_study(tmp_path):
         slow = header.read_header(fp, spec, use_fast=False)
     assert fast.kind == slow.kind == header.INSTANCE
     assert fast.record == slow.record
+
+
+def test_directory_mode_rejects_a_study_whose_other_part_is_in_a_rejected_folder(tmp_path):
+    root = tmp_path / "archive"
+    split = uid("split")
+    copy_dicom(MR, root / "X" / "a.dcm", StudyInstanceUID=split, SOPInstanceUID=uid("split-a"))
+    copy_dicom(CT, root / "X" / "other.dcm")                       # X holds two studies: rejected
+    copy_dicom(MR, root / "Y" / "b.dcm", StudyInstanceUID=split, SOPInstanceUID=uid("split-b"))
+    copy_dicom(MR, root / "Z" / "c.dcm", StudyInstanceUID=split, SOPInstanceUID=uid("split-c"))
+    copy_dicom(MR, root / "W" / "d.dcm")                           # an unrelated, clean folder
+    summary = run_pipeline(root, tmp_path / "out", "--group-by", "directory")
+    written = read_ndjson(tmp_path / "out", "ImagingStudy")
+    assert [s["identifier"][-1]["value"] for s in written] == [f"urn:oid:{pydicom.dcmread(MR).StudyInstanceUID}"]
+    reasons = sorted(e["reason"] for e in read_ndjson(tmp_path / "out", "errors"))
+    assert reasons == ["multiple-studies-in-directory", "study-in-rejected-directory"]
+    assert summary["outcomes"]["rejected_with_study"] == 4
+    assert summary["outcomes"]["converted"] == 1
+    assert summary["studies"] == {"written": 1, "rejected": 2}
+    assert sum(summary["outcomes"].values()) == summary["files_matched"] == 5
