@@ -1,12 +1,13 @@
 """``python -m beam_pipeline --input PATH --output DIR [options] [Beam options]``."""
 import logging
+import sys
 
-from beam_pipeline.pipeline import run
+from beam_pipeline import pipeline
 
 
 def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)
-    run()
+    sys.exit(pipeline.main())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import glob as globlib
 import json
 import logging
 import os
+import stat
 import time
 import warnings
 
@@ -38,12 +39,15 @@ _LOG = logging.getLogger(__name__)
 
 
 def resolve_pattern(input_path: str) -> str:
-    """A directory (local or bucket prefix) becomes a recursive glob; a glob or file stays as is."""
+    """A directory (local or bucket prefix) becomes a recursive glob; a glob or file stays as is.
+    Local paths become absolute, so that matched paths and folder keys agree."""
+    if "://" not in input_path:
+        input_path = os.path.abspath(input_path)
+        if os.path.isdir(input_path):  # walked whatever its name: "Study [2020]" is no glob
+            return os.path.join(globlib.escape(input_path), "**")
+        return input_path if globlib.has_magic(input_path) else globlib.escape(input_path)
     if globlib.has_magic(input_path):
         return input_path
-    if "://" not in input_path:
-        input_path = os.path.abspath(input_path)  # matched paths are absolute; folder keys must agree
-        return os.path.join(input_path, "**") if os.path.isdir(input_path) else input_path
     if input_path.endswith("/") or not FileSystems.exists(input_path):
         return input_path.rstrip("/") + "/**"
     return input_path
@@ -52,6 +56,8 @@ def resolve_pattern(input_path: str) -> str:
 def group_root(input_path: str) -> str:
     """The folder whose first-level subfolders are studies in ``--group-by directory`` mode."""
     root = input_path if "://" in input_path else os.path.abspath(input_path)
+    if "://" not in root and os.path.isdir(root):
+        return root.rstrip("/")
     while globlib.has_magic(root):
         root = root.rsplit("/", 1)[0]
     return root.rstrip("/")
@@ -169,6 +175,9 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def _read(self, path: str) -> header.HeaderResult:
         try:
+            if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):  # would block or never end
+                return header.HeaderResult(header.ERROR, reason="not-a-regular-file",
+                                           detail="a FIFO, socket or device file is not read")
             with self.open_file(path) as fp:
                 return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
         except OSError as exc:
@@ -424,7 +433,7 @@ def parse_args(argv=None):
     parser.add_argument("--pydicom-only", action="store_true",
                         help="read every header with pydicom instead of the fast scanner")
     args, beam_args = parser.parse_known_args(argv)
-    if "://" not in args.input and not globlib.has_magic(args.input) and not os.path.exists(args.input):
+    if "://" not in args.input and not os.path.exists(args.input) and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
@@ -566,3 +575,9 @@ def run(argv=None) -> dict:
     summary = execute(beam.Pipeline(runner=local_runner(options), options=options), args)
     print(describe(summary), flush=True)
     return summary
+
+
+def main(argv=None) -> int:
+    """Console entry: exit 1 when the outcomes do not account for every matched file (a bug)."""
+    summary = run(argv)
+    return 0 if sum(summary["outcomes"].values()) == summary["files_matched"] else 1

@@ -222,3 +222,25 @@ def test_directory_mode_rejects_a_study_whose_other_part_is_in_a_rejected_folder
     assert summary["outcomes"]["converted"] == 1
     assert summary["studies"] == {"written": 1, "rejected": 2}
     assert sum(summary["outcomes"].values()) == summary["files_matched"] == 5
+
+
+def test_a_fifo_in_the_archive_is_an_error_not_a_hang(tmp_path):
+    copy_dicom(MR, tmp_path / "in" / "mr.dcm")
+    os.mkfifo(tmp_path / "in" / "pipe.dcm")
+    summary = run_pipeline(tmp_path / "in", tmp_path / "out")
+    assert summary["errors_by_reason"] == {"not-a-regular-file": 1}
+    assert summary["outcomes"]["converted"] == 1
+
+
+def test_a_folder_named_like_a_glob_is_walked(tmp_path):
+    copy_dicom(MR, tmp_path / "Patient [1]" / "S1" / "mr.dcm")
+    summary = run_pipeline(tmp_path / "Patient [1]", tmp_path / "out")
+    assert summary["files_matched"] == 1 and summary["outcomes"]["converted"] == 1
+
+
+def test_directory_mode_with_a_relative_glob(tmp_path, monkeypatch):
+    copy_dicom(CT, tmp_path / "archive" / "one" / "ct.dcm")
+    copy_dicom(MR, tmp_path / "archive" / "two" / "mr.dcm")
+    monkeypatch.chdir(tmp_path)
+    summary = run_pipeline("archive/*/*.dcm", "out", "--group-by", "directory")
+    assert summary["outcomes"]["converted"] == 2 and summary["studies"]["written"] == 2
