@@ -297,6 +297,7 @@ def build_device(record: dict) -> dict | None:
 
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_FHIR_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
 
 
 def _shape(value):
@@ -331,10 +332,14 @@ def validation_view(study: dict) -> dict:
 
 
 def uid_problem(study: dict) -> str | None:
+    """The per-instance values a shape cannot vouch for: uid (FHIR id) and sopClass code (FHIR code).
+    (Numbers are kept in range when they are built.)"""
     for series in study.get("series", ()):
         for instance in series.get("instance", ()):
             if not _FHIR_ID.match(instance["uid"]):
                 return "series.instance.uid: not a valid FHIR id (DICOM UID expected)"
+            if not _FHIR_CODE.match(instance["sopClass"]["code"]):
+                return "series.instance.sopClass.code: not a valid FHIR code"
     return None
 
 

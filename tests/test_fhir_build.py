@@ -164,3 +164,11 @@ def test_numbers_beyond_fhir_unsigned_int_are_left_out_and_counted(terms):
     assert built.notes["out-of-range:InstanceNumber"] == 1
     assert built.notes["out-of-range:SeriesNumber"] == 1
     assert fhir_build.Validator().problem(built.resources) is None
+
+
+def test_sampled_validation_checks_every_sop_class(terms):
+    records = [record(f"1.2.3.1.{i}", number=i) for i in range(1, 5)]
+    records[-1]["SOPClassUID"] = "1.2.840  10008"  # two spaces: not a FHIR code
+    built = build_study(_group(records), ConversionConfig(), terms)
+    assert fhir_build.Validator().problem(built.resources)[0] == "invalid-fhir"
+    assert fhir_build.Validator(full=True).problem(built.resources)[0] == "invalid-fhir"
