@@ -70,10 +70,6 @@ class FieldSpec:
     derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @cached_property
-    def by_tag(self) -> dict[int, Attribute]:
-        return {a.tag: a for a in self.attributes}
-
-    @cached_property
     def last_tag(self) -> int:
         return max(a.tag for a in self.attributes)
 

@@ -14,7 +14,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from beam_pipeline.fields import (
-    DICOMDIR_SOP_CLASS, INVALID_KEY, Attribute, FieldSpec, add_value, encodings_for,
+    DICOMDIR_SOP_CLASS, INVALID_KEY, META_KEYWORDS, Attribute, FieldSpec, add_value, encodings_for,
 )
 
 # Outcome kinds of reading one file.
@@ -115,7 +115,7 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False) -> Pa
     fp.seek(0)
     ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
     meta = {}
-    for keyword in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
+    for keyword in META_KEYWORDS:
         value = ds.file_meta.get(keyword) if ds.file_meta is not None else None
         if value:
             meta[keyword] = str(value).strip("\0 ")

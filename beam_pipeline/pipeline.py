@@ -13,6 +13,7 @@ import os
 import stat
 import time
 import warnings
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apache_beam as beam
 import orjson
@@ -438,8 +439,8 @@ def parse_args(argv=None):
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
     try:
-        fhir_build.dicom_datetime("20000101", "1200", None, args.timezone, __import__("collections").Counter(), "x")
-    except Exception:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
         parser.error(f"--timezone {args.timezone!r} is not a known time zone")
     return args, beam_args
 
@@ -458,8 +459,8 @@ def build_pipeline(pipeline, args) -> None:
     config = config_from_args(args)
     root = group_root(args.input)
     batches = pipeline | "MatchFiles" >> MatchInputFiles(resolve_pattern(args.input))
-    records, file_errors = batches | "ReadHeaders" >> ReadHeaders(not args.pydicom_only, args.group_by, root)
-    groups, folder_errors = records | "GroupStudies" >> GroupStudies(args.group_by)
+    partials, file_errors = batches | "ReadHeaders" >> ReadHeaders(not args.pydicom_only, args.group_by, root)
+    groups, folder_errors = partials | "GroupStudies" >> GroupStudies(args.group_by)
     studies, devices, study_errors = groups | "BuildResources" >> BuildResources(config, validate=args.validate)
     studies | "WriteStudies" >> WriteNdjson(args.output)
     errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
