@@ -30,7 +30,7 @@ from pydicom import uid as _uid
 from pydicom.dataelem import empty_value_for_VR
 
 from beam_pipeline.fields import Attribute, FieldSpec, add_value, encodings_for
-from beam_pipeline.header import ParsedHeader
+from beam_pipeline.records import ParsedHeader
 
 _HEADER = struct.Struct("<HH2sH").unpack_from   # group, element, VR, 16-bit length
 _ITEM = struct.Struct("<HHL").unpack_from       # group, element, 32-bit length (items, delimiters)

@@ -5,7 +5,6 @@ digests of ``"<system>|<value>"``, so the same study always gets the same ids.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,16 +13,11 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from beam_pipeline import mii
+from beam_pipeline.codes import DCM_SYSTEM, DEVICE_PROFILE, IMAGING_STUDY_PROFILE, V2_0203, Reason, sha256_id
 from beam_pipeline.study import StudyGroup, rank
 
-MII_BASE = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/StructureDefinition/"
-IMAGING_STUDY_PROFILE = MII_BASE + "mii-pr-bildgebung-bildgebungsstudie"
-DEVICE_PROFILE = MII_BASE + "mii-pr-bildgebung-geraet"
-DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-
-MISSING_PATIENT_ID = "missing-patient-id"
-MISSING_MODALITY = "missing-modality"
+MISSING_PATIENT_ID = Reason.MISSING_PATIENT_ID
+MISSING_MODALITY = Reason.MISSING_MODALITY
 
 
 @dataclass(frozen=True)
@@ -48,10 +42,6 @@ class BuiltStudy:
     resources: list = field(default_factory=list)    # (resource type, resource dict)
     notes: Counter = field(default_factory=Counter)  # values left out or changed, by kind
     rejection: tuple[str, str] | None = None
-
-
-def sha256_id(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
 
 
 def imaging_study_id(config: ConversionConfig, study_uid: str) -> str:
@@ -359,19 +349,19 @@ class Validator:
         self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation}
 
     def problem(self, resources) -> tuple[str, str] | None:
-        """("invalid-fhir", where and what) for the first invalid resource; values are not quoted."""
+        """(Reason.INVALID_FHIR, where and what) for the first invalid resource; values are not quoted."""
         from pydantic import ValidationError
 
         for resource_type, resource in resources:
             if resource_type == "ImagingStudy" and not self.full:
                 bad_uid = uid_problem(resource)
                 if bad_uid:
-                    return "invalid-fhir", f"ImagingStudy: {bad_uid}"
+                    return Reason.INVALID_FHIR, f"ImagingStudy: {bad_uid}"
                 resource = validation_view(resource)
             try:
                 self.models[resource_type].model_validate(resource)
             except ValidationError as exc:
                 errors = exc.errors(include_input=False, include_url=False)
                 where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
-                return "invalid-fhir", f"{resource_type}: {where}"
+                return Reason.INVALID_FHIR, f"{resource_type}: {where}"
         return None

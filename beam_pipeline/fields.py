@@ -23,7 +23,8 @@ from typing import Iterable, Mapping
 from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 
-INVALID_KEY = "_invalid"
+from beam_pipeline.codes import INVALID_KEY
+
 
 # The converter's own needs (identifiers, references, core ImagingStudy/Device elements).
 CORE_KEYWORDS = {

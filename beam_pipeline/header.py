@@ -6,52 +6,33 @@ pydicom, which stays the authority. Pixel data is never read: both stop at the l
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
+from beam_pipeline.codes import INVALID_KEY, Reason
 from beam_pipeline.fields import (
-    DICOMDIR_SOP_CLASS, INVALID_KEY, META_KEYWORDS, Attribute, FieldSpec, add_value, encodings_for,
+    DICOMDIR_SOP_CLASS, META_KEYWORDS, Attribute, FieldSpec, add_value, encodings_for,
 )
-
-# Outcome kinds of reading one file.
-INSTANCE, NOT_DICOM, DICOMDIR, ERROR = "instance", "not_dicom", "dicomdir", "error"
+from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult, ParsedHeader
 
 FIRST_READ = 16 * 1024  # one read covers the header of nearly every file; readers ask for more if not
 _UNDEFINED = 0xFFFFFFFF
 _REQUIRED_UIDS = (
-    ("StudyInstanceUID", "missing-study-instance-uid"),
-    ("SeriesInstanceUID", "missing-series-instance-uid"),
-    ("SOPInstanceUID", "missing-sop-instance-uid"),
-    ("SOPClassUID", "missing-sop-class-uid"),
+    ("StudyInstanceUID", Reason.MISSING_STUDY_INSTANCE_UID),
+    ("SeriesInstanceUID", Reason.MISSING_SERIES_INSTANCE_UID),
+    ("SOPInstanceUID", Reason.MISSING_SOP_INSTANCE_UID),
+    ("SOPClassUID", Reason.MISSING_SOP_CLASS_UID),
 )
-
-
-@dataclass(frozen=True)
-class ParsedHeader:
-    """What a reader found: file meta values, the dataset record, and whether the file ended early."""
-
-    meta: dict
-    record: dict
-    truncated: bool
-
-
-@dataclass(frozen=True)
-class HeaderResult:
-    kind: str
-    record: dict | None = None
-    reason: str | None = None
-    detail: str | None = None
 
 
 def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True) -> HeaderResult:
     """Classify a file and extract its record. Never raises for bad content."""
     head = fp.read(FIRST_READ)
     if not head:
-        return HeaderResult(ERROR, reason="empty-file", detail="file has 0 bytes")
+        return HeaderResult(ERROR, reason=Reason.EMPTY_FILE, detail="file has 0 bytes")
     has_preamble = head[128:132] == b"DICM"
     if not has_preamble and not _looks_like_bare_dataset(head):
         return HeaderResult(NOT_DICOM)
@@ -67,10 +48,10 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True) -> HeaderR
             parsed = parse_with_pydicom(fp, spec, force=not has_preamble)
     except InvalidDicomError as exc:
         if has_preamble:
-            return HeaderResult(ERROR, reason="unreadable", detail=_describe(exc))
+            return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=_describe(exc))
         return HeaderResult(NOT_DICOM)
     except Exception as exc:  # pydicom raises many types on corrupt input; the file is the problem
-        return HeaderResult(ERROR, reason="unreadable", detail=_describe(exc))
+        return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=_describe(exc))
     return classify(parsed)
 
 
@@ -78,7 +59,7 @@ def classify(parsed: ParsedHeader) -> HeaderResult:
     if parsed.meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
         return HeaderResult(DICOMDIR)
     if parsed.truncated:
-        return HeaderResult(ERROR, reason="truncated", detail="file ends inside the DICOM header")
+        return HeaderResult(ERROR, reason=Reason.TRUNCATED, detail="file ends inside the DICOM header")
     record = parsed.record
     if "SOPClassUID" not in record and parsed.meta.get("MediaStorageSOPClassUID"):
         record["SOPClassUID"] = parsed.meta["MediaStorageSOPClassUID"]

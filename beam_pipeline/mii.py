@@ -12,22 +12,19 @@ falls back to ``b`` when ``a`` is absent or cannot be mapped.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Callable, Mapping, NamedTuple
 
+from beam_pipeline.codes import INVALID_KEY, MII_BASE, MII_STRUCTURE, V2_0203, sha256_id
 from terminologies import SYSTEMS, Terminologies
 
-MII = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/"
-EXT = MII + "StructureDefinition/mii-ex-bildgebung-"
-CS = MII + "CodeSystem/mii-cs-bildgebung-"
+EXT = MII_STRUCTURE + "mii-ex-bildgebung-"
+CS = MII_BASE + "CodeSystem/mii-cs-bildgebung-"
 UCUM = SYSTEMS["UCUM"]
-INVALID_KEY = "_invalid"
 DEFAULT_ENCOUNTER_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/encounter-id"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 # Codes of the MII code systems that the bound value sets allow (the abstract grouping codes such
 # as PDC/MSC of the image-type system are not selectable, so they are not listed).
@@ -496,10 +493,6 @@ def instance_extensions(instance: Mapping, terms: Terminologies, notes: Counter)
     return [ext] if ext else []
 
 
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def procedure_codes(study: Mapping, notes: Counter) -> list[dict]:
     """CodeableConcepts from Procedure Code Sequence; unknown coding schemes keep only the text."""
     concepts = []
@@ -524,7 +517,7 @@ def procedure_codes(study: Mapping, notes: Counter) -> list[dict]:
 def encounter_reference(admission_id: str, system: str) -> dict:
     """Reference to the Encounter whose visit number is the DICOM Admission ID."""
     return {
-        "reference": f"Encounter/{sha256_hex(f'{system}|{admission_id}')}",
+        "reference": f"Encounter/{sha256_id(system, admission_id)}",
         "identifier": {
             "type": {"coding": [{"system": V2_0203, "code": "VN", "display": "Visit number"}]},
             "system": system,
@@ -537,7 +530,7 @@ def vital_observation(vital: Vital, value: float, config: Mapping) -> dict:
     """A vital-sign Observation (HL7/DE vital-signs shape); id is a hash of study UID and LOINC code."""
     observation = {
         "resourceType": "Observation",
-        "id": sha256_hex(f"{config.get('study_instance_uid', '')}|{vital.loinc[0]}"),
+        "id": sha256_id(config.get('study_instance_uid', ''), vital.loinc[0]),
         "meta": {"profile": [vital.profile]},
         "status": "final",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",

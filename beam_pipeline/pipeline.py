@@ -25,7 +25,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from beam_pipeline import fhir_build, header, study
-from beam_pipeline.fields import CORE_KEYWORDS, INVALID_KEY, default_spec
+from beam_pipeline.codes import INVALID_KEY
+from beam_pipeline.fields import CORE_KEYWORDS, default_spec
 
 NAMESPACE = "dicom2fhir"
 RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation")

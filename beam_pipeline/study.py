@@ -9,12 +9,13 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field
 
-# Reasons a whole study (or directory) is rejected.
-CONFLICTING_PATIENT_ID = "conflicting-patient-id"
-CONFLICTING_ACCESSION = "conflicting-accession-number"
-CONFLICTING_DUPLICATE = "conflicting-duplicate-instance"
-MULTIPLE_STUDIES_IN_DIRECTORY = "multiple-studies-in-directory"
-STUDY_IN_REJECTED_DIRECTORY = "study-in-rejected-directory"
+from beam_pipeline.codes import Reason
+
+CONFLICTING_PATIENT_ID = Reason.CONFLICTING_PATIENT_ID
+CONFLICTING_ACCESSION = Reason.CONFLICTING_ACCESSION
+CONFLICTING_DUPLICATE = Reason.CONFLICTING_DUPLICATE
+MULTIPLE_STUDIES_IN_DIRECTORY = Reason.MULTIPLE_STUDIES_IN_DIRECTORY
+STUDY_IN_REJECTED_DIRECTORY = Reason.STUDY_IN_REJECTED_DIRECTORY
 
 _NO_NUMBER = float("inf")
 

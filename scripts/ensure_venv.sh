@@ -5,8 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || { echo "Python 3.10 or newer is needed as python3 (found $(python3 --version 2>&1))" >&2; exit 1; }
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "Python 3.11 or newer is needed as python3 (found $(python3 --version 2>&1))" >&2; exit 1; }
   python3 -m venv "$VENV" \
     || { echo "python3 cannot create a virtualenv (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   "$VENV/bin/python" -m pip install -q --upgrade pip

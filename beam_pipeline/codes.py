@@ -1,0 +1,69 @@
+"""Every code a user reads in the output, and the FHIR/DICOM constants, in one place.
+
+Reason codes go into the errors output and ``summary.json["errors_by_reason"]``; the README's
+table mirrors :class:`Reason`. Outcomes partition the input files: each file gets exactly one.
+"""
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """What happened to one input file (they add up to ``files_matched``)."""
+
+    CONVERTED = "converted"
+    DUPLICATE = "duplicate"
+    SKIPPED_NOT_DICOM = "skipped_not_dicom"
+    SKIPPED_DICOMDIR = "skipped_dicomdir"
+    ERROR = "error"
+    REJECTED_WITH_STUDY = "rejected_with_study"
+
+
+class Reason(StrEnum):
+    """Why a file, an instance, a folder or a study went to the errors output."""
+
+    # one file
+    EMPTY_FILE = "empty-file"
+    TRUNCATED = "truncated"
+    UNREADABLE = "unreadable"
+    NOT_A_REGULAR_FILE = "not-a-regular-file"
+    DANGLING_SYMLINK = "dangling-symlink"
+    HEADER_TOO_LARGE = "header-too-large"
+    MISSING_STUDY_INSTANCE_UID = "missing-study-instance-uid"
+    MISSING_SERIES_INSTANCE_UID = "missing-series-instance-uid"
+    MISSING_SOP_INSTANCE_UID = "missing-sop-instance-uid"
+    MISSING_SOP_CLASS_UID = "missing-sop-class-uid"
+    INVALID_UID = "invalid-uid"
+    # one study
+    CONFLICTING_PATIENT_ID = "conflicting-patient-id"
+    CONFLICTING_ACCESSION = "conflicting-accession-number"
+    CONFLICTING_DUPLICATE = "conflicting-duplicate-instance"
+    MISSING_PATIENT_ID = "missing-patient-id"
+    MISSING_MODALITY = "missing-modality"
+    INVALID_FHIR = "invalid-fhir"
+    # directory mode
+    MULTIPLE_STUDIES_IN_DIRECTORY = "multiple-studies-in-directory"
+    STUDY_IN_REJECTED_DIRECTORY = "study-in-rejected-directory"
+    # DICOMweb source
+    STUDY_NOT_FOUND = "study-not-found"
+    FETCH_FAILED = "fetch-failed"
+
+
+# Key of a record's list of keywords whose values did not parse (see ``fields``).
+INVALID_KEY = "_invalid"
+
+# FHIR systems and profiles.
+MII_BASE = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/"
+MII_STRUCTURE = MII_BASE + "StructureDefinition/"
+IMAGING_STUDY_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-bildgebungsstudie"
+DEVICE_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-geraet"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation")
+
+
+def sha256_id(*parts: str) -> str:
+    """Content id of the README: sha256 hex of the parts joined by ``|``."""
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
