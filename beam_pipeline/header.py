@@ -1,25 +1,34 @@
 """Read one file's DICOM header into a plain record and classify the file.
 
 The fast scanner (``fast_header``) handles the common layout; anything it declines is parsed by
-pydicom, which stays the authority. Pixel data is never read: both stop at the last needed tag.
+pydicom, which stays the authority. Pixel data is never read: both stop before it, and both work
+within a budget per header (``header_io``), so no single file can cost unbounded memory or time.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 from typing import BinaryIO
 
 import pydicom
+from pydicom import filereader
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from beam_pipeline.codes import INVALID_KEY, Reason
 from beam_pipeline.fields import (
     DICOMDIR_SOP_CLASS, META_KEYWORDS, Attribute, FieldSpec, add_value, encodings_for,
 )
+from beam_pipeline import fast_header
+from beam_pipeline.header_io import MAX_HEADER_BYTES, BoundedReader, Budget, HeaderTooLarge, InflatedStream
 from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult, ParsedHeader
 
 FIRST_READ = 16 * 1024  # one read covers the header of nearly every file; readers ask for more if not
 _UNDEFINED = 0xFFFFFFFF
+DEFER_SIZE = 1024 * 1024  # pydicom seeks over larger values instead of reading them
+_DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
 _REQUIRED_UIDS = (
     ("StudyInstanceUID", Reason.MISSING_STUDY_INSTANCE_UID),
     ("SeriesInstanceUID", Reason.MISSING_SERIES_INSTANCE_UID),
@@ -28,31 +37,46 @@ _REQUIRED_UIDS = (
 )
 
 
-def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True) -> HeaderResult:
-    """Classify a file and extract its record. Never raises for bad content."""
+def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True,
+                max_header_bytes: int = MAX_HEADER_BYTES) -> HeaderResult:
+    """Classify a file and extract its record. Never raises for bad content.
+
+    Each reader gets a budget of ``max_header_bytes`` (see ``header_io``); a header that needs more
+    is an error ``header-too-large``. When the fast scanner leaves a file with a preamble to pydicom,
+    ``notes`` says why (``reader-fallback:<cause>``).
+    """
     head = fp.read(FIRST_READ)
     if not head:
         return HeaderResult(ERROR, reason=Reason.EMPTY_FILE, detail="file has 0 bytes")
     has_preamble = head[128:132] == b"DICM"
     if not has_preamble and not _looks_like_bare_dataset(head):
         return HeaderResult(NOT_DICOM)
+    size = fp.seek(0, io.SEEK_END)
+    fp.seek(len(head))
     parsed = None
-    if use_fast and has_preamble:
-        from beam_pipeline import fast_header
-
-        parsed = fast_header.parse(head, fp, spec)
-        if parsed is not None and _lacks_identity(parsed):
-            parsed = None  # e.g. an element out of order stopped the scanner early: pydicom decides
+    notes: tuple[str, ...] = ()
     try:
+        if use_fast and has_preamble:
+            budget = Budget(max_header_bytes)
+            budget.charge(len(head))
+            scanned = fast_header.scan(head, fp, spec, size, budget)
+            if isinstance(scanned, fast_header.Declined):
+                notes = (f"reader-fallback:{scanned.cause}",)
+            else:
+                parsed = scanned
         if parsed is None:
-            parsed = parse_with_pydicom(fp, spec, force=not has_preamble)
+            parsed = parse_with_pydicom(fp, spec, force=not has_preamble,
+                                        max_header_bytes=max_header_bytes, size=size)
+    except HeaderTooLarge as exc:
+        return HeaderResult(ERROR, reason=Reason.HEADER_TOO_LARGE, detail=str(exc), notes=notes)
     except InvalidDicomError as exc:
         if has_preamble:
-            return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=_describe(exc))
+            return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=describe_error(exc), notes=notes)
         return HeaderResult(NOT_DICOM)
     except Exception as exc:  # pydicom raises many types on corrupt input; the file is the problem
-        return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=_describe(exc))
-    return classify(parsed)
+        return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=describe_error(exc), notes=notes)
+    result = classify(parsed)
+    return dataclasses.replace(result, notes=notes) if notes else result
 
 
 def classify(parsed: ParsedHeader) -> HeaderResult:
@@ -70,12 +94,6 @@ def classify(parsed: ParsedHeader) -> HeaderResult:
     return HeaderResult(INSTANCE, record=record)
 
 
-def _lacks_identity(parsed: ParsedHeader) -> bool:
-    if parsed.truncated or parsed.meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
-        return False
-    return any(keyword not in parsed.record for keyword, _ in _REQUIRED_UIDS[:3])
-
-
 def _looks_like_bare_dataset(head: bytes) -> bool:
     """True for DICOM without the 128-byte preamble: it starts with a group 0002 or 0008 tag."""
     if len(head) < 8:
@@ -85,26 +103,100 @@ def _looks_like_bare_dataset(head: bytes) -> bool:
     return group in (0x0002, 0x0008) and element < 0x0100
 
 
-def _describe(exc: Exception) -> str:
-    """Exception type and message, shortened; pydicom messages name tags and offsets, not values."""
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+# Known pydicom/struct/zlib messages, in words (details must not quote header bytes or values).
+_KNOWN_ERRORS = (
+    (re.compile(r"unpack requires a buffer|unpack_from requires a buffer"),
+     "an element header is cut short"),
+    (re.compile(r"even multiple of bytes per value"),
+     "a binary value's length is not a multiple of its value size"),
+    (re.compile(r"missing DICOM File Meta Information|'DICM' prefix"),
+     "no DICOM file meta information (preamble and 'DICM' prefix)"),
+    (re.compile(r"incomplete or truncated stream|end before the end of the compressed stream"),
+     "the deflated data are cut short"),
+    (re.compile(r"while decompressing data|invalid (stored block|block type|distance|code)"),
+     "the deflated data are corrupt"),
+    (re.compile(r"[Ee]xpected explicit VR|[Ee]xpected implicit VR"),
+     "the VR encoding changes inside the dataset"),
+    (re.compile(r"sequence delimiter|Sequence Delimiter|item tag|Item Tag|[Ii]tem \(FFFE"),
+     "the item structure of a sequence is broken"),
+    (re.compile(r"codec can't decode|decode byte"),
+     "a text value is not valid in its character set"),
+    (re.compile(r"[Ii]nvalid value for VR|Value exceeds|is not a valid"),
+     "a value is not valid for its VR"),
+)
+# Quoted strings and bytes reprs (b'\xce\x00...'), however they are quoted.
+_QUOTED = re.compile(r"""\bb?'(?:[^'\\]|\\.)*'|\bb?"(?:[^"\\]|\\.)*"|\bb'.*""")
 
 
-def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False) -> ParsedHeader:
-    fp.seek(0, io.SEEK_END)
-    size = fp.tell()
+def describe_error(exc: BaseException) -> str:
+    """What was wrong with a file, in words: known messages mapped, anything quoted left out."""
+    message = str(exc)
+    for pattern, words in _KNOWN_ERRORS:
+        if pattern.search(message):
+            return f"{type(exc).__name__}: {words}"
+    message = _QUOTED.sub("(value)", message)
+    message = "".join(ch if ch.isprintable() else "?" for ch in message)
+    return f"{type(exc).__name__}: {message[:200]}" if message else type(exc).__name__
+
+
+def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
+                       max_header_bytes: int = MAX_HEADER_BYTES, size: int | None = None) -> ParsedHeader:
+    """pydicom's reading of a header (the authority), within a budget.
+
+    pydicom reads through a :class:`BoundedReader`, defers values above 1 MiB (it seeks over them
+    and reads one only if the spec needs it) and, for a deflated transfer syntax, reads an
+    :class:`InflatedStream` instead of inflating the whole file as ``dcmread`` would.
+    """
+    if size is None:
+        size = fp.seek(0, io.SEEK_END)
     fp.seek(0)
-    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
+    budget = Budget(max_header_bytes)
+    reader = BoundedReader(fp, size, budget)
+    inflated = _open_deflated(reader, force, budget)
+    if inflated is None:
+        ds = pydicom.dcmread(reader, stop_before_pixels=True, force=force, defer_size=DEFER_SIZE)
+        stopped_before_end = reader.tell() < size
+    else:
+        ds, stream = inflated
+        stopped_before_end = not stream.at_end()
+        size = stream.size() if not stopped_before_end else size
     meta = {}
     for keyword in META_KEYWORDS:
         value = ds.file_meta.get(keyword) if ds.file_meta is not None else None
         if value:
             meta[keyword] = str(value).strip("\0 ")
-    stopped_before_end = fp.tell() < size
+    if _ends_inside_header(ds, size, stopped_before_end):
+        return ParsedHeader(meta, {}, True)
     encodings = encodings_for(_charset_bytes(ds), None)
-    record = _record(ds, spec.attributes, encodings)
-    truncated = _ends_inside_header(ds, size, stopped_before_end)
-    return ParsedHeader(meta, record, truncated)
+    return ParsedHeader(meta, _record(ds, spec.attributes, encodings), False)
+
+
+def _open_deflated(reader: BoundedReader, force: bool, budget: Budget):
+    """For a deflated file, (dataset, stream) read as ``dcmread`` does but inflating on demand.
+
+    None for every other file (``dcmread`` reads those). Mirrors ``pydicom.filereader.read_partial``
+    for this one transfer syntax, with the stream in place of ``zlib.decompress(fp.read())``.
+    """
+    head = reader.read(FIRST_READ)
+    reader.seek(0)
+    if _DEFLATED_UID not in head:
+        return None
+    filereader.read_preamble(reader, force)
+    file_meta = filereader._read_file_meta_info(reader)
+    if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        reader.seek(0)
+        return None
+    command_set = filereader._read_command_set_elements(reader)
+    if not reader.read(1):  # nothing after the meta: dcmread reads an empty dataset
+        reader.seek(0)
+        return None
+    reader.seek(-1, io.SEEK_CUR)
+    stream = InflatedStream(reader, reader.tell(), budget)
+    ds = filereader.read_dataset(stream, False, True, stop_when=filereader._at_pixel_data)
+    ds.file_meta = file_meta
+    if command_set:
+        ds.update(command_set)
+    return ds, stream
 
 
 def _record(ds, attributes: tuple[Attribute, ...], encodings: list[str]) -> dict:
@@ -152,10 +244,12 @@ def _ends_inside_header(ds, size: int, stopped_before_end: bool) -> bool:
         return True
     last_end = 0
     for tag in ds.keys():
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED:
             continue
         if elem.value is not None and len(elem.value) < elem.length:
             return True
+        if elem.value is None and elem.value_tell + elem.length > size:
+            return True  # a deferred value (never read) runs past the end of the file
         last_end = max(last_end, elem.value_tell + elem.length)
     return not stopped_before_end and 0 < last_end < size and size - last_end < 12

@@ -26,3 +26,5 @@ class HeaderResult:
     record: dict | None = None
     reason: str | None = None
     detail: str | None = None
+    # e.g. ("reader-fallback:implicit-vr",) when the fast scanner left the file to pydicom
+    notes: tuple[str, ...] = ()
