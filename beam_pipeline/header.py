@@ -27,6 +27,7 @@ from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderRe
 
 FIRST_READ = 16 * 1024  # one read covers the header of nearly every file; readers ask for more if not
 _UNDEFINED = 0xFFFFFFFF
+_CHARSET = 0x00080005
 DEFER_SIZE = 1024 * 1024  # pydicom seeks over larger values instead of reading them
 _DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
 _REQUIRED_UIDS = (
@@ -125,7 +126,7 @@ _KNOWN_ERRORS = (
      "a value is not valid for its VR"),
 )
 # Quoted strings and bytes reprs (b'\xce\x00...'), however they are quoted.
-_QUOTED = re.compile(r"""\bb?'(?:[^'\\]|\\.)*'|\bb?"(?:[^"\\]|\\.)*"|\bb'.*""")
+_QUOTED = re.compile(r"""(?<!\w)b?'(?:[^'\\]|\\.)*'(?!\w)|(?<!\w)b?"(?:[^"\\]|\\.)*"(?!\w)|(?<!\w)b['"].*""")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -168,7 +169,9 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
     if _ends_inside_header(ds, size, stopped_before_end):
         return ParsedHeader(meta, {}, True)
     encodings = encodings_for(_charset_bytes(ds), None)
-    return ParsedHeader(meta, _record(ds, spec.attributes, encodings), False)
+    # The top-level (0008,0005) decodes the rest but is not recorded (see fast_header).
+    attributes = tuple(a for a in spec.attributes if a.tag != _CHARSET)
+    return ParsedHeader(meta, _record(ds, attributes, encodings), False)
 
 
 def _open_deflated(reader: BoundedReader, force: bool, budget: Budget):

@@ -125,7 +125,7 @@ class InflatedStream(io.RawIOBase):
                 self._ended = True
             elif not compressed and not out:
                 raise zlib.error("the deflated data end before the end of the compressed stream")
-            drop = self._pos - _KEEP_BEHIND - self._start
+            drop = min(self._pos - _KEEP_BEHIND - self._start, len(self._buffer))
             if drop > 0:
                 del self._buffer[:drop]
                 self._start += drop

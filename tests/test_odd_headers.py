@@ -1,0 +1,289 @@
+"""One odd file costs one error line at most, never the memory or the time of a run (issue 7).
+
+Each case is generated (big files sparse or streamed; see ``odd_files``) and read by both readers
+(the fast scanner with its pydicom fallback, and pydicom alone); the big ones in a child process,
+so that its peak RSS can be bounded.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+import zlib
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from beam_pipeline import fields, header
+from beam_pipeline.codes import Reason
+from beam_pipeline.header_io import Budget, HeaderTooLarge, InflatedStream
+from beam_pipeline.records import ERROR, INSTANCE
+from odd_files import (
+    CT, GiB, MiB, TEST_FILES, deflate_bomb, encode, odd_dataset, private_element_before_needed,
+    read_in_child, zeros_after_preamble,
+)
+
+SPEC = fields.default_spec()
+READERS = ("fast", "pydicom")
+RSS_LIMIT_MIB = 1024
+
+
+def read(data: bytes, use_fast: bool = True, **kwargs) -> header.HeaderResult:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return header.read_header(io.BytesIO(data), SPEC, use_fast=use_fast, **kwargs)
+
+
+def full_pydicom_record(path) -> dict:
+    """The record from an unbounded ``pydicom.dcmread`` of the whole file (the reference)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return header._record(ds, SPEC.attributes, fields.encodings_for(header._charset_bytes(ds), None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: deflated transfer syntax, inflated only as far as the header goes
+# ---------------------------------------------------------------------------------------------
+
+
+def _deflated_copy(path) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("use_fast", [True, False], ids=["fast", "pydicom"])
+def test_deflated_files_read_as_pydicom_reads_them(use_fast, tmp_path):
+    path = os.path.join(TEST_FILES, "image_dfl.dcm")
+    with open(path, "rb") as fp:
+        result = header.read_header(fp, SPEC, use_fast=use_fast)
+    assert result.kind == INSTANCE
+    assert result.record == full_pydicom_record(path)
+    assert result.notes == (("reader-fallback:deflated",) if use_fast else ())
+
+    copy = tmp_path / "ct_deflated.dcm"
+    copy.write_bytes(_deflated_copy(CT))
+    assert DeflatedExplicitVRLittleEndian.encode() in copy.read_bytes()[:400]
+    with open(copy, "rb") as fp:
+        result = header.read_header(fp, SPEC, use_fast=use_fast)
+    assert result.kind == INSTANCE
+    assert result.record == full_pydicom_record(copy) == full_pydicom_record(CT)
+
+
+def test_cut_deflated_data_is_an_error_in_words():
+    data = _deflated_copy(CT)
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    for cut in (meta_end + 40, meta_end + 300):
+        result = read(data[:cut])
+        assert (result.kind, result.reason) == (ERROR, Reason.UNREADABLE)
+        assert result.detail == "error: the deflated data are cut short"
+    corrupt = data[:meta_end + 20] + bytes(b ^ 0x5A for b in data[meta_end + 20:meta_end + 60]) + data[meta_end + 60:]
+    result = read(corrupt)
+    assert result.kind == ERROR and "b'" not in result.detail and "\\x" not in result.detail
+
+
+def test_inflated_stream_keeps_little_and_charges_what_it_inflates():
+    raw = bytes(range(256)) * 4096  # 1 MiB
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    packed = compressor.compress(raw) + compressor.flush()
+    budget = Budget(8 * MiB)
+    source = io.BytesIO(b"x" * 10 + packed)
+    source.seek(10)
+    stream = InflatedStream(source, 10, budget)  # positions go on from the offset
+    assert stream.read(4) == raw[:4]
+    stream.seek(10 + 700_000)
+    assert stream.read(3) == raw[700_000:700_003]
+    stream.seek(-3, io.SEEK_CUR)  # short rewinds work
+    assert stream.read(3) == raw[700_000:700_003]
+    assert len(stream._buffer) < 600 * 1024  # what lies far behind is dropped
+    with pytest.raises(OSError):
+        stream.seek(10)
+    assert not stream.at_end()
+    stream.seek(10 + len(raw))
+    assert stream.at_end() and stream.size() == 10 + len(raw)
+    assert budget.left < 8 * MiB - len(raw)  # everything inflated was charged
+    small = InflatedStream(io.BytesIO(packed), 0, Budget(256 * 1024))
+    with pytest.raises(HeaderTooLarge):
+        small.read(len(raw))
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_deflate_bomb_inflates_only_the_header(tmp_path, reader, bomb):
+    result = read_in_child(bomb, reader)
+    assert result["kind"] == INSTANCE
+    assert result["record"]["SeriesNumber"] == 4 and result["record"]["InstanceNumber"] == 5
+    assert result["max_rss_mib"] <= 256, result  # pydicom.dcmread alone: above 2 GiB
+    assert result["seconds"] < 5
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bomb") / "bomb.dcm"
+    size = deflate_bomb(path, GiB)
+    assert size < 2 * MiB
+    return path
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_deflated_private_element_before_the_header_is_too_large(tmp_path, reader):
+    path = tmp_path / "bomb_private.dcm"
+    deflate_bomb(path, 256 * MiB, private_first=True)
+    result = read_in_child(path, reader)
+    assert result["reason"] == Reason.HEADER_TOO_LARGE
+    assert result["max_rss_mib"] <= RSS_LIMIT_MIB and result["seconds"] < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: a preamble followed by gigabytes of zeros; the budget of one header
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_two_gib_of_zeros_is_header_too_large_within_seconds(tmp_path, reader):
+    path = tmp_path / "zeros.dcm"
+    zeros_after_preamble(path, 2 * GiB)
+    result = read_in_child(path, reader)
+    assert result["kind"] == ERROR and result["reason"] == Reason.HEADER_TOO_LARGE
+    assert "64 MiB" in result["detail"]
+    assert result["seconds"] < 15  # unbounded pydicom: about 25 minutes
+    assert result["max_rss_mib"] <= RSS_LIMIT_MIB
+
+
+@pytest.mark.parametrize("use_fast", [True, False], ids=["fast", "pydicom"])
+def test_the_budget_is_an_option_of_both_readers(use_fast):
+    data = open(CT, "rb").read()
+    assert read(data, use_fast).kind == INSTANCE
+    result = read(data, use_fast, max_header_bytes=8 * 1024)
+    assert (result.kind, result.reason) == (ERROR, Reason.HEADER_TOO_LARGE)
+    assert result.detail.startswith("the header needs more than")
+
+
+def test_many_tiny_elements_run_out_of_budget_not_of_time():
+    """Empty private elements (each valid) cost READ_COST apiece: the walk is bounded by count."""
+    ds_bytes = encode(_named_dataset())
+    elements = b"".join(b"\x09\x00" + i.to_bytes(2, "little") + b"UN\x00\x00\x00\x00\x00\x00"
+                        for i in range(0x1000, 0x1000 + 40_000))
+    at = ds_bytes.index(b"\x10\x00\x10\x00")  # before PatientName: group 0009 sorts before 0010
+    data = ds_bytes[:at] + elements + ds_bytes[at:]
+    for use_fast in (True, False):
+        assert read(data, use_fast).kind == INSTANCE
+        result = read(data, use_fast, max_header_bytes=4 * MiB)
+        assert result.reason == Reason.HEADER_TOO_LARGE
+
+
+def _named_dataset():
+    ds = odd_dataset()
+    ds.PatientName = "Odd^File"
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: a huge private element before the needed tags is skipped, not read
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("reader", READERS)
+def test_huge_private_element_is_skipped(tmp_path, reader, implicit):
+    path = tmp_path / "private.dcm"
+    private_element_before_needed(path, 512 * MiB, implicit=implicit)
+    assert path.stat().st_size > 512 * MiB
+    result = read_in_child(path, reader)
+    assert result["kind"] == INSTANCE, result
+    assert result["record"]["PatientID"] == "ODD-1" and result["record"]["InstanceNumber"] == 5
+    assert result["max_rss_mib"] <= 256, result  # the fast reader used to need 1.1 GB here
+    assert result["seconds"] < 5
+    if reader == "fast":
+        assert result["notes"] == (["reader-fallback:implicit-vr"] if implicit else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: past the last needed tag the scanner goes on as pydicom does
+# ---------------------------------------------------------------------------------------------
+
+
+def _ct() -> bytearray:
+    return bytearray(open(CT, "rb").read())
+
+
+def _agree(data: bytes) -> header.HeaderResult:
+    fast, slow = read(bytes(data), True), read(bytes(data), False)
+    assert (fast.kind, fast.reason, fast.record) == (slow.kind, slow.reason, slow.record)
+    return fast
+
+
+def test_tag_out_of_order_before_needed_ones_goes_to_pydicom():
+    data = _ct()
+    at = data.index(b"\x20\x00\x11\x00IS")  # SeriesNumber: write a tag above every needed one
+    data[at:at + 4] = b"\x99\x00\x11\x00"
+    result = _agree(data)
+    assert result.notes == ("reader-fallback:out-of-order",)
+    assert result.kind == INSTANCE and "InstanceNumber" in result.record  # nothing dropped
+
+
+def test_invalid_vr_after_the_last_needed_tag_goes_to_pydicom():
+    data = _ct()
+    at = data.index(b"\x28\x00\x00\x01US")  # BitsAllocated, after PixelSpacing (0028,0030)
+    data[at + 4:at + 6] = b"\x01\x02"
+    result = _agree(data)
+    assert result.notes == ("reader-fallback:malformed",)
+
+
+def test_broken_element_after_the_last_needed_tag_is_rejected_as_pydicom_rejects_it():
+    data = _ct()
+    at = data.index(b"\xe0\x7f\x10\x00OW")
+    data[at + 4:at + 6] = b"SQ"  # pixel data as SQ: pydicom stops there, so must the scanner
+    assert _agree(data).kind == INSTANCE
+    data = _ct()
+    at = data.index(b"\x28\x00\x00\x01US")
+    data[at + 6:at + 8] = b"\xff\xff"  # a length running past the end of the file: truncated
+    result = _agree(data)
+    assert (result.kind, result.reason) == (ERROR, Reason.TRUNCATED)
+    assert result.notes == ()  # the scanner saw it itself
+
+
+def test_pixel_data_first_after_needed_tags_and_no_pixel_data():
+    data = bytes(_ct())
+    at = data.index(b"\xe0\x7f\x10\x00OW")
+    assert _agree(data[:at]).kind == INSTANCE  # no pixel data: read to the end of the file
+    assert _agree(data[:at] + b"\xfc\xff\xfc\xffOB\x00\x00" + (4).to_bytes(4, "little") + b"\0" * 4).kind == INSTANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 11: error details say what was wrong, in words, never the bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_error_details_do_not_quote_header_bytes():
+    data = _ct()
+    at = data.index(b"\x02\x00\x00\x00UL\x04\x00")
+    data[at + 6:at + 8] = b"\x03\x00"  # group length of 3 bytes: pydicom quotes b'\xc0\x00\x00'
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match=r"received b'"):
+            pydicom.dcmread(io.BytesIO(bytes(data)))
+    for use_fast in (True, False):
+        result = read(bytes(data), use_fast)
+        assert result.reason == Reason.UNREADABLE
+        assert result.detail == "BytesLengthException: a binary value's length is not a multiple of its value size"
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("Expected total bytes to be an even multiple of bytes per value. Instead received b'\\xce\\x00' "
+     "with length 2", "ValueError: a binary value's length is not a multiple of its value size"),
+    ("unpack requires a buffer of 4 bytes", "ValueError: an element header is cut short"),
+    ("Invalid value for VR UI: 'PATIENT^SECRET'", "ValueError: a value is not valid for its VR"),
+    ("something new about b'\\x01\\x02' and 'Secret Name' at (0010,0010)",
+     "ValueError: something new about (value) and (value) at (0010,0010)"),
+    ("odd \x00\x01 bytes", "ValueError: odd ?? bytes"),
+])
+def test_describe_error_maps_messages_to_words(message, expected):
+    assert header.describe_error(ValueError(message)) == expected
+    assert not re.search(r"\\x[0-9a-f]{2}|Secret|SECRET", header.describe_error(ValueError(message)))
