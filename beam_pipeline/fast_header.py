@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom import uid as _uid
+from pydicom.charset import convert_encodings
+from pydicom.values import convert_string
 
 from beam_pipeline.fields import Attribute, FieldSpec, add_value, encodings_for
 from beam_pipeline.header_io import READ_COST, Budget
@@ -320,6 +322,8 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
             if pos > size:
                 if not top or (entry is not None and entry[1] is not None):
                     raise _Decline("malformed")  # pydicom would parse the cut sequence bytes
+                if tag == _CHARSET:
+                    _check_charset(_value(source, start, size - start))  # pydicom converts the rest
                 raise _Truncated
             if entry is not None and entry[1] is not None:
                 if vr != _SQ:
@@ -337,6 +341,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                         base = start
                     value = data[start - base:pos - base]
                     if tag == _CHARSET:
+                        _check_charset(value)
                         collected.append((None, value))
                     if entry is not None:
                         collected.append((entry[0], value))
@@ -381,6 +386,15 @@ def _sequence(source: _Source, pos: int, end: int | None, table: _Table) -> tupl
                 raise _Decline("malformed")
             pos = _elements(source, pos, item_end, table, item, False)
         items.append(item)
+
+
+def _check_charset(value: bytes) -> None:
+    """pydicom converts each (0008,0005) while reading and fails the file if that raises (e.g. a
+    NUL inside a term): leave such files to pydicom."""
+    try:
+        convert_encodings(convert_string(value, True))
+    except Exception:  # noqa: BLE001 -- whatever pydicom would raise, it decides
+        raise _Decline("malformed") from None
 
 
 def _charset(collected: list) -> bytes | None:

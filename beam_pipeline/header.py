@@ -16,6 +16,7 @@ from pydicom import filereader
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from beam_pipeline.codes import INVALID_KEY, Reason
 from beam_pipeline.fields import (
@@ -159,6 +160,7 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
         stopped_before_end = reader.tell() < size
     else:
         ds, stream = inflated
+        reader = stream
         stopped_before_end = not stream.at_end()
         size = stream.size() if not stopped_before_end else size
     meta = {}
@@ -166,7 +168,7 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
         value = ds.file_meta.get(keyword) if ds.file_meta is not None else None
         if value:
             meta[keyword] = str(value).strip("\0 ")
-    if _ends_inside_header(ds, size, stopped_before_end):
+    if _ends_inside_header(ds, size, stopped_before_end, reader):
         return ParsedHeader(meta, {}, True)
     encodings = encodings_for(_charset_bytes(ds), None)
     # The top-level (0008,0005) decodes the rest but is not recorded (see fast_header).
@@ -241,13 +243,15 @@ def _raw_bytes(elem) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-def _ends_inside_header(ds, size: int, stopped_before_end: bool) -> bool:
+def _ends_inside_header(ds, size: int, stopped_before_end: bool, source: BinaryIO) -> bool:
     """pydicom returns a partial dataset for a cut-off file; detect it from element lengths."""
     if len(ds) == 0:
         return True
     last_end = 0
     for tag in ds.keys():
         elem = ds.get_item(tag, keep_deferred=True)
+        if tag == _CHARSET and not isinstance(elem, RawDataElement):
+            elem = _charset_as_read(ds, elem, source)
         if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED:
             continue
         if elem.value is not None and len(elem.value) < elem.length:
@@ -256,3 +260,21 @@ def _ends_inside_header(ds, size: int, stopped_before_end: bool) -> bool:
             return True  # a deferred value (never read) runs past the end of the file
         last_end = max(last_end, elem.value_tell + elem.length)
     return not stopped_before_end and 0 < last_end < size and size - last_end < 12
+
+
+def _charset_as_read(ds, elem, source: BinaryIO) -> RawDataElement | None:
+    """(0008,0005) as a raw element with its length read back from the file (pydicom converts it
+    while reading and keeps no length), so a file cut inside its value is seen as truncated."""
+    implicit, little = ds.original_encoding
+    width = 4 if implicit or elem.VR in EXPLICIT_VR_LENGTH_32 else 2
+    try:
+        source.seek(elem.file_tell - width)
+        raw = source.read(width)
+        length = int.from_bytes(raw, "little" if little else "big")
+        source.seek(elem.file_tell)
+        value = source.read(min(length, DEFER_SIZE))
+    except OSError:  # e.g. too far back in inflated data: judge by the other elements
+        return None
+    if len(raw) < width:
+        return None
+    return RawDataElement(elem.tag, elem.VR, length, value, elem.file_tell, implicit, little)
