@@ -198,7 +198,8 @@ def compare(data: bytes, spec) -> tuple[list[str], dict]:
     except Exception as exc:  # noqa: BLE001 -- the finding is that anything escaped
         return ["exception"], {"exception": f"{type(exc).__name__}: {exc}"[:200]}
     facts["pydicom"] = slow.kind if slow.kind != "error" else f"error:{slow.reason}"
-    facts["fallback"] = fast.notes[0] if fast.notes else None
+    notes = getattr(fast, "notes", ())  # (also runs against readers without notes)
+    facts["fallback"] = notes[0] if notes else None
     if slow.kind == INSTANCE and fast.kind != INSTANCE:
         found.append("rejects-what-pydicom-accepts")
     elif fast.kind == INSTANCE and slow.kind != INSTANCE:
@@ -211,7 +212,7 @@ def compare(data: bytes, spec) -> tuple[list[str], dict]:
         if result.detail and _RAW_BYTES.search(result.detail):
             found.append("raw-bytes-in-detail")
             break
-    if data[128:132] == b"DICM" and not fast.notes:
+    if data[128:132] == b"DICM" and not notes:
         scanned = fast_header.parse(data[:header.FIRST_READ], _at(data, header.FIRST_READ), spec)
         if scanned is not None:
             try:
