@@ -43,6 +43,8 @@ CHUNK = 64 * 1024  # bytes per read beyond the first one
 _UNDEFINED = 0xFFFFFFFF
 _ITEM_TAG, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where pydicom stops before pixels
+_FIRST_STOP = 0x7FE00008  # no tag below it ends a dataset
+_NO_END = 1 << 62  # "end" of a dataset that ends at a delimiter, pixel data or the end of file
 _CHARSET = 0x00080005
 _MEDIA_SOP_CLASS, _TRANSFER_SYNTAX = 0x00020002, 0x00020010
 
@@ -82,13 +84,16 @@ class _Truncated(Exception):
     """The file ends inside a top-level element before the stop point."""
 
 
-# Per-spec lookup tables: tag -> (attribute, item table or None).
-_Table = dict[int, tuple[Attribute, "dict | None"]]
-_NO_TABLE: _Table = {}
+# Per-spec lookup tables: tag -> (attribute, item table or None). (0008,0005) is in every table,
+# with attribute None where it is read for decoding only.
+_Table = dict[int, tuple["Attribute | None", "dict | None"]]
+_NO_TABLE: _Table = {_CHARSET: (None, None)}
 
 
 def _table(attributes: tuple[Attribute, ...]) -> _Table:
-    return {a.tag: (a, _table(a.items) if a.vr == "SQ" else None) for a in attributes}
+    table = {a.tag: (a, _table(a.items) if a.vr == "SQ" else None) for a in attributes}
+    table.setdefault(_CHARSET, (None, None))
+    return table
 
 
 def _plan(spec: FieldSpec) -> _Table:
@@ -98,7 +103,7 @@ def _plan(spec: FieldSpec) -> _Table:
         # Top-level (0008,0005) is read for decoding only: header.parse_with_pydicom cannot record
         # it (pydicom converts it while reading, so its raw bytes are gone), and both readers
         # must give the same record. In items it is recorded when the spec asks for it.
-        table.pop(_CHARSET, None)
+        table[_CHARSET] = (None, None)
         spec.derived["fast_header"] = table
     return table
 
@@ -254,22 +259,29 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
     Character Set as (None, raw bytes).
     """
     data, base = source.data, source.base
+    data_end = base + len(data)
     size = source.size
+    limit = _NO_END if end is None else end
+    first_stop = _FIRST_STOP
     budget = source.budget
     header = _HEADER
     vr_header = _VR_HEADER
     get_needed = table.get
     prev = -1
-    count = 0
+    count = charged = 0  # elements walked, and charged to the budget (READ_COST each)
     last_end = 0  # end of the last defined-length element, as header._ends_inside_header sees it
     while True:
-        if end is not None and pos >= end:
-            if pos > end:
+        if pos >= limit:
+            if pos > limit:
                 raise _Decline("malformed")
+            budget.charge((count - charged) * READ_COST, calls=0)
             return pos
-        if pos + 12 > base + len(data):
+        if pos + 12 > data_end:
+            budget.charge((count - charged) * READ_COST, calls=0)
+            charged = count
             data = source.window(pos, 12)
             base, size = pos, source.size
+            data_end = base + len(data)
         if pos + 8 > size:
             if not top:
                 raise _Decline("malformed")  # file ends inside a sequence: pydicom raises
@@ -281,7 +293,8 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
         group, elem, vr, length = header(data, off)
         tag = group << 16 | elem
         header_size = vr_header.get(vr)
-        if tag == _ITEM_END or (top and tag in _PIXEL_TAGS):
+        if tag >= first_stop and (tag == _ITEM_END or (top and tag in _PIXEL_TAGS)):
+            budget.charge((count - charged) * READ_COST, calls=0)
             if top:  # pydicom stops here (at an item delimiter it ends the dataset)
                 if header_size == 12 and pos + 12 > size:
                     raise _Decline("malformed")  # pydicom reads the 4-byte length and fails
@@ -291,13 +304,10 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
             if end is not None or _ITEM(data, off)[2]:
                 raise _Decline("malformed")
             return pos + 8
-        if header_size is None or group == 0 or group == 0xFFFE:
+        if header_size is None or not 0 < group < 0xFFFE:
             raise _Decline("command-group" if top and group == 0 and count == 0 else "malformed")
         if tag <= prev:
             raise _Decline("out-of-order")
-        budget.left -= READ_COST
-        if budget.left < 0:
-            budget.charge(0, calls=0)  # raises HeaderTooLarge
         if header_size == 12:
             if pos + 12 > size:
                 raise _Decline("malformed")  # pydicom raises struct.error on a cut 12-byte header
@@ -315,9 +325,12 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 items, pos = _sequence(source, start, None, entry[1])
                 collected.append((entry[0], items))
             data, base, size = source.data, source.base, source.size
+            data_end = base + len(data)
+            budget.charge((count - charged) * READ_COST, calls=0)
+            charged = count
         else:
             pos = start + length
-            if end is not None and pos > end:
+            if pos > limit:
                 raise _Decline("malformed")
             if pos > size:
                 if not top or (entry is not None and entry[1] is not None):
@@ -332,18 +345,22 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                     items, _ = _sequence(source, start, pos, entry[1])
                     collected.append((entry[0], items))
                     data, base, size = source.data, source.base, source.size
-            elif entry is not None or tag == _CHARSET:
+                    data_end = base + len(data)
+            elif entry is not None:
                 if vr == _SQ:
                     raise _Decline("malformed")
                 if length:
-                    if start + length > base + len(data):
+                    if pos > data_end:
                         data = source.window(start, length)
                         base = start
+                        data_end = base + len(data)
                     value = data[start - base:pos - base]
                     if tag == _CHARSET:
                         _check_charset(value)
                         collected.append((None, value))
-                    if entry is not None:
+                        if entry[0] is not None:
+                            collected.append((entry[0], value))  # recorded too (in an item)
+                    else:
                         collected.append((entry[0], value))
             last_end = pos
         prev = tag

@@ -68,7 +68,7 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True,
                 parsed = scanned
         if parsed is None:
             parsed = parse_with_pydicom(fp, spec, force=not has_preamble,
-                                        max_header_bytes=max_header_bytes, size=size)
+                                        max_header_bytes=max_header_bytes, size=size, head=head)
     except HeaderTooLarge as exc:
         return HeaderResult(ERROR, reason=Reason.HEADER_TOO_LARGE, detail=str(exc), notes=notes)
     except InvalidDicomError as exc:
@@ -142,7 +142,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
-                       max_header_bytes: int = MAX_HEADER_BYTES, size: int | None = None) -> ParsedHeader:
+                       max_header_bytes: int = MAX_HEADER_BYTES, size: int | None = None,
+                       head: bytes | None = None) -> ParsedHeader:
     """pydicom's reading of a header (the authority), within a budget.
 
     pydicom reads through a :class:`BoundedReader`, defers values above 1 MiB (it seeks over them
@@ -154,7 +155,10 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
     fp.seek(0)
     budget = Budget(max_header_bytes)
     reader = BoundedReader(fp, size, budget)
-    inflated = _open_deflated(reader, force, budget)
+    if head is None:
+        head = reader.read(FIRST_READ)
+        reader.seek(0)
+    inflated = _open_deflated(reader, force, budget) if _DEFLATED_UID in head else None
     if inflated is None:
         ds = pydicom.dcmread(reader, stop_before_pixels=True, force=force, defer_size=DEFER_SIZE)
         stopped_before_end = reader.tell() < size
@@ -179,13 +183,10 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
 def _open_deflated(reader: BoundedReader, force: bool, budget: Budget):
     """For a deflated file, (dataset, stream) read as ``dcmread`` does but inflating on demand.
 
-    None for every other file (``dcmread`` reads those). Mirrors ``pydicom.filereader.read_partial``
-    for this one transfer syntax, with the stream in place of ``zlib.decompress(fp.read())``.
+    Called when the head of the file holds the deflated syntax's UID; None for every other file
+    (``dcmread`` reads those). Mirrors ``pydicom.filereader.read_partial`` for this one transfer
+    syntax (with its private helpers), the stream in place of ``zlib.decompress(fp.read())``.
     """
-    head = reader.read(FIRST_READ)
-    reader.seek(0)
-    if _DEFLATED_UID not in head:
-        return None
     filereader.read_preamble(reader, force)
     file_meta = filereader._read_file_meta_info(reader)
     if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:

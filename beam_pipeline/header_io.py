@@ -42,22 +42,21 @@ class Budget:
             )
 
 
-class BoundedReader(io.RawIOBase):
+class BoundedReader:
     """A seekable file seen through a budget: reads are charged (only what the file can give), seeks
-    are free. Handed to pydicom so that it cannot walk gigabytes of zeros or read huge values."""
+    are free. Handed to pydicom so that it cannot walk gigabytes of zeros or read huge values.
+
+    A plain class with the few methods pydicom calls: it sits on pydicom's hottest path (a few
+    reads per element).
+    """
+
+    __slots__ = ("_fp", "_size", "_budget", "_pos")
 
     def __init__(self, fp: BinaryIO, size: int, budget: Budget):
-        super().__init__()
         self._fp = fp
         self._size = size
         self._budget = budget
         self._pos = fp.tell()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
 
     def tell(self) -> int:
         return self._pos
@@ -67,17 +66,16 @@ class BoundedReader(io.RawIOBase):
         return self._pos
 
     def read(self, size: int = -1) -> bytes:
-        can = max(0, self._size - self._pos)
-        size = can if size is None or size < 0 else min(size, can)
-        self._budget.charge(size)
-        data = self._fp.read(size) if size else b""
+        can = self._size - self._pos
+        if size is None or size < 0 or size > can:
+            size = can if can > 0 else 0
+        budget = self._budget
+        budget.left -= size + READ_COST
+        if budget.left < 0:
+            budget.charge(0, calls=0)  # raises HeaderTooLarge
+        data = self._fp.read(size)
         self._pos += len(data)
         return data
-
-    def readinto(self, buffer) -> int:  # io.RawIOBase API; pydicom only calls read()
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 class InflatedStream(io.RawIOBase):
