@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from beam_pipeline import output
+from beam_pipeline import output, progress
 from beam_pipeline.config import ConversionConfig, Settings
 from beam_pipeline.pipeline import execute, local_runner
 from beam_pipeline.summary import accounted, describe
@@ -49,6 +49,9 @@ def argument_parser() -> argparse.ArgumentParser:
                              "instance uid; full validates every instance (slow for large studies); none")
     parser.add_argument("--pydicom-only", action="store_true",
                         help="read every header with pydicom instead of the fast scanner")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
+                        help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
     return parser
 
 
@@ -70,6 +73,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
     if "://" not in args.input and not os.path.lexists(args.input) and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")
+    if args.progress_interval <= 0:
+        parser.error("--progress-interval must be positive")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
     try:
@@ -83,7 +88,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         include_instances=not args.no_instances, include_devices=not args.no_devices,
         observations=args.observations)
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
-                        use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion)
+                        use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
+                        progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval))
     return settings, beam_args
 
 

@@ -6,6 +6,10 @@ never an argparse Namespace or a dict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from beam_pipeline.progress import ProgressSettings
 
 DEFAULT_STUDY_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
 DEFAULT_PATIENT_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
@@ -37,3 +41,4 @@ class Settings:
     use_fast_reader: bool = True
     validate: str = "sampled"            # "sampled" | "full" | "none"
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    progress: "ProgressSettings | None" = None  # None: quiet

@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
 from beam_pipeline.config import ConversionConfig
+from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
 
 NAMESPACE = "dicom2fhir"
@@ -55,9 +56,13 @@ class SumCounts(beam.CombineFn):
 class ListFilesDoFn(beam.DoFn):
     """A resolved input pattern -> (path, size or None) for each file; its count as data."""
 
-    def __init__(self, exclude: str | None = None):
+    def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None):
         self.exclude = exclude
+        self.progress_settings = progress
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, pattern):
         count = 0
@@ -65,24 +70,28 @@ class ListFilesDoFn(beam.DoFn):
             count += 1
             if count % 1000 == 0:
                 self.listed.inc(1000)
+                self.progress.add({"files_listed": 1000})
             yield item
         self.listed.inc(count % 1000)
+        self.progress.add({"files_listed": count % 1000, "listing_done": 1}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
 
 
 class ListInputFiles(beam.PTransform):
     """Lists the input files and spreads them, in batches, over the workers."""
 
-    def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH):
+    def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
+                 progress: ProgressSettings | None = None):
         super().__init__()
         self.input_path = input_path
         self.exclude = exclude
         self.batch_size = batch_size
+        self.progress = progress
 
     def expand(self, pbegin):
         listed = (pbegin
                   | "Pattern" >> beam.Create([inputs.resolve_pattern(self.input_path)])
-                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude)).with_outputs(COUNTS, main="files"))
+                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress)).with_outputs(COUNTS, main="files"))
         batches = (listed.files
                    | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
                    | "Spread" >> beam.Reshuffle())
@@ -101,15 +110,18 @@ class ReadHeaderDoFn(beam.DoFn):
     per instance, so the shuffle carries few, compact elements.
     """
 
-    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
+                 progress: ProgressSettings | None = None):
         self.use_fast_reader = use_fast_reader
         self.group_by = group_by
         self.root = root
+        self.progress_settings = progress
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
 
     def setup(self):
         self.reader = core.FileReader(self.use_fast_reader)
+        self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
         # pydicom's warnings about odd files may quote element values (patient data): keep them
         # off the console. Set once per worker: catch_warnings per file is not thread-safe.
@@ -131,17 +143,22 @@ class ReadHeaderDoFn(beam.DoFn):
                 study.add_to_directory(partials.setdefault(key, {}), record, self.instance_keys)
         self.files.inc(len(batch))
         self.instances.inc(counts["instances_read"])
+        self.progress.add({"files_read": len(batch), "instances_read": counts["instances_read"]})
         for key in sorted(partials):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
 
 class ReadHeaders(beam.PTransform):
     """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
 
-    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
+                 progress: ProgressSettings | None = None):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")
@@ -237,9 +254,10 @@ class BuildStudyDoFn(beam.DoFn):
 
     DEVICES = "devices"
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         self.config = config
         self.validate = validate
+        self.progress_settings = progress
         self.written = Metrics.counter(NAMESPACE, "studies_written")
         self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
 
@@ -249,12 +267,14 @@ class BuildStudyDoFn(beam.DoFn):
 
         self.terms = Terminologies.load()
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, group):
         outcome = core.process_study(group, self.config, self.terms, self.validator)
         yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts)
         self.written.inc(outcome.counts["studies_written"])
         self.rejected.inc(outcome.counts["studies_rejected"])
+        self.progress.add({"studies_written": outcome.counts["studies_written"]})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
         for resource_type, lines in outcome.lines.items():
@@ -263,17 +283,21 @@ class BuildStudyDoFn(beam.DoFn):
         for device in outcome.devices:
             yield beam.pvalue.TaggedOutput(self.DEVICES, device)
 
+    def finish_bundle(self):
+        self.progress.flush()
+
 
 class BuildResources(beam.PTransform):
     """StudyGroups -> study lines, Device lines (each Device once per run), errors, counts."""
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         super().__init__()
         self.config = config
         self.validate = validate
+        self.progress = progress
 
     def expand(self, groups):
-        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate)).with_outputs(
+        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate, self.progress)).with_outputs(
             ERRORS, COUNTS, BuildStudyDoFn.DEVICES, main="resources")
         devices = (built[BuildStudyDoFn.DEVICES]
                    | "DeviceOnce" >> beam.CombinePerKey(core.pick_device)
