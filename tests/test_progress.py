@@ -51,3 +51,15 @@ def test_progress_lines_carry_increasing_counts_and_no_identifiers(archive, tmp_
 def test_quiet_prints_no_progress(archive, tmp_path):
     done = run(archive[0], tmp_path / "out", "--progress-interval", "0.1", "--quiet")
     assert "progress" not in done.stderr
+
+
+@pytest.mark.slow
+def test_progress_on_the_portable_path(archive, tmp_path):
+    """Workers in other processes (job service + worker pool) report through the same beacons."""
+    from runners import job_service_and_worker_pool
+
+    with job_service_and_worker_pool(str(tmp_path)) as options:
+        done = run(archive[0], tmp_path / "out", "--progress-interval", "0.1", *options)
+    parsed = [LINE.fullmatch(line) for line in done.stderr.splitlines() if line.startswith("progress")]
+    assert parsed and all(parsed)
+    assert max(numbers(m)[0] for m in parsed) > 0  # files read, as counted by the pool's workers
