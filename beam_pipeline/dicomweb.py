@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
@@ -147,8 +148,11 @@ def safe_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class StudyQuery:
-    """QIDO-RS filters: a StudyDate range (YYYYMMDD, either end open), ModalitiesInStudy, and
-    explicit StudyInstanceUIDs (each queried with the other filters)."""
+    """Which studies: a StudyDate range (YYYYMMDD, either end open) and explicit StudyInstanceUIDs
+    (each queried with the date range) go to QIDO-RS; the modality is matched here, against the
+    ModalitiesInStudy each listed study carries. Servers that match ModalitiesInStudy after
+    paging (Orthanc 1.10 with DICOMweb 1.7) return short or empty pages while matches remain,
+    which would lose studies silently; the listing is small, the studies are what costs."""
 
     date_from: str | None = None
     date_to: str | None = None
@@ -169,11 +173,16 @@ class StudyQuery:
         base = {}
         if self.date_from or self.date_to:
             base["StudyDate"] = f"{self.date_from or ''}-{self.date_to or ''}"
-        if self.modality:
-            base["ModalitiesInStudy"] = self.modality
         if not self.study_uids:
             return [base]
         return [{**base, "StudyInstanceUID": uid} for uid in dict.fromkeys(self.study_uids)]
+
+    def matches(self, dataset: dict) -> bool:
+        """Whether a listed study (QIDO result) passes the filters applied here (the modality)."""
+        if not self.modality:
+            return True
+        values = (dataset.get("00080061") or {}).get("Value") or ()
+        return self.modality.strip().upper() in {str(v).strip().upper() for v in values if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +203,7 @@ def _status_message(status: int, url: str) -> str:
 def _search(client, url: str, filters: dict, limit: int, offset: int) -> list[dict]:
     try:
         return client.search_for_studies(search_filters=dict(filters), limit=limit, offset=offset,
-                                         fields=["StudyInstanceUID"])
+                                         fields=["StudyInstanceUID", "ModalitiesInStudy"])
     except requests.HTTPError as exc:
         raise DicomWebError(_status_message(exc.response.status_code, url)) from None
     except requests.exceptions.SSLError as exc:
@@ -238,14 +247,17 @@ def list_studies(connection: Connection, query: StudyQuery, client=None) -> Iter
         offset, previous_first = 0, None
         while True:
             page = _search(client, connection.url, filters, connection.page_size, offset)
-            uids = [uid for uid in map(_uid_of, page) if uid]
             if not page:
                 break
-            if offset and uids and uids[0] == previous_first:
+            first = _uid_of(page[0])
+            if offset and first is not None and first == previous_first:
                 raise DicomWebError(f"DICOMweb server {safe_url(connection.url)} ignores the QIDO offset "
                                     "parameter: cannot page through the studies")
-            previous_first = uids[0] if uids else None
-            yield from uids
+            previous_first = first
+            for dataset in page:
+                uid = _uid_of(dataset)
+                if uid and query.matches(dataset):
+                    yield uid
             offset += len(page)
 
 
@@ -388,3 +400,49 @@ def _text(value) -> str:
     if isinstance(value, dict):  # PN: not decoded by ``fields`` either
         return str(value.get("Alphabetic", ""))
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# One fetched study -> instance records, error lines and counts (shared by the Beam step and tests)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A DICOMweb source of a run: the server and the studies to read from it."""
+
+    connection: Connection
+    query: StudyQuery = StudyQuery()
+
+
+@dataclass
+class StudyRead:
+    """Records of a fetched study's instances, the error lines for the rest, and the counts.
+
+    Each instance the server returned counts as one matched "file", so the outcomes add up as for
+    files; a study that could not be fetched has no known instances and counts as failed.
+    """
+
+    records: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+def read_study(fetched: FetchedStudy, spec: FieldSpec) -> StudyRead:
+    from beam_pipeline import core
+
+    read = StudyRead()
+    if fetched.error is not None:
+        read.counts["dicomweb:studies_failed"] += 1
+        read.counts[f"error:{fetched.error['reason']}"] += 1
+        read.errors.append({**fetched.error, "reason": str(fetched.error["reason"])})
+        return read
+    read.counts["dicomweb:studies_fetched"] += 1
+    read.counts["files_matched"] += len(fetched.instances)
+    for index, dataset in enumerate(fetched.instances):
+        outcome = core.outcome_of(read_instance(dataset, spec), study_uid=fetched.study_uid, instance=index)
+        read.counts.update(outcome.counts)
+        if outcome.error is not None:
+            read.errors.append(outcome.error)
+        elif outcome.result.record is not None:
+            read.records.append(outcome.result.record)
+    return read
