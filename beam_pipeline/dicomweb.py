@@ -195,14 +195,15 @@ def _status_message(status: int, url: str) -> str:
                 f"or {USER_ENV}/{PASSWORD_ENV}")
     if status == 403:
         return f"DICOMweb server {safe_url(url)} answered HTTP 403 Forbidden: the credentials lack access"
-    if status == 404:
-        return f"DICOMweb server {safe_url(url)} answered HTTP 404 to a study search: is this the DICOMweb root?"
+    if status in (400, 404, 405):
+        return (f"DICOMweb server {safe_url(url)} answered HTTP {status} to a study search: "
+                "is this the DICOMweb root?")
     return f"DICOMweb server {safe_url(url)} answered HTTP {status} to a study search"
 
 
 def _search(client, url: str, filters: dict, limit: int, offset: int) -> list[dict]:
     try:
-        return client.search_for_studies(search_filters=dict(filters), limit=limit, offset=offset,
+        page = client.search_for_studies(search_filters=dict(filters), limit=limit, offset=offset,
                                          fields=["StudyInstanceUID", "ModalitiesInStudy"])
     except requests.HTTPError as exc:
         raise DicomWebError(_status_message(exc.response.status_code, url)) from None
@@ -211,8 +212,12 @@ def _search(client, url: str, filters: dict, limit: int, offset: int) -> list[di
     except requests.RequestException as exc:
         raise DicomWebError(f"cannot reach DICOMweb server {safe_url(url)}: {_network_reason(exc)}") from None
     except ValueError as exc:  # not JSON
-        raise DicomWebError(f"DICOMweb server {safe_url(url)} did not answer with DICOM JSON: "
-                            f"{type(exc).__name__}") from None
+        raise DicomWebError(f"{safe_url(url)} did not answer a study search with DICOM JSON "
+                            f"({type(exc).__name__}): is this the DICOMweb root?") from None
+    if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
+        raise DicomWebError(f"{safe_url(url)} did not answer a study search with DICOM JSON: "
+                            "is this the DICOMweb root?")
+    return page
 
 
 def _network_reason(exc: Exception) -> str:

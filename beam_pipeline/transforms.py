@@ -164,6 +164,9 @@ class ListStudiesDoFn(beam.DoFn):
         self.source = source
         self.listed = Metrics.counter(NAMESPACE, "studies_listed")
 
+    def setup(self):
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
+
     def process(self, _):
         from beam_pipeline import dicomweb
 
@@ -199,6 +202,7 @@ class FetchStudiesDoFn(beam.DoFn):
         self.clients = threading.local()  # a requests.Session per thread
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="pydicom")
 
     def teardown(self):

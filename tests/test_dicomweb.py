@@ -332,3 +332,11 @@ def test_credentials_only_from_the_environment(monkeypatch, capsys):
     assert settings.dicomweb.connection.credentials.token == "token-789"
     assert "token-789" not in repr(settings)
     assert settings.dicomweb.connection.verify is True  # TLS verification on by default
+
+
+def test_a_url_that_is_not_the_dicomweb_root_fails_with_one_line(orthanc, tmp_path, capsys, credentials):
+    code = cli.main(["--dicomweb", orthanc.url, "--output", str(tmp_path)])  # Orthanc's own REST API
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: DICOMweb server {orthanc.url} answered HTTP 400 to a study search: "
+                   "is this the DICOMweb root?")
