@@ -86,9 +86,6 @@ class Credentials:
             return (self.user, self.password or "")
         return None
 
-    def describe(self) -> str:
-        return "bearer token" if self.token else "basic credentials" if self.user else "no credentials"
-
 
 @dataclass(frozen=True)
 class Connection:
@@ -283,18 +280,27 @@ def _fetch_error(reason: str, uid: str, status: int | None, detail: str) -> dict
     return {"reason": reason, "study_uid": uid, "status": status, "detail": detail}
 
 
-def fetch_study(client, study_uid: str, attempts: int = 3, backoff: float = 0.5) -> FetchedStudy:
+def fetch_study(client, study_uid: str, body_attempts: int = 3, backoff: float = 0.5) -> FetchedStudy:
     """GET /studies/{uid}/metadata. Never raises for server or network trouble: an error record.
 
-    Status and connection retries happen in the session (urllib3); ``attempts`` covers what urllib3
-    cannot retry: a connection dropped while the body is read.
+    Status, connection and read retries happen in the session (urllib3); ``body_attempts`` covers
+    what urllib3 cannot retry: a connection dropped while the body is streamed.
     """
     if not _UID.match(study_uid):
         return FetchedStudy(study_uid, error=_fetch_error(
             Reason.INVALID_UID, study_uid, None, "the server listed a StudyInstanceUID that is not a DICOM UID"))
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             instances = client.retrieve_study_metadata(study_uid)
+            break
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+            if attempt < body_attempts:
+                time.sleep(backoff * 2 ** (attempt - 1))
+                continue
+            return FetchedStudy(study_uid, error=_fetch_error(
+                Reason.FETCH_FAILED, study_uid, None, f"the response broke off {attempt} times: {type(exc).__name__}"))
         except requests.HTTPError as exc:
             status = exc.response.status_code
             if status in (404, 410):
@@ -302,24 +308,16 @@ def fetch_study(client, study_uid: str, attempts: int = 3, backoff: float = 0.5)
                     Reason.STUDY_NOT_FOUND, study_uid, status, "the study was listed but is no longer on the server"))
             return FetchedStudy(study_uid, error=_fetch_error(
                 Reason.FETCH_FAILED, study_uid, status, f"HTTP {status} for the study metadata"))
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
-                requests.ConnectionError, requests.Timeout) as exc:
-            if attempt + 1 < attempts:
-                time.sleep(backoff * 2 ** attempt)
-                continue
+        except requests.RequestException as exc:  # connection or timeout, after urllib3's retries
             return FetchedStudy(study_uid, error=_fetch_error(
                 Reason.FETCH_FAILED, study_uid, None, f"network error after retries: {_network_reason(exc)}"))
-        except requests.RequestException as exc:
-            return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.FETCH_FAILED, study_uid, None, f"request failed: {type(exc).__name__}"))
         except ValueError as exc:  # body is not JSON
             return FetchedStudy(study_uid, error=_fetch_error(
                 Reason.FETCH_FAILED, study_uid, 200, f"the metadata is not DICOM JSON: {type(exc).__name__}"))
-        if not instances:
-            return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.STUDY_NOT_FOUND, study_uid, 200, "the server returned no instance for the study"))
-        return FetchedStudy(study_uid, instances=list(instances))
-    raise AssertionError("unreachable")
+    if not instances:
+        return FetchedStudy(study_uid, error=_fetch_error(
+            Reason.STUDY_NOT_FOUND, study_uid, 200, "the server returned no instance for the study"))
+    return FetchedStudy(study_uid, instances=list(instances))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -340,3 +340,11 @@ def test_a_url_that_is_not_the_dicomweb_root_fails_with_one_line(orthanc, tmp_pa
     assert code == 2
     assert err == (f"error: DICOMweb server {orthanc.url} answered HTTP 400 to a study search: "
                    "is this the DICOMweb root?")
+
+
+def test_a_study_on_a_server_gone_away_is_an_error_line_not_a_crash():
+    conn = dicomweb.Connection(f"http://127.0.0.1:{orthanc_harness.free_port()}/dicom-web", attempts=2, backoff=0.01)
+    fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
+    assert fetched.instances is None
+    assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": None,
+                             "detail": "network error after retries: connection refused"}
