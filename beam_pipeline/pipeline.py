@@ -20,10 +20,15 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     """List -> read headers -> group per study -> build -> write; counts -> summary.json last."""
     started = time.time() if started is None else started
     progress = settings.progress
-    batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(
-        settings.input, settings.output, progress=progress)
-    partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
-        settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress)
+    if settings.dicomweb is not None:
+        listed_counts = None
+        partials, file_errors, read_counts = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
+            settings.dicomweb, progress)
+    else:
+        batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(
+            settings.input, settings.output, progress=progress)
+        partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
+            settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, devices, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate, progress)
@@ -53,8 +58,12 @@ def local_runner(options):
 
 
 def execute(pipeline, settings: Settings) -> dict:
-    """Prepare the output, run to completion, return the summary the pipeline wrote."""
+    """Check the source, prepare the output, run to completion, return the summary the pipeline wrote."""
     started = time.time()
+    if settings.dicomweb is not None:  # unreachable server, refused credentials: one line, no pipeline
+        from beam_pipeline import dicomweb
+
+        dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
     output.prepare(settings.output)
     build_pipeline(pipeline, settings, started)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
@@ -66,5 +75,6 @@ def execute(pipeline, settings: Settings) -> dict:
         output.remove_temp_dirs(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:
-        _LOG.warning("no file matched --input")
+        _LOG.warning("no instance was found on the DICOMweb server" if settings.dicomweb is not None
+                     else "no file matched --input")
     return summary

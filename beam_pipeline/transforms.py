@@ -166,6 +166,129 @@ class ReadHeaders(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------------------------
+# 1+2 for a PACS: list studies over DICOMweb, fetch each study's headers on the workers
+
+STUDIES_PER_BATCH = 16  # studies fetched per element after the reshuffle (concurrently, bounded)
+
+
+class ListStudiesDoFn(beam.DoFn):
+    """The source -> every matching StudyInstanceUID (QIDO-RS, paged); their count as data.
+
+    A listing that fails part-way fails the run: a silently partial listing would skip studies.
+    """
+
+    def __init__(self, source, progress: ProgressSettings | None = None):
+        self.source = source
+        self.progress_settings = progress
+        self.listed = Metrics.counter(NAMESPACE, "studies_listed")
+
+    def setup(self):
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def process(self, _):
+        from beam_pipeline import dicomweb
+
+        count = 0
+        for uid in dicomweb.list_studies(self.source.connection, self.source.query):
+            count += 1
+            if count % 100 == 0:
+                self.listed.inc(100)
+                self.progress.add({"studies_listed": 100})
+            yield uid
+        self.listed.inc(count % 100)
+        self.progress.add({"studies_listed": count % 100, "listing_done": 1}, force=True)
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"dicomweb:studies_listed": count}))
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, bytes])
+class FetchStudiesDoFn(beam.DoFn):
+    """Fetches the metadata of a batch of studies (at most ``max_in_flight`` requests at once per
+    DoFn instance) and emits each study's instances as partial groups, as ``ReadHeaderDoFn`` does."""
+
+    def __init__(self, source, progress: ProgressSettings | None = None):
+        self.source = source
+        self.progress_settings = progress
+        self.fetched = Metrics.counter(NAMESPACE, "studies_fetched")
+        self.failed = Metrics.counter(NAMESPACE, "studies_failed")
+        self.instances = Metrics.counter(NAMESPACE, "instances_read")
+
+    def setup(self):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from beam_pipeline.fields import default_spec
+
+        self.spec = default_spec()
+        self.instance_keys = core.instance_keys()
+        self.clients = threading.local()  # a requests.Session per thread
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
+        self.progress = ProgressBeacon(self.progress_settings)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="pydicom")
+
+    def teardown(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _fetch(self, uid: str):
+        from beam_pipeline import dicomweb
+
+        client = getattr(self.clients, "client", None)
+        if client is None:
+            client = self.clients.client = self.source.connection.client()
+        return dicomweb.read_study(dicomweb.fetch_study(client, uid), self.spec)
+
+    def process(self, uids):
+        counts = Counter()
+        partials: dict[str, dict] = {}
+        for read in self.pool.map(self._fetch, uids):
+            counts.update(read.counts)
+            for error in read.errors:
+                yield beam.pvalue.TaggedOutput(ERRORS, error)
+            for record in read.records:
+                study.add_to_directory(partials.setdefault(record["StudyInstanceUID"], {}), record,
+                                       self.instance_keys)
+        self.fetched.inc(counts["dicomweb:studies_fetched"])
+        self.failed.inc(counts["dicomweb:studies_failed"])
+        self.instances.inc(counts["instances_read"])
+        self.progress.add({"studies_fetched": counts["dicomweb:studies_fetched"] + counts["dicomweb:studies_failed"],
+                           "instances_read": counts["instances_read"]})
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+
+class ReadDicomWeb(beam.PTransform):
+    """A DICOMweb source -> (study uid, serialized partial groups), errors, counts: the same
+    outputs as ``ListInputFiles`` + ``ReadHeaders``, so grouping, building and writing are shared."""
+
+    def __init__(self, source, progress: ProgressSettings | None = None, batch_size: int = STUDIES_PER_BATCH):
+        super().__init__()
+        self.source = source
+        self.progress = progress
+        self.batch_size = batch_size
+
+    def expand(self, pbegin):
+        listed = (pbegin
+                  | "Query" >> beam.Create([None])
+                  | "ListStudies" >> beam.ParDo(ListStudiesDoFn(self.source, self.progress)).with_outputs(COUNTS, main="uids"))
+        fetched = (listed.uids
+                   | "Once" >> beam.Distinct()  # a study listed twice (archive changed while paging)
+                   | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+                   | "Spread" >> beam.Reshuffle()
+                   | "Fetch" >> beam.ParDo(FetchStudiesDoFn(self.source, self.progress)).with_outputs(
+                       ERRORS, COUNTS, main="partials"))
+        counts = (listed[COUNTS], fetched[COUNTS]) | "SourceCounts" >> beam.Flatten()
+        return fetched.partials, fetched[ERRORS], counts
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. Group per study (multi-study guard)
 
 
