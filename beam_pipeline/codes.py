@@ -67,3 +67,6 @@ RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation")
 def sha256_id(*parts: str) -> str:
     """Content id of the README: sha256 hex of the parts joined by ``|``."""
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
+
+# Code system of the reason codes in the OperationOutcome error files (``bulk_data.error_outcome``).
+REASON_SYSTEM = "urn:dicom-fhir-beam:reason"
