@@ -19,14 +19,15 @@ from fhir.resources.R4B.patient import Patient
 from beam_pipeline import bulk_data, fhir_build, header
 from beam_pipeline.bundles import transaction_bundle
 from beam_pipeline.codes import Reason
+from beam_pipeline.config import ConversionConfig
 from beam_pipeline.fields import default_spec
-from beam_pipeline.pipeline import instance_keys
+from beam_pipeline.core import instance_keys
 from beam_pipeline.referenced import referenced_resources
 from beam_pipeline.study import StudyGroup
 from helpers import copy_dicom, pydicom_file
 from terminologies import Terminologies
 
-CONFIG = fhir_build.ConversionConfig(observations=True)
+CONFIG = ConversionConfig(observations=True)
 # FHIR R4 IssueType codes (http://hl7.org/fhir/issue-type).
 ISSUE_TYPES = frozenset(
     "invalid structure required value invariant security login unknown expired forbidden suppressed processing "
