@@ -89,6 +89,12 @@ def file_url(relative: str, base_url: str | None) -> str:
     return relative if not base_url else base_url.rstrip("/") + "/" + relative.lstrip("/")
 
 
+def output_entries(files: Iterable[tuple[str, str, int]], base_url: str | None = None) -> list[dict]:
+    """``{type, url, count}`` per (resource type, relative path, line count), sorted by path."""
+    return [{"type": resource_type, "url": file_url(path, base_url), "count": count}
+            for resource_type, path, count in sorted(files, key=lambda item: (item[1], item[0]))]
+
+
 def manifest(*, transaction_time: str, request: str, requires_access_token: bool,
              outputs: Iterable[tuple[str, str, int]], errors: Iterable[tuple[str, int]],
              base_url: str | None = None) -> dict:
@@ -102,8 +108,7 @@ def manifest(*, transaction_time: str, request: str, requires_access_token: bool
         "transactionTime": transaction_time,
         "request": request,
         "requiresAccessToken": requires_access_token,
-        "output": [{"type": resource_type, "url": file_url(path, base_url), "count": count}
-                   for resource_type, path, count in sorted(outputs, key=lambda item: (item[1], item[0]))],
+        "output": output_entries(outputs, base_url),
         "error": [{"type": "OperationOutcome", "url": file_url(path, base_url), "count": count}
                   for path, count in sorted(errors)],
     }

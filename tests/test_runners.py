@@ -61,7 +61,7 @@ def convert(input_dir, out, options, *extra) -> dict:
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(input_dir), "--output", str(out),
                            *extra, *options], capture_output=True, text=True, timeout=600, env=venv_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(out, "summary.json"), encoding="utf-8") as handle:
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     del summary["seconds"], summary["instances_per_second"]
     return summary
