@@ -567,7 +567,8 @@ def vital_observation(vital: Vital, value: float, config: VitalContext) -> dict:
         observation["subject"] = dict(config.subject)
     if config.started:
         observation["effectiveDateTime"] = config.started
-    observation["valueQuantity"] = quantity_value(shift_decimal(value, vital.decimal_shift), vital.unit)["valueQuantity"]
+    value = shift_decimal(value, vital.decimal_shift)  # DICOM unit -> the Observation's unit
+    observation["valueQuantity"] = quantity_value(value, vital.unit)["valueQuantity"]
     return observation
 
 

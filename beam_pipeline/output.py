@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import bulk_data
 from beam_pipeline.codes import RESOURCE_TYPES
+from beam_pipeline.config import Settings
 from beam_pipeline.inputs import is_remote
 from beam_pipeline.summary import REPORT_DIR, SUMMARY_NAME
 
@@ -91,7 +92,7 @@ def write_json(output_dir: str, name: str, document: dict) -> str:
     return path
 
 
-def folder_manifest(settings, started: float, files) -> dict:
+def folder_manifest(settings: Settings, started: float, files) -> dict:
     """The Bulk Data manifest of a run's folder from its written files ``(name, relative path, line
     count)``: top-level resource files as ``output``, OperationOutcome files as ``error``, the
     transaction Bundles (not for bulk import) as the extension ``transactionBundles``."""

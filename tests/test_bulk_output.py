@@ -197,7 +197,8 @@ def test_manifest_lists_each_file_with_its_line_count(tmp_path, archive, terms):
     write_ndjson(tmp_path / "_report" / "OperationOutcome-00000-of-00001.ndjson", errors)
     manifest = bulk_data.manifest(
         transaction_time="2026-11-25T14:00:00.000Z", request="python -m beam_pipeline --input x --output y",
-        requires_access_token=False, outputs=reversed(files), errors=[("_report/OperationOutcome-00000-of-00001.ndjson", 1)])
+        requires_access_token=False, outputs=reversed(files),
+        errors=[("_report/OperationOutcome-00000-of-00001.ndjson", 1)])
     assert [o["url"] for o in manifest["output"]] == sorted(name for _, name, _ in files)
     for entry in manifest["output"]:
         lines = (tmp_path / entry["url"]).read_text(encoding="utf-8").splitlines()
