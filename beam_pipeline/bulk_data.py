@@ -40,7 +40,7 @@ ISSUE_TYPES: Mapping[str, str] = {
     Reason.STUDY_NOT_FOUND: "not-found",
     Reason.FETCH_FAILED: "exception",
 }
-# Where an error happened, in the order they are named in ``diagnostics``.
+# Where an error happened, named first in ``diagnostics`` (other fields, e.g. a DICOMweb ``status``, follow).
 ERROR_LOCATORS = ("path", "study_uid", "study_uids", "files")
 
 # Option names whose values are not repeated in the manifest's ``request``.
@@ -125,7 +125,8 @@ def error_outcome(error: Mapping) -> dict:
     issue = {"severity": "error", "code": ISSUE_TYPES.get(reason, "processing"),
              "details": {"coding": [{"system": REASON_SYSTEM, "code": reason}],
                          "text": f"{reason}: {detail}" if detail else reason}}
-    where = [f"{key}: {_plain(error[key])}" for key in ERROR_LOCATORS if error.get(key) not in (None, "", [])]
+    keys = [*ERROR_LOCATORS, *sorted(k for k in error if k not in ERROR_LOCATORS and k not in ("reason", "detail"))]
+    where = [f"{key}: {_plain(error[key])}" for key in keys if error.get(key) not in (None, "", [])]
     if where:
         issue["diagnostics"] = "; ".join(where)
     canonical = json.dumps(error, sort_keys=True, ensure_ascii=False, default=str)

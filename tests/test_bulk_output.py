@@ -265,6 +265,8 @@ def test_study_errors_name_the_study_and_folder_errors_their_studies():
                                       "study_uids": ["1.2", "1.3"], "files": 5, "detail": "2 StudyInstanceUIDs"})
     assert folder["issue"][0]["diagnostics"] == "path: /in/a; study_uids: 1.2, 1.3; files: 5"
     assert folder["id"] != study["id"]
+    fetch = bulk_data.error_outcome({"reason": "fetch-failed", "study_uid": "1.2.3", "status": 503, "detail": "x"})
+    assert fetch["issue"][0]["diagnostics"] == "study_uid: 1.2.3; status: 503"
     unknown = bulk_data.error_outcome({"reason": "some-new-reason"})
     assert unknown["issue"][0]["code"] == "processing" and "diagnostics" not in unknown["issue"][0]
     OperationOutcome.model_validate(unknown)
