@@ -1,8 +1,9 @@
 """The pipeline's steps as composite PTransforms; DoFns only route what ``core`` returns.
 
 Every step also emits its counts (``collections.Counter``) to a ``counts`` output; ``Summarize``
-adds them up and writes ``manifest.json`` and ``summary.json`` after all shards are final. Beam ``Metrics`` counters
-are kept for monitoring (the Dataflow/Flink UIs, the progress line) and feed nothing a user reads.
+adds them up and writes ``manifest.json`` (from the line counts of the final files) and then
+``summary.json`` after all shards are final. Beam ``Metrics`` counters are kept for monitoring
+(the Dataflow/Flink UIs, the progress line) and feed nothing a user reads.
 """
 from __future__ import annotations
 
