@@ -26,5 +26,4 @@ class HeaderResult:
     record: dict | None = None
     reason: str | None = None
     detail: str | None = None
-    # e.g. ("reader-fallback:implicit-vr",) when the fast scanner left the file to pydicom
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # counted in summary.json notes, e.g. why the fast reader declined

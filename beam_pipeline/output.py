@@ -1,0 +1,149 @@
+"""The output folder: where each kind of line goes, its checks and clean-up before and after a run.
+
+Layout (the README's "Output"): resource files ``<Type>-SSSSS-of-NNNNN.ndjson`` and ``manifest.json``
+at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/``; the report
+(``summary.json``, errors as plain JSON lines and as OperationOutcome NDJSON) in ``_report/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline import bulk_data
+from beam_pipeline.codes import RESOURCE_TYPES
+from beam_pipeline.config import Settings
+from beam_pipeline.inputs import is_remote
+from beam_pipeline.progress import PROGRESS_PREFIX
+from beam_pipeline.summary import REPORT_DIR, SUMMARY_NAME
+
+ERRORS_NAME = "errors"                  # plain JSON error lines (reason, path/study_uid, detail)
+OUTCOMES_NAME = "OperationOutcome"      # the same errors as FHIR, for the manifest's ``error``
+BUNDLE_NAME = "Bundle"
+BUNDLES_DIR = "bundles"
+MANIFEST_NAME = "manifest.json"
+# name -> (folder relative to the output folder, file suffix); resource types: top level, .ndjson.
+PLACES = {
+    BUNDLE_NAME: (BUNDLES_DIR, ".ndjson"),
+    OUTCOMES_NAME: (REPORT_DIR, ".ndjson"),
+    ERRORS_NAME: (REPORT_DIR, ".jsonl"),  # not FHIR: a suffix no ``*.ndjson`` loader takes
+}
+SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()}))
+# Where earlier versions wrote the report: removed too, or a loader would still find them.
+LEGACY_NAMES = (ERRORS_NAME + "-*-of-*.ndjson", "summary.json")
+
+
+class OutputError(Exception):
+    """The output folder cannot be written; the message says why, in one line."""
+
+
+class NdjsonSink(fileio.FileSink):
+    """Writes the line of each (name, line) element."""
+
+    def open(self, fh):
+        self._fh = fh
+
+    def write(self, record):
+        self._fh.write(record[1].encode("utf-8"))
+        self._fh.write(b"\n")
+
+    def flush(self):
+        self._fh.flush()
+
+
+def place(name: str) -> tuple[str, str]:
+    return PLACES.get(name, ("", ".ndjson"))
+
+
+def shard_name(name: str, shard_index: int, total_shards: int) -> str:
+    """A shard's path relative to the output folder, e.g. ``bundles/Bundle-00000-of-00002.ndjson``."""
+    folder, suffix = place(name)
+    file_name = f"{name}-{shard_index:05d}-of-{total_shards:05d}{suffix}"
+    return f"{folder}/{file_name}" if folder else file_name
+
+
+def file_naming(window, pane, shard_index, total_shards, compression, destination) -> str:
+    """``fileio.WriteToFiles`` naming: the destination is the name (resource type, errors, ...)."""
+    return shard_name(destination, shard_index, total_shards)
+
+
+def shard_pattern(output_dir: str, name: str) -> str:
+    folder, suffix = place(name)
+    return FileSystems.join(output_dir, *([folder] if folder else []), f"{name}-*-of-*{suffix}")
+
+
+def count_lines(path: str) -> int:
+    """Lines of a written file, read back in 1 MiB chunks (the manifest states exact counts)."""
+    lines = 0
+    with FileSystems.open(path) as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+    return lines
+
+
+def write_json(output_dir: str, name: str, document: dict) -> str:
+    path = FileSystems.join(output_dir, name)
+    with FileSystems.create(path) as out:
+        out.write(json.dumps(document, indent=2).encode("utf-8") + b"\n")
+    return path
+
+
+def folder_manifest(settings: Settings, started: float, files) -> dict:
+    """The Bulk Data manifest of a run's folder from its written files ``(name, relative path, line
+    count)``: top-level resource files as ``output``, OperationOutcome files as ``error``, the
+    transaction Bundles (not for bulk import) as the extension ``transactionBundles``."""
+    resources = [(name, path, count) for name, path, count in files if place(name)[0] == ""]
+    outcomes = [(path, count) for name, path, count in files if name == OUTCOMES_NAME]
+    bundles = [(name, path, count) for name, path, count in files if name == BUNDLE_NAME]
+    body = bulk_data.manifest(
+        transaction_time=bulk_data.transaction_time(datetime.fromtimestamp(started, timezone.utc)),
+        request=settings.request, requires_access_token=is_remote(settings.output),
+        outputs=resources, errors=outcomes, base_url=settings.manifest_base_url)
+    if bundles:
+        body["extension"] = {"transactionBundles": bulk_data.output_entries(bundles, settings.manifest_base_url)}
+    return body
+
+
+def check_local_output(output_dir: str) -> None:
+    """Fail before any input is read when the folder cannot be created or written."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputError(f"--output {output_dir} is a file, not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-probe-{uuid.uuid4().hex}")
+        with open(probe, "wb") as handle:
+            handle.write(b"probe\n")
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputError(f"--output {output_dir} cannot be written: {exc.strerror or exc}") from None
+
+
+def prepare(output_dir: str) -> None:
+    """Check the folder; remove our files of an earlier run (a re-run may write fewer shards) and
+    the temp folders an interrupted run left behind."""
+    if not is_remote(output_dir):
+        check_local_output(output_dir)
+        remove_temp_dirs(output_dir)
+        for folder in SUBFOLDERS:  # fileio's final rename does not create folders (and hides the error)
+            os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
+    names = (*RESOURCE_TYPES, *PLACES)
+    patterns = [shard_pattern(output_dir, name) for name in dict.fromkeys(names)]
+    patterns += [FileSystems.join(output_dir, name) for name in (SUMMARY_NAME, MANIFEST_NAME, *LEGACY_NAMES)]
+    stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def remove_temp_dirs(output_dir: str) -> None:
+    """fileio writes into ``.temp<uuid>`` folders and leaves them when a run fails or ends
+    (object stores have no folders to leave); an interrupted run leaves its progress folder."""
+    if is_remote(output_dir) or not os.path.isdir(output_dir):
+        return
+    for entry in os.scandir(output_dir):
+        if entry.name.startswith((".temp", PROGRESS_PREFIX)) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
