@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from beam_pipeline import output, progress
 from beam_pipeline.bulk_data import request_line
 from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.dicomweb import (
     PASSWORD_ENV, TOKEN_ENV, USER_ENV, Connection, Credentials, DicomWebError, Source, StudyQuery,
 )
@@ -67,6 +68,10 @@ def argument_parser() -> argparse.ArgumentParser:
                              "instance uid; full validates every instance (slow for large studies); none")
     parser.add_argument("--pydicom-only", action="store_true",
                         help="read every header with pydicom instead of the fast scanner")
+    parser.add_argument("--max-header-mib", type=int, default=MAX_HEADER_BYTES // (1024 * 1024), metavar="MIB",
+                        help="reading one header may cost at most this many MiB (each read or element "
+                             f"counts {READ_COST} bytes extra); more is an error header-too-large "
+                             "(default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
                         help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
@@ -148,6 +153,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         ZoneInfo(args.timezone)
     except (ZoneInfoNotFoundError, ValueError):
         parser.error(f"--timezone {args.timezone!r} is not a known time zone")
+    if args.max_header_mib < 1:
+        parser.error("--max-header-mib must be at least 1")
     conversion = ConversionConfig(
         study_id_system=args.study_id_system, patient_id_system=args.patient_id_system,
         accession_id_system=args.accession_id_system, encounter_id_system=args.encounter_id_system,
@@ -156,6 +163,7 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         observations=args.observations, patients=args.patients, encounters=args.encounters, bundles=args.bundles)
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
+                        max_header_bytes=args.max_header_mib * 1024 * 1024,
                         progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
                         manifest_base_url=args.manifest_base_url)

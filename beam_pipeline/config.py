@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from beam_pipeline.header_io import MAX_HEADER_BYTES
+
 if TYPE_CHECKING:
     from beam_pipeline.progress import ProgressSettings
     from beam_pipeline.dicomweb import Source
@@ -44,6 +46,7 @@ class Settings:
     output: str
     group_by: str = "study"              # "study" | "directory"
     use_fast_reader: bool = True
+    max_header_bytes: int = MAX_HEADER_BYTES  # a header needing more reading: header-too-large
     validate: str = "sampled"            # "sampled" | "full" | "none"
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     progress: "ProgressSettings | None" = None  # None: quiet

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from beam_pipeline import core, fhir_build
 from beam_pipeline.config import ConversionConfig
+from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.study import StudyGroup
 
 
@@ -33,12 +34,12 @@ class ConversionResult:
 
 
 def convert_files(paths, config: ConversionConfig | None = None, validate: bool | str = True,
-                  use_fast_reader: bool = True) -> ConversionResult:
+                  use_fast_reader: bool = True, max_header_bytes: int = MAX_HEADER_BYTES) -> ConversionResult:
     """Read, group by StudyInstanceUID and build, exactly as the pipeline does in study mode."""
     from terminologies import Terminologies
 
     config = config or ConversionConfig()
-    reader, keys, terms = core.FileReader(use_fast_reader), core.instance_keys(), Terminologies.load()
+    reader, keys, terms = core.FileReader(use_fast_reader, max_header_bytes=max_header_bytes), core.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
     result = ConversionResult()

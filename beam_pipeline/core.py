@@ -18,6 +18,7 @@ from beam_pipeline.bundles import transaction_bundle
 from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason
 from beam_pipeline.config import ConversionConfig
 from beam_pipeline.fields import CORE_KEYWORDS, default_spec
+from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.output import ERRORS_NAME, OUTCOMES_NAME
 from beam_pipeline.referenced import referenced_resources
 from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult
@@ -47,8 +48,10 @@ class FileOutcome:
 class FileReader:
     """What reading a file needs, built once per worker (``DoFn.setup``), never per file."""
 
-    def __init__(self, use_fast_reader: bool = True, open_file=None):
+    def __init__(self, use_fast_reader: bool = True, open_file=None,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
         self.use_fast_reader = use_fast_reader
+        self.max_header_bytes = max_header_bytes
         self.spec = default_spec()
         self.open_file = open_file or inputs.open_input
 
@@ -60,7 +63,8 @@ class FileReader:
                 if problem:
                     return HeaderResult(ERROR, reason=problem[0], detail=problem[1])
             with self.open_file(path) as fp:
-                return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
+                return header.read_header(fp, self.spec, use_fast=self.use_fast_reader,
+                                          max_header_bytes=self.max_header_bytes)
         except OSError as exc:
             return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}")
 

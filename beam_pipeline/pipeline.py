@@ -29,7 +29,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
         batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(
             settings.input, settings.output, progress=progress)
         partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
-            settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress)
+            settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
+            settings.max_header_bytes)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate, progress)

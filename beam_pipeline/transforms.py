@@ -21,6 +21,7 @@ from apache_beam.metrics import Metrics
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
 from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
 
@@ -113,8 +114,9 @@ class ReadHeaderDoFn(beam.DoFn):
     """
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 progress: ProgressSettings | None = None):
+                 progress: ProgressSettings | None = None, max_header_bytes: int = MAX_HEADER_BYTES):
         self.use_fast_reader = use_fast_reader
+        self.max_header_bytes = max_header_bytes
         self.group_by = group_by
         self.root = root
         self.progress_settings = progress
@@ -122,7 +124,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader)
+        self.reader = core.FileReader(self.use_fast_reader, max_header_bytes=self.max_header_bytes)
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
         # pydicom's warnings about odd files may quote element values (patient data): keep them
@@ -158,9 +160,9 @@ class ReadHeaders(beam.PTransform):
     """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 progress: ProgressSettings | None = None):
+                 progress: ProgressSettings | None = None, max_header_bytes: int = MAX_HEADER_BYTES):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, max_header_bytes)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")

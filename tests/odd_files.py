@@ -84,11 +84,12 @@ def zeros_after_preamble(path, size: int = 2 * GiB) -> None:
         handle.truncate(size)
 
 
-def private_element_before_needed(path, value_size: int = 512 * MiB, implicit: bool = False) -> None:
+def private_element_before_needed(path, value_size: int = 512 * MiB, implicit: bool = False,
+                                  **values) -> None:
     """A dataset with a private OB element of ``value_size`` zero bytes (sparse) before the tags the
     converter needs (SpecificCharacterSet is its only element before it)."""
     syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    ds = odd_dataset()
+    ds = odd_dataset(**values)
     ds.add_new(0x00050010, "LO", "ODD CREATOR")
     ds.add_new(0x00051000, "OB", b"")
     data = encode(ds, syntax)
@@ -101,11 +102,11 @@ def private_element_before_needed(path, value_size: int = 512 * MiB, implicit: b
         handle.write(data[at:])
 
 
-def deflate_bomb(path, inflated_size: int = GiB, private_first: bool = False) -> int:
+def deflate_bomb(path, inflated_size: int = GiB, private_first: bool = False, **values) -> int:
     """A deflated file whose dataset inflates to ``inflated_size`` bytes: the header, then pixel data
     of zeros (``private_first``: a private element of zeros before the needed tags instead).
     Returns the file's size."""
-    ds = odd_dataset(Rows=1, Columns=1, BitsAllocated=8)
+    ds = odd_dataset(Rows=1, Columns=1, BitsAllocated=8, **values)
     ds.add_new(0x00050010, "LO", "ODD CREATOR")
     ds.add_new(0x00051000, "OB", b"")
     ds.add_new(0x7FE00010, "OB", b"")

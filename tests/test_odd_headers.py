@@ -287,3 +287,59 @@ def test_error_details_do_not_quote_header_bytes():
 def test_describe_error_maps_messages_to_words(message, expected):
     assert header.describe_error(ValueError(message)) == expected
     assert not re.search(r"\\x[0-9a-f]{2}|Secret|SECRET", header.describe_error(ValueError(message)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI: one archive holding every odd header at once
+# ---------------------------------------------------------------------------------------------
+
+
+def test_odd_headers_through_the_cli(tmp_path):
+    """The run finishes (exit 0) within bounded time and memory; every file is accounted for; the
+    readable odd files are converted, the others are one error line each, in words; fallbacks to
+    pydicom are counted in the summary's notes."""
+    import json
+    import resource
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copyfile(os.path.join(TEST_FILES, "MR_small.dcm"), root / "mr.dcm")
+    shutil.copyfile(os.path.join(TEST_FILES, "MR_small_implicit.dcm"), root / "mr_implicit.dcm")
+    deflate_bomb(root / "bomb.dcm", GiB, SOPInstanceUID="2.25.900011")
+    private_element_before_needed(root / "private.dcm", 512 * MiB, SOPInstanceUID="2.25.900012")
+    zeros_after_preamble(root / "zeros.dcm", 2 * GiB)
+    bad = _ct()
+    at = bad.index(b"\x02\x00\x00\x00UL\x04\x00")
+    bad[at + 6:at + 8] = b"\x03\x00"
+    (root / "group_length.dcm").write_bytes(bytes(bad))
+    out = tmp_path / "out"
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(root), "--output",
+                           str(out), "--quiet"], capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - start
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seconds < 120
+    assert peak_rss_mib <= RSS_LIMIT_MIB, peak_rss_mib
+
+    summary = json.loads((out / "_report" / "summary.json").read_text())
+    assert summary["files_matched"] == 6
+    assert sum(summary["outcomes"].values()) == 6
+    # mr and mr_implicit are copies of one instance (one counts as duplicate), bomb, private
+    assert (summary["outcomes"]["converted"], summary["outcomes"]["duplicate"]) == (3, 1)
+    assert summary["errors_by_reason"] == {"header-too-large": 1, "unreadable": 1}
+    assert summary["notes"]["reader-fallback:implicit-vr"] == 1
+    assert summary["notes"]["reader-fallback:deflated"] == 1
+    from helpers import read_ndjson
+
+    errors = {os.path.basename(e["path"]): e for e in read_ndjson(out, "errors")}
+    assert errors["zeros.dcm"]["reason"] == "header-too-large"
+    assert errors["group_length.dcm"]["detail"] == (
+        "BytesLengthException: a binary value's length is not a multiple of its value size")
+    for line in errors.values():
+        assert not re.search(r"b'|\\x[0-9a-f]{2}", line["detail"])
