@@ -162,6 +162,8 @@ def scan(head: bytes, fp: BinaryIO, spec: FieldSpec, size: int, budget: Budget) 
         return _parse(_Source(head, fp, size, budget), spec)
     except _Decline as decline:
         return Declined(decline.cause)
+    except RecursionError:  # sequences nested hundreds deep
+        return Declined("malformed")
     except (struct.error, IndexError, ValueError, OverflowError):  # a scanner bug: pydicom decides
         return Declined("scanner-error")
 
@@ -169,7 +171,8 @@ def scan(head: bytes, fp: BinaryIO, spec: FieldSpec, size: int, budget: Budget) 
 def parse(head: bytes, fp: BinaryIO, spec: FieldSpec) -> ParsedHeader | None:
     """``scan`` with the file's size taken from ``fp`` and the default budget; None when declined."""
     here = fp.tell()
-    size = fp.seek(0, 2)
+    fp.seek(0, 2)
+    size = fp.tell()
     fp.seek(here)
     result = scan(head, fp, spec, size, Budget())
     return None if isinstance(result, Declined) else result

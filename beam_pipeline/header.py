@@ -53,7 +53,8 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True,
     has_preamble = head[128:132] == b"DICM"
     if not has_preamble and not _looks_like_bare_dataset(head):
         return HeaderResult(NOT_DICOM)
-    size = fp.seek(0, io.SEEK_END)
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()  # (not seek's return value: some file objects return None)
     fp.seek(len(head))
     parsed = None
     notes: tuple[str, ...] = ()
@@ -151,7 +152,8 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
     :class:`InflatedStream` instead of inflating the whole file as ``dcmread`` would.
     """
     if size is None:
-        size = fp.seek(0, io.SEEK_END)
+        fp.seek(0, io.SEEK_END)
+        size = fp.tell()
     fp.seek(0)
     budget = Budget(max_header_bytes)
     reader = BoundedReader(fp, size, budget)

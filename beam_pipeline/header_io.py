@@ -62,7 +62,8 @@ class BoundedReader:
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._fp.seek(offset, whence)
+        self._fp.seek(offset, whence)
+        self._pos = self._fp.tell()
         return self._pos
 
     def read(self, size: int = -1) -> bytes:

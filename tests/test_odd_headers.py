@@ -343,3 +343,22 @@ def test_odd_headers_through_the_cli(tmp_path):
         "BytesLengthException: a binary value's length is not a multiple of its value size")
     for line in errors.values():
         assert not re.search(r"b'|\\x[0-9a-f]{2}", line["detail"])
+
+
+@pytest.mark.parametrize("depth", [20, 3000])
+def test_deeply_nested_sequences_are_one_result_not_a_crash(depth):
+    """Undefined-length private sequences nested ``depth`` deep before the needed tags: both readers
+    give the same result (deep nesting exhausts pydicom's recursion: one error line)."""
+    ds_bytes = encode(odd_dataset())
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    item_end = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    sequence_end = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    opening = b"\x09\x00\x10\x10SQ\x00\x00\xff\xff\xff\xff" + item
+    nested = opening * depth + (item_end + sequence_end) * depth
+    at = ds_bytes.index(b"\x10\x00\x20\x00")  # PatientID: group 0009 sorts before it
+    result = _agree(ds_bytes[:at] + nested + ds_bytes[at:])
+    if depth < 100:
+        assert result.kind == INSTANCE and result.notes == ()
+    else:
+        assert (result.kind, result.reason) == (ERROR, Reason.UNREADABLE)
+        assert result.notes == ("reader-fallback:malformed",)
