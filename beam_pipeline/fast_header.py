@@ -234,12 +234,13 @@ def _parse_meta(source: _Source) -> tuple[dict, int]:
     for tag, keyword in ((_MEDIA_SOP_CLASS, "MediaStorageSOPClassUID"),
                          (_TRANSFER_SYNTAX, "TransferSyntaxUID")):
         if tag in raw:
-            # Same as str(pydicom's UI value).strip("\0 "); a multi-valued UID is not plausible.
-            value = raw[tag].decode("latin-1").rstrip("\0 ")
+            # As str(pydicom's UI value).strip("\0 "): convert_UI strips trailing NULs and spaces,
+            # the UID class any whitespace. A multi-valued UID is not plausible.
+            value = raw[tag].decode("latin-1").rstrip("\0 ").strip().strip("\0 ")
             if "\\" in value:
                 raise _Decline("malformed")
             if value:
-                meta[keyword] = value.strip("\0 ")
+                meta[keyword] = value
     return meta, pos
 
 

@@ -362,3 +362,18 @@ def test_deeply_nested_sequences_are_one_result_not_a_crash(depth):
     else:
         assert (result.kind, result.reason) == (ERROR, Reason.UNREADABLE)
         assert result.notes == ("reader-fallback:malformed",)
+
+
+@pytest.mark.parametrize("padding", [b"\t", b"\0", b" ", b"\x1f"])
+def test_file_meta_uids_are_stripped_as_pydicom_strips_them(padding):
+    """pydicom's UI conversion strips trailing NULs and spaces, its UID class any whitespace."""
+    data = _ct()
+    at = data.index(b"1.2.840.10008.5.1.4.1.1.2\0")
+    data[at + 25:at + 26] = padding
+    fast = header.read_header(io.BytesIO(bytes(data)), SPEC)
+    assert fast.notes == ()
+    rest = io.BytesIO(bytes(data))
+    rest.seek(header.FIRST_READ)
+    scanned = header.fast_header.parse(bytes(data[:header.FIRST_READ]), rest, SPEC)
+    assert scanned is not None
+    assert scanned == header.parse_with_pydicom(io.BytesIO(bytes(data)), SPEC)
