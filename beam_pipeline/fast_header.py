@@ -340,7 +340,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 if not top or (entry is not None and entry[1] is not None):
                     raise _Decline("malformed")  # pydicom would parse the cut sequence bytes
                 if tag == _CHARSET:
-                    _check_charset(_value(source, start, size - start))  # pydicom converts the rest
+                    _check_charset(_value(source, start, size - start), vr)  # pydicom converts the rest
                 raise _Truncated
             if entry is not None and entry[1] is not None:
                 if vr != _SQ:
@@ -353,6 +353,8 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
             elif entry is not None:
                 if vr == _SQ:
                     raise _Decline("malformed")
+                if tag == _CHARSET and not length:
+                    _check_charset(b"", vr)
                 if length:
                     if pos > data_end:
                         data = source.window(start, length)
@@ -360,7 +362,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                         data_end = base + len(data)
                     value = data[start - base:pos - base]
                     if tag == _CHARSET:
-                        _check_charset(value)
+                        _check_charset(value, vr)
                         collected.append((None, value))
                         if entry[0] is not None:
                             collected.append((entry[0], value))  # recorded too (in an item)
@@ -409,9 +411,12 @@ def _sequence(source: _Source, pos: int, end: int | None, table: _Table) -> tupl
         items.append(item)
 
 
-def _check_charset(value: bytes) -> None:
+def _check_charset(value: bytes, vr: bytes) -> None:
     """pydicom converts each (0008,0005) while reading and fails the file if that raises (e.g. a
-    NUL inside a term): leave such files to pydicom."""
+    NUL inside a term), and converts it once more by its VR at the end of the dataset (a numeric VR
+    fails there): leave such files to pydicom."""
+    if vr != b"CS":
+        raise _Decline("malformed")
     try:
         convert_encodings(convert_string(value, True))
     except Exception:  # noqa: BLE001 -- whatever pydicom would raise, it decides

@@ -377,3 +377,14 @@ def test_file_meta_uids_are_stripped_as_pydicom_strips_them(padding):
     scanned = header.fast_header.parse(bytes(data[:header.FIRST_READ]), rest, SPEC)
     assert scanned is not None
     assert scanned == header.parse_with_pydicom(io.BytesIO(bytes(data)), SPEC)
+
+
+@pytest.mark.parametrize("vr", [b"US", b"UL", b"FD"])
+def test_charset_with_a_numeric_vr_is_rejected_as_pydicom_rejects_it(vr):
+    """pydicom converts (0008,0005) by its VR at the end of the dataset; a number is no charset."""
+    data = _ct()
+    at = data.index(b"\x08\x00\x05\x00CS")
+    data[at + 4:at + 6] = vr
+    result = _agree(data)
+    assert (result.kind, result.reason) == (ERROR, Reason.UNREADABLE)
+    assert result.notes == ("reader-fallback:malformed",)
