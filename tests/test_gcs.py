@@ -1,0 +1,213 @@
+"""gs:// header reading and access checks against a real GCS emulator on loopback."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from beam_pipeline import gcs, header
+from beam_pipeline.fields import default_spec
+from beam_pipeline.records import ERROR, HeaderResult
+from gcs_emulator import closed_loopback_address, patched_environ
+from helpers import TEST_FILES
+
+BUCKET = "test-bucket"
+SPEC = default_spec()
+
+
+def _pydicom_files() -> list[Path]:
+    return sorted(p for p in Path(TEST_FILES).rglob("*") if p.is_file() and p.stat().st_size < 4 << 20)
+
+
+@pytest.fixture(scope="module")
+def uploaded(gcs_client):
+    """pydicom's test files (DICOM, not DICOM, odd ones) plus an empty object, as gs:// paths."""
+    bucket = gcs_client.bucket(BUCKET)
+    files = {}
+    for path in _pydicom_files():
+        name = f"headers/{path.relative_to(TEST_FILES).as_posix()}"
+        bucket.blob(name).upload_from_filename(str(path))
+        files[f"gs://{BUCKET}/{name}"] = path
+    bucket.blob("headers/empty.dcm").upload_from_string(b"")
+    files[f"gs://{BUCKET}/headers/empty.dcm"] = None
+    return files
+
+
+@pytest.fixture
+def fetcher(gcs_emulator):
+    return gcs.RangeFetcher(gcs.open_session(pool_size=8))
+
+
+def _read_local(path) -> HeaderResult:
+    if path is None:
+        return HeaderResult(ERROR, reason="empty-file", detail="file has 0 bytes")
+    with open(path, "rb") as fp:
+        return header.read_header(fp, SPEC)
+
+
+def test_headers_from_gs_equal_local_headers(uploaded, fetcher):
+    assert len(uploaded) > 50
+    kinds = set()
+    for gs_path, local in uploaded.items():
+        remote = header.read_header(gcs.open_ranged(fetcher, gs_path), SPEC)
+        assert remote == _read_local(local), gs_path
+        kinds.add(remote.kind)
+    assert kinds == {"instance", "not_dicom", "dicomdir", "error"}
+
+
+def test_one_request_per_file_with_a_short_header_and_bytes_as_on_local_disk(uploaded, fetcher):
+    gs_path = f"gs://{BUCKET}/headers/CT_small.dcm"
+    local = uploaded[gs_path]
+    assert local.stat().st_size > header.FIRST_READ  # pixel data follows the header
+    fp = gcs.open_ranged(fetcher, gs_path)
+    result = header.read_header(fp, SPEC)
+    assert result.kind == "instance"
+    assert fetcher.requests == 1
+    assert len(fp.prefix) == header.FIRST_READ  # what the local reader reads first, no more
+
+
+def test_a_long_header_costs_a_second_range(gcs_client, fetcher, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(os.path.join(TEST_FILES, "CT_small.dcm"))
+    ds.ImageComments = "x" * (3 * header.FIRST_READ)  # (0020,4000) lies before the needed tags' end
+    local = tmp_path / "long.dcm"
+    ds.save_as(local, enforce_file_format=True)
+    gcs_client.bucket(BUCKET).blob("long/long.dcm").upload_from_filename(str(local))
+    result = header.read_header(gcs.open_ranged(fetcher, f"gs://{BUCKET}/long/long.dcm"), SPEC)
+    assert result == _read_local(local)
+    assert 2 <= fetcher.requests <= 3
+
+
+def test_missing_object_is_a_file_not_found(fetcher, gcs_emulator):
+    with pytest.raises(FileNotFoundError):
+        gcs.open_ranged(fetcher, f"gs://{BUCKET}/no/such/object.dcm").read(10)
+
+
+def test_concurrent_reads_keep_order_and_turn_exceptions_into_results(uploaded, fetcher):
+    paths = sorted(uploaded) + [f"gs://{BUCKET}/missing-{i}.dcm" for i in range(3)]
+
+    def read_one(path):
+        return header.read_header(gcs.open_ranged(fetcher, path), SPEC)
+
+    def on_error(path, exc):
+        return HeaderResult(ERROR, reason="unreadable", detail=type(exc).__name__)
+
+    serial = gcs.read_all(paths, read_one, on_error, pool=None)
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = gcs.read_all(paths, read_one, on_error, pool=pool)
+    assert concurrent == serial
+    assert len(concurrent) == len(paths)
+    assert [r.detail for r in concurrent[-3:]] == ["FileNotFoundError"] * 3
+
+
+def test_concurrency_overlaps_requests_at_cloud_latency(uploaded, gcs_emulator):
+    """Behind a proxy adding 50 ms per request, 8 reads in flight beat 8 one after the other."""
+    from benchmarks.latency_proxy import LatencyProxy
+
+    paths = sorted(p for p, local in uploaded.items() if local is not None)[:16]
+    with LatencyProxy(gcs_emulator.url, delay_ms=50) as proxy:
+        slow = gcs.RangeFetcher(gcs.open_session(pool_size=8), base_url=proxy.url)
+
+        def read_one(path):
+            return header.read_header(gcs.open_ranged(slow, path), SPEC)
+
+        started = time.perf_counter()
+        serial = gcs.read_all(paths, read_one, lambda p, e: None, pool=None)
+        serial_seconds = time.perf_counter() - started
+        with ThreadPoolExecutor(8) as pool:
+            started = time.perf_counter()
+            concurrent = gcs.read_all(paths, read_one, lambda p, e: None, pool=pool)
+            concurrent_seconds = time.perf_counter() - started
+        requests = proxy.counts.snapshot()["requests"]
+    assert concurrent == serial and None not in serial
+    assert serial_seconds >= len(paths) * 0.05
+    assert concurrent_seconds < serial_seconds / 3
+    assert requests <= 2 * len(paths) * 1.2
+
+
+# --- access checks --------------------------------------------------------------------------
+
+
+def test_access_checks_pass_on_a_readable_and_writable_bucket(gcs_client, gcs_emulator):
+    gcs_client.bucket(BUCKET).blob("in/a.dcm").upload_from_string(b"x")
+    gcs.check_access(f"gs://{BUCKET}/in/", f"gs://{BUCKET}/out/")
+    gcs.check_access(f"gs://{BUCKET}/in/*.dcm", f"gs://{BUCKET}")
+    leftovers = [b.name for b in gcs_client.list_blobs(BUCKET) if "write-check" in b.name]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("check", [gcs.check_input, gcs.check_output])
+def test_missing_bucket_is_one_clear_line(check, gcs_emulator):
+    with pytest.raises(gcs.GcsAccessError, match=r"bucket gs://no-such-bucket does not exist"):
+        check("gs://no-such-bucket/data/")
+
+
+@pytest.mark.parametrize("check", [gcs.check_input, gcs.check_output])
+def test_unreachable_endpoint_fails_fast(check, gcs_emulator):
+    closed = "http://" + closed_loopback_address()
+    with patched_environ({"STORAGE_EMULATOR_HOST": closed}):
+        started = time.monotonic()
+        with pytest.raises(gcs.GcsAccessError, match="cannot connect to http://127.0.0.1"):
+            check(f"gs://{BUCKET}/x/")
+    assert time.monotonic() - started < 5
+
+
+def test_an_endpoint_that_never_answers_times_out(gcs_emulator, monkeypatch):
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setattr(gcs, "CHECK_TIMEOUT", 1.0)
+        with patched_environ({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:%d" % silent.getsockname()[1]}):
+            started = time.monotonic()
+            with pytest.raises(gcs.GcsAccessError, match="no answer from"):
+                gcs.check_input(f"gs://{BUCKET}/x/")
+        assert time.monotonic() - started < 5
+
+
+def test_no_credentials_is_named_before_any_request(gcs_emulator):
+    """Without an emulator the real endpoint would be used: point it at a closed loopback port
+    (so nothing can leave the machine) and check that the missing credentials are reported."""
+    env = {"STORAGE_EMULATOR_HOST": "", "API_ENDPOINT_OVERRIDE": "http://" + closed_loopback_address()}
+    with patched_environ(env):
+        started = time.monotonic()
+        with pytest.raises(gcs.GcsAccessError, match="no Google Cloud credentials found"):
+            gcs.check_output(f"gs://{BUCKET}/out/")
+    assert time.monotonic() - started < 30
+
+
+class _Forbidding(BaseHTTPRequestHandler):
+    """Answers like GCS does to a principal without the storage role (a real IAM is not here)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _deny(self):
+        body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.list access"}}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = _deny
+
+
+@pytest.mark.parametrize("check", [gcs.check_input, gcs.check_output])
+def test_permission_denied_is_one_clear_line(check, gcs_emulator):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with patched_environ({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:%d" % server.server_address[1]}):
+            with pytest.raises(gcs.GcsAccessError, match=r"permission denied on gs://test-bucket \(HTTP 403\)"):
+                check(f"gs://{BUCKET}/x/")
+    finally:
+        server.shutdown()
+        server.server_close()
