@@ -1,13 +1,11 @@
 """``python -m beam_pipeline --input PATH --output DIR [options] [Beam options]``."""
-import logging
 import sys
 
-from beam_pipeline import pipeline
+from beam_pipeline import cli
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(pipeline.main())
+    sys.exit(cli.main())
 
 
 if __name__ == "__main__":

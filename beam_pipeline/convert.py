@@ -1,33 +1,44 @@
-"""The conversion without Beam: the same pure steps in one process (benchmarks, quick checks)."""
+"""The conversion without Beam: the same ``core`` steps in one process (benchmarks, quick checks)."""
 from __future__ import annotations
 
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from beam_pipeline import fhir_build, header
-from beam_pipeline.fields import default_spec
+from beam_pipeline import core, fhir_build
+from beam_pipeline.config import ConversionConfig
 from beam_pipeline.study import StudyGroup
-
-_SKIPPED = {header.NOT_DICOM: "skipped_not_dicom", header.DICOMDIR: "skipped_dicomdir"}
 
 
 @dataclass
 class ConversionResult:
-    resources: dict = field(default_factory=dict)   # resource type -> list of resource dicts
-    errors: list = field(default_factory=list)
-    outcomes: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
+    lines: dict = field(default_factory=dict)    # resource type -> NDJSON lines (Devices once each)
+    errors: list = field(default_factory=list)   # error dicts, as the errors output holds them
+    counts: Counter = field(default_factory=Counter)
+
+    @property
+    def resources(self) -> dict:
+        """resource type -> resource dicts (parsed back from the lines)."""
+        import orjson
+
+        return {name: [orjson.loads(line) for line in lines] for name, lines in self.lines.items()}
+
+    @property
+    def outcomes(self) -> Counter:
+        return Counter({k.split(":", 1)[1]: v for k, v in self.counts.items() if k.startswith("outcome:") and v})
+
+    @property
+    def notes(self) -> Counter:
+        return Counter({k.split(":", 1)[1]: v for k, v in self.counts.items() if k.startswith("note:") and v})
 
 
-def convert_files(paths, config: fhir_build.ConversionConfig | None = None, validate: bool | str = True,
+def convert_files(paths, config: ConversionConfig | None = None, validate: bool | str = True,
                   use_fast_reader: bool = True) -> ConversionResult:
     """Read, group by StudyInstanceUID and build, exactly as the pipeline does in study mode."""
     from terminologies import Terminologies
-    from beam_pipeline.pipeline import instance_keys
 
-    config = config or fhir_build.ConversionConfig()
-    spec, keys, terms = default_spec(), instance_keys(), Terminologies.load()
+    config = config or ConversionConfig()
+    reader, keys, terms = core.FileReader(use_fast_reader), core.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
     result = ConversionResult()
@@ -35,35 +46,26 @@ def convert_files(paths, config: fhir_build.ConversionConfig | None = None, vali
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for path in paths:
-            with open(path, "rb") as fp:
-                read = header.read_header(fp, spec, use_fast=use_fast_reader)
-            if read.kind == header.INSTANCE:
-                uid = read.record["StudyInstanceUID"]
-                groups.setdefault(uid, StudyGroup(uid)).add(read.record, keys)
-            elif read.kind == header.ERROR:
-                result.outcomes["error"] += 1
-                result.errors.append({"reason": read.reason, "path": path, "detail": read.detail})
-            else:
-                result.outcomes[_SKIPPED[read.kind]] += 1
-    devices: dict[str, dict] = {}
+            result.counts["files_matched"] += 1
+            outcome = core.process_file(path, reader)
+            result.counts.update(outcome.counts)
+            if outcome.error is not None:
+                result.errors.append(outcome.error)
+            elif outcome.result.record is not None:
+                record = outcome.result.record
+                uid = record["StudyInstanceUID"]
+                groups.setdefault(uid, StudyGroup(uid)).add(record, keys)
+    devices: dict[str, list] = {}
     for uid in sorted(groups):
-        group = groups[uid]
-        built = fhir_build.build_study(group, config, terms)
-        if built.rejection is None and validator is not None:
-            built.rejection = validator.problem(built.resources)
-        if built.rejection is not None:
-            result.outcomes["rejected_with_study"] += group.files
-            result.errors.append({"reason": built.rejection[0], "study_uid": uid, "files": group.files,
-                                  "detail": built.rejection[1]})
-            continue
-        result.outcomes["converted"] += len(group.instances)
-        result.outcomes["duplicate"] += group.duplicates
-        result.notes.update(built.notes)
-        for resource_type, resource in built.resources:
-            if resource_type == "Device":
-                devices[resource["id"]] = resource
-            else:
-                result.resources.setdefault(resource_type, []).append(resource)
+        outcome = core.process_study(groups[uid], config, terms, validator)
+        result.counts.update(outcome.counts)
+        if outcome.error is not None:
+            result.errors.append(outcome.error)
+        for resource_type, lines in outcome.lines.items():
+            result.lines.setdefault(resource_type, []).extend(lines)
+        for device_id, line in outcome.devices:
+            devices.setdefault(device_id, []).append(line)
     if devices:
-        result.resources["Device"] = [devices[k] for k in sorted(devices)]
+        result.lines["Device"] = [core.pick_device(devices[k]) for k in sorted(devices)]
+        result.counts["lines:Device"] = len(devices)
     return result

@@ -13,26 +13,12 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from beam_pipeline import mii
+from beam_pipeline.config import ConversionConfig
 from beam_pipeline.codes import DCM_SYSTEM, DEVICE_PROFILE, IMAGING_STUDY_PROFILE, V2_0203, Reason, sha256_id
 from beam_pipeline.study import StudyGroup, rank
 
 MISSING_PATIENT_ID = Reason.MISSING_PATIENT_ID
 MISSING_MODALITY = Reason.MISSING_MODALITY
-
-
-@dataclass(frozen=True)
-class ConversionConfig:
-    """Options of the mapping; defaults follow the converter we grow from."""
-
-    study_id_system: str = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
-    patient_id_system: str = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
-    accession_id_system: str | None = None
-    encounter_id_system: str | None = None
-    patient_id_length: int | None = None
-    timezone: str = "Europe/Berlin"
-    include_instances: bool = True
-    include_devices: bool = True
-    observations: bool = False
 
 
 @dataclass
@@ -91,7 +77,7 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
     except ValueError:
         day = None
     if day is None:
-        notes[f"unparseable-date:{what}"] += 1
+        notes[f"unparseable:{what}"] += 1
         return None
     date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
     if not time:
@@ -102,7 +88,7 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
             raise ValueError(time)
         moment = day.replace(hour=int(tmatch[1]), minute=int(tmatch[2] or 0), second=int(tmatch[3] or 0))
     except ValueError:
-        notes[f"unparseable-time:{what}"] += 1
+        notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
         return date_text
     fraction = f".{tmatch[4]}" if tmatch[4] else ""
     clock = f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
@@ -138,7 +124,7 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
     patient_id = patient_ids[0]
     if config.patient_id_length and len(patient_id) > config.patient_id_length:
         patient_id = patient_id[: config.patient_id_length]
-        built.notes["patient-id-truncated"] += 1
+        built.notes["truncated:PatientID"] += 1
     no_modality = sorted(uid for uid, rec in group.series.items() if "Modality" not in rec)
     if no_modality:
         built.rejection = (MISSING_MODALITY, f"series {no_modality[0]} has no Modality")
@@ -149,13 +135,8 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
     offset = study.get("TimezoneOffsetFromUTC")
     started = dicom_datetime(study.get("StudyDate"), study.get("StudyTime"), offset,
                              config.timezone, notes, "StudyDate")
-    study_extras = mii.study_elements(study, {
-        "observations": config.observations,
-        "encounter_id_system": config.encounter_id_system,
-        "subject": subject,
-        "started": started,
-        "study_instance_uid": group.study_uid,
-    }, terms, notes)
+    study_extras = mii.study_elements(study, config, terms, notes, study_uid=group.study_uid,
+                                      subject=subject, started=started)
 
     by_series: dict[str, list] = {uid: [] for uid in group.series}
     for sop, (series_uid, fields) in group.instances.items():

@@ -18,13 +18,13 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Callable, Mapping, NamedTuple
 
+from beam_pipeline.config import ConversionConfig
 from beam_pipeline.codes import INVALID_KEY, MII_BASE, MII_STRUCTURE, V2_0203, sha256_id
 from terminologies import SYSTEMS, Terminologies
 
 EXT = MII_STRUCTURE + "mii-ex-bildgebung-"
 CS = MII_BASE + "CodeSystem/mii-cs-bildgebung-"
 UCUM = SYSTEMS["UCUM"]
-DEFAULT_ENCOUNTER_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/encounter-id"
 
 # Codes of the MII code systems that the bound value sets allow (the abstract grouping codes such
 # as PDC/MSC of the image-type system are not selectable, so they are not listed).
@@ -526,11 +526,19 @@ def encounter_reference(admission_id: str, system: str) -> dict:
     }
 
 
-def vital_observation(vital: Vital, value: float, config: Mapping) -> dict:
+class VitalContext(NamedTuple):
+    """What a vital-sign Observation takes from its study."""
+
+    study_uid: str = ""
+    subject: dict | None = None
+    started: str | None = None
+
+
+def vital_observation(vital: Vital, value: float, config: VitalContext) -> dict:
     """A vital-sign Observation (HL7/DE vital-signs shape); id is a hash of study UID and LOINC code."""
     observation = {
         "resourceType": "Observation",
-        "id": sha256_id(config.get('study_instance_uid', ''), vital.loinc[0]),
+        "id": sha256_id(config.study_uid, vital.loinc[0]),
         "meta": {"profile": [vital.profile]},
         "status": "final",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
@@ -540,15 +548,15 @@ def vital_observation(vital: Vital, value: float, config: Mapping) -> dict:
             {"system": SYSTEMS["SCT"], "code": vital.snomed[0], "display": vital.snomed[1]},
         ]},
     }
-    if config.get("subject"):
-        observation["subject"] = dict(config["subject"])
-    if config.get("started"):
-        observation["effectiveDateTime"] = config["started"]
+    if config.subject:
+        observation["subject"] = dict(config.subject)
+    if config.started:
+        observation["effectiveDateTime"] = config.started
     observation["valueQuantity"] = quantity_value(value, vital.unit)["valueQuantity"]
     return observation
 
 
-def _vitals(study: Mapping, config: Mapping, notes: Counter) -> tuple[list[dict], list[dict]]:
+def _vitals(study: Mapping, config: VitalContext, notes: Counter) -> tuple[list[dict], list[dict]]:
     extensions, observations = [], []
     for vital in VITALS:
         if vital.keyword in _invalid(study):
@@ -565,19 +573,20 @@ def _vitals(study: Mapping, config: Mapping, notes: Counter) -> tuple[list[dict]
     return extensions, observations
 
 
-def study_elements(study: Mapping, config: Mapping, terms: Terminologies, notes: Counter) -> dict:
+def study_elements(study: Mapping, config: ConversionConfig, terms: Terminologies, notes: Counter, *,
+                   study_uid: str = "", subject: dict | None = None, started: str | None = None) -> dict:
     """Study-level MII elements: extensions, encounter, procedureCode and vital-sign Observations."""
     out = {}
     extensions = [ext for ext in (simple_extension(BILDGEBUNGSGRUND, study, terms, notes),) if ext]
     observations = []
-    if config.get("observations"):
-        vital_extensions, observations = _vitals(study, config, notes)
+    if config.observations:
+        vital_extensions, observations = _vitals(study, VitalContext(study_uid, subject, started), notes)
         extensions += vital_extensions
     if extensions:
         out["extension"] = extensions
     admission = study.get(ADMISSION_ID)
     if isinstance(admission, str) and admission:
-        out["encounter"] = encounter_reference(admission, config.get("encounter_id_system") or DEFAULT_ENCOUNTER_SYSTEM)
+        out["encounter"] = encounter_reference(admission, config.encounter_id_system)
     if codes := procedure_codes(study, notes):
         out["procedureCode"] = codes
     if observations:

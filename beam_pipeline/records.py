@@ -26,3 +26,4 @@ class HeaderResult:
     record: dict | None = None
     reason: str | None = None
     detail: str | None = None
+    notes: tuple[str, ...] = ()  # counted in summary.json notes, e.g. why the fast reader declined

@@ -12,7 +12,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipeline.pipeline import execute, parse_args
+from beam_pipeline.cli import parse_args
+from beam_pipeline.pipeline import execute
 
 TEST_FILES = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
 DICOMDIR_TREE = os.path.join(TEST_FILES, "dicomdirtests")
@@ -24,9 +25,9 @@ def pydicom_file(name: str) -> str:
 
 def run_pipeline(input_path, output_dir, *options: str) -> dict:
     """Runs the real pipeline through TestPipeline on the in-process runner; returns the summary."""
-    args, beam_args = parse_args(["--input", str(input_path), "--output", str(output_dir), *options])
+    settings, beam_args = parse_args(["--input", str(input_path), "--output", str(output_dir), *options])
     pipeline = TestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
-    return execute(pipeline, args)
+    return execute(pipeline, settings)
 
 
 def read_ndjson(output_dir, name: str) -> list[dict]:

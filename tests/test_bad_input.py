@@ -121,7 +121,7 @@ def test_unparseable_date_leaves_started_out_and_is_counted(messy_archive):
     assert len(study) == 1
     assert "started" not in study[0]
     assert "started" not in study[0]["series"][0]
-    assert summary["notes"]["unparseable-date:StudyDate"] == 1
+    assert summary["notes"]["unparseable:StudyDate"] == 1
 
 
 def test_directory_mode_rejects_a_folder_with_two_studies(tmp_path):

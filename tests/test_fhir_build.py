@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from beam_pipeline import fhir_build
-from beam_pipeline.fhir_build import ConversionConfig, build_study, dicom_datetime
+from beam_pipeline.config import ConversionConfig
+from beam_pipeline.fhir_build import build_study, dicom_datetime
 from beam_pipeline.study import StudyGroup
 from terminologies import Terminologies
 
@@ -45,9 +46,9 @@ def test_dicom_datetime(date, time, offset, expected):
 
 
 @pytest.mark.parametrize("date, time, note", [
-    ("20051399", "120000", "unparseable-date:StudyDate"),
-    ("2005", None, "unparseable-date:StudyDate"),
-    ("20050906", "25xx", "unparseable-time:StudyDate"),
+    ("20051399", "120000", "unparseable:StudyDate"),
+    ("2005", None, "unparseable:StudyDate"),
+    ("20050906", "25xx", "unparseable:StudyTime"),
 ])
 def test_unparseable_dates_are_counted_not_raised(date, time, note):
     notes = Counter()
@@ -73,7 +74,7 @@ def test_patient_id_length_truncates_and_counts(terms):
     group = StudyGroup("1.2.3").add(record("1.2.3.1.1", PatientID="1234567890123"), KEYS)
     built = build_study(group, ConversionConfig(patient_id_length=9), terms)
     assert built.resources[0][1]["subject"]["identifier"]["value"] == "123456789"
-    assert built.notes["patient-id-truncated"] == 1
+    assert built.notes["truncated:PatientID"] == 1
 
 
 def test_arrival_order_and_bundling_do_not_change_the_result(terms):
@@ -146,7 +147,7 @@ def test_sampled_validation_sees_every_uid_and_each_instance_shape(terms):
     ("09990101", None, None, "0999-01-01", None),                               # FHIR wants 4 digits
     ("20050906", "120000", "+1430", "2005-09-06T12:00:00+02:00", "unparseable:TimezoneOffsetFromUTC"),
     ("20050906", "120000", "+1400", "2005-09-06T12:00:00+14:00", None),
-    ("20050906", "12.5", None, "2005-09-06", "unparseable-time:StudyDate"),    # a fraction needs seconds
+    ("20050906", "12.5", None, "2005-09-06", "unparseable:StudyTime"),    # a fraction needs seconds
 ])
 def test_dates_stay_within_fhir_datetime(date, time, offset, expected, note):
     notes = Counter()

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
+from beam_pipeline.config import DEFAULT_ENCOUNTER_ID_SYSTEM, ConversionConfig
 from beam_pipeline import mii
 from terminologies import Terminologies
 
@@ -336,8 +337,9 @@ def _cases():
 
 CASES = _cases()
 TERMS = Terminologies.load()
-CONFIG = {"observations": True, "study_instance_uid": "1.2.3", "subject": {"reference": "Patient/p1"},
-          "started": "2024-07-19T12:03:30+02:00"}
+CONFIG = ConversionConfig(observations=True)
+CONTEXT = {"study_uid": "1.2.3", "subject": {"reference": "Patient/p1"},
+           "started": "2024-07-19T12:03:30+02:00"}
 
 
 def _by_url(extensions):
@@ -373,7 +375,7 @@ def test_instance_extensions_conform(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_study_elements_conform(name):
     ds = modified(CASES[name][0], AdmissionID="ADM-1", PatientWeight="71.5", PatientSize="1.8")
-    out = mii.study_elements(record_from_dataset(ds), CONFIG, TERMS, Counter())
+    out = mii.study_elements(record_from_dataset(ds), CONFIG, TERMS, Counter(), **CONTEXT)
     assert check_extensions(out["extension"], STUDY) == []
     assert [o["code"]["coding"][0]["code"] for o in out["observations"]] == ["29463-7", "8302-2"]
     for observation in out["observations"]:
@@ -523,7 +525,7 @@ def test_mapping_reproduces_example_structure(name):
         assert check_extensions(instance_ours, INSTANCE) == []
         assert _summary(instance_ours) == _summary(series["instance"][0]["extension"])
 
-    study = mii.study_elements(record, {**CONFIG, "observations": False}, TERMS, Counter())
+    study = mii.study_elements(record, ConversionConfig(), TERMS, Counter(), **CONTEXT)
     assert _summary(study["extension"]) == _summary(example["extension"])
 
 

@@ -7,6 +7,7 @@ import pytest
 from fhir.resources.R4B.observation import Observation
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from beam_pipeline.config import DEFAULT_ENCOUNTER_ID_SYSTEM, ConversionConfig
 from beam_pipeline import mii
 from terminologies import Terminologies
 
@@ -59,7 +60,7 @@ def test_garbage_never_raises_nor_yields_empty_extensions(garbage):
     record = {k: garbage for k in keywords} | {"Modality": "PT", mii.INVALID_KEY: garbage}
     notes = Counter()
     extensions = (mii.series_extensions(record, TERMS, False, notes) + mii.instance_extensions(record, TERMS, notes)
-                  + mii.study_elements(record, {"observations": True, "study_instance_uid": "1"}, TERMS, notes)
+                  + mii.study_elements(record, ConversionConfig(observations=True), TERMS, notes, study_uid="1")
                   .get("extension", []))
     for ext in extensions:
         assert ext.get("extension") or any(k.startswith("value") for k in ext)
@@ -183,18 +184,19 @@ def test_no_instance_extension_without_values():
     assert mii.instance_extensions({"SOPInstanceUID": "1.2"}, TERMS, Counter()) == []
 
 
-CONFIG = {"observations": True, "study_instance_uid": "1.2.840.1", "subject": {"reference": "Patient/p"},
-          "started": "2024-07-19T12:03:30+02:00"}
+CONFIG = ConversionConfig(observations=True)
+CONTEXT = {"study_uid": "1.2.840.1", "subject": {"reference": "Patient/p"},
+           "started": "2024-07-19T12:03:30+02:00"}
 
 
 def test_encounter_reference_hashes_system_and_admission_id():
-    out = mii.study_elements({"AdmissionID": "V123"}, {"observations": False}, TERMS, Counter())
-    system = mii.DEFAULT_ENCOUNTER_SYSTEM
+    out = mii.study_elements({"AdmissionID": "V123"}, ConversionConfig(), TERMS, Counter())
+    system = DEFAULT_ENCOUNTER_ID_SYSTEM
     assert out == {"encounter": {
         "reference": "Encounter/" + hashlib.sha256(f"{system}|V123".encode()).hexdigest(),
         "identifier": {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN",
                                             "display": "Visit number"}]}, "system": system, "value": "V123"}}}
-    custom = mii.study_elements({"AdmissionID": "V123"}, {"encounter_id_system": "urn:x"}, TERMS, Counter())
+    custom = mii.study_elements({"AdmissionID": "V123"}, ConversionConfig(encounter_id_system="urn:x"), TERMS, Counter())
     assert custom["encounter"]["identifier"]["system"] == "urn:x"
     assert custom["encounter"]["reference"] != out["encounter"]["reference"]
 
@@ -206,7 +208,7 @@ def test_procedure_codes_by_scheme():
              {"CodeValue": "CTTHX", "CodingSchemeDesignator": "99LOCAL", "CodeMeaning": "CT Thorax"},
              {"CodingSchemeDesignator": "99LOCAL"})
     notes = Counter()
-    codes = mii.study_elements({"ProcedureCodeSequence": items}, {}, TERMS, notes)["procedureCode"]
+    codes = mii.study_elements({"ProcedureCodeSequence": items}, ConversionConfig(), TERMS, notes)["procedureCode"]
     assert [c.get("coding", [{}])[0].get("system") for c in codes] == [
         SCT, "http://loinc.org", "http://dicom.nema.org/resources/ontology/DCM", None, None]
     assert codes[3] == {"text": "CT Thorax"} and codes[4] == {"text": "99LOCAL"}
@@ -217,18 +219,18 @@ def test_reason_for_request_joins_distinct_reasons():
     study = {"RequestAttributesSequence": ({"ReasonForTheRequestedProcedure": "V.a. Fraktur"}, {},
                                            {"ReasonForTheRequestedProcedure": "Schmerzen"},
                                            {"ReasonForTheRequestedProcedure": "V.a. Fraktur"})}
-    out = mii.study_elements(study, {}, TERMS, Counter())
+    out = mii.study_elements(study, ConversionConfig(), TERMS, Counter())
     assert out["extension"] == [{"url": mii.EXT + "bildgebungsgrund", "valueString": "V.a. Fraktur; Schmerzen"}]
 
 
 def test_observations_only_when_configured():
     study = {"PatientWeight": 80.0, "PatientSize": 1.8}
-    assert mii.study_elements(study, {**CONFIG, "observations": False}, TERMS, Counter()) == {}
-    out = mii.study_elements(study, CONFIG, TERMS, Counter())
+    assert mii.study_elements(study, ConversionConfig(), TERMS, Counter(), **CONTEXT) == {}
+    out = mii.study_elements(study, CONFIG, TERMS, Counter(), **CONTEXT)
     weight, height = out["observations"]
     assert weight["id"] == hashlib.sha256(b"1.2.840.1|29463-7").hexdigest()
     assert height["valueQuantity"] == {"value": 1.8, "unit": "m", "system": "http://unitsofmeasure.org", "code": "m"}
-    assert weight["subject"] == CONFIG["subject"] and weight["effectiveDateTime"] == CONFIG["started"]
+    assert weight["subject"] == CONTEXT["subject"] and weight["effectiveDateTime"] == CONTEXT["started"]
     assert [e["valueReference"]["reference"] for e in out["extension"]] == [
         f"Observation/{weight['id']}", f"Observation/{height['id']}"]
     for observation in out["observations"]:
@@ -242,7 +244,7 @@ def test_observations_only_when_configured():
 ])
 def test_implausible_or_invalid_vitals_are_left_out(study, note):
     notes = Counter()
-    assert mii.study_elements(study, CONFIG, TERMS, notes) == {}
+    assert mii.study_elements(study, CONFIG, TERMS, notes, **CONTEXT) == {}
     assert notes == Counter({note: 1})
 
 
@@ -255,5 +257,5 @@ def test_garbage_inside_code_items_never_raises(garbage):
                                                           "RadiopharmaceuticalStartTime": garbage},)}
     notes = Counter()
     mii.series_extensions(record, TERMS, True, notes)
-    out = mii.study_elements(record, {}, TERMS, notes)
+    out = mii.study_elements(record, ConversionConfig(), TERMS, notes)
     assert all(c.get("coding") or c.get("text") for c in out.get("procedureCode", []))

@@ -1,0 +1,123 @@
+"""Command line: options parsed once into ``Settings``, checked before any work, then one run."""
+from __future__ import annotations
+
+import argparse
+import glob as globlib
+import logging
+import os
+import sys
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
+
+from beam_pipeline import output
+from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.pipeline import execute, local_runner
+from beam_pipeline.summary import accounted, describe
+
+_LOG = logging.getLogger(__name__)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_pipeline", allow_abbrev=False,
+        description="Convert a DICOM archive into FHIR R4 ImagingStudy/Device NDJSON for bulk import.")
+    parser.add_argument("--input", required=True, help="directory (recursive), glob, or gs:// path/glob")
+    parser.add_argument("--output", required=True, help="output directory (local or gs://)")
+    parser.add_argument("--group-by", choices=("study", "directory"), default="study",
+                        help="study: one study across any folders (default); directory: each first-level "
+                             "folder under --input is one study, folders with several studies are rejected")
+    defaults = ConversionConfig()
+    parser.add_argument("--study-id-system", default=defaults.study_id_system)
+    parser.add_argument("--patient-id-system", default=defaults.patient_id_system)
+    parser.add_argument("--accession-id-system", default=defaults.accession_id_system,
+                        help="system of the ACSN identifier (default: none, as the legacy converter)")
+    parser.add_argument("--encounter-id-system", default=defaults.encounter_id_system,
+                        help="system of Encounter identifiers built from AdmissionID")
+    parser.add_argument("--patient-id-length", type=int, default=None,
+                        help="keep only the first N characters of PatientID (default: whole)")
+    parser.add_argument("--timezone", default=defaults.timezone,
+                        help="zone of DICOM dates without TimezoneOffsetFromUTC (default Europe/Berlin)")
+    parser.add_argument("--no-instances", action="store_true", help="leave out the instance level")
+    parser.add_argument("--no-devices", action="store_true", help="write no Device resources")
+    parser.add_argument("--observations", action="store_true",
+                        help="write body weight/height Observations and reference them")
+    parser.add_argument("--validate", choices=("sampled", "full", "none"), default="sampled",
+                        help="fhir.resources R4B validation of every study: sampled (default) validates each "
+                             "resource with one instance per distinct instance shape and checks every "
+                             "instance uid; full validates every instance (slow for large studies); none")
+    parser.add_argument("--pydicom-only", action="store_true",
+                        help="read every header with pydicom instead of the fast scanner")
+    return parser
+
+
+def unknown_beam_options(beam_args: list[str]) -> list[str]:
+    """Options that neither we nor any Beam PipelineOptions class know (Beam itself only warns)."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options does
+    _, unknown = parser.parse_known_args(beam_args)
+    return [arg for arg in unknown if arg.startswith("-")]
+
+
+def parse_args(argv=None) -> tuple[Settings, list[str]]:
+    """Our options -> Settings; the rest must be Beam options. Errors exit 2 with one line."""
+    parser = argument_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_beam_options(beam_args)
+    if unknown:
+        parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
+    if "://" not in args.input and not os.path.lexists(args.input) and not globlib.has_magic(args.input):
+        parser.error(f"--input {args.input} does not exist")
+    if args.patient_id_length is not None and args.patient_id_length < 1:
+        parser.error("--patient-id-length must be at least 1")
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        parser.error(f"--timezone {args.timezone!r} is not a known time zone")
+    conversion = ConversionConfig(
+        study_id_system=args.study_id_system, patient_id_system=args.patient_id_system,
+        accession_id_system=args.accession_id_system, encounter_id_system=args.encounter_id_system,
+        patient_id_length=args.patient_id_length, timezone=args.timezone,
+        include_instances=not args.no_instances, include_devices=not args.no_devices,
+        observations=args.observations)
+    settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
+                        use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion)
+    return settings, beam_args
+
+
+def run(argv=None) -> dict:
+    """Parse options once, run the pipeline, print the summary."""
+    settings, beam_args = parse_args(argv)
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    summary = execute(beam.Pipeline(runner=local_runner(options), options=options), settings)
+    print(describe(summary), flush=True)
+    return summary
+
+
+def first_line(exc: BaseException) -> str:
+    """The innermost cause's type and first message line (Beam wraps worker errors many times)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1][:300] if text else ''}"
+
+
+def main(argv=None) -> int:
+    """Console entry: 2 for a problem found before the run (one line), 1 when the outcomes do not
+    account for every matched file (a bug), else 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        summary = run(argv)
+    except output.OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks
+        print(f"error: the run failed: {first_line(exc)}", file=sys.stderr)
+        return 3
+    if not accounted(summary):
+        _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
+        return 1
+    return 0

@@ -1,0 +1,39 @@
+"""Typed settings: what the mapping needs (``ConversionConfig``) and what a run needs (``Settings``).
+
+The CLI turns its arguments into these once; the pipeline, the DoFns and ``convert`` take them,
+never an argparse Namespace or a dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_STUDY_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
+DEFAULT_PATIENT_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
+DEFAULT_ENCOUNTER_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/encounter-id"
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """Options of the mapping; defaults follow the converter we grow from."""
+
+    study_id_system: str = DEFAULT_STUDY_ID_SYSTEM
+    patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM
+    accession_id_system: str | None = None
+    encounter_id_system: str = DEFAULT_ENCOUNTER_ID_SYSTEM
+    patient_id_length: int | None = None
+    timezone: str = "Europe/Berlin"
+    include_instances: bool = True
+    include_devices: bool = True
+    observations: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run: where from, where to, how to group, read and validate."""
+
+    input: str
+    output: str
+    group_by: str = "study"              # "study" | "directory"
+    use_fast_reader: bool = True
+    validate: str = "sampled"            # "sampled" | "full" | "none"
+    conversion: ConversionConfig = field(default_factory=ConversionConfig)

@@ -1,0 +1,150 @@
+"""One file in, one outcome out; one study in, its lines out: the steps both paths share.
+
+The Beam DoFns (``transforms``) and the in-process ``convert.convert_files`` call these pure
+functions and only route what they return, so the two paths cannot drift. Each step returns the
+counts it adds to ``summary.json`` (as data, not Beam metrics): every input file ends in exactly
+one ``outcome:`` count.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import orjson
+
+from beam_pipeline import fhir_build, header, inputs
+from beam_pipeline.codes import Outcome, Reason
+from beam_pipeline.config import ConversionConfig
+from beam_pipeline.fields import CORE_KEYWORDS, default_spec
+from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult
+from beam_pipeline.study import StudyGroup
+
+_SKIPPED = {NOT_DICOM: Outcome.SKIPPED_NOT_DICOM, DICOMDIR: Outcome.SKIPPED_DICOMDIR}
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def instance_keys() -> tuple[str, ...]:
+    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions)."""
+    from beam_pipeline import mii
+
+    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
+
+
+@dataclass
+class FileOutcome:
+    """A read file: its record (instances), or the error line to write; and its counts."""
+
+    result: HeaderResult
+    error: dict | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+class FileReader:
+    """What reading a file needs, built once per worker (``DoFn.setup``), never per file."""
+
+    def __init__(self, use_fast_reader: bool = True, open_file=None):
+        self.use_fast_reader = use_fast_reader
+        self.spec = default_spec()
+        self.open_file = open_file or inputs.open_input
+
+    def read(self, path: inputs.Path) -> HeaderResult:
+        """Classify one file; problems of the file system become error results, never exceptions."""
+        try:
+            if not (isinstance(path, str) and inputs.is_remote(path)):
+                problem = inputs.local_file_problem(path)
+                if problem:
+                    return HeaderResult(ERROR, reason=problem[0], detail=problem[1])
+            with self.open_file(path) as fp:
+                return header.read_header(fp, self.spec, use_fast=self.use_fast_reader)
+        except OSError as exc:
+            return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}")
+
+
+def uid_problem(record: dict) -> str | None:
+    """A UID that is not digits and dots of at most 64 characters (a stray byte, a bad writer)."""
+    for keyword in _UID_KEYWORDS:
+        value = record.get(keyword)
+        if value is not None and (len(value) > 64 or not _UID.fullmatch(value)):
+            return f"{keyword} is not a valid DICOM UID (digits and dots, at most 64 characters)"
+    return None
+
+
+def process_file(path: inputs.Path, reader: FileReader) -> FileOutcome:
+    """Read one file into an instance record, or the error line that stands for it."""
+    return outcome_of(reader.read(path), path)
+
+
+def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -> FileOutcome:
+    """Counts and error line for one read header; ``where`` names the source when there is no path."""
+    if result.kind == INSTANCE:
+        problem = uid_problem(result.record)
+        if problem:
+            result = HeaderResult(ERROR, reason=Reason.INVALID_UID, detail=problem)
+    counts = Counter({f"note:{note}": 1 for note in result.notes})
+    if result.kind == INSTANCE:
+        counts["instances_read"] += 1  # its outcome is decided with its study
+        return FileOutcome(result, None, counts)
+    if result.kind in _SKIPPED:
+        counts[f"outcome:{_SKIPPED[result.kind]}"] += 1
+        return FileOutcome(result, None, counts)
+    counts[f"outcome:{Outcome.ERROR}"] += 1
+    counts[f"error:{result.reason}"] += 1
+    error = {"reason": str(result.reason), "detail": result.detail, **where}
+    if path is not None:
+        error["path"] = inputs.display_path(path)
+    return FileOutcome(result, error, counts)
+
+
+@dataclass
+class StudyOutcome:
+    """Lines of one study by resource type (Devices as (id, line)), or its error line; and counts."""
+
+    lines: dict = field(default_factory=dict)   # resource type -> [line]
+    devices: list = field(default_factory=list)  # (device id, line): shared by studies, deduplicated later
+    error: dict | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+def dumps(resource: dict) -> str:
+    return orjson.dumps(resource).decode("utf-8")
+
+
+def process_study(group: StudyGroup, config: ConversionConfig, terms, validator) -> StudyOutcome:
+    """Build (and validate) one study; a rejected study names its reason and counts its files."""
+    built = fhir_build.build_study(group, config, terms)
+    if built.rejection is None and validator is not None:
+        built.rejection = validator.problem(built.resources)
+    out = StudyOutcome()
+    if built.rejection is not None:
+        reason, detail = built.rejection
+        out.counts["studies_rejected"] += 1
+        if group.files:  # a study wholly inside a rejected folder is named by the folder's error
+            out.counts[f"outcome:{Outcome.REJECTED_WITH_STUDY}"] += group.files
+            out.counts[f"error:{reason}"] += 1
+            out.error = {"reason": str(reason), "study_uid": group.study_uid, "files": group.files,
+                         "detail": detail}
+        return out
+    out.counts["studies_written"] += 1
+    out.counts[f"outcome:{Outcome.CONVERTED}"] += len(group.instances)
+    out.counts[f"outcome:{Outcome.DUPLICATE}"] += group.duplicates
+    for note, count in built.notes.items():
+        out.counts[f"note:{note}"] += count
+    for resource_type, resource in built.resources:
+        if resource_type == "Device":
+            out.devices.append((resource["id"], dumps(resource)))
+        else:
+            out.lines.setdefault(resource_type, []).append(dumps(resource))
+            out.counts[f"lines:{resource_type}"] += 1
+    return out
+
+
+def pick_device(lines) -> str:
+    """The one line written for a Device id that several studies built (they may differ in
+    model name): the smallest, so every runner and worker count picks the same."""
+    return min(lines)
+
+
+def error_line(error: dict) -> str:
+    return orjson.dumps(error, option=orjson.OPT_SORT_KEYS).decode("utf-8")

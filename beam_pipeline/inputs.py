@@ -1,0 +1,165 @@
+"""Which files a run reads, and how one is opened.
+
+Local folders are walked here rather than by Beam's ``MatchFiles``: symlinked folders are followed
+(once each, as ``find -L``), dangling links are listed so that they become error lines, the output
+folder is never read back when it lies inside the input, and a file name that is not valid UTF-8
+is carried as ``bytes`` (Beam's string coder cannot encode it). Object stores are listed through
+Beam's ``FileSystems``.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import os
+import re
+import stat
+import warnings
+from typing import Iterator
+
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
+from apache_beam.io.filesystems import FileSystems
+
+Path = str | bytes  # bytes only for local names that are not valid UTF-8
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def portable(path: str) -> Path:
+    """``path`` itself, or its raw bytes when it holds undecodable bytes (surrogate escapes)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def display_path(path: Path) -> str:
+    """A printable, valid-UTF-8 form of a path: undecodable bytes shown as ``\\xNN``."""
+    if isinstance(path, bytes):
+        return path.decode("utf-8", "backslashreplace")
+    return path
+
+
+def resolve_pattern(input_path: str) -> str:
+    """A directory (local or bucket prefix) becomes a recursive glob; a glob or file stays as is.
+    Local paths become absolute, so that matched paths and folder keys agree."""
+    if not is_remote(input_path):
+        input_path = os.path.abspath(input_path)
+        if os.path.isdir(input_path):  # walked whatever its name: "Study [2020]" is no glob
+            return os.path.join(globlib.escape(input_path), "**")
+        return input_path if globlib.has_magic(input_path) else globlib.escape(input_path)
+    if globlib.has_magic(input_path):
+        return input_path
+    if input_path.endswith("/") or not FileSystems.exists(input_path):
+        return input_path.rstrip("/") + "/**"
+    return input_path
+
+
+def group_root(input_path: str) -> str:
+    """The folder whose first-level subfolders are studies in ``--group-by directory`` mode."""
+    root = input_path if is_remote(input_path) else os.path.abspath(input_path)
+    if not is_remote(root) and os.path.isdir(root):
+        return root.rstrip("/")
+    while globlib.has_magic(root):
+        root = root.rsplit("/", 1)[0]
+    return root.rstrip("/")
+
+
+def first_level_folder(path: Path, root: str) -> str:
+    """Key of a file in directory mode: its first-level folder under root (files at the top: root)."""
+    path = display_path(path)
+    relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+    parts = relative.split("/")
+    return root + "/" + parts[0] if len(parts) > 1 else root
+
+
+def list_files(pattern: str, exclude: str | None = None) -> Iterator[tuple[Path, int | None]]:
+    """(path, size or None) of every file the resolved pattern matches, in a stable order."""
+    if is_remote(pattern):
+        for result in FileSystems.match([pattern]):
+            for meta in sorted(result.metadata_list, key=lambda m: m.path):
+                yield meta.path, meta.size_in_bytes
+        return
+    root = _literal_root(pattern)
+    if not globlib.has_magic(pattern):  # one file (escaped or plain)
+        path = _unescape(pattern)
+        if os.path.lexists(path):
+            yield portable(path), None
+        return
+    with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
+        warnings.simplefilter("ignore", FutureWarning)
+        matches = re.compile(FileSystem.translate_pattern(pattern)).fullmatch
+    excluded = os.path.realpath(exclude) if exclude and not is_remote(exclude) else None
+    for path in _walk(root, excluded):
+        if matches(path):
+            yield portable(path), None
+
+
+def _literal_root(pattern: str) -> str:
+    """The longest leading folder of a glob without magic characters (unescaped)."""
+    parts = pattern.split("/")
+    literal = []
+    for part in parts[:-1]:
+        if globlib.has_magic(part.replace("[[]", "").replace("[]]", "").replace("[*]", "")
+                             .replace("[?]", "")):
+            break
+        literal.append(part)
+    return _unescape("/".join(literal) or "/")
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\[([*?\[\]])\]", r"\1", text)
+
+
+def _walk(root: str, excluded: str | None) -> Iterator[str]:
+    """Files under root, following symlinked folders once each (loop-safe); dangling links too."""
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue  # a symlink loop or a second link to a folder already walked
+        seen.add((info.st_dev, info.st_ino))
+        if excluded and os.path.realpath(folder) == excluded:
+            continue
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        folders = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    folders.append(entry.path)
+                    continue
+            except OSError:
+                pass
+            yield entry.path  # files, special files and dangling links: the reader classifies them
+        stack.extend(reversed(folders))
+
+
+def open_input(path: Path):
+    """A binary file object for reading a header; object stores through Beam's FileSystems."""
+    if isinstance(path, str) and is_remote(path):
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return open(path, "rb")
+
+
+def local_file_problem(path: Path) -> tuple[str, str] | None:
+    """(reason, detail) when a local path is not a regular file that can be read, else None."""
+    from beam_pipeline.codes import Reason
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
+        raise
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        return Reason.NOT_A_REGULAR_FILE, "a FIFO, socket or device file is not read"
+    return None

@@ -1,0 +1,74 @@
+"""``summary.json`` from the counts the pipeline computed as data (never from Beam metrics).
+
+Count keys: ``files_matched``, ``instances_read``, ``outcome:<Outcome>``, ``error:<Reason>``,
+``note:<kind>:<what>``, ``lines:<ResourceType>``, ``studies_written``, ``studies_rejected``, and
+per source extras (e.g. ``dicomweb:studies_listed``).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.codes import RESOURCE_TYPES, Outcome
+
+SUMMARY_NAME = "summary.json"
+
+
+def summarize(counts: Counter, seconds: float) -> dict:
+    def prefixed(prefix):
+        return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix) and v}
+
+    outcomes = {str(name): counts.get(f"outcome:{name}", 0) for name in Outcome}
+    converted = outcomes[Outcome.CONVERTED]
+    summary = {
+        "files_matched": counts.get("files_matched", 0),
+        "outcomes": outcomes,
+        "studies": {"written": counts.get("studies_written", 0), "rejected": counts.get("studies_rejected", 0)},
+        "resources": {name: counts.get(f"lines:{name}", 0) for name in RESOURCE_TYPES},
+        "errors_by_reason": prefixed("error:"),
+        "notes": prefixed("note:"),
+    }
+    sources = prefixed("dicomweb:")
+    if sources:
+        summary["dicomweb"] = sources
+    summary["seconds"] = round(seconds, 3)
+    summary["instances_per_second"] = round(converted / seconds, 1) if seconds > 0 else None
+    return summary
+
+
+def accounted(summary: dict) -> bool:
+    """Every matched file has exactly one outcome."""
+    return sum(summary["outcomes"].values()) == summary["files_matched"]
+
+
+def write_summary(output_dir: str, summary: dict) -> str:
+    path = FileSystems.join(output_dir, SUMMARY_NAME)
+    with FileSystems.create(path) as out:
+        out.write(json.dumps(summary, indent=2).encode("utf-8") + b"\n")
+    return path
+
+
+def read_summary(output_dir: str) -> dict:
+    with FileSystems.open(FileSystems.join(output_dir, SUMMARY_NAME)) as handle:
+        return json.loads(handle.read())
+
+
+def describe(summary: dict) -> str:
+    """A short human-readable report (counts only: no identifiers)."""
+    outcomes = summary["outcomes"]
+    lines = [
+        f"files matched: {summary['files_matched']} (accounted for: {sum(outcomes.values())})",
+        "outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()),
+        f"studies written: {summary['studies']['written']}, rejected: {summary['studies']['rejected']}",
+        "resources: " + ", ".join(f"{k} {v}" for k, v in summary["resources"].items()),
+    ]
+    if summary.get("dicomweb"):
+        lines.append("dicomweb: " + ", ".join(f"{k} {v}" for k, v in summary["dicomweb"].items()))
+    if summary["errors_by_reason"]:
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()))
+    if summary["notes"]:
+        lines.append("notes: " + ", ".join(f"{k} {v}" for k, v in summary["notes"].items()))
+    lines.append(f"{summary['seconds']} s, {summary['instances_per_second']} instances/s")
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""The pipeline's steps as composite PTransforms; DoFns only route what ``core`` returns.
+
+Every step also emits its counts (``collections.Counter``) to a ``counts`` output; ``Summarize``
+adds them up and writes ``summary.json`` after all shards are final. Beam ``Metrics`` counters
+are kept for monitoring (the Dataflow/Flink UIs, the progress line) and feed nothing a user reads.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import typing
+import warnings
+from collections import Counter
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
+
+from beam_pipeline import core, inputs, output, study
+from beam_pipeline.codes import Outcome, Reason
+from beam_pipeline.config import ConversionConfig
+from beam_pipeline.summary import summarize, write_summary
+
+NAMESPACE = "dicom2fhir"
+COUNTS = "counts"
+ERRORS = "errors"
+PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
+
+
+class SumCounts(beam.CombineFn):
+    """Adds Counters; only accumulators it created are changed, never its inputs."""
+
+    def create_accumulator(self):
+        return Counter()
+
+    def add_input(self, total, counts):
+        total.update(counts)
+        return total
+
+    def merge_accumulators(self, totals):
+        merged = Counter()
+        for total in totals:
+            merged.update(total)
+        return merged
+
+    def extract_output(self, total):
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. List
+
+
+@beam.typehints.with_output_types(typing.Tuple[typing.Any, typing.Any])
+class ListFilesDoFn(beam.DoFn):
+    """A resolved input pattern -> (path, size or None) for each file; its count as data."""
+
+    def __init__(self, exclude: str | None = None):
+        self.exclude = exclude
+        self.listed = Metrics.counter(NAMESPACE, "files_listed")
+
+    def process(self, pattern):
+        count = 0
+        for item in inputs.list_files(pattern, self.exclude):
+            count += 1
+            if count % 1000 == 0:
+                self.listed.inc(1000)
+            yield item
+        self.listed.inc(count % 1000)
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
+
+
+class ListInputFiles(beam.PTransform):
+    """Lists the input files and spreads them, in batches, over the workers."""
+
+    def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH):
+        super().__init__()
+        self.input_path = input_path
+        self.exclude = exclude
+        self.batch_size = batch_size
+
+    def expand(self, pbegin):
+        listed = (pbegin
+                  | "Pattern" >> beam.Create([inputs.resolve_pattern(self.input_path)])
+                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude)).with_outputs(COUNTS, main="files"))
+        batches = (listed.files
+                   | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+                   | "Spread" >> beam.Reshuffle())
+        return batches, listed[COUNTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Read headers
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, bytes])
+class ReadHeaderDoFn(beam.DoFn):
+    """Reads the headers of a batch of files and pre-aggregates its instances per study.
+
+    Emits one (group key, serialized partial) per study found in the batch instead of one element
+    per instance, so the shuffle carries few, compact elements.
+    """
+
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+        self.use_fast_reader = use_fast_reader
+        self.group_by = group_by
+        self.root = root
+        self.files = Metrics.counter(NAMESPACE, "files_read")
+        self.instances = Metrics.counter(NAMESPACE, "instances_read")
+
+    def setup(self):
+        self.reader = core.FileReader(self.use_fast_reader)
+        self.instance_keys = core.instance_keys()
+        # pydicom's warnings about odd files may quote element values (patient data): keep them
+        # off the console. Set once per worker: catch_warnings per file is not thread-safe.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="pydicom")
+
+    def process(self, batch):
+        partials: dict[str, dict] = {}
+        counts = Counter()
+        for path, _size in batch:
+            outcome = core.process_file(path, self.reader)
+            counts.update(outcome.counts)
+            if outcome.error is not None:
+                yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
+            elif outcome.result.record is not None:
+                record = outcome.result.record
+                key = (inputs.first_level_folder(path, self.root) if self.group_by == "directory"
+                       else record["StudyInstanceUID"])
+                study.add_to_directory(partials.setdefault(key, {}), record, self.instance_keys)
+        self.files.inc(len(batch))
+        self.instances.inc(counts["instances_read"])
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+class ReadHeaders(beam.PTransform):
+    """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
+
+    def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = ""):
+        super().__init__()
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root)
+
+    def expand(self, batches):
+        results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")
+        return results.partials, results[ERRORS], results[COUNTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Group per study (multi-study guard)
+
+
+def merge_partials(item) -> tuple[str, dict]:
+    key, blobs = item
+    return key, study.merge_directories(study.load_groups(blob) for blob in blobs)
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, study.StudyGroup])
+class DirectoryGuardDoFn(beam.DoFn):
+    """Rejects a folder holding more than one study as a whole; passes single-study folders on."""
+
+    REJECTED = "rejected"
+
+    def process(self, item):
+        directory, groups = item
+        if len(groups) == 1:
+            (uid, group), = groups.items()
+            yield uid, group
+            return
+        uids = sorted(groups)
+        files = sum(g.files for g in groups.values())
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({
+            f"outcome:{Outcome.REJECTED_WITH_STUDY}": files, f"error:{Reason.MULTIPLE_STUDIES_IN_DIRECTORY}": 1}))
+        yield beam.pvalue.TaggedOutput(self.REJECTED, {
+            "reason": str(Reason.MULTIPLE_STUDIES_IN_DIRECTORY), "path": directory, "study_uids": uids,
+            "files": files, "detail": f"{len(uids)} StudyInstanceUIDs in one folder: {', '.join(uids)}",
+        })
+        for uid in uids:  # no file of these studies may be written from other folders either
+            yield uid, study.StudyGroup(uid, rejected_folders={directory})
+
+
+class MergeGroupsFn(beam.CombineFn):
+    """Merges StudyGroups of one study found in several folders (directory mode).
+
+    Inputs are never changed (runners may reuse them): the accumulator is a fresh group that
+    the inputs are merged into.
+    """
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, merged, group):
+        return (merged or study.StudyGroup(group.study_uid)).merge(group)
+
+    def merge_accumulators(self, groups):
+        merged = None
+        for group in groups:
+            if group is not None:
+                merged = (merged or study.StudyGroup(group.study_uid)).merge(group)
+        return merged
+
+    def extract_output(self, merged):
+        return merged
+
+
+class GroupStudies(beam.PTransform):
+    """Partials keyed by study (or folder) -> one StudyGroup per study, plus folder rejections and
+    their counts (directory mode; empty in study mode)."""
+
+    def __init__(self, group_by: str = "study"):
+        super().__init__()
+        self.group_by = group_by
+
+    def expand(self, partials):
+        merged = (partials
+                  | "Shuffle" >> beam.GroupByKey()
+                  | "Merge" >> beam.Map(merge_partials))
+        if self.group_by == "study":
+            return merged | "OneStudy" >> beam.FlatMap(lambda item: item[1].values()), None, None
+        guarded = merged | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(
+            DirectoryGuardDoFn.REJECTED, COUNTS, main="ok")
+        groups = (guarded.ok
+                  | "MergeSplitStudies" >> beam.CombinePerKey(MergeGroupsFn())
+                  | "DropKey" >> beam.Values())
+        return groups, guarded[DirectoryGuardDoFn.REJECTED], guarded[COUNTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Build resources
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, str])
+class BuildStudyDoFn(beam.DoFn):
+    """StudyGroup -> (resource type, NDJSON line); Devices and rejections to their own outputs."""
+
+    DEVICES = "devices"
+
+    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+        self.config = config
+        self.validate = validate
+        self.written = Metrics.counter(NAMESPACE, "studies_written")
+        self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
+
+    def setup(self):
+        from beam_pipeline import fhir_build
+        from terminologies import Terminologies
+
+        self.terms = Terminologies.load()
+        self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
+
+    def process(self, group):
+        outcome = core.process_study(group, self.config, self.terms, self.validator)
+        yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts)
+        self.written.inc(outcome.counts["studies_written"])
+        self.rejected.inc(outcome.counts["studies_rejected"])
+        if outcome.error is not None:
+            yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
+        for resource_type, lines in outcome.lines.items():
+            for line in lines:
+                yield resource_type, line
+        for device in outcome.devices:
+            yield beam.pvalue.TaggedOutput(self.DEVICES, device)
+
+
+class BuildResources(beam.PTransform):
+    """StudyGroups -> study lines, Device lines (each Device once per run), errors, counts."""
+
+    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+        super().__init__()
+        self.config = config
+        self.validate = validate
+
+    def expand(self, groups):
+        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate)).with_outputs(
+            ERRORS, COUNTS, BuildStudyDoFn.DEVICES, main="resources")
+        devices = (built[BuildStudyDoFn.DEVICES]
+                   | "DeviceOnce" >> beam.CombinePerKey(core.pick_device)
+                   | "DeviceLine" >> beam.Map(lambda item: ("Device", item[1])))
+        device_counts = devices | "CountDevices" >> beam.Map(lambda _: Counter({"lines:Device": 1}))
+        counts = (built[COUNTS], device_counts) | "BuildCounts" >> beam.Flatten()
+        return built.resources, devices, built[ERRORS], counts
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Write, then summarize
+
+
+class WriteNdjson(beam.PTransform):
+    """(name, line) -> sharded ``<name>-SSSSS-of-NNNNN.ndjson`` files; returns the written files.
+
+    Apply it where the lines are produced: a Flatten in front would make the runner materialize
+    every line between stages.
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, named_lines):
+        return named_lines | "Write" >> fileio.WriteToFiles(
+            path=self.output_dir, destination=lambda item: item[0], sink=lambda _: output.NdjsonSink(),
+            file_naming=fileio.destination_prefix_naming(".ndjson"))
+
+
+class WriteSummaryDoFn(beam.DoFn):
+    """Writes summary.json once every shard is final (its side inputs are complete only then)."""
+
+    def __init__(self, output_dir: str, started: float):
+        self.output_dir = output_dir
+        self.started = started
+
+    def process(self, _, counts, written_files):
+        output.remove_temp_dirs(self.output_dir)
+        summary = summarize(counts, time.time() - self.started)
+        write_summary(self.output_dir, summary)
+        yield summary
+
+
+class Summarize(beam.PTransform):
+    """All counts + the written files -> summary.json, written last: its presence marks a complete run."""
+
+    def __init__(self, output_dir: str, started: float):
+        super().__init__()
+        self.output_dir = output_dir
+        self.started = started
+
+    def expand(self, pcolls):
+        counts, written_files = pcolls
+        total = counts | "Sum" >> beam.CombineGlobally(SumCounts())
+        return (counts.pipeline
+                | "Once" >> beam.Create([None])
+                | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.output_dir, self.started),
+                                               counts=beam.pvalue.AsSingleton(total),
+                                               written_files=beam.pvalue.AsList(written_files)))
