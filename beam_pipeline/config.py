@@ -36,4 +36,5 @@ class Settings:
     group_by: str = "study"              # "study" | "directory"
     use_fast_reader: bool = True
     validate: str = "sampled"            # "sampled" | "full" | "none"
+    read_concurrency: int = 32           # header reads in flight per worker on object storage
     conversion: ConversionConfig = field(default_factory=ConversionConfig)

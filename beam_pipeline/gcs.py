@@ -6,7 +6,7 @@ On object storage a header read is bound by round trips, not by the CPU. So:
   (the object's size comes back in that response's ``Content-Range``); a further range only when
   the header reader asks for more (it grows its window by doubling, as on local disk, so the bytes
   fetched per file equal those read locally);
-* several header reads in flight per worker (:func:`read_all`, a bounded thread pool);
+* several header reads in flight per worker (``core.process_files`` with a bounded thread pool);
 * before any work, :func:`check_input` / :func:`check_output` find a missing credential, bucket or
   permission within seconds and say so in one line, instead of retrying for minutes.
 
@@ -16,13 +16,13 @@ number of reads in flight. ``STORAGE_EMULATOR_HOST`` (an emulator, no credential
 """
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
 from urllib.parse import quote
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
@@ -32,9 +32,6 @@ READ_TIMEOUT = 60.0
 CHECK_TIMEOUT = 8.0     # per request of an access check: the whole check stays well under 30 s
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRIES = 3             # per ranged GET, for transient statuses and dropped connections
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class GcsAccessError(Exception):
@@ -113,7 +110,7 @@ class RangeFetcher:
                 response = self.session.get(url, headers=headers, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
             except OSError as exc:  # requests' ConnectionError/Timeout are OSErrors
                 if attempt + 1 == RETRIES:
-                    raise OSError(f"cannot read gs://{bucket}/{name}: {type(exc).__name__}") from None
+                    raise OSError(errno.EIO, f"no answer from object storage ({type(exc).__name__})") from None
                 time.sleep(0.2 * 2 ** attempt)
                 continue
             status = response.status_code
@@ -127,11 +124,11 @@ class RangeFetcher:
             if status == 416:  # the range starts at or past the end: empty object or read past it
                 return b"", _total_size(response.headers.get("Content-Range"))
             if status == 404:
-                raise FileNotFoundError(f"gs://{bucket}/{name} does not exist")
+                raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
             if status in (401, 403):
-                raise PermissionError(f"no permission to read gs://{bucket}/{name} (HTTP {status})")
+                raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
             if status not in TRANSIENT_STATUSES or attempt + 1 == RETRIES:
-                raise OSError(f"reading gs://{bucket}/{name} failed with HTTP {status}")
+                raise OSError(errno.EIO, f"object storage answered HTTP {status}")
             time.sleep(0.2 * 2 ** attempt)
         raise AssertionError("unreachable")
 
@@ -221,25 +218,6 @@ def open_ranged(fetcher: RangeFetcher, path: str, first_read: int | None = None,
     return RangedObject(fetcher, path, first_read, size)
 
 
-def read_all(items: Iterable[T], read_one: Callable[[T], R], on_error: Callable[[T, Exception], R],
-             pool: ThreadPoolExecutor | None) -> list[R]:
-    """``read_one`` over all items, at most the pool's size in flight; results in input order.
-
-    Every item yields exactly one result: an exception becomes ``on_error(item, exc)``. Without a
-    pool the items are read one after the other.
-    """
-    def guarded(item: T) -> R:
-        try:
-            return read_one(item)
-        except Exception as exc:  # one odd object costs one error result, never the batch
-            return on_error(item, exc)
-
-    items = list(items)
-    if pool is None or len(items) < 2:
-        return [guarded(item) for item in items]
-    return list(pool.map(guarded, items))
-
-
 # ---------------------------------------------------------------------------------------------
 # Access checks before any work
 
@@ -251,12 +229,17 @@ class _Probe:
 
 
 def _probe_session() -> _Probe:
+    auth_log = logging.getLogger("google.auth")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)  # its warnings of each place it looked: our one line says it
     try:
         session = open_session(pool_size=2)
     except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
         raise GcsAccessError(
             "no Google Cloud credentials found (run `gcloud auth application-default login`, or set "
             f"GOOGLE_APPLICATION_CREDENTIALS): {type(exc).__name__}") from None
+    finally:
+        auth_log.setLevel(level)
     return _Probe(session, endpoint().rstrip("/"))
 
 

@@ -19,7 +19,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     started = time.time() if started is None else started
     batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(settings.input, settings.output)
     partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
-        settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input))
+        settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), settings.read_concurrency)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, devices, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipeline import gcs, header
+from beam_pipeline import core, gcs, header, inputs
 from beam_pipeline.fields import default_spec
 from beam_pipeline.records import ERROR, HeaderResult
 from gcs_emulator import closed_loopback_address, patched_environ
@@ -90,46 +90,51 @@ def test_missing_object_is_a_file_not_found(fetcher, gcs_emulator):
         gcs.open_ranged(fetcher, f"gs://{BUCKET}/no/such/object.dcm").read(10)
 
 
-def test_concurrent_reads_keep_order_and_turn_exceptions_into_results(uploaded, fetcher):
-    paths = sorted(uploaded) + [f"gs://{BUCKET}/missing-{i}.dcm" for i in range(3)]
-
-    def read_one(path):
-        return header.read_header(gcs.open_ranged(fetcher, path), SPEC)
-
-    def on_error(path, exc):
-        return HeaderResult(ERROR, reason="unreadable", detail=type(exc).__name__)
-
-    serial = gcs.read_all(paths, read_one, on_error, pool=None)
+def test_concurrent_reads_keep_order_and_account_for_every_file(uploaded, gcs_emulator):
+    items = [(path, None) for path in sorted(uploaded)] + [(f"gs://{BUCKET}/missing-{i}.dcm", None) for i in range(3)]
+    reader = core.FileReader(open_file=inputs.InputOpener(8))
+    serial = core.process_files(items, reader, pool=None)
     with ThreadPoolExecutor(8) as pool:
-        concurrent = gcs.read_all(paths, read_one, on_error, pool=pool)
-    assert concurrent == serial
-    assert len(concurrent) == len(paths)
-    assert [r.detail for r in concurrent[-3:]] == ["FileNotFoundError"] * 3
+        concurrent = core.process_files(items, reader, pool=pool)
+    assert [(o.result, o.error, o.counts) for o in concurrent] == [(o.result, o.error, o.counts) for o in serial]
+    assert len(concurrent) == len(items)
+    assert [o.error["reason"] for o in concurrent[-3:]] == ["unreadable"] * 3
+    assert concurrent[-1].error["path"] == f"gs://{BUCKET}/missing-2.dcm"
+    assert "object does not exist" in concurrent[-1].error["detail"]
+
+
+def test_an_exception_inside_a_read_is_one_error_outcome(uploaded, gcs_emulator):
+    def broken_open(path, size):
+        raise RuntimeError("a reader bug")
+
+    items = [(path, None) for path in sorted(uploaded)[:5]]
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = core.process_files(items, core.FileReader(open_file=broken_open), pool=pool)
+    assert [o.error["reason"] for o in outcomes] == ["unreadable"] * 5
+    assert all(o.counts["outcome:error"] == 1 for o in outcomes)
 
 
 def test_concurrency_overlaps_requests_at_cloud_latency(uploaded, gcs_emulator):
     """Behind a proxy adding 50 ms per request, 8 reads in flight beat 8 one after the other."""
     from benchmarks.latency_proxy import LatencyProxy
 
-    paths = sorted(p for p, local in uploaded.items() if local is not None)[:16]
+    items = [(p, None) for p, local in sorted(uploaded.items()) if local is not None][:16]
     with LatencyProxy(gcs_emulator.url, delay_ms=50) as proxy:
-        slow = gcs.RangeFetcher(gcs.open_session(pool_size=8), base_url=proxy.url)
-
-        def read_one(path):
-            return header.read_header(gcs.open_ranged(slow, path), SPEC)
-
-        started = time.perf_counter()
-        serial = gcs.read_all(paths, read_one, lambda p, e: None, pool=None)
-        serial_seconds = time.perf_counter() - started
-        with ThreadPoolExecutor(8) as pool:
+        with patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+            reader = core.FileReader(open_file=inputs.InputOpener(8))
             started = time.perf_counter()
-            concurrent = gcs.read_all(paths, read_one, lambda p, e: None, pool=pool)
-            concurrent_seconds = time.perf_counter() - started
+            serial = core.process_files(items, reader, pool=None)
+            serial_seconds = time.perf_counter() - started
+            with ThreadPoolExecutor(8) as pool:
+                started = time.perf_counter()
+                concurrent = core.process_files(items, reader, pool=pool)
+                concurrent_seconds = time.perf_counter() - started
         requests = proxy.counts.snapshot()["requests"]
-    assert concurrent == serial and None not in serial
-    assert serial_seconds >= len(paths) * 0.05
+    assert [o.result for o in concurrent] == [o.result for o in serial]
+    assert [o.error for o in serial if o.error and o.error["reason"] == "unreadable"] == []
+    assert serial_seconds >= len(items) * 0.05
     assert concurrent_seconds < serial_seconds / 3
-    assert requests <= 2 * len(paths) * 1.2
+    assert requests <= 2 * len(items) * 1.2
 
 
 # --- access checks --------------------------------------------------------------------------
