@@ -153,11 +153,10 @@ def open_input(path: Path, size: int | None = None):
 
 class InputOpener:
     """Opens input files for header reading, one per worker: ``gs://`` objects by ranged GETs over
-    one pooled session (made on the first gs:// path, so local runs need no credentials), other
+    kept-alive connections (set up on the first gs:// path, so local runs need no credentials), other
     object stores through Beam's FileSystems, local files directly."""
 
-    def __init__(self, connections: int = 32):
-        self.connections = connections
+    def __init__(self):
         self._fetcher = None
         self._lock = threading.Lock()
 
@@ -173,7 +172,7 @@ class InputOpener:
             if self._fetcher is None:
                 from beam_pipeline import gcs
 
-                self._fetcher = gcs.RangeFetcher(gcs.open_session(self.connections))
+                self._fetcher = gcs.RangeFetcher()
             return self._fetcher
 
 

@@ -113,7 +113,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.read_concurrency))
+        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener())
         self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
         self.instance_keys = core.instance_keys()
         # pydicom's warnings about odd files may quote element values (patient data): keep them

@@ -65,12 +65,32 @@ def _pinned(fn):
         os.sched_setaffinity(0, saved)
 
 
-def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: int = 32) -> dict:
+def _run_cli(input_path: str, out: Path, env: dict, *options: str) -> dict:
+    """The CLI in a subprocess (in-process runner, one worker); wall time includes start-up."""
+    command = [sys.executable, "-m", "beam_pipeline", "--input", str(input_path), "--output", str(out), *options]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        return {"error": result.stderr[-2000:], "seconds": seconds}
+    summary = json.loads((out / "summary.json").read_text())
+    converted = summary["outcomes"]["converted"]
+    return {"files": summary["files_matched"], "seconds": seconds, "rate": converted / seconds,
+            "converted": converted, "pipeline_seconds": summary["seconds"]}
+
+
+def _lines(folder: Path) -> list[str]:
+    return sorted(line for path in folder.glob("*.ndjson") for line in path.read_text().splitlines())
+
+
+def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: int = 32,
+             serial_files: int = 300, pipeline: bool = True) -> dict:
     """Upload ``paths`` (under ``root``) to an emulator and time the three header-reading modes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from gcs_emulator import GcsEmulator, anonymous_client, offline_environment, patched_environ
 
-    from beam_pipeline import gcs, header
+    from beam_pipeline import core, header, inputs
+    from beam_pipeline.convert import convert_files
     from beam_pipeline.fields import default_spec
 
     spec = default_spec()
@@ -80,11 +100,10 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
         client = anonymous_client()
         bucket = client.bucket(BUCKET)
         started = time.perf_counter()
-        gs_paths = []
-        for path in paths:
-            name = "archive/" + os.path.relpath(path, root)
-            bucket.blob(name).upload_from_filename(path)
-            gs_paths.append(f"gs://{BUCKET}/{name}")
+        names = ["archive/" + os.path.relpath(path, root) for path in paths]
+        with ThreadPoolExecutor(4) as uploads:  # the emulator serves one request at a time anyway
+            list(uploads.map(lambda pair: bucket.blob(pair[1]).upload_from_filename(pair[0]), zip(paths, names)))
+        gs_paths = [f"gs://{BUCKET}/{name}" for name in names]
         fig["upload_seconds"] = time.perf_counter() - started
         proxy, proxy_url = _start([sys.executable, "-m", "benchmarks.latency_proxy", "--upstream", emulator.url,
                                    "--delay-ms", str(delay_ms)])
@@ -102,27 +121,48 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
             fig["local"] = {"seconds": seconds, "rate": len(paths) / seconds,
                             "bytes_per_file": (_rchar() - before) / len(paths)}
 
-            session = gcs.open_session(pool_size=concurrency)
-            fetcher = gcs.RangeFetcher(session, base_url=proxy_url)
+            # gs:// reads go through the proxy: the client sees it as the emulator
+            with patched_environ({"STORAGE_EMULATOR_HOST": proxy_url}):
+                serial_count = min(len(paths), serial_files)
+                for name, workers, count in (("gs_serial", 1, serial_count), ("gs_concurrent", concurrency, len(paths))):
+                    reader = core.FileReader(open_file=inputs.InputOpener())
+                    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+                    items = [(p, None) for p in gs_paths[:count]]
+                    core.process_files(items[:4], reader, pool)  # open connections, first-call costs
+                    _proxy_counts(proxy_url, reset=True)
+                    seconds, outcomes = _pinned(lambda: core.process_files(items, reader, pool))
+                    counts = _proxy_counts(proxy_url)
+                    if pool:
+                        pool.shutdown()
+                    fig[name] = {"files": count, "seconds": seconds, "rate": count / seconds,
+                                 "requests_per_file": counts["requests"] / count,
+                                 "bytes_per_file": counts["response_bytes"] / count,
+                                 "same_results_as_local": [o.result for o in outcomes] == local_results[:count]}
 
-            def read_one(path):
-                return header.read_header(gcs.open_ranged(fetcher, path), spec)
-
-            def on_error(path, exc):
-                return None
-
-            for name, workers in (("gs_serial", 0), ("gs_concurrent", concurrency)):
-                pool = ThreadPoolExecutor(workers) if workers else None
-                gcs.read_all(gs_paths[:4], read_one, on_error, pool)  # open connections
+                # the whole conversion (read, group, build, validate) from each place
+                convert_files(paths[:4])
+                seconds, local_converted = _pinned(lambda: convert_files(paths))
+                fig["convert_local"] = {"seconds": seconds, "rate": len(paths) / seconds}
                 _proxy_counts(proxy_url, reset=True)
-                seconds, results = _pinned(lambda: gcs.read_all(gs_paths, read_one, on_error, pool))
+                seconds, gs_converted = _pinned(lambda: convert_files(gs_paths, read_concurrency=concurrency))
                 counts = _proxy_counts(proxy_url)
-                if pool:
-                    pool.shutdown()
-                fig[name] = {"seconds": seconds, "rate": len(paths) / seconds,
-                             "requests_per_file": counts["requests"] / len(paths),
-                             "bytes_per_file": counts["response_bytes"] / len(paths),
-                             "same_results_as_local": results == local_results}
+                fig["convert_gs"] = {"seconds": seconds, "rate": len(paths) / seconds,
+                                     "requests_per_file": counts["requests"] / len(paths),
+                                     "bytes_per_file": counts["response_bytes"] / len(paths),
+                                     "same_lines_as_local": gs_converted.lines == local_converted.lines}
+
+            # the pipeline end to end (CLI, in-process runner, one worker), from each place
+            if pipeline:
+                with tempfile.TemporaryDirectory(prefix="gcs-bench-out-") as out:
+                    fig["pipeline_local"] = _run_cli(root, Path(out) / "local", {})
+                    _proxy_counts(proxy_url, reset=True)
+                    fig["pipeline_gs"] = _run_cli(f"gs://{BUCKET}/archive/", Path(out) / "gs",
+                                                  {"STORAGE_EMULATOR_HOST": proxy_url},
+                                                  "--read-concurrency", str(concurrency))
+                    counts = _proxy_counts(proxy_url)
+                    fig["pipeline_gs"]["requests_per_file"] = counts["requests"] / len(paths)
+                    fig["pipeline_gs"]["bytes_per_file"] = counts["response_bytes"] / len(paths)
+                    fig["pipeline_gs"]["same_lines_as_local"] = _lines(Path(out) / "gs") == _lines(Path(out) / "local")
         finally:
             proxy.terminate()
             proxy.wait()
@@ -130,31 +170,52 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
 
 
 def targets(fig: dict) -> list[tuple[str, float | None, str, bool | None]]:
-    local, serial, concurrent = fig.get("local", {}), fig.get("gs_serial", {}), fig.get("gs_concurrent", {})
-    ratio = concurrent["rate"] / local["rate"] if concurrent.get("rate") and local.get("rate") else None
+    def rate(key):
+        return (fig.get(key) or {}).get("rate")
+
+    def ratio(x, y):
+        return x / y if x and y else None
+
+    concurrent, converted = fig.get("gs_concurrent") or {}, fig.get("convert_gs") or {}
+    same = all((fig.get(k) or {}).get(flag) for k, flag in (
+        ("gs_serial", "same_results_as_local"), ("gs_concurrent", "same_results_as_local"),
+        ("convert_gs", "same_lines_as_local"), *([("pipeline_gs", "same_lines_as_local")] if "pipeline_gs" in fig else [])))
     rows = [
-        (f"(e) gs:// concurrent / local, {fig.get('delay_ms')} ms/request", ratio, ">= 0.5", lambda v: v >= 0.5),
-        ("(e) requests per file", concurrent.get("requests_per_file"), "<= 1.2", lambda v: v <= 1.2),
-        ("(e) header bytes per file, gs / local",
-         concurrent["bytes_per_file"] / local["bytes_per_file"] if concurrent.get("bytes_per_file") else None,
+        (f"(e) pipeline from gs:// / local, +{fig.get('delay_ms'):.0f} ms",
+         ratio(rate("pipeline_gs"), rate("pipeline_local")), ">= 0.5", lambda v: v >= 0.5),
+        (f"(e) convert_files from gs:// / local", ratio(rate("convert_gs"), rate("convert_local")),
+         ">= 0.5", lambda v: v >= 0.5),
+        ("(e) requests per file", converted.get("requests_per_file"), "<= 1.2", lambda v: v <= 1.2),
+        ("(e) requests per file, pipeline (listing included)", (fig.get("pipeline_gs") or {}).get("requests_per_file"),
+         "<= 1.2", lambda v: v <= 1.2),
+        ("(e) header bytes per file, gs / local", ratio(concurrent.get("bytes_per_file"),
+                                                        (fig.get("local") or {}).get("bytes_per_file")),
          "<= 1.0", lambda v: v <= 1.0),
-        ("(e) gs:// results equal local", float(bool(concurrent.get("same_results_as_local")
-                                                     and serial.get("same_results_as_local"))),
-         "= 1", lambda v: v == 1.0),
+        ("(e) same records and lines as local", float(same), "= 1", lambda v: v == 1.0),
     ]
     return [(n, v, t, None if v is None else ok(v)) for n, v, t, ok in rows]
 
 
 def report(fig: dict) -> None:
-    print(f"\n(e) {fig['files']} files, header reads, reader on one core, +{fig['delay_ms']} ms per request "
-          f"(upload took {fig.get('upload_seconds', 0):.1f} s)")
-    print(f"{'mode':<34}{'seconds':>9}{'inst/s':>9}{'x local':>9}{'req/file':>10}{'bytes/file':>12}")
-    local_rate = fig["local"]["rate"]
-    for key, name in (("local", "local disk, serial"), ("gs_serial", "gs://, one at a time"),
-                      ("gs_concurrent", f"gs://, {fig['concurrency']} in flight")):
-        f = fig[key]
-        print(f"{name:<34}{f['seconds']:>9.2f}{f['rate']:>9.0f}{f['rate'] / local_rate:>9.2f}"
-              f"{f.get('requests_per_file', float('nan')):>10.2f}{f['bytes_per_file']:>12.0f}")
+    print(f"\n(e) {fig['files']} files from gs:// through a proxy adding {fig['delay_ms']:.0f} ms per request, "
+          f"reader pinned to one core (upload took {fig.get('upload_seconds', 0):.1f} s)")
+    print(f"{'mode':<44}{'files':>7}{'seconds':>9}{'inst/s':>9}{'x local':>9}{'req/file':>10}{'bytes/file':>12}")
+    rows = (("local", "headers, local disk", "local"),
+            ("gs_serial", "headers, gs:// one at a time", "local"),
+            ("gs_concurrent", f"headers, gs:// {fig['concurrency']} in flight", "local"),
+            ("convert_local", "convert_files, local disk", "convert_local"),
+            ("convert_gs", f"convert_files, gs:// {fig['concurrency']} in flight", "convert_local"),
+            ("pipeline_local", "pipeline CLI, local disk", "pipeline_local"),
+            ("pipeline_gs", f"pipeline CLI, gs:// {fig['concurrency']} in flight", "pipeline_local"))
+    for key, name, base in rows:
+        f = fig.get(key)
+        if not f or "rate" not in f:
+            if f:
+                print(f"{name:<44}  FAILED: {f.get('error', '')[-300:]}")
+            continue
+        x = f["rate"] / fig[base]["rate"]
+        print(f"{name:<44}{f.get('files', fig['files']):>7}{f['seconds']:>9.2f}{f['rate']:>9.0f}{x:>9.2f}"
+              f"{f.get('requests_per_file', float('nan')):>10.2f}{f.get('bytes_per_file', float('nan')):>12.0f}")
 
 
 def print_targets(rows) -> None:
@@ -170,15 +231,15 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=2000, help="files of the archive uploaded and read")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--read-concurrency", type=int, default=32)
+    parser.add_argument("--serial-files", type=int, default=300, help="files read one at a time (slow)")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the two CLI runs")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gcs-bench-") as work:
-        per_series = 100
-        series = max(1, -(-args.files // per_series))
-        make_archive(Path(work) / "archive", studies=max(1, series // 4), series=min(series, 4),
-                     instances=per_series)
+        make_archive(Path(work) / "archive", studies=max(1, -(-args.files // 400)), series=4, instances=100)
         paths = sorted(str(p) for p in (Path(work) / "archive").rglob("*.dcm"))[:args.files]
-        fig = run_case(paths, str(Path(work) / "archive"), args.delay_ms, args.read_concurrency)
+        fig = run_case(paths, str(Path(work) / "archive"), args.delay_ms, args.read_concurrency, args.serial_files,
+                       not args.no_pipeline)
     fig["targets"] = targets(fig)
     report(fig)
     print(f"\n{'target':<44}{'measured':>12}  {'target':<10}result")

@@ -46,7 +46,12 @@ class Counts:
             self.by_method = {}
 
 
-def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Counts):
+def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Counts, upstream_slots: int):
+    # The emulator serves one request at a time with a listen backlog of 5: more concurrent
+    # connections than that overflow it (SYN retries of 1 s). The delay overlaps; the forwarding
+    # waits for a slot.
+    slots = threading.BoundedSemaphore(upstream_slots)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep client connections open, as a real endpoint does
         disable_nagle_algorithm = True  # else headers and body in two segments meet delayed ACKs: +40 ms
@@ -64,9 +69,10 @@ def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Count
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             upstream = http.client.HTTPConnection(upstream_host, upstream_port, timeout=60)
             try:
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                data = response.read()
+                with slots:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
                 self.send_response(response.status, response.reason)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP_BY_HOP:
@@ -100,11 +106,11 @@ def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Count
 class LatencyProxy:
     """``with LatencyProxy(upstream_url, delay_ms=20) as proxy: ... proxy.url ... proxy.counts``"""
 
-    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0):
+    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4):
         parsed = urlparse(upstream_url)
         self.counts = Counts()
         self.server = ThreadingHTTPServer(
-            ("127.0.0.1", port), _handler(parsed.hostname, parsed.port or 80, delay_ms / 1000.0, self.counts))
+            ("127.0.0.1", port), _handler(parsed.hostname, parsed.port or 80, delay_ms / 1000.0, self.counts, upstream_slots))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

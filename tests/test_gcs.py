@@ -41,7 +41,7 @@ def uploaded(gcs_client):
 
 @pytest.fixture
 def fetcher(gcs_emulator):
-    return gcs.RangeFetcher(gcs.open_session(pool_size=8))
+    return gcs.RangeFetcher()
 
 
 def _read_local(path) -> HeaderResult:
@@ -92,7 +92,7 @@ def test_missing_object_is_a_file_not_found(fetcher, gcs_emulator):
 
 def test_concurrent_reads_keep_order_and_account_for_every_file(uploaded, gcs_emulator):
     items = [(path, None) for path in sorted(uploaded)] + [(f"gs://{BUCKET}/missing-{i}.dcm", None) for i in range(3)]
-    reader = core.FileReader(open_file=inputs.InputOpener(8))
+    reader = core.FileReader(open_file=inputs.InputOpener())
     serial = core.process_files(items, reader, pool=None)
     with ThreadPoolExecutor(8) as pool:
         concurrent = core.process_files(items, reader, pool=pool)
@@ -121,7 +121,7 @@ def test_concurrency_overlaps_requests_at_cloud_latency(uploaded, gcs_emulator):
     items = [(p, None) for p, local in sorted(uploaded.items()) if local is not None][:16]
     with LatencyProxy(gcs_emulator.url, delay_ms=50) as proxy:
         with patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
-            reader = core.FileReader(open_file=inputs.InputOpener(8))
+            reader = core.FileReader(open_file=inputs.InputOpener())
             started = time.perf_counter()
             serial = core.process_files(items, reader, pool=None)
             serial_seconds = time.perf_counter() - started
