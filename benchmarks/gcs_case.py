@@ -154,7 +154,11 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
             # the pipeline end to end (CLI, in-process runner, one worker), from each place
             if pipeline:
                 with tempfile.TemporaryDirectory(prefix="gcs-bench-out-") as out:
-                    fig["pipeline_local"] = _run_cli(root, Path(out) / "local", {})
+                    local_root = Path(out) / "in"  # exactly the uploaded files, laid out alike
+                    for path, name in zip(paths, names):
+                        (local_root / name).parent.mkdir(parents=True, exist_ok=True)
+                        os.link(path, local_root / name)
+                    fig["pipeline_local"] = _run_cli(str(local_root), Path(out) / "local", {})
                     _proxy_counts(proxy_url, reset=True)
                     fig["pipeline_gs"] = _run_cli(f"gs://{BUCKET}/archive/", Path(out) / "gs",
                                                   {"STORAGE_EMULATOR_HOST": proxy_url},

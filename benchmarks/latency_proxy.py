@@ -103,15 +103,19 @@ def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Count
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 drops concurrent connects (1 s SYN retries)
+
+
 class LatencyProxy:
     """``with LatencyProxy(upstream_url, delay_ms=20) as proxy: ... proxy.url ... proxy.counts``"""
 
     def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4):
         parsed = urlparse(upstream_url)
         self.counts = Counts()
-        self.server = ThreadingHTTPServer(
+        self.server = _Server(
             ("127.0.0.1", port), _handler(parsed.hostname, parsed.port or 80, delay_ms / 1000.0, self.counts, upstream_slots))
-        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

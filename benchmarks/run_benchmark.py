@@ -5,6 +5,9 @@ All cases run in one invocation on the same warm archive so their ratios are com
   (b) beam_pipeline.convert.convert_files in-process, 1 core (no Beam)
   (c) full pipeline, DirectRunner in_memory, 1 worker       (subprocess)
   (d) full pipeline, DirectRunner multi_processing, 2 workers (subprocess)
+  (e) with --gcs-files N: N of the archive's files from gs:// (a loopback GCS emulator behind a
+      proxy adding --gcs-delay-ms per request) vs local disk: headers, convert_files and the CLI
+      (``benchmarks/gcs_case.py``, also runnable alone)
 plus bytes read per file by (b) with and without 4 MiB pixel data, and (d) on one huge study.
 """
 from __future__ import annotations
@@ -284,6 +287,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of (a)/(b); the best is kept")
     p.add_argument("--workdir", help="where archives and outputs go (default: a temp dir, removed)")
     p.add_argument("--skip-pipeline", action="store_true", help="only (a), (b) and bytes read")
+    p.add_argument("--gcs-files", type=int, default=0, metavar="N",
+                   help="(e): read N of the archive's files from gs:// through the emulator (e.g. 2000)")
+    p.add_argument("--gcs-delay-ms", type=float, default=20.0, help="(e): latency added per request")
+    p.add_argument("--read-concurrency", type=int, default=32, help="(e): header reads in flight")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args(argv)
 
@@ -326,7 +333,17 @@ def main(argv=None) -> int:
                 fig["big_files"] = bm["files"]
                 fig["big"] = guarded("(big) pipeline multi_processing", run_pipeline, work / "big",
                                      work / "out_big", "multi_processing", 2, work / "big.log")
+        if args.gcs_files:
+            from benchmarks import gcs_case
+
+            fig["e"] = guarded("(e) gs:// at cloud latency", gcs_case.run_case, paths[:args.gcs_files],
+                               str(work / "archive"), args.gcs_delay_ms, args.read_concurrency)
         fig["targets"] = targets(fig)
+        if fig.get("e") and "error" not in fig["e"]:
+            from benchmarks import gcs_case
+
+            gcs_case.report(fig["e"])
+            fig["targets"] += gcs_case.targets(fig["e"])
         report(fig, m["files"])
         if args.json:
             Path(args.json).write_text(json.dumps(fig, indent=1, default=str))
