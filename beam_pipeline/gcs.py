@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
-READ_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
+STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # read input, write output
+READ_TIMEOUT = 60.0     # per socket operation of a ranged GET
 CHECK_TIMEOUT = 8.0     # per request of an access check: the whole check stays well under 30 s
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRIES = 3             # per ranged GET, for transient statuses and dropped connections
@@ -67,24 +66,15 @@ def credentials():
         return AnonymousCredentials()
     import google.auth
 
-    found, _ = google.auth.default(scopes=[READ_SCOPE])
+    found, _ = google.auth.default(scopes=[STORAGE_SCOPE])
     return found
 
 
-def open_session(pool_size: int = 2):
-    """An authorized requests session (for the access checks)."""
-    import requests.adapters
+def open_session():
+    """An authorized requests session (for the access checks: few requests, clear errors)."""
     from google.auth.transport.requests import AuthorizedSession
 
-    session = AuthorizedSession(credentials())
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1))
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
-def _media_url(base: str, bucket: str, name: str) -> str:
-    return f"{base}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}?alt=media"
+    return AuthorizedSession(credentials())
 
 
 def _total_size(content_range: str | None) -> int | None:
