@@ -11,8 +11,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from beam_pipeline import gcs, output
+from beam_pipeline import gcs, output, progress
 from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.dicomweb import (
+    PASSWORD_ENV, TOKEN_ENV, USER_ENV, Connection, Credentials, DicomWebError, Source, StudyQuery,
+)
 from beam_pipeline.pipeline import execute, local_runner
 from beam_pipeline.summary import accounted, describe
 
@@ -23,7 +26,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m beam_pipeline", allow_abbrev=False,
         description="Convert a DICOM archive into FHIR R4 ImagingStudy/Device NDJSON for bulk import.")
-    parser.add_argument("--input", required=True, help="directory (recursive), glob, or gs:// path/glob")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="directory (recursive), glob, or gs:// path/glob")
+    source.add_argument("--dicomweb", metavar="URL",
+                        help="DICOMweb root of a PACS (e.g. http://pacs:8042/dicom-web) to read instead of "
+                             f"--input; credentials only from {TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV}")
     parser.add_argument("--output", required=True, help="output directory (local or gs://)")
     parser.add_argument("--group-by", choices=("study", "directory"), default="study",
                         help="study: one study across any folders (default); directory: each first-level "
@@ -52,7 +59,54 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-concurrency", type=int, default=32, metavar="N",
                         help="header reads in flight per worker on gs:// (default 32; 1 reads one after "
                              "the other); local files are read one after the other")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
+                        help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
+    web = parser.add_argument_group("DICOMweb source (with --dicomweb)")
+    web.add_argument("--study-date-from", metavar="YYYYMMDD", help="only studies on or after this StudyDate")
+    web.add_argument("--study-date-to", metavar="YYYYMMDD", help="only studies on or before this StudyDate")
+    web.add_argument("--modality", help="only studies with this modality (QIDO ModalitiesInStudy)")
+    web.add_argument("--study-uid", action="append", default=[], metavar="UID",
+                     help="only this StudyInstanceUID (repeatable)")
+    connection = Connection("http://localhost")
+    web.add_argument("--dicomweb-page-size", type=int, default=connection.page_size,
+                     help=f"studies per QIDO-RS search request (default {connection.page_size})")
+    web.add_argument("--dicomweb-requests", type=int, default=connection.max_in_flight,
+                     help=f"metadata requests in flight per worker process (default {connection.max_in_flight})")
+    web.add_argument("--dicomweb-timeout", type=float, default=connection.read_timeout,
+                     help=f"seconds to wait for one response (default {connection.read_timeout:g})")
+    web.add_argument("--dicomweb-ca-bundle", metavar="PATH",
+                     help="CA certificates to verify the server's TLS certificate (default: the system's)")
     return parser
+
+
+_WEB_ONLY = ("study_date_from", "study_date_to", "modality", "study_uid", "dicomweb_ca_bundle")
+
+
+def dicomweb_source(args, parser) -> Source | None:
+    """The DICOMweb source of --dicomweb and its filters; credentials from the environment."""
+    if args.dicomweb is None:
+        given = [name for name in _WEB_ONLY if getattr(args, name)]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} needs --dicomweb")
+        return None
+    if args.group_by != "study":
+        parser.error("--group-by directory needs files (--input); a DICOMweb source is read per study")
+    for name in ("dicomweb_page_size", "dicomweb_requests"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.dicomweb_timeout <= 0:
+        parser.error("--dicomweb-timeout must be positive")
+    if args.dicomweb_ca_bundle and not os.path.isfile(args.dicomweb_ca_bundle):
+        parser.error(f"--dicomweb-ca-bundle {args.dicomweb_ca_bundle} is not a file")
+    try:
+        connection = Connection(args.dicomweb.rstrip("/"), Credentials.from_env(),
+                                read_timeout=args.dicomweb_timeout, page_size=args.dicomweb_page_size,
+                                max_in_flight=args.dicomweb_requests, verify=args.dicomweb_ca_bundle or True)
+        query = StudyQuery(args.study_date_from, args.study_date_to, args.modality, tuple(args.study_uid))
+    except DicomWebError as exc:
+        parser.error(str(exc))
+    return Source(connection, query)
 
 
 def unknown_beam_options(beam_args: list[str]) -> list[str]:
@@ -71,10 +125,14 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     unknown = unknown_beam_options(beam_args)
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
-    if "://" not in args.input and not os.path.lexists(args.input) and not globlib.has_magic(args.input):
+    web_source = dicomweb_source(args, parser)
+    if args.input is not None and "://" not in args.input and not os.path.lexists(args.input) \
+            and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")
     if args.read_concurrency < 1:
         parser.error("--read-concurrency must be at least 1")
+    if args.progress_interval <= 0:
+        parser.error("--progress-interval must be positive")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
     try:
@@ -88,8 +146,10 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         include_instances=not args.no_instances, include_devices=not args.no_devices,
         observations=args.observations)
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
-                        use_fast_reader=not args.pydicom_only, validate=args.validate,
-                        read_concurrency=args.read_concurrency, conversion=conversion)
+                        use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
+                        read_concurrency=args.read_concurrency,
+                        progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval),
+                        dicomweb=web_source)
     return settings, beam_args
 
 
@@ -118,7 +178,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         summary = run(argv)
-    except (output.OutputError, gcs.GcsAccessError) as exc:
+    except (output.OutputError, DicomWebError, gcs.GcsAccessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks

@@ -6,6 +6,11 @@ never an argparse Namespace or a dict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from beam_pipeline.progress import ProgressSettings
+    from beam_pipeline.dicomweb import Source
 
 DEFAULT_STUDY_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
 DEFAULT_PATIENT_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
@@ -29,12 +34,15 @@ class ConversionConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    """One run: where from, where to, how to group, read and validate."""
+    """One run: where from (files under ``input``, or a DICOMweb server), where to, how to group,
+    read and validate."""
 
-    input: str
+    input: str | None
     output: str
     group_by: str = "study"              # "study" | "directory"
     use_fast_reader: bool = True
     validate: str = "sampled"            # "sampled" | "full" | "none"
     read_concurrency: int = 32           # header reads in flight per worker on object storage
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    progress: "ProgressSettings | None" = None  # None: quiet
+    dicomweb: "Source | None" = None     # instead of input

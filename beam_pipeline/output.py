@@ -10,6 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import RESOURCE_TYPES
 from beam_pipeline.inputs import is_remote
+from beam_pipeline.progress import PROGRESS_PREFIX
 from beam_pipeline.summary import SUMMARY_NAME
 
 ERRORS_NAME = "errors"
@@ -62,9 +63,9 @@ def prepare(output_dir: str) -> None:
 
 def remove_temp_dirs(output_dir: str) -> None:
     """fileio writes into ``.temp<uuid>`` folders and leaves them when a run fails or ends
-    (object stores have no folders to leave)."""
+    (object stores have no folders to leave); an interrupted run leaves its progress folder."""
     if is_remote(output_dir) or not os.path.isdir(output_dir):
         return
     for entry in os.scandir(output_dir):
-        if entry.name.startswith(".temp") and entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith((".temp", PROGRESS_PREFIX)) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)

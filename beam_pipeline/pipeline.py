@@ -1,6 +1,7 @@
 """Wires the steps of ``transforms`` into one pipeline, and runs it to completion."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -9,6 +10,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipeline import core, inputs, output, transforms
 from beam_pipeline.config import Settings
+from beam_pipeline.progress import ProgressReporter
 from beam_pipeline.summary import read_summary
 
 _LOG = logging.getLogger(__name__)
@@ -17,12 +19,20 @@ _LOG = logging.getLogger(__name__)
 def build_pipeline(pipeline, settings: Settings, started: float | None = None) -> None:
     """List -> read headers -> group per study -> build -> write; counts -> summary.json last."""
     started = time.time() if started is None else started
-    batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(settings.input, settings.output)
-    partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
-        settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), settings.read_concurrency)
+    progress = settings.progress
+    if settings.dicomweb is not None:
+        listed_counts = None
+        partials, file_errors, read_counts = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
+            settings.dicomweb, progress)
+    else:
+        batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(
+            settings.input, settings.output, progress=progress)
+        partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
+            settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
+            settings.read_concurrency)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, devices, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
-        settings.conversion, settings.validate)
+        settings.conversion, settings.validate, progress)
     written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output)
     errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
@@ -49,16 +59,23 @@ def local_runner(options):
 
 
 def execute(pipeline, settings: Settings) -> dict:
-    """Prepare the output, run to completion, return the summary the pipeline wrote."""
+    """Check the source, prepare the output, run to completion, return the summary the pipeline wrote."""
     started = time.time()
+    if settings.dicomweb is not None:  # unreachable server, refused credentials: one line, no pipeline
+        from beam_pipeline import dicomweb
+
+        dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
     output.prepare(settings.output)
     build_pipeline(pipeline, settings, started)
+    reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with reporter:
+            result = pipeline.run()
+            result.wait_until_finish()
     finally:
         output.remove_temp_dirs(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:
-        _LOG.warning("no file matched --input")
+        _LOG.warning("no instance was found on the DICOMweb server" if settings.dicomweb is not None
+                     else "no file matched --input")
     return summary

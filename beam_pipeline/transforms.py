@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
 from beam_pipeline.config import ConversionConfig
+from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
 
 NAMESPACE = "dicom2fhir"
@@ -57,9 +58,13 @@ class SumCounts(beam.CombineFn):
 class ListFilesDoFn(beam.DoFn):
     """A resolved input pattern -> (path, size or None) for each file; its count as data."""
 
-    def __init__(self, exclude: str | None = None):
+    def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None):
         self.exclude = exclude
+        self.progress_settings = progress
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, pattern):
         count = 0
@@ -67,24 +72,28 @@ class ListFilesDoFn(beam.DoFn):
             count += 1
             if count % 1000 == 0:
                 self.listed.inc(1000)
+                self.progress.add({"files_listed": 1000})
             yield item
         self.listed.inc(count % 1000)
+        self.progress.add({"files_listed": count % 1000, "listing_done": 1}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
 
 
 class ListInputFiles(beam.PTransform):
     """Lists the input files and spreads them, in batches, over the workers."""
 
-    def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH):
+    def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
+                 progress: ProgressSettings | None = None):
         super().__init__()
         self.input_path = input_path
         self.exclude = exclude
         self.batch_size = batch_size
+        self.progress = progress
 
     def expand(self, pbegin):
         listed = (pbegin
                   | "Pattern" >> beam.Create([inputs.resolve_pattern(self.input_path)])
-                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude)).with_outputs(COUNTS, main="files"))
+                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress)).with_outputs(COUNTS, main="files"))
         batches = (listed.files
                    | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
                    | "Spread" >> beam.Reshuffle())
@@ -104,10 +113,11 @@ class ReadHeaderDoFn(beam.DoFn):
     """
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 read_concurrency: int = DEFAULT_READ_CONCURRENCY):
+                 progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY):
         self.use_fast_reader = use_fast_reader
         self.group_by = group_by
         self.root = root
+        self.progress_settings = progress
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
@@ -115,6 +125,7 @@ class ReadHeaderDoFn(beam.DoFn):
     def setup(self):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener())
         self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
+        self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
         # pydicom's warnings about odd files may quote element values (patient data): keep them
         # off the console. Set once per worker: catch_warnings per file is not thread-safe.
@@ -137,9 +148,13 @@ class ReadHeaderDoFn(beam.DoFn):
                 study.add_to_directory(partials.setdefault(key, {}), record, self.instance_keys)
         self.files.inc(len(batch))
         self.instances.inc(counts["instances_read"])
+        self.progress.add({"files_read": len(batch), "instances_read": counts["instances_read"]})
         for key in sorted(partials):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
     def teardown(self):
         if getattr(self, "pool", None) is not None:
@@ -150,13 +165,136 @@ class ReadHeaders(beam.PTransform):
     """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 read_concurrency: int = DEFAULT_READ_CONCURRENCY):
+                 progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, read_concurrency)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")
         return results.partials, results[ERRORS], results[COUNTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1+2 for a PACS: list studies over DICOMweb, fetch each study's headers on the workers
+
+STUDIES_PER_BATCH = 16  # studies fetched per element after the reshuffle (concurrently, bounded)
+
+
+class ListStudiesDoFn(beam.DoFn):
+    """The source -> every matching StudyInstanceUID (QIDO-RS, paged); their count as data.
+
+    A listing that fails part-way fails the run: a silently partial listing would skip studies.
+    """
+
+    def __init__(self, source, progress: ProgressSettings | None = None):
+        self.source = source
+        self.progress_settings = progress
+        self.listed = Metrics.counter(NAMESPACE, "studies_listed")
+
+    def setup(self):
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def process(self, _):
+        from beam_pipeline import dicomweb
+
+        count = 0
+        for uid in dicomweb.list_studies(self.source.connection, self.source.query):
+            count += 1
+            if count % 100 == 0:
+                self.listed.inc(100)
+                self.progress.add({"studies_listed": 100})
+            yield uid
+        self.listed.inc(count % 100)
+        self.progress.add({"studies_listed": count % 100, "listing_done": 1}, force=True)
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"dicomweb:studies_listed": count}))
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, bytes])
+class FetchStudiesDoFn(beam.DoFn):
+    """Fetches the metadata of a batch of studies (at most ``max_in_flight`` requests at once per
+    DoFn instance) and emits each study's instances as partial groups, as ``ReadHeaderDoFn`` does."""
+
+    def __init__(self, source, progress: ProgressSettings | None = None):
+        self.source = source
+        self.progress_settings = progress
+        self.fetched = Metrics.counter(NAMESPACE, "studies_fetched")
+        self.failed = Metrics.counter(NAMESPACE, "studies_failed")
+        self.instances = Metrics.counter(NAMESPACE, "instances_read")
+
+    def setup(self):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from beam_pipeline.fields import default_spec
+
+        self.spec = default_spec()
+        self.instance_keys = core.instance_keys()
+        self.clients = threading.local()  # a requests.Session per thread
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
+        self.progress = ProgressBeacon(self.progress_settings)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="pydicom")
+
+    def teardown(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _fetch(self, uid: str):
+        from beam_pipeline import dicomweb
+
+        client = getattr(self.clients, "client", None)
+        if client is None:
+            client = self.clients.client = self.source.connection.client()
+        return dicomweb.read_study(dicomweb.fetch_study(client, uid), self.spec)
+
+    def process(self, uids):
+        counts = Counter()
+        partials: dict[str, dict] = {}
+        for read in self.pool.map(self._fetch, uids):
+            counts.update(read.counts)
+            for error in read.errors:
+                yield beam.pvalue.TaggedOutput(ERRORS, error)
+            for record in read.records:
+                study.add_to_directory(partials.setdefault(record["StudyInstanceUID"], {}), record,
+                                       self.instance_keys)
+        self.fetched.inc(counts["dicomweb:studies_fetched"])
+        self.failed.inc(counts["dicomweb:studies_failed"])
+        self.instances.inc(counts["instances_read"])
+        self.progress.add({"studies_fetched": counts["dicomweb:studies_fetched"] + counts["dicomweb:studies_failed"],
+                           "instances_read": counts["instances_read"]})
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+
+class ReadDicomWeb(beam.PTransform):
+    """A DICOMweb source -> (study uid, serialized partial groups), errors, counts: the same
+    outputs as ``ListInputFiles`` + ``ReadHeaders``, so grouping, building and writing are shared."""
+
+    def __init__(self, source, progress: ProgressSettings | None = None, batch_size: int = STUDIES_PER_BATCH):
+        super().__init__()
+        self.source = source
+        self.progress = progress
+        self.batch_size = batch_size
+
+    def expand(self, pbegin):
+        listed = (pbegin
+                  | "Query" >> beam.Create([None])
+                  | "ListStudies" >> beam.ParDo(ListStudiesDoFn(self.source, self.progress)).with_outputs(COUNTS, main="uids"))
+        fetched = (listed.uids
+                   | "Once" >> beam.Distinct()  # a study listed twice (archive changed while paging)
+                   | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+                   | "Spread" >> beam.Reshuffle()
+                   | "Fetch" >> beam.ParDo(FetchStudiesDoFn(self.source, self.progress)).with_outputs(
+                       ERRORS, COUNTS, main="partials"))
+        counts = (listed[COUNTS], fetched[COUNTS]) | "SourceCounts" >> beam.Flatten()
+        return fetched.partials, fetched[ERRORS], counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +386,10 @@ class BuildStudyDoFn(beam.DoFn):
 
     DEVICES = "devices"
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         self.config = config
         self.validate = validate
+        self.progress_settings = progress
         self.written = Metrics.counter(NAMESPACE, "studies_written")
         self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
 
@@ -260,12 +399,14 @@ class BuildStudyDoFn(beam.DoFn):
 
         self.terms = Terminologies.load()
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, group):
         outcome = core.process_study(group, self.config, self.terms, self.validator)
         yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts)
         self.written.inc(outcome.counts["studies_written"])
         self.rejected.inc(outcome.counts["studies_rejected"])
+        self.progress.add({"studies_written": outcome.counts["studies_written"]})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
         for resource_type, lines in outcome.lines.items():
@@ -274,17 +415,21 @@ class BuildStudyDoFn(beam.DoFn):
         for device in outcome.devices:
             yield beam.pvalue.TaggedOutput(self.DEVICES, device)
 
+    def finish_bundle(self):
+        self.progress.flush()
+
 
 class BuildResources(beam.PTransform):
     """StudyGroups -> study lines, Device lines (each Device once per run), errors, counts."""
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled"):
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         super().__init__()
         self.config = config
         self.validate = validate
+        self.progress = progress
 
     def expand(self, groups):
-        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate)).with_outputs(
+        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate, self.progress)).with_outputs(
             ERRORS, COUNTS, BuildStudyDoFn.DEVICES, main="resources")
         devices = (built[BuildStudyDoFn.DEVICES]
                    | "DeviceOnce" >> beam.CombinePerKey(core.pick_device)

@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     || { echo "python3 cannot create a virtualenv (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-if ! "$VENV/bin/python" -c "import beam_pipeline, terminologies, apache_beam, pydicom, fhir.resources, pytest" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import beam_pipeline, terminologies, apache_beam, pydicom, fhir.resources, dicomweb_client, pytest" 2>/dev/null \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.installed" ]; then
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
   touch "$VENV/.installed"

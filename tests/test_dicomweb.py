@@ -1,0 +1,350 @@
+"""The DICOMweb source against a real Orthanc: the same records and lines as from the files on disk,
+filters, paging, a study gone between listing and fetching, unreachable server, refused credentials."""
+from __future__ import annotations
+
+import glob
+import http.server
+import os
+import shutil
+import threading
+import time
+import warnings
+
+import apache_beam as beam
+import pydicom.data
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+import orthanc as orthanc_harness
+from benchmarks.make_archive import make_archive
+from beam_pipeline import cli, dicomweb, header, transforms
+from beam_pipeline.codes import Reason, sha256_id
+from beam_pipeline.config import ConversionConfig
+from beam_pipeline.fields import default_spec
+from beam_pipeline.pipeline import execute
+from helpers import raw_lines, read_ndjson
+
+DATA = os.path.dirname(pydicom.data.__file__)
+# Files whose two readings differ for a reason outside this source, each checked in its own test:
+DISK_READER_DIFFERS = "ExplVR_BigEndNoMeta.dcm"  # bare big-endian dataset: the file reader says not DICOM
+SERVER_LOSES = ("J2K_pixelrep_mismatch.dcm", "PixelSpacing")  # Orthanc decodes its "\" as JIS X 0201 yen
+
+
+def pydicom_files() -> list[str]:
+    """All files pydicom ships for tests, character set examples included, in a fixed order."""
+    files = [p for folder in ("test_files", "charset_files")
+             for p in glob.glob(os.path.join(DATA, folder, "**"), recursive=True) if os.path.isfile(p)]
+    return sorted(f for f in files if os.path.basename(f) not in (DISK_READER_DIFFERS, SERVER_LOSES[0]))
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
+    if binary is None or plugin is None:
+        message = ("Orthanc with its DICOMweb plugin is not installed (Debian packages orthanc, "
+                   "orthanc-dicomweb; .ci/run installs them)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = orthanc_harness.Orthanc(str(tmp_path_factory.mktemp("orthanc")), binary, plugin).start()
+    server.loaded = None
+    yield server
+    server.stop()
+
+
+def load(server, name: str, paths) -> list[str]:
+    """Makes the archive hold exactly these files (cached by name); returns the files stored."""
+    if server.loaded != name:
+        server.clear()
+        server.stored = server.upload_all(paths)
+        server.loaded = name
+    return server.stored
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """Several patients and studies (CT, MR, CR; mixed modalities in one study)."""
+    root = tmp_path_factory.mktemp("generated")
+    manifest = make_archive(root, studies=5, series=2, instances=3, patients=3)
+    return sorted(glob.glob(os.path.join(root, "**", "*.dcm"), recursive=True)), manifest
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(dicomweb.USER_ENV, orthanc_harness.USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, orthanc_harness.PASSWORD)
+
+
+def connection(server, **options) -> dicomweb.Connection:
+    creds = dicomweb.Credentials(user=orthanc_harness.USER, password=orthanc_harness.PASSWORD)
+    return dicomweb.Connection(server.dicomweb_url, creds, **options)
+
+
+def disk_record(path: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(path, "rb") as handle:
+            return header.read_header(handle, default_spec())
+
+
+def web_records(conn: dicomweb.Connection, query=dicomweb.StudyQuery()) -> dict:
+    """(SOPInstanceUID, SeriesInstanceUID) -> HeaderResult for every instance on the server."""
+    client, spec, results = conn.client(), default_spec(), {}
+    for uid in dicomweb.list_studies(conn, query, client):
+        fetched = dicomweb.fetch_study(client, uid)
+        assert fetched.error is None, fetched.error
+        for dataset in fetched.instances:
+            result = dicomweb.read_instance(dataset, spec)
+            results[result.record["SOPInstanceUID"], result.record["SeriesInstanceUID"]] = result
+    return results
+
+
+def run_dicomweb(url: str, output_dir, *options: str) -> dict:
+    settings, beam_args = cli.parse_args(["--dicomweb", url, "--output", str(output_dir), *options])
+    pipeline = BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
+    return execute(pipeline, settings)
+
+
+def run_files(paths, output_dir, *options: str) -> dict:
+    """The file path over exactly these files (linked into one folder)."""
+    folder = output_dir.parent / (output_dir.name + "-input")
+    for index, path in enumerate(paths):
+        os.makedirs(folder, exist_ok=True)
+        os.symlink(path, folder / f"{index:05d}-{os.path.basename(path)}")
+    settings, beam_args = cli.parse_args(["--input", str(folder), "--output", str(output_dir), *options])
+    pipeline = BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
+    return execute(pipeline, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Same records, same lines
+
+
+def test_records_from_orthanc_equal_records_from_files(orthanc, generated):
+    stored = load(orthanc, "all", pydicom_files() + generated[0])
+    web = web_records(connection(orthanc))
+    compared = 0
+    for path in stored:
+        disk = disk_record(path)
+        assert disk.kind == header.INSTANCE, path
+        key = disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]
+        assert web[key] == disk, os.path.basename(path)
+        compared += 1
+    assert compared == len(web)  # every instance on the server came from one of these files
+    assert compared >= 150  # pydicom's files Orthanc accepts (about 120) + 30 generated
+    charset_files = [p for p in stored if "charset_files" in p]
+    assert len(charset_files) >= 12  # Latin, Greek, Cyrillic, Arabic, Hebrew, Japanese, Korean, Chinese
+
+
+def test_same_imagingstudy_and_device_lines_as_from_disk(orthanc, generated, credentials, tmp_path):
+    stored = load(orthanc, "all", pydicom_files() + generated[0])
+    from_disk = run_files(stored, tmp_path / "disk")
+    from_web = run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
+    for name in ("ImagingStudy", "Device"):
+        assert raw_lines(tmp_path / "web", name) == raw_lines(tmp_path / "disk", name), name
+    assert from_web["studies"] == from_disk["studies"]
+    assert from_web["studies"]["written"] >= 35
+    assert from_web["outcomes"] == from_disk["outcomes"]
+    assert from_web["files_matched"] == len(stored) == sum(from_web["outcomes"].values())
+    listed = from_web["dicomweb"]["studies_listed"]
+    assert listed == from_web["dicomweb"]["studies_fetched"] == len(orthanc.study_ids())
+    assert "studies_failed" not in from_web["dicomweb"]
+    assert sum(from_web["studies"].values()) == listed
+
+
+def test_orthanc_quirks_stay_visible(orthanc):
+    """The two files left out above: what differs, and only that."""
+    loose = [os.path.join(DATA, "test_files", DISK_READER_DIFFERS), os.path.join(DATA, "test_files", SERVER_LOSES[0])]
+    load(orthanc, "quirks", loose)
+    web = {key[0]: result for key, result in web_records(connection(orthanc)).items()}
+    assert disk_record(loose[0]).kind == header.NOT_DICOM
+    assert len(web) == 2
+    disk = disk_record(loose[1])
+    from_web = web[disk.record["SOPInstanceUID"]]
+    lost = SERVER_LOSES[1]
+    assert lost in disk.record and lost not in from_web.record
+    assert from_web.record == {k: v for k, v in disk.record.items() if k != lost}
+    assert from_web.record["ImageType"] == disk.record["ImageType"]  # yen signs turned back into "\"
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing: filters and paging
+
+
+@pytest.fixture(scope="module")
+def ten_studies(tmp_path_factory):
+    """Ten one-instance studies on consecutive days 2021-01-04.., modalities CT, MR, CR in turn."""
+    root = tmp_path_factory.mktemp("ten")
+    manifest = make_archive(root, studies=10, series=1, instances=1, patients=4)
+    return sorted(glob.glob(os.path.join(root, "**", "*.dcm"), recursive=True)), manifest["study_uids"]
+
+
+def listed(server, **query) -> list[str]:
+    return list(dicomweb.list_studies(connection(server, page_size=3), dicomweb.StudyQuery(**query)))
+
+
+def test_paging_lists_every_study_once(orthanc, ten_studies):
+    paths, uids = ten_studies
+    load(orthanc, "ten", paths)
+    assert sorted(listed(orthanc)) == sorted(uids)  # pages of 3, 3, 3, 1, then an empty page
+
+
+def test_filters(orthanc, ten_studies):
+    paths, uids = ten_studies
+    load(orthanc, "ten", paths)
+    assert sorted(listed(orthanc, date_from="20210106", date_to="20210108")) == sorted(uids[2:5])
+    assert sorted(listed(orthanc, date_from="20210112")) == sorted(uids[8:])
+    assert sorted(listed(orthanc, date_to="20210104")) == [uids[0]]
+    assert sorted(listed(orthanc, modality="MR")) == sorted(uids[1::3])
+    assert sorted(listed(orthanc, study_uids=(uids[7], uids[2], uids[7]))) == sorted([uids[2], uids[7]])
+    assert listed(orthanc, modality="CT", study_uids=(uids[1],)) == []  # study 1 is MR
+    assert sorted(listed(orthanc, modality="CT", date_from="20210105", date_to="20210110")) == sorted(uids[3:7:3])
+
+
+def test_pipeline_with_filters_and_small_pages(orthanc, ten_studies, credentials, tmp_path):
+    paths, uids = ten_studies
+    load(orthanc, "ten", paths)
+    summary = run_dicomweb(orthanc.dicomweb_url, tmp_path, "--modality", "CT", "--dicomweb-page-size", "3")
+    assert summary["dicomweb"] == {"studies_fetched": 4, "studies_listed": 4}
+    assert summary["studies"]["written"] == 4
+    assert summary["files_matched"] == summary["outcomes"]["converted"] == 4
+    studies = read_ndjson(tmp_path, "ImagingStudy")
+    system = ConversionConfig().study_id_system
+    assert sorted(s["id"] for s in studies) == sorted(sha256_id(system, uid) for uid in uids[0::3])
+
+
+def test_bad_filters_are_refused_before_any_request(capsys):
+    for options in (["--study-date-from", "2021-01-01"], ["--study-uid", "1.2.abc"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args(["--dicomweb", "http://127.0.0.1:9/dicom-web", "--output", "/tmp/x", *options])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--input", "/tmp", "--output", "/tmp/x", "--modality", "CT"])
+    assert "needs --dicomweb" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: one study, or the whole server
+
+
+def test_study_deleted_between_listing_and_fetching_is_an_error_line(orthanc, ten_studies, tmp_path):
+    paths, uids = ten_studies
+    load(orthanc, "ten", paths)
+    conn = connection(orthanc)
+    listed_uids = sorted(dicomweb.list_studies(conn, dicomweb.StudyQuery()))
+    gone = uids[4]
+    orthanc.delete_study(gone)
+    orthanc.loaded = None  # the archive changed
+    source = dicomweb.Source(conn)
+    with BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions([])) as pipeline:
+        fetched = (pipeline
+                   | beam.Create([listed_uids])
+                   | beam.ParDo(transforms.FetchStudiesDoFn(source)).with_outputs(
+                       transforms.ERRORS, transforms.COUNTS, main="partials"))
+        assert_that(fetched[transforms.ERRORS], equal_to([{
+            "reason": "study-not-found", "study_uid": gone, "status": 404,
+            "detail": "the study was listed but is no longer on the server"}]), label="error")
+        keys = fetched.partials | beam.Keys()
+        assert_that(keys, equal_to(sorted(set(uids) - {gone})), label="others")
+        assert_that(fetched[transforms.COUNTS] | beam.CombineGlobally(transforms.SumCounts()),
+                    equal_to([{"dicomweb:studies_fetched": 9, "dicomweb:studies_failed": 1,
+                               "error:study-not-found": 1, "files_matched": 9, "instances_read": 9}]),
+                    label="counts")
+
+
+class _Always503(http.server.BaseHTTPRequestHandler):
+    """A server in trouble: every request is answered 503 (and counted)."""
+
+    requests_seen = 0
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).requests_seen += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_errors_are_retried_with_backoff_then_an_error_line():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always503)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = dicomweb.Connection(f"http://127.0.0.1:{server.server_port}/dicom-web", attempts=3, backoff=0.1)
+        started = time.monotonic()
+        fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
+        assert time.monotonic() - started >= 0.2  # urllib3 waits 0, then 2 x backoff
+        assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": 503,
+                                 "detail": "HTTP 503 for the study metadata"}
+        assert _Always503.requests_seen == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_server_fails_fast_with_one_line(tmp_path, capsys, credentials):
+    url = f"http://127.0.0.1:{orthanc_harness.free_port()}/dicom-web"
+    started = time.monotonic()
+    code = cli.main(["--dicomweb", url, "--output", str(tmp_path / "out")])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"error: cannot reach DICOMweb server {url}: connection refused"
+    assert elapsed < 5
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("env", [
+    {dicomweb.TOKEN_ENV: "wrong-token-123"},
+    {dicomweb.USER_ENV: orthanc_harness.USER, dicomweb.PASSWORD_ENV: "wrong-password-456"},
+    {},
+], ids=["wrong-token", "wrong-password", "no-credentials"])
+def test_refused_credentials_fail_with_one_clear_line(orthanc, tmp_path, capsys, monkeypatch, env):
+    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = cli.main(["--dicomweb", orthanc.dicomweb_url, "--output", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: DICOMweb server {orthanc.dicomweb_url} answered HTTP 401 Unauthorized")
+    assert "\n" not in err
+    for secret in env.values():
+        if secret != orthanc_harness.USER:
+            assert secret not in err
+
+
+def test_credentials_only_from_the_environment(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--dicomweb", "http://user:secret@127.0.0.1:9/dicom-web", "--output", "/tmp/x"])
+    err = capsys.readouterr().err
+    assert "not in the URL" in err and "secret" not in err
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, "token-789")
+    monkeypatch.delenv(dicomweb.USER_ENV, raising=False)
+    monkeypatch.delenv(dicomweb.PASSWORD_ENV, raising=False)
+    settings, _ = cli.parse_args(["--dicomweb", "http://127.0.0.1:9/dicom-web", "--output", "/tmp/x"])
+    assert settings.dicomweb.connection.credentials.token == "token-789"
+    assert "token-789" not in repr(settings)
+    assert settings.dicomweb.connection.verify is True  # TLS verification on by default
+
+
+def test_a_url_that_is_not_the_dicomweb_root_fails_with_one_line(orthanc, tmp_path, capsys, credentials):
+    code = cli.main(["--dicomweb", orthanc.url, "--output", str(tmp_path)])  # Orthanc's own REST API
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: DICOMweb server {orthanc.url} answered HTTP 400 to a study search: "
+                   "is this the DICOMweb root?")
+
+
+def test_a_study_on_a_server_gone_away_is_an_error_line_not_a_crash():
+    conn = dicomweb.Connection(f"http://127.0.0.1:{orthanc_harness.free_port()}/dicom-web", attempts=2, backoff=0.01)
+    fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
+    assert fetched.instances is None
+    assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": None,
+                             "detail": "network error after retries: connection refused"}

@@ -1,0 +1,65 @@
+"""Progress lines on long runs: counts only, increasing, plain lines when stderr is not a terminal."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.make_archive import make_archive
+
+LINE = re.compile(r"progress \((\d+) (s|min)[^)]*\): ([\d,]+) of ([\d,]+)\+? files read, ([\d,]+) instances, "
+                  r"([\d,]+) studies written, [\d,]+ files/s(, about .+ left)?")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("progress-archive")
+    manifest = make_archive(root, studies=12, series=2, instances=60)
+    return root, manifest
+
+
+def run(archive_root, out, *options):
+    return subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(archive_root), "--output", str(out),
+                           *options], capture_output=True, text=True, timeout=600, check=True)
+
+
+def numbers(match) -> tuple[int, ...]:
+    return tuple(int(match[i].replace(",", "")) for i in (3, 4, 5, 6))
+
+
+def test_progress_lines_carry_increasing_counts_and_no_identifiers(archive, tmp_path):
+    root, manifest = archive
+    done = run(root, tmp_path / "out", "--progress-interval", "0.1")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("progress")]
+    assert len(lines) >= 3, done.stderr
+    assert "\r" not in done.stderr  # not a terminal: plain lines, no redrawn bar
+    parsed = [LINE.fullmatch(line) for line in lines]
+    assert all(parsed), lines
+    counts = [numbers(m) for m in parsed]
+    for before, after in zip(counts, counts[1:]):
+        assert all(b <= a for b, a in zip(before, after)), (before, after)
+    assert counts[-1][0] > counts[0][0] or counts[0][0] == counts[0][1] == 1440
+    assert max(c[1] for c in counts) == 12 * 2 * 60
+    assert str(root) not in done.stderr and str(tmp_path) not in done.stderr
+    assert "PAT0" not in done.stderr and "Synthetic^" not in done.stderr  # make_archive's patient ids/names
+    assert "apitools" not in done.stderr  # the known-harmless Beam warning is silenced
+    assert not list((tmp_path / "out").glob(".progress-*"))  # removed at the end
+
+
+def test_quiet_prints_no_progress(archive, tmp_path):
+    done = run(archive[0], tmp_path / "out", "--progress-interval", "0.1", "--quiet")
+    assert "progress" not in done.stderr
+
+
+@pytest.mark.slow
+def test_progress_on_the_portable_path(archive, tmp_path):
+    """Workers in other processes (job service + worker pool) report through the same beacons."""
+    from runners import job_service_and_worker_pool
+
+    with job_service_and_worker_pool(str(tmp_path)) as options:
+        done = run(archive[0], tmp_path / "out", "--progress-interval", "0.1", *options)
+    parsed = [LINE.fullmatch(line) for line in done.stderr.splitlines() if line.startswith("progress")]
+    assert parsed and all(parsed)
+    assert max(numbers(m)[0] for m in parsed) > 0  # files read, as counted by the pool's workers
