@@ -31,7 +31,8 @@ from urllib.parse import quote, urlsplit
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # read input, write output
 READ_TIMEOUT = 60.0     # per socket operation of a ranged GET
-CHECK_TIMEOUT = 8.0     # per request of an access check: the whole check stays well under 30 s
+CHECK_TIMEOUT = 8.0     # per request of an access check
+CHECK_DEADLINE = 25.0   # all access checks together, credential lookup included: under 30 s
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRIES = 3             # per ranged GET, for transient statuses and dropped connections
 
@@ -74,7 +75,7 @@ def open_session():
     """An authorized requests session (for the access checks: few requests, clear errors)."""
     from google.auth.transport.requests import AuthorizedSession
 
-    return AuthorizedSession(credentials())
+    return AuthorizedSession(credentials(), refresh_timeout=CHECK_TIMEOUT)
 
 
 def _total_size(content_range: str | None) -> int | None:
@@ -350,9 +351,28 @@ def check_output(path: str) -> None:
                              f"(HTTP {response.status_code}); the output step replaces files")
 
 
-def check_access(input_path: str | None, output_path: str | None) -> None:
-    """Check whichever of input and output are on gs://; raises GcsAccessError on the first problem."""
-    if input_path and input_path.startswith("gs://"):
-        check_input(input_path)
-    if output_path and output_path.startswith("gs://"):
-        check_output(output_path)
+def check_access(input_path: str | None, output_path: str | None, deadline: float = CHECK_DEADLINE) -> None:
+    """Check whichever of input and output are on gs://; raises GcsAccessError on the first problem,
+    or when the checks together take longer than ``deadline`` seconds (a credential lookup or token
+    refresh retrying against an unreachable server must not hold the run)."""
+    checks = [(check, path) for check, path in ((check_input, input_path), (check_output, output_path))
+              if path and path.startswith("gs://")]
+    if not checks:
+        return
+    failure: list[BaseException] = []
+
+    def run_checks():
+        try:
+            for check, path in checks:
+                check(path)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run_checks, name="gcs-access-check", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise GcsAccessError(f"no answer from Google Cloud Storage ({endpoint()}) within {deadline:.0f} s "
+                             "while checking --input/--output access")
+    if failure:
+        raise failure[0]

@@ -216,3 +216,15 @@ def test_permission_denied_is_one_clear_line(check, gcs_emulator):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_access_checks_have_an_overall_deadline(gcs_emulator):
+    """Whatever hangs (a token refresh, a metadata lookup, a stalled connection), the checks end."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with patched_environ({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:%d" % silent.getsockname()[1]}):
+            started = time.monotonic()
+            with pytest.raises(gcs.GcsAccessError, match=r"no answer from Google Cloud Storage .* within 1 s"):
+                gcs.check_access(f"gs://{BUCKET}/in/", f"gs://{BUCKET}/out/", deadline=1.0)
+    assert time.monotonic() - started < 3
