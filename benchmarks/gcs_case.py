@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,14 +54,23 @@ def _rchar() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
 
 
-def _pinned(fn):
-    """Run fn on one CPU (the proxy and emulator get the other), return (seconds, result)."""
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pinned(fn, fig: dict | None = None):
+    """Run fn on one CPU (the proxy and emulator get the other), return (seconds, result); with
+    ``fig``, also record this process's CPU milliseconds per file (all threads)."""
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(saved)})
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu()
         result = fn()
-        return time.perf_counter() - started, result
+        seconds = time.perf_counter() - started
+        if fig is not None:
+            fig["cpu_seconds"] = _cpu() - cpu
+        return seconds, result
     finally:
         os.sched_setaffinity(0, saved)
 
@@ -116,9 +126,10 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
                 return results
 
             local()  # warm: page cache, imports
-            before = _rchar()
-            seconds, local_results = _pinned(local)
+            before, used = _rchar(), {}
+            seconds, local_results = _pinned(local, used)
             fig["local"] = {"seconds": seconds, "rate": len(paths) / seconds,
+                            "cpu_ms_per_file": 1000 * used["cpu_seconds"] / len(paths),
                             "bytes_per_file": (_rchar() - before) / len(paths)}
 
             # gs:// reads go through the proxy: the client sees it as the emulator
@@ -130,11 +141,13 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
                     items = [(p, None) for p in gs_paths[:count]]
                     core.process_files(items[:4], reader, pool)  # open connections, first-call costs
                     _proxy_counts(proxy_url, reset=True)
-                    seconds, outcomes = _pinned(lambda: core.process_files(items, reader, pool))
+                    used: dict = {}
+                    seconds, outcomes = _pinned(lambda: core.process_files(items, reader, pool), used)
                     counts = _proxy_counts(proxy_url)
                     if pool:
                         pool.shutdown()
                     fig[name] = {"files": count, "seconds": seconds, "rate": count / seconds,
+                                 "cpu_ms_per_file": 1000 * used["cpu_seconds"] / count,
                                  "requests_per_file": counts["requests"] / count,
                                  "bytes_per_file": counts["response_bytes"] / count,
                                  "same_results_as_local": [o.result for o in outcomes] == local_results[:count]}
@@ -220,6 +233,13 @@ def report(fig: dict) -> None:
         x = f["rate"] / fig[base]["rate"]
         print(f"{name:<44}{f.get('files', fig['files']):>7}{f['seconds']:>9.2f}{f['rate']:>9.0f}{x:>9.2f}"
               f"{f.get('requests_per_file', float('nan')):>10.2f}{f.get('bytes_per_file', float('nan')):>12.0f}")
+
+    concurrent = fig.get("gs_concurrent") or {}
+    if concurrent.get("cpu_ms_per_file"):
+        print(f"client CPU per file: {fig['local']['cpu_ms_per_file']:.3f} ms from local disk, "
+              f"{concurrent['cpu_ms_per_file']:.3f} ms from gs:// {fig['concurrency']} in flight: one core could "
+              f"read about {1000 / concurrent['cpu_ms_per_file']:.0f} files/s from gs:// where the server keeps up "
+              f"(here the emulator and the proxy share the other core)")
 
 
 def print_targets(rows) -> None:
