@@ -73,6 +73,7 @@ def execute(pipeline, settings: Settings) -> dict:
             result.wait_until_finish()
     finally:
         output.remove_temp_dirs(settings.output)
+        output.remove_empty_subfolders(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:
         _LOG.warning("no instance was found on the DICOMweb server" if settings.dicomweb is not None
