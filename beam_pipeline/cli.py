@@ -5,6 +5,7 @@ import argparse
 import glob as globlib
 import logging
 import os
+import re
 import sys
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -12,6 +13,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
 from beam_pipeline import gcs, output, progress
+from beam_pipeline.bulk_data import request_line
 from beam_pipeline.config import ConversionConfig, Settings
 from beam_pipeline.dicomweb import (
     PASSWORD_ENV, TOKEN_ENV, USER_ENV, Connection, Credentials, DicomWebError, Source, StudyQuery,
@@ -50,6 +52,15 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-devices", action="store_true", help="write no Device resources")
     parser.add_argument("--observations", action="store_true",
                         help="write body weight/height Observations and reference them")
+    parser.add_argument("--patients", action="store_true",
+                        help="write a minimal Patient (id, MR identifier) for every subject reference")
+    parser.add_argument("--encounters", action="store_true",
+                        help="write a minimal Encounter (id, VN identifier, subject) for every encounter reference")
+    parser.add_argument("--bundles", action="store_true",
+                        help="also write one FHIR transaction Bundle per study (PUT by id) to OUT/bundles/")
+    parser.add_argument("--manifest-base-url", default=None,
+                        help="absolute base URL of the file URLs in manifest.json (default: relative to the "
+                             "output folder), e.g. the bucket's https URL")
     parser.add_argument("--validate", choices=("sampled", "full", "none"), default="sampled",
                         help="fhir.resources R4B validation of every study: sampled (default) validates each "
                              "resource with one instance per distinct instance shape and checks every "
@@ -121,6 +132,7 @@ def unknown_beam_options(beam_args: list[str]) -> list[str]:
 def parse_args(argv=None) -> tuple[Settings, list[str]]:
     """Our options -> Settings; the rest must be Beam options. Errors exit 2 with one line."""
     parser = argument_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, beam_args = parser.parse_known_args(argv)
     unknown = unknown_beam_options(beam_args)
     if unknown:
@@ -135,6 +147,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         parser.error("--progress-interval must be positive")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
+    if args.manifest_base_url is not None and not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", args.manifest_base_url):
+        parser.error("--manifest-base-url must be an absolute URL such as https://storage.googleapis.com/BUCKET/out")
     try:
         ZoneInfo(args.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -144,12 +158,13 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         accession_id_system=args.accession_id_system, encounter_id_system=args.encounter_id_system,
         patient_id_length=args.patient_id_length, timezone=args.timezone,
         include_instances=not args.no_instances, include_devices=not args.no_devices,
-        observations=args.observations)
+        observations=args.observations, patients=args.patients, encounters=args.encounters, bundles=args.bundles)
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
                         read_concurrency=args.read_concurrency,
                         progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval),
-                        dicomweb=web_source)
+                        dicomweb=web_source, request=request_line(argv),
+                        manifest_base_url=args.manifest_base_url)
     return settings, beam_args
 
 

@@ -61,9 +61,15 @@ DEVICE_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-geraet"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
-RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation")
+RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle")
+# Built by several studies alike (same id, same content): written once per run.
+SHARED_TYPES = ("Device", "Patient", "Encounter")
 
 
 def sha256_id(*parts: str) -> str:
     """Content id of the README: sha256 hex of the parts joined by ``|``."""
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()
+
+
+# Code system of the reason codes in the OperationOutcome error files (``bulk_data.error_outcome``).
+REASON_SYSTEM = "urn:dicom-fhir-beam:reason"

@@ -30,6 +30,9 @@ class ConversionConfig:
     include_instances: bool = True
     include_devices: bool = True
     observations: bool = False
+    patients: bool = False      # minimal Patient for each subject reference
+    encounters: bool = False    # minimal Encounter for each encounter reference
+    bundles: bool = False       # one transaction Bundle per study as well
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,5 @@ class Settings:
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     progress: "ProgressSettings | None" = None  # None: quiet
     dicomweb: "Source | None" = None     # instead of input
+    request: str = ""                    # the command line without secrets, for manifest.json
+    manifest_base_url: str | None = None  # absolute base of the manifest's file URLs (else relative)

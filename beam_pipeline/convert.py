@@ -14,7 +14,7 @@ from beam_pipeline.study import StudyGroup
 
 @dataclass
 class ConversionResult:
-    lines: dict = field(default_factory=dict)    # resource type -> NDJSON lines (Devices once each)
+    lines: dict = field(default_factory=dict)    # resource type -> NDJSON lines (shared ones once each)
     errors: list = field(default_factory=list)   # error dicts, as the errors output holds them
     counts: Counter = field(default_factory=Counter)
 
@@ -59,7 +59,7 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
                 record = outcome.result.record
                 uid = record["StudyInstanceUID"]
                 groups.setdefault(uid, StudyGroup(uid)).add(record, keys)
-    devices: dict[str, list] = {}
+    shared: dict[str, list] = {}
     for uid in sorted(groups):
         outcome = core.process_study(groups[uid], config, terms, validator)
         result.counts.update(outcome.counts)
@@ -67,11 +67,12 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
             result.errors.append(outcome.error)
         for resource_type, lines in outcome.lines.items():
             result.lines.setdefault(resource_type, []).extend(lines)
-        for device_id, line in outcome.devices:
-            devices.setdefault(device_id, []).append(line)
-    if devices:
-        result.lines["Device"] = [core.pick_device(devices[k]) for k in sorted(devices)]
-        result.counts["lines:Device"] = len(devices)
+        for key, line in outcome.shared:
+            shared.setdefault(key, []).append(line)
+    for key in sorted(shared):
+        resource_type = core.shared_type(key)
+        result.lines.setdefault(resource_type, []).append(core.pick_shared(shared[key]))
+        result.counts[f"lines:{resource_type}"] += 1
     return result
 
 

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from beam_pipeline import fhir_build, header, inputs
-from beam_pipeline.codes import Outcome, Reason
+from beam_pipeline import bulk_data, fhir_build, header, inputs
+from beam_pipeline.bundles import transaction_bundle
+from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason
 from beam_pipeline.config import ConversionConfig
 from beam_pipeline.fields import CORE_KEYWORDS, default_spec
+from beam_pipeline.output import ERRORS_NAME, OUTCOMES_NAME
+from beam_pipeline.referenced import referenced_resources
 from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult
 from beam_pipeline.study import StudyGroup
 
@@ -117,10 +120,10 @@ def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -
 
 @dataclass
 class StudyOutcome:
-    """Lines of one study by resource type (Devices as (id, line)), or its error line; and counts."""
+    """Lines of one study by resource type (shared ones as ("Type/id", line)), or its error line; and counts."""
 
     lines: dict = field(default_factory=dict)   # resource type -> [line]
-    devices: list = field(default_factory=list)  # (device id, line): shared by studies, deduplicated later
+    shared: list = field(default_factory=list)  # ("Type/id", line) of SHARED_TYPES: deduplicated later
     error: dict | None = None
     counts: Counter = field(default_factory=Counter)
 
@@ -149,20 +152,34 @@ def process_study(group: StudyGroup, config: ConversionConfig, terms, validator)
     out.counts[f"outcome:{Outcome.DUPLICATE}"] += group.duplicates
     for note, count in built.notes.items():
         out.counts[f"note:{note}"] += count
-    for resource_type, resource in built.resources:
-        if resource_type == "Device":
-            out.devices.append((resource["id"], dumps(resource)))
+    resources = built.resources + referenced_resources(built.resources, config.patients, config.encounters)
+    for resource_type, resource in resources:
+        if resource_type in SHARED_TYPES:
+            out.shared.append((f"{resource_type}/{resource['id']}", dumps(resource)))
         else:
             out.lines.setdefault(resource_type, []).append(dumps(resource))
             out.counts[f"lines:{resource_type}"] += 1
+    if config.bundles:
+        out.lines["Bundle"] = [dumps(transaction_bundle(resources))]
+        out.counts["lines:Bundle"] += 1
     return out
 
 
-def pick_device(lines) -> str:
-    """The one line written for a Device id that several studies built (they may differ in
-    model name): the smallest, so every runner and worker count picks the same."""
+def pick_shared(lines) -> str:
+    """The one line written for a Device (Patient, Encounter) id that several studies built (Devices
+    may differ in model name): the smallest, so every runner and worker count picks the same."""
     return min(lines)
+
+
+def shared_type(key: str) -> str:
+    """The resource type of a shared line's ``Type/id`` key."""
+    return key.split("/", 1)[0]
 
 
 def error_line(error: dict) -> str:
     return orjson.dumps(error, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+
+
+def error_lines(error: dict) -> list[tuple[str, str]]:
+    """An error as a plain JSON line and as an OperationOutcome line (the Bulk Data error file)."""
+    return [(ERRORS_NAME, error_line(error)), (OUTCOMES_NAME, dumps(bulk_data.error_outcome(error)))]

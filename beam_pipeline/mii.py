@@ -16,6 +16,7 @@ import math
 import re
 from collections import Counter
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Callable, Mapping, NamedTuple
 
 from beam_pipeline.config import ConversionConfig
@@ -170,16 +171,19 @@ class Vital(NamedTuple):
     profile: str
     loinc: tuple[str, str]
     snomed: tuple[str, str]
-    unit: tuple[str, str]
+    unit: tuple[str, str]  # UCUM (unit, code) of the Observation value
     plausible_max: float  # DICOM units; larger values are typically cm/g written by mistake
+    decimal_shift: int = 0  # powers of ten from the DICOM unit to ``unit`` (m -> cm: 2)
 
 
 VITALS = (
     Vital("PatientWeight", EXT + "gewicht", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergewicht",
           ("29463-7", "Body weight"), ("27113001", "Body weight"), ("kg", "kg"), 700.0),
     Vital("PatientSize", EXT + "groesse", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergroesse",
-          ("8302-2", "Body height"), ("50373000", "Body height measure"), ("m", "m"), 3.0),
+          ("8302-2", "Body height"), ("50373000", "Body height measure"), ("cm", "cm"), 3.0, decimal_shift=2),
 )
+# DICOM PatientSize is in metres; the R4 vital-signs bodyheight profile (applied by validators to
+# every LOINC 8302-2 Observation) allows only UCUM ``cm`` or ``[in_i]``.
 
 PROCEDURE_CODE_SOURCE = "ProcedureCodeSequence"
 ADMISSION_ID = "AdmissionID"
@@ -526,6 +530,17 @@ def encounter_reference(admission_id: str, system: str) -> dict:
     }
 
 
+def shift_decimal(value: float | int, places: int) -> float | int:
+    """``value * 10**places`` without binary noise (1.81 m -> 181 cm, not 181.00000000000003).
+
+    DICOM DS values have at most 16 characters, so ``repr`` of the parsed float is the written decimal.
+    """
+    if not places:
+        return value
+    shifted = Decimal(repr(value)).scaleb(places)
+    return int(shifted) if shifted == shifted.to_integral_value() else float(shifted)
+
+
 class VitalContext(NamedTuple):
     """What a vital-sign Observation takes from its study."""
 
@@ -552,6 +567,7 @@ def vital_observation(vital: Vital, value: float, config: VitalContext) -> dict:
         observation["subject"] = dict(config.subject)
     if config.started:
         observation["effectiveDateTime"] = config.started
+    value = shift_decimal(value, vital.decimal_shift)  # DICOM unit -> the Observation's unit
     observation["valueQuantity"] = quantity_value(value, vital.unit)["valueQuantity"]
     return observation
 

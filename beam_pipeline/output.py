@@ -1,19 +1,42 @@
-"""The output folder: NDJSON shards, and its checks and clean-up before and after a run."""
+"""The output folder: where each kind of line goes, its checks and clean-up before and after a run.
+
+Layout (the README's "Output"): resource files ``<Type>-SSSSS-of-NNNNN.ndjson`` and ``manifest.json``
+at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/``; the report
+(``summary.json``, errors as plain JSON lines and as OperationOutcome NDJSON) in ``_report/``.
+"""
 from __future__ import annotations
 
+import json
+import contextlib
 import os
 import shutil
 import uuid
+from datetime import datetime, timezone
 
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipeline import bulk_data
 from beam_pipeline.codes import RESOURCE_TYPES
+from beam_pipeline.config import Settings
 from beam_pipeline.inputs import is_remote
 from beam_pipeline.progress import PROGRESS_PREFIX
-from beam_pipeline.summary import SUMMARY_NAME
+from beam_pipeline.summary import REPORT_DIR, SUMMARY_NAME
 
-ERRORS_NAME = "errors"
+ERRORS_NAME = "errors"                  # plain JSON error lines (reason, path/study_uid, detail)
+OUTCOMES_NAME = "OperationOutcome"      # the same errors as FHIR, for the manifest's ``error``
+BUNDLE_NAME = "Bundle"
+BUNDLES_DIR = "bundles"
+MANIFEST_NAME = "manifest.json"
+# name -> (folder relative to the output folder, file suffix); resource types: top level, .ndjson.
+PLACES = {
+    BUNDLE_NAME: (BUNDLES_DIR, ".ndjson"),
+    OUTCOMES_NAME: (REPORT_DIR, ".ndjson"),
+    ERRORS_NAME: (REPORT_DIR, ".jsonl"),  # not FHIR: a suffix no ``*.ndjson`` loader takes
+}
+SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()}))
+# Where earlier versions wrote the report: removed too, or a loader would still find them.
+LEGACY_NAMES = (ERRORS_NAME + "-*-of-*.ndjson", "summary.json")
 
 
 class OutputError(Exception):
@@ -32,6 +55,59 @@ class NdjsonSink(fileio.FileSink):
 
     def flush(self):
         self._fh.flush()
+
+
+def place(name: str) -> tuple[str, str]:
+    return PLACES.get(name, ("", ".ndjson"))
+
+
+def shard_name(name: str, shard_index: int, total_shards: int) -> str:
+    """A shard's path relative to the output folder, e.g. ``bundles/Bundle-00000-of-00002.ndjson``."""
+    folder, suffix = place(name)
+    file_name = f"{name}-{shard_index:05d}-of-{total_shards:05d}{suffix}"
+    return f"{folder}/{file_name}" if folder else file_name
+
+
+def file_naming(window, pane, shard_index, total_shards, compression, destination) -> str:
+    """``fileio.WriteToFiles`` naming: the destination is the name (resource type, errors, ...)."""
+    return shard_name(destination, shard_index, total_shards)
+
+
+def shard_pattern(output_dir: str, name: str) -> str:
+    folder, suffix = place(name)
+    return FileSystems.join(output_dir, *([folder] if folder else []), f"{name}-*-of-*{suffix}")
+
+
+def count_lines(path: str) -> int:
+    """Lines of a written file, read back in 1 MiB chunks (the manifest states exact counts)."""
+    lines = 0
+    with FileSystems.open(path) as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+    return lines
+
+
+def write_json(output_dir: str, name: str, document: dict) -> str:
+    path = FileSystems.join(output_dir, name)
+    with FileSystems.create(path) as out:
+        out.write(json.dumps(document, indent=2).encode("utf-8") + b"\n")
+    return path
+
+
+def folder_manifest(settings: Settings, started: float, files) -> dict:
+    """The Bulk Data manifest of a run's folder from its written files ``(name, relative path, line
+    count)``: top-level resource files as ``output``, OperationOutcome files as ``error``, the
+    transaction Bundles (not for bulk import) as the extension ``transactionBundles``."""
+    resources = [(name, path, count) for name, path, count in files if place(name)[0] == ""]
+    outcomes = [(path, count) for name, path, count in files if name == OUTCOMES_NAME]
+    bundles = [(name, path, count) for name, path, count in files if name == BUNDLE_NAME]
+    body = bulk_data.manifest(
+        transaction_time=bulk_data.transaction_time(datetime.fromtimestamp(started, timezone.utc)),
+        request=settings.request, requires_access_token=is_remote(settings.output),
+        outputs=resources, errors=outcomes, base_url=settings.manifest_base_url)
+    if bundles:
+        body["extension"] = {"transactionBundles": bulk_data.output_entries(bundles, settings.manifest_base_url)}
+    return body
 
 
 def check_local_output(output_dir: str) -> None:
@@ -54,11 +130,23 @@ def prepare(output_dir: str) -> None:
     if not is_remote(output_dir):
         check_local_output(output_dir)
         remove_temp_dirs(output_dir)
-    patterns = [FileSystems.join(output_dir, f"{name}-*-of-*.ndjson") for name in (*RESOURCE_TYPES, ERRORS_NAME)]
-    patterns.append(FileSystems.join(output_dir, SUMMARY_NAME))
+        for folder in SUBFOLDERS:  # fileio's final rename does not create folders (and hides the error)
+            os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
+    names = (*RESOURCE_TYPES, *PLACES)
+    patterns = [shard_pattern(output_dir, name) for name in dict.fromkeys(names)]
+    patterns += [FileSystems.join(output_dir, name) for name in (SUMMARY_NAME, MANIFEST_NAME, *LEGACY_NAMES)]
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
+
+
+def remove_empty_subfolders(output_dir: str) -> None:
+    """``prepare`` creates the subfolders fileio may write into; unused ones go at the end."""
+    if is_remote(output_dir):
+        return
+    for folder in SUBFOLDERS:
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            os.rmdir(os.path.join(output_dir, folder))
 
 
 def remove_temp_dirs(output_dir: str) -> None:

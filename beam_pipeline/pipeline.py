@@ -17,7 +17,8 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_pipeline(pipeline, settings: Settings, started: float | None = None) -> None:
-    """List -> read headers -> group per study -> build -> write; counts -> summary.json last."""
+    """List -> read headers -> group per study -> build -> write; files and counts -> manifest.json,
+    then summary.json last."""
     started = time.time() if started is None else started
     progress = settings.progress
     if settings.dicomweb is not None:
@@ -31,21 +32,20 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
             settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
             settings.read_concurrency)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
-    studies, devices, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
+    studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate, progress)
     written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output)
     errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
-                   | "ErrorLine" >> beam.Map(lambda error: (output.ERRORS_NAME, core.error_line(error))))
-    written_small = ((devices, error_lines)
+                   | "ErrorLines" >> beam.FlatMap(core.error_lines))
+    written_small = ((shared, error_lines)
                      | "SmallOutputs" >> beam.Flatten()
-                     | "WriteDevicesAndErrors" >> transforms.WriteNdjson(settings.output))
+                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(settings.output))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
               | "AllCounts" >> beam.Flatten())
     written = (written_studies, written_small) | "AllWritten" >> beam.Flatten()
-    (counts, written) | "Summarize" >> transforms.Summarize(settings.output, started)
-
+    (counts, written) | "Summarize" >> transforms.Summarize(settings, started)
 
 def local_runner(options):
     """The in-process FnApiRunner unless a runner was named: Beam 2.77's DirectRunner first tries
@@ -74,6 +74,7 @@ def execute(pipeline, settings: Settings) -> dict:
             result.wait_until_finish()
     finally:
         output.remove_temp_dirs(settings.output)
+        output.remove_empty_subfolders(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:
         _LOG.warning("no instance was found on the DICOMweb server" if settings.dicomweb is not None

@@ -1,8 +1,9 @@
 """The pipeline's steps as composite PTransforms; DoFns only route what ``core`` returns.
 
 Every step also emits its counts (``collections.Counter``) to a ``counts`` output; ``Summarize``
-adds them up and writes ``summary.json`` after all shards are final. Beam ``Metrics`` counters
-are kept for monitoring (the Dataflow/Flink UIs, the progress line) and feed nothing a user reads.
+adds them up and writes ``manifest.json`` (from the line counts of the final files) and then
+``summary.json`` after all shards are final. Beam ``Metrics`` counters are kept for monitoring
+(the Dataflow/Flink UIs, the progress line) and feed nothing a user reads.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
-from beam_pipeline.config import ConversionConfig
+from beam_pipeline.config import ConversionConfig, Settings
 from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
 
@@ -382,9 +384,10 @@ class GroupStudies(beam.PTransform):
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
 class BuildStudyDoFn(beam.DoFn):
-    """StudyGroup -> (resource type, NDJSON line); Devices and rejections to their own outputs."""
+    """StudyGroup -> (resource type, NDJSON line); shared resources (Device, Patient, Encounter) and
+    rejections to their own outputs."""
 
-    DEVICES = "devices"
+    SHARED = "shared"
 
     def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         self.config = config
@@ -412,15 +415,15 @@ class BuildStudyDoFn(beam.DoFn):
         for resource_type, lines in outcome.lines.items():
             for line in lines:
                 yield resource_type, line
-        for device in outcome.devices:
-            yield beam.pvalue.TaggedOutput(self.DEVICES, device)
+        for shared in outcome.shared:
+            yield beam.pvalue.TaggedOutput(self.SHARED, shared)
 
     def finish_bundle(self):
         self.progress.flush()
 
 
 class BuildResources(beam.PTransform):
-    """StudyGroups -> study lines, Device lines (each Device once per run), errors, counts."""
+    """StudyGroups -> study lines, shared lines (each Device/Patient/Encounter once per run), errors, counts."""
 
     def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
         super().__init__()
@@ -430,13 +433,13 @@ class BuildResources(beam.PTransform):
 
     def expand(self, groups):
         built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate, self.progress)).with_outputs(
-            ERRORS, COUNTS, BuildStudyDoFn.DEVICES, main="resources")
-        devices = (built[BuildStudyDoFn.DEVICES]
-                   | "DeviceOnce" >> beam.CombinePerKey(core.pick_device)
-                   | "DeviceLine" >> beam.Map(lambda item: ("Device", item[1])))
-        device_counts = devices | "CountDevices" >> beam.Map(lambda _: Counter({"lines:Device": 1}))
-        counts = (built[COUNTS], device_counts) | "BuildCounts" >> beam.Flatten()
-        return built.resources, devices, built[ERRORS], counts
+            ERRORS, COUNTS, BuildStudyDoFn.SHARED, main="resources")
+        shared = (built[BuildStudyDoFn.SHARED]
+                  | "SharedOnce" >> beam.CombinePerKey(core.pick_shared)
+                  | "SharedLine" >> beam.Map(lambda item: (core.shared_type(item[0]), item[1])))
+        shared_counts = shared | "CountShared" >> beam.Map(lambda item: Counter({f"lines:{item[0]}": 1}))
+        counts = (built[COUNTS], shared_counts) | "BuildCounts" >> beam.Flatten()
+        return built.resources, shared, built[ERRORS], counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +447,8 @@ class BuildResources(beam.PTransform):
 
 
 class WriteNdjson(beam.PTransform):
-    """(name, line) -> sharded ``<name>-SSSSS-of-NNNNN.ndjson`` files; returns the written files.
+    """(name, line) -> sharded files named by ``output.file_naming`` (resource types at the top,
+    ``bundles/``, ``_report/``); returns the written files.
 
     Apply it where the lines are produced: a Flatten in front would make the runner materialize
     every line between stages.
@@ -457,36 +461,59 @@ class WriteNdjson(beam.PTransform):
     def expand(self, named_lines):
         return named_lines | "Write" >> fileio.WriteToFiles(
             path=self.output_dir, destination=lambda item: item[0], sink=lambda _: output.NdjsonSink(),
-            file_naming=fileio.destination_prefix_naming(".ndjson"))
+            file_naming=output.file_naming)
+
+
+class CountLines(beam.PTransform):
+    """Written files -> (name, path relative to the output folder, line count), read back from the
+    final files: the manifest states what a loader will find, in parallel over the workers."""
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, written_files):
+        output_dir = self.output_dir
+
+        def count(result):
+            path = FileSystems.join(output_dir, result.file_name)
+            return str(result.destination), result.file_name, output.count_lines(path)
+
+        return written_files | "Count" >> beam.Map(count)
 
 
 class WriteSummaryDoFn(beam.DoFn):
-    """Writes summary.json once every shard is final (its side inputs are complete only then)."""
+    """Writes manifest.json, then summary.json, once every shard is final (their side inputs are
+    complete only then)."""
 
-    def __init__(self, output_dir: str, started: float):
-        self.output_dir = output_dir
+    def __init__(self, settings: Settings, started: float):
+        self.settings = settings
         self.started = started
 
-    def process(self, _, counts, written_files):
-        output.remove_temp_dirs(self.output_dir)
+    def process(self, _, counts, files):
+        output_dir = self.settings.output
+        output.remove_temp_dirs(output_dir)
+        output.write_json(output_dir, output.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
-        write_summary(self.output_dir, summary)
+        write_summary(output_dir, summary)
         yield summary
 
 
 class Summarize(beam.PTransform):
-    """All counts + the written files -> summary.json, written last: its presence marks a complete run."""
+    """All counts + the written files -> manifest.json and summary.json, written last: the summary's
+    presence marks a complete run."""
 
-    def __init__(self, output_dir: str, started: float):
+    def __init__(self, settings: Settings, started: float):
         super().__init__()
-        self.output_dir = output_dir
+        self.settings = settings
         self.started = started
 
     def expand(self, pcolls):
         counts, written_files = pcolls
         total = counts | "Sum" >> beam.CombineGlobally(SumCounts())
+        files = written_files | "CountLines" >> CountLines(self.settings.output)
         return (counts.pipeline
                 | "Once" >> beam.Create([None])
-                | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.output_dir, self.started),
+                | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.settings, self.started),
                                                counts=beam.pvalue.AsSingleton(total),
-                                               written_files=beam.pvalue.AsList(written_files)))
+                                               files=beam.pvalue.AsList(files)))

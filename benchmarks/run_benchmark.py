@@ -143,7 +143,7 @@ def run_pipeline(archive, out, mode, workers, log_path) -> dict:
     fig = {"cmd": " ".join(cmd), "seconds": seconds, "peak_rss_mib": peak / MIB, "rc": proc.returncode,
            "cpu_seconds": _children_cpu() - cpu0}
     fig["foreign_cores"] = _foreign_load(busy0, fig["cpu_seconds"] + _self_cpu() - self0, seconds)
-    summary = Path(out) / "summary.json"
+    summary = Path(out) / "_report" / "summary.json"
     if proc.returncode or not summary.exists():
         tail = Path(log_path).read_text(errors="replace")[-2000:]
         fig["error"] = f"rc={proc.returncode}, summary.json {'present' if summary.exists() else 'missing'}"

@@ -13,6 +13,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from beam_pipeline.cli import parse_args
+from beam_pipeline.output import shard_pattern
 from beam_pipeline.pipeline import execute
 
 TEST_FILES = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
@@ -31,8 +32,10 @@ def run_pipeline(input_path, output_dir, *options: str) -> dict:
 
 
 def read_ndjson(output_dir, name: str) -> list[dict]:
+    """The lines of every shard of ``name`` (a resource type, ``Bundle``, ``errors``, ...) wherever
+    the output layout puts it."""
     lines = []
-    for path in sorted(glob.glob(os.path.join(str(output_dir), f"{name}-*-of-*.ndjson"))):
+    for path in sorted(glob.glob(shard_pattern(str(output_dir), name))):
         with open(path, encoding="utf-8") as handle:
             lines.extend(json.loads(line) for line in handle if line.strip())
     return lines
@@ -40,7 +43,7 @@ def read_ndjson(output_dir, name: str) -> list[dict]:
 
 def raw_lines(output_dir, name: str) -> list[str]:
     lines = []
-    for path in glob.glob(os.path.join(str(output_dir), f"{name}-*-of-*.ndjson")):
+    for path in glob.glob(shard_pattern(str(output_dir), name)):
         with open(path, encoding="utf-8") as handle:
             lines.extend(line.rstrip("\n") for line in handle if line.strip())
     return sorted(lines)

@@ -229,12 +229,22 @@ def test_observations_only_when_configured():
     out = mii.study_elements(study, CONFIG, TERMS, Counter(), **CONTEXT)
     weight, height = out["observations"]
     assert weight["id"] == hashlib.sha256(b"1.2.840.1|29463-7").hexdigest()
-    assert height["valueQuantity"] == {"value": 1.8, "unit": "m", "system": "http://unitsofmeasure.org", "code": "m"}
+    assert height["valueQuantity"] == {"value": 180, "unit": "cm", "system": "http://unitsofmeasure.org", "code": "cm"}
     assert weight["subject"] == CONTEXT["subject"] and weight["effectiveDateTime"] == CONTEXT["started"]
     assert [e["valueReference"]["reference"] for e in out["extension"]] == [
         f"Observation/{weight['id']}", f"Observation/{height['id']}"]
     for observation in out["observations"]:
         Observation.model_validate(observation)
+
+
+@pytest.mark.parametrize("metres, centimetres", [
+    (1.81, 181), (1.8, 180), (1.755, 175.5), (0.57, 57), (1.1, 110), (2.999, 299.9), (1.234567, 123.4567)])
+def test_body_height_is_written_in_exact_centimetres(metres, centimetres):
+    """UCUM cm as the R4 bodyheight profile requires; no binary noise such as 0.57 * 100 = 56.99999999999999."""
+    (height,) = mii.study_elements({"PatientSize": metres}, CONFIG, TERMS, Counter(), **CONTEXT)["observations"]
+    assert height["valueQuantity"]["value"] == centimetres
+    assert repr(height["valueQuantity"]["value"]) == repr(centimetres)
+    assert (height["valueQuantity"]["unit"], height["valueQuantity"]["code"]) == ("cm", "cm")
 
 
 @pytest.mark.parametrize("study, note", [

@@ -27,7 +27,7 @@ def cli(*args, check_exit: int | None = 0):
 
 
 def summary_of(out) -> dict:
-    with open(os.path.join(out, "summary.json"), encoding="utf-8") as handle:
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
         return json.load(handle)
 
 

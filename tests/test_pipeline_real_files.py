@@ -143,6 +143,9 @@ def test_observations_encounter_and_procedure_from_a_real_header(tmp_path):
         assert observation["subject"]["reference"] == study["subject"]["reference"]
     codes = {o["code"]["coding"][0]["code"]: o for o in observations}
     assert codes["29463-7"]["valueQuantity"]["value"] == 72.5
+    # PatientSize 1.81 (metres, DICOM) -> 181 cm (UCUM cm, as the R4 bodyheight profile requires)
+    assert codes["8302-2"]["valueQuantity"] == {"value": 181, "unit": "cm", "system": "http://unitsofmeasure.org",
+                                                "code": "cm"}
     referenced = {e["valueReference"]["reference"] for e in study["extension"] if "valueReference" in e}
     assert referenced == {f"Observation/{o['id']}" for o in observations}
     assert study["encounter"]["reference"].startswith("Encounter/")

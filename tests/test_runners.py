@@ -19,7 +19,8 @@ from benchmarks.make_archive import make_archive
 from helpers import TEST_FILES, copy_dicom, pydicom_file, raw_lines
 from runners import RUNNERS, job_service_and_worker_pool, venv_env
 
-OUTPUTS = ("ImagingStudy", "Device", "Observation", "errors")
+OUTPUTS = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle", "errors", "OperationOutcome")
+LOADABLE = ("--observations", "--patients", "--encounters", "--bundles")
 
 
 def add_faults(faults):
@@ -61,14 +62,27 @@ def convert(input_dir, out, options, *extra) -> dict:
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(input_dir), "--output", str(out),
                            *extra, *options], capture_output=True, text=True, timeout=600, env=venv_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(out, "summary.json"), encoding="utf-8") as handle:
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     del summary["seconds"], summary["instances_per_second"]
     return summary
 
 
+def manifest_totals(out) -> dict:
+    """Lines per type as the manifest states them (shard files may differ between runners), after
+    checking each stated count against the file."""
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    totals = {}
+    for entry in manifest["output"] + manifest["error"] + manifest.get("extension", {}).get("transactionBundles", []):
+        with open(os.path.join(out, entry["url"]), encoding="utf-8") as handle:
+            assert entry["count"] == sum(1 for _ in handle), entry["url"]
+        totals[entry["type"]] = totals.get(entry["type"], 0) + entry["count"]
+    return totals
+
+
 def results(out, summary) -> dict:
-    return {"summary": summary, **{name: raw_lines(out, name) for name in OUTPUTS}}
+    return {"summary": summary, "manifest": manifest_totals(out), **{name: raw_lines(out, name) for name in OUTPUTS}}
 
 
 @pytest.mark.slow
@@ -78,14 +92,16 @@ def test_every_runner_writes_the_same_lines_and_summary(archives, portable_servi
     seen = {}
     for name, options in cases.items():
         out = tmp_path / name
-        seen[name] = results(out, convert(archives[mode], out, options, "--group-by", mode))
+        seen[name] = results(out, convert(archives[mode], out, options, "--group-by", mode, *LOADABLE))
     baseline = seen.pop("in_memory_1")
     summary = baseline["summary"]
     assert sum(summary["outcomes"].values()) == summary["files_matched"] > 60
     assert summary["resources"]["ImagingStudy"] >= 6 and summary["resources"]["Device"] >= 3
+    assert summary["resources"]["Bundle"] == summary["studies"]["written"] and summary["resources"]["Patient"] >= 1
+    assert baseline["manifest"]["OperationOutcome"] == len(baseline["errors"]) > 0
     assert {"invalid-uid", "dangling-symlink", "empty-file", "truncated"} <= set(summary["errors_by_reason"])
     if mode == "directory":
         assert summary["errors_by_reason"]["multiple-studies-in-directory"] == 1  # two-studies/
     for name, got in seen.items():
-        for key in ("summary", *OUTPUTS):
+        for key in ("summary", "manifest", *OUTPUTS):
             assert got[key] == baseline[key], f"{name} differs from in_memory_1 in {key}"
