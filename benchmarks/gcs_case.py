@@ -83,13 +83,16 @@ def _run_cli(input_path: str, out: Path, env: dict, *options: str) -> dict:
     seconds = time.perf_counter() - started
     if result.returncode:
         return {"error": result.stderr[-2000:], "seconds": seconds}
-    summary = json.loads((out / "summary.json").read_text())
+    from beam_pipeline.summary import SUMMARY_NAME
+
+    summary = json.loads((out / SUMMARY_NAME).read_text())
     converted = summary["outcomes"]["converted"]
     return {"files": summary["files_matched"], "seconds": seconds, "rate": converted / seconds,
             "converted": converted, "pipeline_seconds": summary["seconds"]}
 
 
 def _lines(folder: Path) -> list[str]:
+    """The FHIR resource lines (the top level of the output folder)."""
     return sorted(line for path in folder.glob("*.ndjson") for line in path.read_text().splitlines())
 
 

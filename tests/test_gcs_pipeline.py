@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,23 +26,37 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
                           env=environment, timeout=timeout, cwd=REPO)
 
 
-def _gs_lines(client, prefix: str) -> dict[str, list[str]]:
-    """Lines of the NDJSON shards under gs://BUCKET/prefix, by resource name, sorted."""
-    lines: dict[str, list[str]] = {}
-    for blob in client.list_blobs(BUCKET, prefix=prefix):
-        name = blob.name[len(prefix):]
-        if name.endswith(".ndjson"):
-            text = blob.download_as_bytes().decode("utf-8")
-            lines.setdefault(name.split("-")[0], []).extend(line for line in text.splitlines() if line)
-    return {name: sorted(found) for name, found in lines.items()}
+def _gs_files(client, prefix: str) -> dict[str, str]:
+    """Every object under gs://BUCKET/prefix: relative name -> text."""
+    return {blob.name[len(prefix):]: blob.download_as_bytes().decode("utf-8")
+            for blob in client.list_blobs(BUCKET, prefix=prefix)}
 
 
-def _local_lines(folder: Path) -> dict[str, list[str]]:
+def _local_files(folder: Path) -> dict[str, str]:
+    return {path.relative_to(folder).as_posix(): path.read_text(encoding="utf-8")
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def _lines_by_kind(files: dict[str, str], replace: tuple[str, str] = ("", "")) -> dict[str, list[str]]:
+    """Lines of the line-per-record files by kind (name without the shard suffix), sorted; JSON
+    escapes paths, so the local root is replaced in its escaped form too. OperationOutcome ids
+    (hashes of the error, its path included) are left out."""
+    old, new = replace
     lines: dict[str, list[str]] = {}
-    for path in folder.glob("*.ndjson"):
-        lines.setdefault(path.name.split("-")[0], []).extend(
-            line for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return {name: sorted(found) for name, found in lines.items()}
+    for name, text in files.items():
+        if name.endswith((".ndjson", ".jsonl")):
+            kind = re.sub(r"-\d+-of-\d+", "", name)
+            if old:
+                text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+            if "OperationOutcome" in kind:  # its id hashes the error, path included
+                text = re.sub(r'"id":"[0-9a-f]{64}",', "", text)
+            lines.setdefault(kind, []).extend(line for line in text.splitlines() if line)
+    return {kind: sorted(found) for kind, found in lines.items()}
+
+
+def _manifest_counts(text: str) -> set:
+    manifest = json.loads(text)
+    return {(entry["type"], entry["count"]) for key in ("output", "error") for entry in manifest.get(key, [])}
 
 
 def _problem_lines(stderr: str) -> list[str]:
@@ -73,22 +88,24 @@ def test_gs_to_gs_writes_the_same_lines_as_a_local_run(archive, gcs_client, tmp_
                   "--read-concurrency", "8")
     assert remote.returncode == 0, remote.stderr[-3000:]
 
-    local_lines, remote_lines = _local_lines(local_out), _gs_lines(gcs_client, "e2e/out/")
-    assert set(remote_lines) == set(local_lines) >= {"ImagingStudy", "Device", "errors"}
-    for name in ("ImagingStudy", "Device"):
-        assert remote_lines[name] == local_lines[name]
-    local_errors = sorted(line.replace(str(archive), f"gs://{BUCKET}/e2e/in") for line in local_lines["errors"])
-    assert remote_lines["errors"] == local_errors
+    local_files, remote_files = _local_files(local_out), _gs_files(gcs_client, "e2e/out/")
+    local_lines = _lines_by_kind(local_files, (str(archive), f"gs://{BUCKET}/e2e/in"))
+    remote_lines = _lines_by_kind(remote_files)
+    assert set(remote_lines) == set(local_lines)
+    assert {"ImagingStudy.ndjson", "Device.ndjson", "_report/errors.jsonl"} <= set(local_lines)
+    for kind in local_lines:  # line by line, error paths included (local root -> gs:// prefix)
+        assert remote_lines[kind] == local_lines[kind], kind
+    assert _manifest_counts(remote_files["manifest.json"]) == _manifest_counts(local_files["manifest.json"])
 
-    local_summary = json.loads((local_out / "summary.json").read_text())
-    remote_summary = json.loads(gcs_client.bucket(BUCKET).blob("e2e/out/summary.json").download_as_bytes())
+    local_summary = json.loads(local_files["_report/summary.json"])
+    remote_summary = json.loads(remote_files["_report/summary.json"])
     assert _without_timing(remote_summary) == _without_timing(local_summary)
     assert remote_summary["files_matched"] == len(uploaded)
     assert sum(remote_summary["outcomes"].values()) == len(uploaded)
     assert remote_summary["outcomes"]["converted"] > 50
     written = {b.name[len("e2e/out/"):] for b in gcs_client.list_blobs(BUCKET, prefix="e2e/out/")}
-    leftovers = {name for name in written if name != "summary.json" and not name.endswith(".ndjson")}
-    assert leftovers == set()  # no temp folders, write checks or progress beacons left behind
+    assert {re.sub(r"-\d+-of-\d+", "", name) for name in written} == \
+        {re.sub(r"-\d+-of-\d+", "", name) for name in local_files}  # no temp folders, checks or beacons left
 
 
 @pytest.mark.parametrize("args, message", [
