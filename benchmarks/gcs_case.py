@@ -252,7 +252,7 @@ def print_targets(rows) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.make_archive import make_archive
+    from tests.make_archive import make_archive
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000, help="files of the archive uploaded and read")

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pydicom
 
-from benchmarks.make_archive import make_archive
+from tests.make_archive import make_archive
 
 MIB = 1 << 20
 PIXEL_BYTES = 4 * MIB
