@@ -8,6 +8,8 @@ All cases run in one invocation on the same warm archive so their ratios are com
   (e) with --gcs-files N: N of the archive's files from gs:// (a loopback GCS emulator behind a
       proxy adding --gcs-delay-ms per request) vs local disk: headers, convert_files and the CLI
       (``benchmarks/gcs_case.py``, also runnable alone)
+  (f) the CLI end to end (``python -m beam_pipeline``, interpreter start-up included) on one core,
+      in-process runner (``benchmarks/cli_case.py``), measured right after (a) on the same CPU
 plus bytes read per file by (b) with and without 4 MiB pixel data, and (d) on one huge study.
 """
 from __future__ import annotations
@@ -228,6 +230,7 @@ def targets(fig) -> list[tuple[str, float | None, str, bool | None]]:
         ("(d) / (a)", ratio(d, a), ">= 1.5", lambda v: v >= 1.5),
         ("(c) / (d) wall time (per instance)", ratio(d, c), ">= 1.5", lambda v: v >= 1.5),
         ("(b) pixel bytes read, % of added", get("b_bytes_read", "pct_of_added"), "< 5 %", lambda v: v < 5),
+        ("(f) CLI on one core / (a)", ratio(get("f", "rate"), a), ">= 2.5", lambda v: v >= 2.5),
         ("(c) peak RSS MiB", get("c", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
         ("(d) peak RSS MiB", get("d", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
         ("(big) peak RSS MiB", get("big", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
@@ -240,6 +243,7 @@ def report(fig, n_files) -> None:
     print(f"\n{'case':<44}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'x (a)':>8}{'peak RSS MiB':>14}")
     names = {"a": "(a) pydicom dcmread, 1 core", "b": "(b) convert_files, 1 core",
              "b_novalidate": "    (b) with validate=False, for information",
+             "f": "(f) CLI end to end, 1 core, start-up incl.",
              "c": "(c) pipeline in_memory, 1 worker", "d": "(d) pipeline multi_processing, 2 workers",
              "big": f"(big) (d) on one study of {fig.get('big_files', '?')} instances"}
     for key, name in names.items():
@@ -312,6 +316,11 @@ def main(argv=None) -> int:
         fig["archive"] = {k: v for k, v in m.items() if k != "study_uids"}
         fig["a"] = guarded("(a) pydicom", case_in_process, parse_pydicom, paths, args.repeat)
         fig["b"] = guarded("(b) convert_files", case_in_process, convert, paths, args.repeat)
+        if not args.skip_pipeline:
+            from benchmarks.cli_case import cli_one_core
+
+            fig["f"] = guarded("(f) CLI on one core", cli_one_core, work / "archive", work / "out_f",
+                               min(os.sched_getaffinity(0)), work / "f.log")
         fig["b_novalidate"] = guarded("(b) without validation", case_in_process, convert_unvalidated, paths, 1)
 
         per_study = max(1, args.pixel_files // 2)
