@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from beam_pipeline import output, progress
+from beam_pipeline import gcs, output, progress
 from beam_pipeline.bulk_data import request_line
 from beam_pipeline.config import ConversionConfig, Settings
 from beam_pipeline.header_io import MAX_HEADER_BYTES, READ_COST
@@ -72,6 +72,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="reading one header may cost at most this many MiB (each read or element "
                              f"counts {READ_COST} bytes extra); more is an error header-too-large "
                              "(default %(default)s)")
+    parser.add_argument("--read-concurrency", type=int, default=32, metavar="N",
+                        help="header reads in flight per worker on gs:// (default 32; 1 reads one after "
+                             "the other); local files are read one after the other")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
                         help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
@@ -143,6 +146,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     if args.input is not None and "://" not in args.input and not os.path.lexists(args.input) \
             and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")
+    if args.read_concurrency < 1:
+        parser.error("--read-concurrency must be at least 1")
     if args.progress_interval <= 0:
         parser.error("--progress-interval must be positive")
     if args.patient_id_length is not None and args.patient_id_length < 1:
@@ -164,6 +169,7 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
                         max_header_bytes=args.max_header_mib * 1024 * 1024,
+                        read_concurrency=args.read_concurrency,
                         progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
                         manifest_base_url=args.manifest_base_url)
@@ -173,6 +179,7 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
 def run(argv=None) -> dict:
     """Parse options once, run the pipeline, print the summary."""
     settings, beam_args = parse_args(argv)
+    gcs.check_access(settings.input, settings.output)  # seconds, not minutes of retries, when it cannot work
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
     summary = execute(beam.Pipeline(runner=local_runner(options), options=options), settings)
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         summary = run(argv)
-    except (output.OutputError, DicomWebError) as exc:
+    except (output.OutputError, DicomWebError, gcs.GcsAccessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks

@@ -48,6 +48,7 @@ class Settings:
     use_fast_reader: bool = True
     max_header_bytes: int = MAX_HEADER_BYTES  # a header needing more reading: header-too-large
     validate: str = "sampled"            # "sampled" | "full" | "none"
+    read_concurrency: int = 32           # header reads in flight per worker on object storage
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     progress: "ProgressSettings | None" = None  # None: quiet
     dicomweb: "Source | None" = None     # instead of input

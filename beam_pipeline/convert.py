@@ -1,11 +1,13 @@
 """The conversion without Beam: the same ``core`` steps in one process (benchmarks, quick checks)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from beam_pipeline import core, fhir_build
+from beam_pipeline import core, fhir_build, inputs
 from beam_pipeline.config import ConversionConfig
 from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.study import StudyGroup
@@ -34,21 +36,24 @@ class ConversionResult:
 
 
 def convert_files(paths, config: ConversionConfig | None = None, validate: bool | str = True,
-                  use_fast_reader: bool = True, max_header_bytes: int = MAX_HEADER_BYTES) -> ConversionResult:
-    """Read, group by StudyInstanceUID and build, exactly as the pipeline does in study mode."""
+                  use_fast_reader: bool = True, read_concurrency: int = 1,
+                  max_header_bytes: int = MAX_HEADER_BYTES) -> ConversionResult:
+    """Read, group by StudyInstanceUID and build, exactly as the pipeline does in study mode.
+    ``read_concurrency`` > 1 keeps that many header reads of object-storage paths in flight."""
     from terminologies import Terminologies
 
     config = config or ConversionConfig()
-    reader, keys, terms = core.FileReader(use_fast_reader, max_header_bytes=max_header_bytes), core.instance_keys(), Terminologies.load()
+    reader = core.FileReader(use_fast_reader, inputs.InputOpener(), max_header_bytes)
+    keys, terms = core.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
     result = ConversionResult()
     groups: dict[str, StudyGroup] = {}
-    with warnings.catch_warnings():
+    pool = ThreadPoolExecutor(read_concurrency) if read_concurrency > 1 else None
+    with warnings.catch_warnings(), pool or contextlib.nullcontext():
         warnings.simplefilter("ignore")
-        for path in paths:
+        for path, outcome in _read(paths, reader, pool):
             result.counts["files_matched"] += 1
-            outcome = core.process_file(path, reader)
             result.counts.update(outcome.counts)
             if outcome.error is not None:
                 result.errors.append(outcome.error)
@@ -71,3 +76,20 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
         result.lines.setdefault(resource_type, []).append(core.pick_shared(shared[key]))
         result.counts[f"lines:{resource_type}"] += 1
     return result
+
+
+def _read(paths, reader: core.FileReader, pool, batch_size: int = 200):
+    """(path, FileOutcome) in input order; remote paths in batches with reads in flight."""
+    batch = []
+    for path in paths:
+        batch.append((path, None))
+        if len(batch) == batch_size:
+            yield from _read_batch(batch, reader, pool)
+            batch = []
+    yield from _read_batch(batch, reader, pool)
+
+
+def _read_batch(batch, reader, pool):
+    remote = pool is not None and any(isinstance(p, str) and inputs.is_remote(p) for p, _ in batch)
+    for (path, _), outcome in zip(batch, core.process_files(batch, reader, pool if remote else None)):
+        yield path, outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import orjson
@@ -53,16 +54,16 @@ class FileReader:
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
         self.spec = default_spec()
-        self.open_file = open_file or inputs.open_input
+        self.open_file = open_file or inputs.InputOpener()
 
-    def read(self, path: inputs.Path) -> HeaderResult:
+    def read(self, path: inputs.Path, size: int | None = None) -> HeaderResult:
         """Classify one file; problems of the file system become error results, never exceptions."""
         try:
             if not (isinstance(path, str) and inputs.is_remote(path)):
                 problem = inputs.local_file_problem(path)
                 if problem:
                     return HeaderResult(ERROR, reason=problem[0], detail=problem[1])
-            with self.open_file(path) as fp:
+            with self.open_file(path, size) as fp:
                 return header.read_header(fp, self.spec, use_fast=self.use_fast_reader,
                                           max_header_bytes=self.max_header_bytes)
         except OSError as exc:
@@ -78,9 +79,26 @@ def uid_problem(record: dict) -> str | None:
     return None
 
 
-def process_file(path: inputs.Path, reader: FileReader) -> FileOutcome:
+def process_file(path: inputs.Path, reader: FileReader, size: int | None = None) -> FileOutcome:
     """Read one file into an instance record, or the error line that stands for it."""
-    return outcome_of(reader.read(path), path)
+    return outcome_of(reader.read(path, size), path)
+
+
+def process_files(items, reader: FileReader, pool: Executor | None = None) -> list[FileOutcome]:
+    """``process_file`` over (path, size) items with up to the pool's size in flight (object
+    storage is bound by round trips), outcomes in input order: one per item, whatever happens."""
+    def guarded(item) -> FileOutcome:
+        path, size = item
+        try:
+            return process_file(path, reader, size)
+        except Exception as exc:  # a reader bug or an unexpected client error costs one file
+            return outcome_of(HeaderResult(ERROR, reason=Reason.UNREADABLE,
+                                           detail=f"{type(exc).__name__} while reading"), path)
+
+    items = list(items)
+    if pool is None or len(items) < 2:
+        return [guarded(item) for item in items]
+    return list(pool.map(guarded, items))
 
 
 def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -> FileOutcome:

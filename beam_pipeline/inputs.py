@@ -12,6 +12,7 @@ import glob as globlib
 import os
 import re
 import stat
+import threading
 import warnings
 from typing import Iterator
 
@@ -143,11 +144,36 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
         stack.extend(reversed(folders))
 
 
-def open_input(path: Path):
+def open_input(path: Path, size: int | None = None):
     """A binary file object for reading a header; object stores through Beam's FileSystems."""
     if isinstance(path, str) and is_remote(path):
         return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     return open(path, "rb")
+
+
+class InputOpener:
+    """Opens input files for header reading, one per worker: ``gs://`` objects by ranged GETs over
+    kept-alive connections (set up on the first gs:// path, so local runs need no credentials), other
+    object stores through Beam's FileSystems, local files directly."""
+
+    def __init__(self):
+        self._fetcher = None
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path, size: int | None = None):
+        if isinstance(path, str) and path.startswith("gs://"):
+            from beam_pipeline import gcs
+
+            return gcs.open_ranged(self._gcs_fetcher(), path, size=size)
+        return open_input(path, size)
+
+    def _gcs_fetcher(self):
+        with self._lock:
+            if self._fetcher is None:
+                from beam_pipeline import gcs
+
+                self._fetcher = gcs.RangeFetcher()
+            return self._fetcher
 
 
 def local_file_problem(path: Path) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import shutil
 import uuid
@@ -137,6 +138,15 @@ def prepare(output_dir: str) -> None:
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
+
+
+def remove_empty_subfolders(output_dir: str) -> None:
+    """``prepare`` creates the subfolders fileio may write into; unused ones go at the end."""
+    if is_remote(output_dir):
+        return
+    for folder in SUBFOLDERS:
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            os.rmdir(os.path.join(output_dir, folder))
 
 
 def remove_temp_dirs(output_dir: str) -> None:

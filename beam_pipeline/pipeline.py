@@ -30,7 +30,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
             settings.input, settings.output, progress=progress)
         partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
             settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
-            settings.max_header_bytes)
+            settings.read_concurrency, settings.max_header_bytes)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate, progress)
@@ -74,6 +74,7 @@ def execute(pipeline, settings: Settings) -> dict:
             result.wait_until_finish()
     finally:
         output.remove_temp_dirs(settings.output)
+        output.remove_empty_subfolders(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:
         _LOG.warning("no instance was found on the DICOMweb server" if settings.dicomweb is not None

@@ -12,6 +12,7 @@ import time
 import typing
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -29,6 +30,7 @@ NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
 ERRORS = "errors"
 PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
+DEFAULT_READ_CONCURRENCY = 32  # header reads in flight per worker on object storage (round-trip bound)
 
 
 class SumCounts(beam.CombineFn):
@@ -114,17 +116,20 @@ class ReadHeaderDoFn(beam.DoFn):
     """
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 progress: ProgressSettings | None = None, max_header_bytes: int = MAX_HEADER_BYTES):
+                 progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
         self.group_by = group_by
         self.root = root
         self.progress_settings = progress
+        self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader, max_header_bytes=self.max_header_bytes)
+        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(), self.max_header_bytes)
+        self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
         # pydicom's warnings about odd files may quote element values (patient data): keep them
@@ -135,8 +140,9 @@ class ReadHeaderDoFn(beam.DoFn):
     def process(self, batch):
         partials: dict[str, dict] = {}
         counts = Counter()
-        for path, _size in batch:
-            outcome = core.process_file(path, self.reader)
+        remote = any(isinstance(path, str) and inputs.is_remote(path) for path, _ in batch)
+        outcomes = core.process_files(batch, self.reader, self.pool if remote else None)
+        for (path, _size), outcome in zip(batch, outcomes):
             counts.update(outcome.counts)
             if outcome.error is not None:
                 yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
@@ -155,14 +161,19 @@ class ReadHeaderDoFn(beam.DoFn):
     def finish_bundle(self):
         self.progress.flush()
 
+    def teardown(self):
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 class ReadHeaders(beam.PTransform):
     """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
-                 progress: ProgressSettings | None = None, max_header_bytes: int = MAX_HEADER_BYTES):
+                 progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, max_header_bytes)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")

@@ -31,7 +31,7 @@ def cli_one_core(archive, out, cpu: int = 0, log_path=None) -> dict:
         Path(log_path).write_text(done.stdout + done.stderr)
     if done.returncode:
         return {"error": f"rc={done.returncode}: {done.stderr[-500:]}"}
-    summary = json.loads((Path(out) / "summary.json").read_text())
+    summary = json.loads((Path(out) / "_report" / "summary.json").read_text())
     instances = summary["outcomes"]["converted"]
     return {"cmd": " ".join(cmd), "seconds": seconds, "instances": instances, "rate": instances / seconds,
-            "self_reported_seconds": summary["seconds"]}
+            "pipeline_seconds": summary["seconds"]}

@@ -5,6 +5,11 @@ All cases run in one invocation on the same warm archive so their ratios are com
   (b) beam_pipeline.convert.convert_files in-process, 1 core (no Beam)
   (c) full pipeline, DirectRunner in_memory, 1 worker       (subprocess)
   (d) full pipeline, DirectRunner multi_processing, 2 workers (subprocess)
+  (e) with --gcs-files N: N of the archive's files from gs:// (a loopback GCS emulator behind a
+      proxy adding --gcs-delay-ms per request) vs local disk: headers, convert_files and the CLI
+      (``benchmarks/gcs_case.py``, also runnable alone)
+  (f) the CLI end to end (``python -m beam_pipeline``, interpreter start-up included) on one core,
+      in-process runner (``benchmarks/cli_case.py``), measured right after (a) on the same CPU
 plus bytes read per file by (b) with and without 4 MiB pixel data, and (d) on one huge study.
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import psutil
 import pydicom
 
-from benchmarks.make_archive import make_archive
+from tests.make_archive import make_archive
 
 MIB = 1 << 20
 PIXEL_BYTES = 4 * MIB
@@ -225,6 +230,7 @@ def targets(fig) -> list[tuple[str, float | None, str, bool | None]]:
         ("(d) / (a)", ratio(d, a), ">= 1.5", lambda v: v >= 1.5),
         ("(c) / (d) wall time (per instance)", ratio(d, c), ">= 1.5", lambda v: v >= 1.5),
         ("(b) pixel bytes read, % of added", get("b_bytes_read", "pct_of_added"), "< 5 %", lambda v: v < 5),
+        ("(f) CLI on one core / (a)", ratio(get("f", "rate"), a), ">= 2.5", lambda v: v >= 2.5),
         ("(c) peak RSS MiB", get("c", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
         ("(d) peak RSS MiB", get("d", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
         ("(big) peak RSS MiB", get("big", "peak_rss_mib"), "<= 2048", lambda v: v <= 2048),
@@ -237,6 +243,7 @@ def report(fig, n_files) -> None:
     print(f"\n{'case':<44}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'x (a)':>8}{'peak RSS MiB':>14}")
     names = {"a": "(a) pydicom dcmread, 1 core", "b": "(b) convert_files, 1 core",
              "b_novalidate": "    (b) with validate=False, for information",
+             "f": "(f) CLI end to end, 1 core, start-up incl.",
              "c": "(c) pipeline in_memory, 1 worker", "d": "(d) pipeline multi_processing, 2 workers",
              "big": f"(big) (d) on one study of {fig.get('big_files', '?')} instances"}
     for key, name in names.items():
@@ -284,6 +291,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of (a)/(b); the best is kept")
     p.add_argument("--workdir", help="where archives and outputs go (default: a temp dir, removed)")
     p.add_argument("--skip-pipeline", action="store_true", help="only (a), (b) and bytes read")
+    p.add_argument("--gcs-files", type=int, default=0, metavar="N",
+                   help="(e): read N of the archive's files from gs:// through the emulator (e.g. 2000)")
+    p.add_argument("--gcs-delay-ms", type=float, default=20.0, help="(e): latency added per request")
+    p.add_argument("--read-concurrency", type=int, default=32, help="(e): header reads in flight")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args(argv)
 
@@ -305,6 +316,11 @@ def main(argv=None) -> int:
         fig["archive"] = {k: v for k, v in m.items() if k != "study_uids"}
         fig["a"] = guarded("(a) pydicom", case_in_process, parse_pydicom, paths, args.repeat)
         fig["b"] = guarded("(b) convert_files", case_in_process, convert, paths, args.repeat)
+        if not args.skip_pipeline:
+            from benchmarks.cli_case import cli_one_core
+
+            fig["f"] = guarded("(f) CLI on one core", cli_one_core, work / "archive", work / "out_f",
+                               min(os.sched_getaffinity(0)), work / "f.log")
         fig["b_novalidate"] = guarded("(b) without validation", case_in_process, convert_unvalidated, paths, 1)
 
         per_study = max(1, args.pixel_files // 2)
@@ -326,7 +342,17 @@ def main(argv=None) -> int:
                 fig["big_files"] = bm["files"]
                 fig["big"] = guarded("(big) pipeline multi_processing", run_pipeline, work / "big",
                                      work / "out_big", "multi_processing", 2, work / "big.log")
+        if args.gcs_files:
+            from benchmarks import gcs_case
+
+            fig["e"] = guarded("(e) gs:// at cloud latency", gcs_case.run_case, paths[:args.gcs_files],
+                               str(work / "archive"), args.gcs_delay_ms, args.read_concurrency)
         fig["targets"] = targets(fig)
+        if fig.get("e") and "error" not in fig["e"]:
+            from benchmarks import gcs_case
+
+            gcs_case.report(fig["e"])
+            fig["targets"] += gcs_case.targets(fig["e"])
         report(fig, m["files"])
         if args.json:
             Path(args.json).write_text(json.dumps(fig, indent=1, default=str))

@@ -10,3 +10,40 @@ def dicomdir_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dicomdirtests-out")
     summary = run_pipeline(DICOMDIR_TREE, out)
     return out, summary
+
+
+# --- Google Cloud: everything stays on loopback ------------------------------------------------
+
+def pytest_configure(config):
+    """No test may reach a real Google endpoint or metadata server, not even by a missing setting:
+    a stray metadata lookup goes to a closed loopback port, credentials are never found on disk."""
+    import os
+    import tempfile
+
+    from gcs_emulator import closed_loopback_address, is_loopback_url
+
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and not is_loopback_url(emulator):
+        raise pytest.UsageError(f"STORAGE_EMULATOR_HOST={emulator} is not a loopback address")
+    closed = closed_loopback_address()
+    os.environ.update({"GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed, "NO_GCE_CHECK": "true",
+                       "CLOUDSDK_CONFIG": tempfile.mkdtemp(prefix="no-gcloud-config-")})
+    os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on a free loopback port with STORAGE_EMULATOR_HOST pointing at it (inherited
+    by subprocesses) and a bucket ``test-bucket``; yields the emulator."""
+    from gcs_emulator import GcsEmulator, offline_environment, patched_environ
+
+    with GcsEmulator() as emulator, patched_environ(offline_environment(emulator.url)):
+        emulator.create_bucket("test-bucket")
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def gcs_client(gcs_emulator):
+    from gcs_emulator import anonymous_client
+
+    return anonymous_client()

@@ -20,7 +20,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import orthanc as orthanc_harness
-from benchmarks.make_archive import make_archive
+from make_archive import make_archive
 from beam_pipeline import cli, dicomweb, header, transforms
 from beam_pipeline.codes import Reason, sha256_id
 from beam_pipeline.config import ConversionConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from benchmarks.make_archive import make_archive
+from make_archive import make_archive
 
 
 def _files(root):

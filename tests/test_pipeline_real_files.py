@@ -103,7 +103,7 @@ def test_every_resource_is_valid_r4b(dicomdir_run):
 
 
 def test_devices_are_deduplicated_across_studies_and_referenced(tmp_path):
-    from benchmarks.make_archive import make_archive
+    from make_archive import make_archive
 
     manifest = make_archive(tmp_path / "archive", studies=6, series=2, instances=3)
     summary = run_pipeline(tmp_path / "archive", tmp_path / "out")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.make_archive import make_archive
+from make_archive import make_archive
 
 LINE = re.compile(r"progress \((\d+) (s|min)[^)]*\): ([\d,]+) of ([\d,]+)\+? files read, ([\d,]+) instances, "
                   r"([\d,]+) studies written, [\d,]+ files/s(, about .+ left)?")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.make_archive import make_archive
+from make_archive import make_archive
 from helpers import raw_lines, run_pipeline
 
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from benchmarks.make_archive import make_archive
+from make_archive import make_archive
 from helpers import TEST_FILES, copy_dicom, pydicom_file, raw_lines
 from runners import RUNNERS, job_service_and_worker_pool, venv_env
 

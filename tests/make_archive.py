@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import datetime as dt
 import json
 import math
@@ -45,17 +46,13 @@ SOP_INSTANCE_UID, INSTANCE_NUMBER, PIXEL_DATA = 0x00080018, 0x00200013, 0x7FE000
 IMPLEMENTATION_UID = "2.25.229617218113651145254146543447426862017"  # fixed, made up
 UID_NAMESPACE = uuid.UUID("6f1c1f1e-5b1a-4c8e-9a55-0d1c0be4c0de")  # arbitrary, fixed
 BASE_DATE = dt.datetime(2021, 1, 4, 7, 30)
-_templates: dict[str, pydicom.Dataset] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _template(name: str) -> pydicom.Dataset:
-    """Read each shipped template once (with pixels, so the header is complete)."""
-    if name not in _templates:
-        path = get_testdata_file(name)
-        if path is None:
-            raise FileNotFoundError(f"pydicom test file {name!r} not available")
-        _templates[name] = pydicom.dcmread(path)
-    return _templates[name]
+    """Read each shipped template once (with pixels, so the header is complete); callers copy it."""
+    path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(f"pydicom test file {name!r} not available")
+    return pydicom.dcmread(path)
 
 
 def _uid(seed: int, *parts) -> str:
