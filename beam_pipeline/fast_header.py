@@ -230,6 +230,8 @@ def _parse_meta(source: _Source) -> tuple[dict, int]:
         prev = tag
     if group == 0:
         raise _Decline("command-group")  # pydicom reads a command set as implicit VR
+    if group << 16 | elem == _ITEM_END:
+        raise _Decline("malformed")  # pydicom's meta reading consumes it and reads on after it
     meta = {}
     for tag, keyword in ((_MEDIA_SOP_CLASS, "MediaStorageSOPClassUID"),
                          (_TRANSFER_SYNTAX, "TransferSyntaxUID")):

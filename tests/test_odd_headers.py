@@ -388,3 +388,13 @@ def test_charset_with_a_numeric_vr_is_rejected_as_pydicom_rejects_it(vr):
     result = _agree(data)
     assert (result.kind, result.reason) == (ERROR, Reason.UNREADABLE)
     assert result.notes == ("reader-fallback:malformed",)
+
+
+def test_item_delimiter_right_after_the_file_meta_goes_to_pydicom():
+    """pydicom's meta reading stops at (FFFE,E00D) but consumes it, and reads the dataset after it
+    (found by the fuzz campaign): the scanner must not take it for the end of the dataset."""
+    data = bytes(_ct())
+    at = data.index(b"\x08\x00\x05\x00CS")  # the first dataset element
+    mutant = data[:at] + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + data[at:]
+    result = _agree(mutant)
+    assert result.kind == INSTANCE and result.notes == ("reader-fallback:malformed",)
