@@ -129,7 +129,7 @@ def prepare(output_dir: str) -> None:
     the temp folders an interrupted run left behind."""
     if not is_remote(output_dir):
         check_local_output(output_dir)
-        remove_temp_dirs(output_dir)
+        remove_temp_dirs(output_dir, stale_progress=True)
         for folder in SUBFOLDERS:  # fileio's final rename does not create folders (and hides the error)
             os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
     names = (*RESOURCE_TYPES, *PLACES)
@@ -149,11 +149,13 @@ def remove_empty_subfolders(output_dir: str) -> None:
             os.rmdir(os.path.join(output_dir, folder))
 
 
-def remove_temp_dirs(output_dir: str) -> None:
+def remove_temp_dirs(output_dir: str, stale_progress: bool = False) -> None:
     """fileio writes into ``.temp<uuid>`` folders and leaves them when a run fails or ends
-    (object stores have no folders to leave); an interrupted run leaves its progress folder."""
+    (object stores have no folders to leave); an interrupted run also leaves its progress folder
+    (removed only before a run: during one, the launcher still reads it)."""
     if is_remote(output_dir) or not os.path.isdir(output_dir):
         return
+    prefixes = (".temp", PROGRESS_PREFIX) if stale_progress else (".temp",)
     for entry in os.scandir(output_dir):
-        if entry.name.startswith((".temp", PROGRESS_PREFIX)) and entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(prefixes) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
