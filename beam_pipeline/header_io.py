@@ -37,9 +37,13 @@ class Budget:
         self.left -= nbytes + calls * READ_COST
         if self.left < 0:
             raise HeaderTooLarge(
-                f"the header needs more than {self.max_bytes // (1024 * 1024)} MiB of reading "
+                f"the header needs more than {_amount(self.max_bytes)} of reading "
                 f"(or more than {self.max_bytes // READ_COST} elements) before its end or pixel data"
             )
+
+
+def _amount(nbytes: int) -> str:
+    return f"{nbytes // (1024 * 1024)} MiB" if nbytes >= 1024 * 1024 else f"{nbytes // 1024} KiB"
 
 
 class BoundedReader:
