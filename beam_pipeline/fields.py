@@ -111,7 +111,8 @@ def encodings_for(raw_charset: bytes | None, inherited: list[str] | None) -> lis
     """Python codecs for a (0008,0005) value; items without their own inherit the parent's."""
     if raw_charset is None:
         return inherited or ["iso8859"]
-    terms = [t.strip() for t in raw_charset.decode("ascii", "replace").split("\\")]
+    # pydicom strips trailing spaces and NULs from the whole value before splitting it
+    terms = [t.strip() for t in raw_charset.decode("ascii", "replace").rstrip("\0 ").split("\\")]
     if not any(terms):
         return inherited or ["iso8859"]
     return convert_encodings(terms)

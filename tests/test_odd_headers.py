@@ -398,3 +398,19 @@ def test_item_delimiter_right_after_the_file_meta_goes_to_pydicom():
     mutant = data[:at] + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + data[at:]
     result = _agree(mutant)
     assert result.kind == INSTANCE and result.notes == ("reader-fallback:malformed",)
+
+
+def test_charset_padded_with_a_nul_is_read_as_pydicom_reads_it():
+    """An item's (0008,0005) padded with NUL instead of a space (found by the fuzz campaign): pydicom
+    strips it; the record's decoding did not and failed the file."""
+    from specs import WIDE_SPEC
+
+    data = open(os.path.join(os.path.dirname(TEST_FILES), "charset_files", "chrSQEncoding.dcm"), "rb").read()
+    assert data.count(b"ISO 2022 IR 87 ") == 1
+    data = data.replace(b"ISO 2022 IR 87 ", b"ISO 2022 IR 87\0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = header.read_header(io.BytesIO(data), WIDE_SPEC)
+        slow = header.read_header(io.BytesIO(data), WIDE_SPEC, use_fast=False)
+    assert fast == slow and fast.notes == ()
+    assert fast.reason == Reason.MISSING_STUDY_INSTANCE_UID  # as the unchanged file: read, not unreadable
