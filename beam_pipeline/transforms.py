@@ -8,9 +8,9 @@ adds them up and writes ``manifest.json`` (from the line counts of the final fil
 from __future__ import annotations
 
 import logging
+import os
 import time
 import typing
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,10 +18,11 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.options.value_provider import StaticValueProvider
 
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
-from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.config import DEFAULT_READ_CONCURRENCY, ConversionConfig, Settings
 from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
@@ -30,7 +31,6 @@ NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
 ERRORS = "errors"
 PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
-DEFAULT_READ_CONCURRENCY = 32  # header reads in flight per worker on object storage (round-trip bound)
 
 
 class SumCounts(beam.CombineFn):
@@ -76,6 +76,7 @@ class ListFilesDoFn(beam.DoFn):
         self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, pattern):
+        pattern = os.fsdecode(pattern)  # bytes when the input's own path is not valid UTF-8
         count = 0
         batch = []
         for item in inputs.list_files(pattern, self.exclude):
@@ -106,7 +107,7 @@ class ListInputFiles(beam.PTransform):
 
     def expand(self, pbegin):
         listed = (pbegin
-                  | "Pattern" >> beam.Create([inputs.resolve_pattern(self.input_path)])
+                  | "Pattern" >> beam.Create([inputs.portable(inputs.resolve_pattern(self.input_path))])
                   | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size))
                   .with_outputs(COUNTS, main="files"))
         batches = listed.files | "Spread" >> beam.Reshuffle()
@@ -142,10 +143,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
-        # pydicom's warnings about odd files may quote element values (patient data): keep them
-        # off the console. Set once per worker: catch_warnings per file is not thread-safe.
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", module="pydicom")
+        core.quiet_pydicom()
 
     def process(self, batch):
         partials: dict[str, dict] = {}
@@ -249,9 +247,8 @@ class FetchStudiesDoFn(beam.DoFn):
         self.clients = threading.local()  # a requests.Session per thread
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         self.progress = ProgressBeacon(self.progress_settings)
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        core.quiet_pydicom()
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="pydicom")
 
     def teardown(self):
         pool = getattr(self, "pool", None)
@@ -468,14 +465,15 @@ class WriteNdjson(beam.PTransform):
     every line between stages.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, temp_dir: str):
         super().__init__()
         self.output_dir = output_dir
+        self.temp_dir = temp_dir
 
     def expand(self, named_lines):
         return named_lines | "Write" >> fileio.WriteToFiles(
             path=self.output_dir, destination=lambda item: item[0], sink=lambda _: output.NdjsonSink(),
-            file_naming=output.file_naming)
+            file_naming=output.file_naming, temp_directory=StaticValueProvider(str, self.temp_dir))
 
 
 class CountLines(beam.PTransform):
@@ -506,7 +504,7 @@ class WriteSummaryDoFn(beam.DoFn):
 
     def process(self, _, counts, files):
         output_dir = self.settings.output
-        output.remove_temp_dirs(output_dir)
+        output.remove_temp_dir(self.settings)
         output.write_json(output_dir, output.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
         write_summary(output_dir, summary)
