@@ -81,7 +81,8 @@ def request_line(argv: Iterable[str], program: str = "python -m beam_pipeline") 
                 else:
                     hide_next = True
         out.append(_redact_url(token))
-    return " ".join([program, shlex.join(out)]) if out else program
+    line = " ".join([program, shlex.join(out)]) if out else program
+    return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # valid JSON text
 
 
 def file_url(relative: str, base_url: str | None) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import glob as globlib
 import logging
+import math
 import os
 import re
 import sys
+import uuid
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apache_beam as beam
@@ -14,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from beam_pipeline import gcs, output, progress
 from beam_pipeline.bulk_data import request_line
-from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.config import DEFAULT_READ_CONCURRENCY, ConversionConfig, Settings
 from beam_pipeline.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.dicomweb import (
     PASSWORD_ENV, TOKEN_ENV, USER_ENV, Connection, Credentials, DicomWebError, Source, StudyQuery,
@@ -25,8 +28,20 @@ from beam_pipeline.summary import accounted, describe
 _LOG = logging.getLogger(__name__)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit 2), not the page of usage argparse prints first."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _OneLineBeamParser(_BeamArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: Beam option: {message} (see --help)\n")
+
+
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m beam_pipeline", allow_abbrev=False,
         description="Convert a DICOM archive into FHIR R4 ImagingStudy/Device NDJSON for bulk import.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -72,7 +87,7 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="reading one header may cost at most this many MiB (each read or element "
                              f"counts {READ_COST} bytes extra); more is an error header-too-large "
                              "(default %(default)s)")
-    parser.add_argument("--read-concurrency", type=int, default=32, metavar="N",
+    parser.add_argument("--read-concurrency", type=int, default=DEFAULT_READ_CONCURRENCY, metavar="N",
                         help="header reads in flight per worker on gs:// (default 32; 1 reads one after "
                              "the other); local files are read one after the other")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -111,8 +126,8 @@ def dicomweb_source(args, parser) -> Source | None:
     for name in ("dicomweb_page_size", "dicomweb_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.dicomweb_timeout <= 0:
-        parser.error("--dicomweb-timeout must be positive")
+    if not positive(args.dicomweb_timeout):
+        parser.error("--dicomweb-timeout must be a positive number of seconds")
     if args.dicomweb_ca_bundle and not os.path.isfile(args.dicomweb_ca_bundle):
         parser.error(f"--dicomweb-ca-bundle {args.dicomweb_ca_bundle} is not a file")
     try:
@@ -125,9 +140,23 @@ def dicomweb_source(args, parser) -> Source | None:
     return Source(connection, query)
 
 
+MIN_PROGRESS_INTERVAL = 0.05
+
+
+def positive(value: float) -> bool:
+    """A finite number above 0 (``nan`` fails every comparison, so it must be ruled out itself)."""
+    return math.isfinite(value) and value > 0
+
+
+def same_folder(input_path: str, output_path: str) -> bool:
+    if "://" in input_path or "://" in output_path:
+        return input_path.rstrip("/") == output_path.rstrip("/")
+    return os.path.realpath(input_path) == os.path.realpath(output_path)
+
+
 def unknown_beam_options(beam_args: list[str]) -> list[str]:
     """Options that neither we nor any Beam PipelineOptions class know (Beam itself only warns)."""
-    parser = _BeamArgumentParser(allow_abbrev=False)
+    parser = _OneLineBeamParser(allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options does
     _, unknown = parser.parse_known_args(beam_args)
@@ -148,12 +177,19 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         parser.error(f"--input {args.input} does not exist")
     if args.read_concurrency < 1:
         parser.error("--read-concurrency must be at least 1")
-    if args.progress_interval <= 0:
-        parser.error("--progress-interval must be positive")
+    if not positive(args.progress_interval) or args.progress_interval < MIN_PROGRESS_INTERVAL:
+        parser.error(f"--progress-interval must be a number of seconds, at least {MIN_PROGRESS_INTERVAL}")
     if args.patient_id_length is not None and args.patient_id_length < 1:
         parser.error("--patient-id-length must be at least 1")
     if args.manifest_base_url is not None and not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", args.manifest_base_url):
         parser.error("--manifest-base-url must be an absolute URL such as https://storage.googleapis.com/BUCKET/out")
+    if args.manifest_base_url is not None:
+        base = urlsplit(args.manifest_base_url)
+        if base.username or base.password or base.query or base.fragment:
+            parser.error("--manifest-base-url must not carry credentials, a query or a fragment "
+                         "(the manifest's file URLs are built under it; sign them separately)")
+    if args.input is not None and same_folder(args.input, args.output):
+        parser.error("--output must not be the --input folder itself: put it beside or inside it")
     try:
         ZoneInfo(args.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -166,11 +202,12 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         patient_id_length=args.patient_id_length, timezone=args.timezone,
         include_instances=not args.no_instances, include_devices=not args.no_devices,
         observations=args.observations, patients=args.patients, encounters=args.encounters, bundles=args.bundles)
-    settings = Settings(input=args.input, output=args.output, group_by=args.group_by,
+    run_id = uuid.uuid4().hex[:12]
+    settings = Settings(input=args.input, output=args.output, group_by=args.group_by, run_id=run_id,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
                         max_header_bytes=args.max_header_mib * 1024 * 1024,
                         read_concurrency=args.read_concurrency,
-                        progress=None if args.quiet else progress.new_settings(args.output, args.progress_interval),
+                        progress=None if args.quiet else progress.new_settings(args.output, run_id, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
                         manifest_base_url=args.manifest_base_url)
     return settings, beam_args
@@ -188,7 +225,8 @@ def run(argv=None) -> dict:
 
 
 def first_line(exc: BaseException) -> str:
-    """The innermost cause's type and first message line (Beam wraps worker errors many times)."""
+    """The innermost cause's type and the last line of its message (Beam wraps worker errors many
+    times; the last line names the problem)."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()

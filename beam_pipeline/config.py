@@ -5,6 +5,7 @@ never an argparse Namespace or a dict.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from beam_pipeline.progress import ProgressSettings
     from beam_pipeline.dicomweb import Source
 
+DEFAULT_READ_CONCURRENCY = 32  # header reads in flight per worker on object storage (round-trip bound)
 DEFAULT_STUDY_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
 DEFAULT_PATIENT_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/patient-id"
 DEFAULT_ENCOUNTER_ID_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/encounter-id"
@@ -48,9 +50,10 @@ class Settings:
     use_fast_reader: bool = True
     max_header_bytes: int = MAX_HEADER_BYTES  # a header needing more reading: header-too-large
     validate: str = "sampled"            # "sampled" | "full" | "none"
-    read_concurrency: int = 32           # header reads in flight per worker on object storage
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     progress: "ProgressSettings | None" = None  # None: quiet
     dicomweb: "Source | None" = None     # instead of input
     request: str = ""                    # the command line without secrets, for manifest.json
     manifest_base_url: str | None = None  # absolute base of the manifest's file URLs (else relative)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names this run's hidden folders

@@ -7,7 +7,9 @@ one ``outcome:`` count.
 """
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -28,6 +30,15 @@ from beam_pipeline.study import StudyGroup
 _SKIPPED = {NOT_DICOM: Outcome.SKIPPED_NOT_DICOM, DICOMDIR: Outcome.SKIPPED_DICOMDIR}
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def quiet_pydicom() -> None:
+    """pydicom's warnings about odd files may quote element values (patient data): keep them off
+    the console, once per worker (``catch_warnings`` per file is not thread-safe). pydicom warns
+    with a stack level, so a warning may be attributed to the reader module that called it."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    for module in ("pydicom", "beam_pipeline"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 def instance_keys() -> tuple[str, ...]:

@@ -104,9 +104,9 @@ class Connection:
     def __post_init__(self):
         check_url(self.url)
 
-    def session(self, retry_connect: bool = True) -> requests.Session:
-        retries = self.attempts - 1
-        retry = Retry(total=retries, connect=retries if retry_connect else 0, read=retries, status=retries,
+    def session(self, retry: bool = True) -> requests.Session:
+        retries = self.attempts - 1 if retry else 0
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
                       other=retries, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET"}),
                       backoff_factor=self.backoff, raise_on_status=False, respect_retry_after_header=True)
         session = requests.Session()
@@ -117,11 +117,12 @@ class Connection:
         session.verify = self.verify
         return session
 
-    def client(self, retry_connect: bool = True):
+    def client(self, retry: bool = True, timeout: float | None = None):
+        """A client; ``retry=False`` and a short ``timeout`` for the start-up check."""
         from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(self.url, session=self.session(retry_connect),
-                                timeout=(self.connect_timeout, self.read_timeout))
+        client = DICOMwebClient(self.url, session=self.session(retry),
+                                timeout=(timeout or self.connect_timeout, timeout or self.read_timeout))
         client.set_http_retry_params(retry=False)  # the session's urllib3 Retry does it, network errors too
         return client
 
@@ -231,9 +232,13 @@ def _uid_of(dataset: dict) -> str | None:
     return str(values[0]).strip() if values else None
 
 
+CHECK_TIMEOUT = 15.0  # seconds for the start-up check's one request
+
+
 def check_server(connection: Connection, query: StudyQuery) -> None:
-    """One small search, no connect retries: fail fast with one clear line before building a pipeline."""
-    client = connection.client(retry_connect=False)
+    """One small search, no retries, a short timeout: fail fast with one clear line before building
+    a pipeline (a server that accepts connections but never answers must not stall the start)."""
+    client = connection.client(retry=False, timeout=CHECK_TIMEOUT)
     _search(client, connection.url, query.filters()[0], limit=1, offset=0)
 
 

@@ -31,7 +31,7 @@ from pydicom import uid as _uid
 from pydicom.charset import convert_encodings
 from pydicom.values import convert_string
 
-from beam_pipeline.fields import Attribute, FieldSpec, add_value, encodings_for
+from beam_pipeline.fields import Attribute, FieldSpec, add_value, decoded_cache, encodings_for
 from beam_pipeline.header_io import READ_COST, Budget
 from beam_pipeline.records import ParsedHeader
 
@@ -190,7 +190,8 @@ def _parse(source: _Source, spec: FieldSpec) -> ParsedHeader:
         _elements(source, pos, None, _plan(spec), collected, True)
     except _Truncated:
         return ParsedHeader(meta, {}, True)
-    return ParsedHeader(meta, _decode(collected, encodings_for(_charset(collected), None)), False)
+    record = _decode(collected, encodings_for(_charset(collected), None), decoded_cache(spec))
+    return ParsedHeader(meta, record, False)
 
 
 def _parse_meta(source: _Source) -> tuple[dict, int]:
@@ -432,7 +433,7 @@ def _charset(collected: list) -> bytes | None:
     return None
 
 
-def _decode(collected: list, encodings: list[str]) -> dict:
+def _decode(collected: list, encodings: list[str], cache: dict) -> dict:
     """Record from collected raw values, in tag order (as header._record decodes them)."""
     record: dict = {}
     for attr, value in collected:
@@ -441,11 +442,11 @@ def _decode(collected: list, encodings: list[str]) -> dict:
         if attr.vr == "SQ":
             records = []
             for item in value:
-                item_record = _decode(item, encodings_for(_charset(item), encodings))
+                item_record = _decode(item, encodings_for(_charset(item), encodings), cache)
                 if item_record:
                     records.append(item_record)
             if records:
                 record[attr.keyword] = tuple(records)
         else:
-            add_value(record, attr, value, encodings, True)
+            add_value(record, attr, value, encodings, True, cache)
     return record

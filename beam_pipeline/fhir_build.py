@@ -225,7 +225,8 @@ def _series(uid, record, instances, study, config, terms, notes, devices) -> dic
         devices[device["id"]] = device
         series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]
     if config.include_instances:
-        series["instance"] = [_instance(sop, fields, terms, notes) for _, sop, fields in instances]
+        details: dict = {}
+        series["instance"] = [_instance(sop, fields, terms, notes, details) for _, sop, fields in instances]
     return series
 
 
@@ -239,9 +240,24 @@ def _unsigned_int(value, notes: Counter, keyword: str) -> bool:
     return False
 
 
-def _instance(sop: str, fields: dict, terms, notes) -> dict:
+def _instance_details(fields: dict, terms, notes: Counter, cache: dict) -> list:
+    """The instances of a series mostly share their detail values (image type, spacing...): each
+    distinct set is mapped once, its notes counted for every instance that has it."""
+    key = tuple((k, fields[k]) for k in mii.KEYWORDS["instance"] if k in fields)
+    try:
+        hit = cache.get(key)
+    except TypeError:  # an unhashable value (a sequence of items): map it directly
+        return mii.instance_extensions(fields, terms, notes)
+    if hit is None:
+        delta: Counter = Counter()
+        hit = cache[key] = (mii.instance_extensions(fields, terms, delta), delta)
+    notes.update(hit[1])
+    return hit[0]
+
+
+def _instance(sop: str, fields: dict, terms, notes, details: dict) -> dict:
     instance: dict = {}
-    extensions = mii.instance_extensions(fields, terms, notes)
+    extensions = _instance_details(fields, terms, notes, details)
     if extensions:
         instance["extension"] = extensions
     instance["uid"] = sop

@@ -171,12 +171,42 @@ def _shape(attr: Attribute, values: list):
     return values[0]
 
 
-def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool) -> None:
+_INVALID = object()  # a cached "does not parse"
+DECODED_CACHE_SIZE = 50_000  # entries; the cache is emptied when full (unique UIDs fill it)
+
+
+def decoded_cache(spec: FieldSpec) -> dict:
+    """Values already decoded by the readers of this spec (so of one worker), by element bytes.
+
+    Study- and series-level elements repeat byte for byte in every file of a series; decoding
+    them once per series instead of once per file is a large share of a header's cost. Values are
+    immutable (str, numbers, tuples), so sharing them between records is safe.
+    """
+    return spec.derived.setdefault("decoded", {})
+
+
+def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool,
+              cache: dict | None = None) -> None:
     """Decode and store one element into a record, noting unparseable values instead of raising."""
+    key = None
+    if cache is not None:
+        key = (attr.tag, raw, encodings[0] if len(encodings) == 1 else tuple(encodings), little_endian)
+        value = cache.get(key)
+        if value is not None:
+            if value is _INVALID:
+                record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
+            else:
+                record[attr.keyword] = value
+            return
     try:
         value = decode_value(attr, raw, encodings, little_endian)
     except (ValueError, UnicodeDecodeError, LookupError, struct.error):
         record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
-        return
-    if value is not None:
-        record[attr.keyword] = value
+        value = _INVALID
+    else:
+        if value is not None:
+            record[attr.keyword] = value
+    if key is not None and value is not None:
+        if len(cache) >= DECODED_CACHE_SIZE:
+            cache.clear()
+        cache[key] = value

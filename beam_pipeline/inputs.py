@@ -69,7 +69,7 @@ def group_root(input_path: str) -> str:
 
 def first_level_folder(path: Path, root: str) -> str:
     """Key of a file in directory mode: its first-level folder under root (files at the top: root)."""
-    path = display_path(path)
+    path, root = display_path(path), display_path(portable(root))
     relative = path[len(root):].lstrip("/") if path.startswith(root) else path
     parts = relative.split("/")
     return root + "/" + parts[0] if len(parts) > 1 else root
@@ -114,7 +114,9 @@ def _unescape(text: str) -> str:
 
 
 def _walk(root: str, excluded: str | None) -> Iterator[str]:
-    """Files under root, following symlinked folders once each (loop-safe); dangling links too."""
+    """Files under root, following symlinked folders once each (loop-safe); dangling links too, and
+    folders that cannot be listed (the reader makes each of these one error line, so nothing under
+    them vanishes without a trace)."""
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
@@ -122,6 +124,7 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
         try:
             info = os.stat(folder)
         except OSError:
+            yield folder
             continue
         if (info.st_dev, info.st_ino) in seen:
             continue  # a symlink loop or a second link to a folder already walked
@@ -131,6 +134,7 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
+            yield folder
             continue
         folders = []
         for entry in entries:
@@ -186,6 +190,8 @@ def local_file_problem(path: Path) -> tuple[str, str] | None:
         if os.path.islink(path):
             return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
         raise
+    if stat.S_ISDIR(mode):  # listed by the walker because it could not be listed itself
+        return Reason.UNREADABLE, "a folder whose entries cannot be listed"
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
         return Reason.NOT_A_REGULAR_FILE, "a FIFO, socket or device file is not read"
     return None

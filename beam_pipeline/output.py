@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -124,12 +125,12 @@ def check_local_output(output_dir: str) -> None:
         raise OutputError(f"--output {output_dir} cannot be written: {exc.strerror or exc}") from None
 
 
-def prepare(output_dir: str) -> None:
+def prepare(output_dir: str, input_path: str | None = None) -> None:
     """Check the folder; remove our files of an earlier run (a re-run may write fewer shards) and
     the temp folders an interrupted run left behind."""
     if not is_remote(output_dir):
         check_local_output(output_dir)
-        remove_temp_dirs(output_dir, stale_progress=True)
+        remove_stale_dirs(output_dir, input_path)
         for folder in SUBFOLDERS:  # fileio's final rename does not create folders (and hides the error)
             os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
     names = (*RESOURCE_TYPES, *PLACES)
@@ -149,13 +150,35 @@ def remove_empty_subfolders(output_dir: str) -> None:
             os.rmdir(os.path.join(output_dir, folder))
 
 
-def remove_temp_dirs(output_dir: str, stale_progress: bool = False) -> None:
-    """fileio writes into ``.temp<uuid>`` folders and leaves them when a run fails or ends
-    (object stores have no folders to leave); an interrupted run also leaves its progress folder
-    (removed only before a run: during one, the launcher still reads it)."""
+TEMP_PREFIX = ".temp-dicom2fhir-"
+# Hidden folders a run of this tool makes in the output folder (and Beam's fileio default name):
+# only folders whose whole name matches are ever removed, so a user's ".templates" stays.
+_OUR_HIDDEN_FOLDERS = re.compile(
+    rf"({re.escape(TEMP_PREFIX)}|{re.escape(PROGRESS_PREFIX)})[0-9a-f]{{12}}"
+    r"|\.temp[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def temp_dir(settings) -> str:
+    """Where this run's fileio writes before the final rename (removed at the end)."""
+    return FileSystems.join(settings.output, TEMP_PREFIX + settings.run_id)
+
+
+def remove_temp_dir(settings) -> None:
+    """This run's temp folder (fileio empties it but leaves it; object stores have no folders)."""
+    path = temp_dir(settings)
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_dirs(output_dir: str, keep_under: str | None = None) -> None:
+    """Temp and progress folders that interrupted earlier runs left behind; never one that holds
+    ``keep_under`` (the input)."""
     if is_remote(output_dir) or not os.path.isdir(output_dir):
         return
-    prefixes = (".temp", PROGRESS_PREFIX) if stale_progress else (".temp",)
+    keep = os.path.realpath(keep_under) + os.sep if keep_under and not is_remote(keep_under) else None
     for entry in os.scandir(output_dir):
-        if entry.name.startswith(prefixes) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if not (_OUR_HIDDEN_FOLDERS.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        if keep and keep.startswith(os.path.realpath(entry.path) + os.sep):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)

@@ -34,14 +34,14 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         settings.conversion, settings.validate, progress)
-    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output)
+    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings))
     errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
     written_small = ((shared, error_lines)
                      | "SmallOutputs" >> beam.Flatten()
-                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(settings.output))
+                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings)))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
               | "AllCounts" >> beam.Flatten())
     written = (written_studies, written_small) | "AllWritten" >> beam.Flatten()
@@ -65,7 +65,7 @@ def execute(pipeline, settings: Settings) -> dict:
         from beam_pipeline import dicomweb
 
         dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
-    output.prepare(settings.output)
+    output.prepare(settings.output, settings.input)
     build_pipeline(pipeline, settings, started)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
     try:
@@ -73,7 +73,7 @@ def execute(pipeline, settings: Settings) -> dict:
             result = pipeline.run()
             result.wait_until_finish()
     finally:
-        output.remove_temp_dirs(settings.output)
+        output.remove_temp_dir(settings)
         output.remove_empty_subfolders(settings.output)
     summary = read_summary(settings.output)
     if summary["files_matched"] == 0:

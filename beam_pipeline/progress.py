@@ -33,8 +33,8 @@ class ProgressSettings:
     interval: float = DEFAULT_INTERVAL
 
 
-def new_settings(output_dir: str, interval: float = DEFAULT_INTERVAL) -> ProgressSettings:
-    return ProgressSettings(FileSystems.join(output_dir, PROGRESS_PREFIX + uuid.uuid4().hex[:12]), interval)
+def new_settings(output_dir: str, run_id: str, interval: float = DEFAULT_INTERVAL) -> ProgressSettings:
+    return ProgressSettings(FileSystems.join(output_dir, PROGRESS_PREFIX + run_id), interval)
 
 
 class ProgressBeacon:

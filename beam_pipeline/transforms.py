@@ -8,9 +8,9 @@ adds them up and writes ``manifest.json`` (from the line counts of the final fil
 from __future__ import annotations
 
 import logging
+import os
 import time
 import typing
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,10 +18,11 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.options.value_provider import StaticValueProvider
 
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
-from beam_pipeline.config import ConversionConfig, Settings
+from beam_pipeline.config import DEFAULT_READ_CONCURRENCY, ConversionConfig, Settings
 from beam_pipeline.header_io import MAX_HEADER_BYTES
 from beam_pipeline.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.summary import summarize, write_summary
@@ -30,7 +31,6 @@ NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
 ERRORS = "errors"
 PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
-DEFAULT_READ_CONCURRENCY = 32  # header reads in flight per worker on object storage (round-trip bound)
 
 
 class SumCounts(beam.CombineFn):
@@ -57,12 +57,18 @@ class SumCounts(beam.CombineFn):
 # 1. List
 
 
-@beam.typehints.with_output_types(typing.Tuple[typing.Any, typing.Any])
+@beam.typehints.with_output_types(typing.List[typing.Any])
 class ListFilesDoFn(beam.DoFn):
-    """A resolved input pattern -> (path, size or None) for each file; its count as data."""
+    """A resolved input pattern -> batches of (path, size or None), one per file; the count as data.
 
-    def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None):
+    Batched here rather than by ``BatchElements``: one element per file through an extra step
+    costs the local runners more than reading a small header does.
+    """
+
+    def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None,
+                 batch_size: int = PATHS_PER_BATCH):
         self.exclude = exclude
+        self.batch_size = batch_size
         self.progress_settings = progress
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
 
@@ -70,15 +76,21 @@ class ListFilesDoFn(beam.DoFn):
         self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, pattern):
+        pattern = os.fsdecode(pattern)  # bytes when the input's own path is not valid UTF-8
         count = 0
+        batch = []
         for item in inputs.list_files(pattern, self.exclude):
             count += 1
-            if count % 1000 == 0:
-                self.listed.inc(1000)
-                self.progress.add({"files_listed": 1000})
-            yield item
-        self.listed.inc(count % 1000)
-        self.progress.add({"files_listed": count % 1000, "listing_done": 1}, force=True)
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                self.listed.inc(len(batch))
+                self.progress.add({"files_listed": len(batch)})
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        self.listed.inc(len(batch))
+        self.progress.add({"files_listed": len(batch), "listing_done": 1}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
 
 
@@ -95,11 +107,10 @@ class ListInputFiles(beam.PTransform):
 
     def expand(self, pbegin):
         listed = (pbegin
-                  | "Pattern" >> beam.Create([inputs.resolve_pattern(self.input_path)])
-                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress)).with_outputs(COUNTS, main="files"))
-        batches = (listed.files
-                   | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-                   | "Spread" >> beam.Reshuffle())
+                  | "Pattern" >> beam.Create([inputs.portable(inputs.resolve_pattern(self.input_path))])
+                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size))
+                  .with_outputs(COUNTS, main="files"))
+        batches = listed.files | "Spread" >> beam.Reshuffle()
         return batches, listed[COUNTS]
 
 
@@ -132,10 +143,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
-        # pydicom's warnings about odd files may quote element values (patient data): keep them
-        # off the console. Set once per worker: catch_warnings per file is not thread-safe.
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", module="pydicom")
+        core.quiet_pydicom()
 
     def process(self, batch):
         partials: dict[str, dict] = {}
@@ -239,9 +247,8 @@ class FetchStudiesDoFn(beam.DoFn):
         self.clients = threading.local()  # a requests.Session per thread
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         self.progress = ProgressBeacon(self.progress_settings)
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        core.quiet_pydicom()
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="pydicom")
 
     def teardown(self):
         pool = getattr(self, "pool", None)
@@ -458,14 +465,15 @@ class WriteNdjson(beam.PTransform):
     every line between stages.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, temp_dir: str):
         super().__init__()
         self.output_dir = output_dir
+        self.temp_dir = temp_dir
 
     def expand(self, named_lines):
         return named_lines | "Write" >> fileio.WriteToFiles(
             path=self.output_dir, destination=lambda item: item[0], sink=lambda _: output.NdjsonSink(),
-            file_naming=output.file_naming)
+            file_naming=output.file_naming, temp_directory=StaticValueProvider(str, self.temp_dir))
 
 
 class CountLines(beam.PTransform):
@@ -496,7 +504,7 @@ class WriteSummaryDoFn(beam.DoFn):
 
     def process(self, _, counts, files):
         output_dir = self.settings.output
-        output.remove_temp_dirs(output_dir)
+        output.remove_temp_dir(self.settings)
         output.write_json(output_dir, output.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
         write_summary(output_dir, summary)

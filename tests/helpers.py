@@ -69,3 +69,13 @@ def with_changes(ds, **changes):
         else:
             setattr(ds, keyword, value)
     return ds
+
+
+def references(value) -> list[str]:
+    """Every literal ``reference`` string anywhere inside a JSON value."""
+    if isinstance(value, dict):
+        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        return found + [r for item in value.values() for r in references(item)]
+    if isinstance(value, list):
+        return [r for item in value for r in references(item)]
+    return []

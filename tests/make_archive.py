@@ -22,7 +22,6 @@ import uuid
 
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import ExplicitVRLittleEndian

@@ -24,7 +24,7 @@ from beam_pipeline.fields import default_spec
 from beam_pipeline.core import instance_keys
 from beam_pipeline.referenced import referenced_resources
 from beam_pipeline.study import StudyGroup
-from helpers import copy_dicom, pydicom_file
+from helpers import copy_dicom, pydicom_file, references
 from terminologies import Terminologies
 
 CONFIG = ConversionConfig(observations=True)
@@ -75,16 +75,6 @@ def archive(tmp_path_factory):
                    PatientSize="1.81"),
         copy_dicom(pydicom_file("MR_small.dcm"), root / "mr.dcm"),
     ]
-
-
-def references(value) -> list[str]:
-    """Every literal ``reference`` string anywhere inside a JSON value."""
-    if isinstance(value, dict):
-        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
-        return found + [r for item in value.values() for r in references(item)]
-    if isinstance(value, list):
-        return [r for item in value for r in references(item)]
-    return []
 
 
 # --- body height ---------------------------------------------------------------------------------

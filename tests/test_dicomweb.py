@@ -6,7 +6,6 @@ import dataclasses
 import glob
 import http.server
 import os
-import shutil
 import threading
 import time
 import warnings
@@ -350,3 +349,21 @@ def test_a_study_on_a_server_gone_away_is_an_error_line_not_a_crash():
     assert fetched.instances is None
     assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": None,
                              "detail": "network error after retries: connection refused"}
+
+
+def test_a_server_that_never_answers_fails_the_check_in_one_line(tmp_path, capsys, credentials, monkeypatch):
+    """Accepts the connection, never replies: the start-up check gives up after its own short
+    timeout without retries (the fetches on the workers keep their long timeout and retries)."""
+    import socket
+
+    monkeypatch.setattr(dicomweb, "CHECK_TIMEOUT", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        started = time.monotonic()
+        code = cli.main(["--dicomweb", url, "--output", str(tmp_path / "out")])
+        elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert elapsed < 10

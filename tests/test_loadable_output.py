@@ -14,7 +14,7 @@ import shutil
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from helpers import TEST_FILES, copy_dicom, pydicom_file, read_ndjson, run_pipeline
+from helpers import TEST_FILES, copy_dicom, pydicom_file, read_ndjson, references, run_pipeline
 
 FLAGS = ("--observations", "--patients", "--encounters", "--bundles")
 
@@ -105,15 +105,6 @@ def test_manifest_lists_each_file_with_its_exact_line_count(full_run):
     assert manifest["transactionTime"].endswith("Z")
     assert manifest["request"].startswith("python -m beam_pipeline --input ")
     assert "--bundles" in manifest["request"] and "TOPSECRET" not in manifest["request"]
-
-
-def references(value) -> list[str]:
-    if isinstance(value, dict):
-        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
-        return found + [r for item in value.values() for r in references(item)]
-    if isinstance(value, list):
-        return [r for item in value for r in references(item)]
-    return []
 
 
 def test_bundles_are_put_by_id_and_self_contained(full_run):

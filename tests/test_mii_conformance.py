@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from beam_pipeline.config import DEFAULT_ENCOUNTER_ID_SYSTEM, ConversionConfig
+from beam_pipeline.config import ConversionConfig
 from beam_pipeline import mii
 from terminologies import Terminologies
 

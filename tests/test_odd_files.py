@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from helpers import copy_dicom, pydicom_file, read_ndjson
 
@@ -96,7 +94,7 @@ def test_output_inside_the_input_is_not_read_back_and_stale_temp_folders_go(tmp_
     root = tmp_path / "in"
     copy_dicom(MR, root / "mr.dcm")
     out = root / "fhir"
-    stale = out / ".temp-of-an-earlier-run"
+    stale = out / ".temp-dicom2fhir-0123456789ab"  # what an interrupted run leaves
     stale.mkdir(parents=True)
     (stale / "half-written.ndjson").write_text("{}\n")
     cli("--input", root, "--output", out)
@@ -123,3 +121,53 @@ def test_a_mistyped_option_is_an_error_not_a_warning(tmp_path):
     assert "--patient-id-lenght" in done.stderr
     assert not (tmp_path / "out").exists()
     cli("--input", tmp_path / "in", "--output", tmp_path / "out", "--direct_num_workers", "1")  # Beam's own: fine
+
+
+def test_only_our_own_hidden_folders_are_ever_removed(tmp_path):
+    """A user's ".templates" beside the output, or an input folder named ".temp…", is left alone."""
+    out = tmp_path / "out"
+    (out / ".templates").mkdir(parents=True)
+    (out / ".templates" / "letter.txt").write_text("keep me\n")
+    beam_default = out / ".temp0f8fad5b-d9cb-469f-a165-70867728950e"  # Beam's own fileio name
+    beam_default.mkdir()
+    source = out / ".temp_scans"
+    copy_dicom(MR, source / "mr.dcm")
+    cli("--input", source, "--output", out)
+    assert (out / ".templates" / "letter.txt").read_text() == "keep me\n"
+    assert (source / "mr.dcm").exists() and not beam_default.exists()
+    assert summary_of(out)["outcomes"]["converted"] == 1
+
+
+def test_an_input_folder_whose_own_name_is_not_utf8(tmp_path):
+    root = os.path.join(os.fsencode(tmp_path), b"r\xe9seau")
+    os.makedirs(os.path.join(root, b"a"))
+    with open(MR, "rb") as src, open(os.path.join(root, b"a", b"mr.dcm"), "wb") as dst:
+        dst.write(src.read())
+    for mode in ("study", "directory"):
+        out = tmp_path / f"out-{mode}"
+        subprocess.run([sys.executable, "-m", "beam_pipeline", b"--input", root, "--output", str(out),
+                        "--group-by", mode], check=True, capture_output=True, timeout=300)
+        assert summary_of(out)["outcomes"]["converted"] == 1
+        with open(os.path.join(out, "manifest.json"), encoding="utf-8") as handle:
+            assert "r\\xe9seau" in json.load(handle)["request"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--progress-interval", "nan"], "--progress-interval"),
+    (["--patient-id-length", "0"], "--patient-id-length"),
+    (["--timezone", "Mars/Base"], "--timezone"),
+    (["--manifest-base-url", "https://bob:secret@example.org/x?sig=1"], "--manifest-base-url"),
+    (["--direct_num_workers=abc"], "direct_num_workers"),
+])
+def test_usage_errors_are_one_line(tmp_path, args, message):
+    copy_dicom(MR, tmp_path / "in" / "mr.dcm")
+    done = cli("--input", tmp_path / "in", "--output", tmp_path / "out", *args, check_exit=2)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "secret" not in done.stderr
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    copy_dicom(MR, tmp_path / "in" / "mr.dcm")
+    done = cli("--input", tmp_path / "in", "--output", tmp_path / "in", check_exit=2)
+    assert "--output must not be the --input folder" in done.stderr
