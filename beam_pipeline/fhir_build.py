@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from beam_pipeline import mii
 from beam_pipeline.config import ConversionConfig
+from beam_pipeline.dicom_dates import combine, parse_date, parse_time
 from beam_pipeline.codes import DCM_SYSTEM, DEVICE_PROFILE, IMAGING_STUDY_PROFILE, V2_0203, Reason, sha256_id
 from beam_pipeline.study import StudyGroup, rank
 
@@ -53,8 +54,6 @@ def device_id(serial: str, manufacturer: str) -> str:
 # Dates and times
 
 
-_DATE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_TIME = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 
@@ -71,26 +70,19 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
     """
     if not date:
         return None
-    match = _DATE.match(date)
-    try:
-        day = datetime(int(match[1]), int(match[2]), int(match[3])) if match else None
-    except ValueError:
-        day = None
+    day = parse_date(date)
     if day is None:
         notes[f"unparseable:{what}"] += 1
         return None
     date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
     if not time:
         return date_text
-    tmatch = _TIME.match(time)
-    try:
-        if not tmatch:
-            raise ValueError(time)
-        moment = day.replace(hour=int(tmatch[1]), minute=int(tmatch[2] or 0), second=int(tmatch[3] or 0))
-    except ValueError:
+    clock = parse_time(time)
+    if clock is None:
         notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
         return date_text
-    fraction = f".{tmatch[4]}" if tmatch[4] else ""
+    moment = combine(day, clock)
+    fraction = f".{clock.fraction}" if clock.fraction else ""
     clock = f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
     return date_text + clock + fraction + _offset(moment, utc_offset, timezone, notes)
 

@@ -1,7 +1,8 @@
 """MII imaging profile ("Modul Bildgebung") extensions from DICOM header records.
 
 One declarative table: each extension is a list of rows ``(DICOM path, sub-extension url, value
-kind, argument)``; adding a sub-extension is adding a row. Pure functions over plain record dicts
+kind, argument)``, the value kind being the converter function itself (so a misspelt kind fails at
+import, as pydicom maps VRs to converter functions); adding a sub-extension is adding a row. Pure functions over plain record dicts
 (see ``beam_pipeline.fields``): no Beam, no pydicom. Values that are present but cannot be mapped
 are counted in ``notes`` (``unparseable:<Keyword>``, ``unmapped:<Keyword>``, ``uncoded:<Keyword>``
 for free text kept without a code) and left out; nothing here raises on bad header values.
@@ -15,11 +16,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Callable, Mapping, NamedTuple
 
 from beam_pipeline.config import ConversionConfig
+from beam_pipeline.dicom_dates import parse_datetime
 from beam_pipeline.codes import INVALID_KEY, MII_BASE, MII_STRUCTURE, V2_0203, sha256_id
 from terminologies import SYSTEMS, Terminologies
 
@@ -68,7 +70,7 @@ class Row(NamedTuple):
 
     source: str      # DICOM path, see module docstring
     url: str         # sub-extension url (the extension url for simple extensions)
-    kind: str        # key of VALUE_KINDS
+    kind: Callable   # the value kind: (value, arg, ctx) -> {"value[x]": ...}, None or {}
     arg: object = None  # (UCUM unit, UCUM code) | code system url | terminology name
 
 
@@ -85,160 +87,6 @@ class Context(NamedTuple):
     terms: Terminologies
     notes: Counter
     keyword: str
-
-
-# --- the mapping table ---------------------------------------------------------------------------
-
-RADIO = "RadiopharmaceuticalInformationSequence."
-X_RAY_ROWS = (
-    Row("KVP", "KVP", "quantity", ("kilovolt", "kV")),
-    Row("ExposureTime|ExposureTimeInms", "exposureTime", "quantity", MS),
-    Row("Exposure|ExposureInmAs", "exposure", "quantity", ("milliampere second", "mA.s")),
-    Row("XRayTubeCurrent|XRayTubeCurrentInmA", "xRayTubeCurrent", "quantity", ("milliampere", "mA")),
-)
-
-
-def _nuclear_rows(total_dose_unit: tuple[str, str]) -> tuple[Row, ...]:
-    """PT and NM share the isotope rows; only the dose unit differs (PET: Bq, NM: MBq, as in DICOM)."""
-    return (
-        Row(f"{RADIO}RadiopharmaceuticalCodeSequence|{RADIO}Radiopharmaceutical", "radiopharmaceutical",
-            "coded", "radiopharmaceutical"),
-        Row(f"{RADIO}RadionuclideCodeSequence", "radionuclide", "coded", "radionuclide"),
-        Row(f"{RADIO}RadiopharmaceuticalStartDateTime|{RADIO}RadiopharmaceuticalStartTime", "tracerExposureTime",
-            "seconds_since", SECONDS),
-        Row("Units", "units", "units"),
-        Row(f"{RADIO}RadionuclideTotalDose", "radionuclideTotalDose", "quantity", total_dose_unit),
-        Row(f"{RADIO}RadionuclideHalfLife", "radionuclideHalfLife", "quantity", SECONDS),
-    )
-
-
-CT = Complex(EXT + "modalitaet-ct", (
-    Row("CTDIvol", "CTDIvol", "quantity", ("milligray", "mGy")),
-    *X_RAY_ROWS,
-    Row("ConvolutionKernel", "convolutionalKernel", "string"),
-))
-MG_CR_DX = Complex(EXT + "modalitaet-mg-cr-dx", (
-    *X_RAY_ROWS,
-    Row("ViewCodeSequence|ViewPosition", "viewPosition", "view_position"),
-))
-MR = Complex(EXT + "modalitaet-mr", (
-    Row("MagneticFieldStrength", "magneticFieldStrength", "quantity", ("tesla", "T")),
-    Row("ScanningSequence", "scanningSequence", "code", CS + "scanning-sequence"),
-    Row("SequenceVariant", "scanningSequenceVariant", "code", CS + "scanning-sequence-variant"),
-    Row("EchoTime", "echoTime", "quantity", MS),
-    Row("RepetitionTime", "repetitionTime", "quantity", MS),
-    Row("InversionTime", "inversionTime", "quantity", MS),
-    Row("FlipAngle", "flipAngle", "quantity", ("plane angle degree", "deg")),
-))
-PT = Complex(EXT + "modalitaet-pt", (
-    *_nuclear_rows(("Becquerel", "Bq")),
-    Row("SeriesType", "seriesType", "code", CS + "series-type"),
-))
-NM = Complex(EXT + "modalitaet-nm", _nuclear_rows(("Megabecquerel", "MBq")))
-US = Complex(EXT + "modalitaet-us", (
-    Row("TransducerType", "transducerType", "code", CS + "transducer-type"),
-    Row("SequenceOfUltrasoundRegions.TransducerFrequency", "transducerFrequency", "quantity", ("kilohertz", "kHz")),
-    Row("SequenceOfUltrasoundRegions.PulseRepetitionFrequency", "pulseRepetitionFrequency", "quantity",
-        ("hertz", "Hz")),
-    Row("UltrasoundColorDataPresent", "ultrasoundColor", "nonzero"),
-))
-KONTRASTMITTEL = Complex(EXT + "kontrastmittel", (
-    Row("ContrastBolusAgent", "contrastBolus", "contrast_given"),
-    Row("ContrastBolusAgent", "contrastBolusDetails", "contrast_agent"),
-), required=("contrastBolus",))
-INSTANZ_DETAILS = Complex(EXT + "instanz-details", (
-    # PixelSpacing is (row spacing, column spacing): X (across a row) is the 2nd value. Projection
-    # radiographs often carry only the detector-plane ImagerPixelSpacing.
-    Row("PixelSpacing[1]|ImagerPixelSpacing[1]", "pixelSpacingX", "quantity", MM),
-    Row("PixelSpacing[0]|ImagerPixelSpacing[0]", "pixelSpacingY", "quantity", MM),
-    Row("SliceThickness", "sliceThickness", "quantity", MM),
-    Row("ImageType", "imageType", "code", CS + "instance-image-type"),
-    Row("BurnedInAnnotation", "burnedInAnnotation", "yes_no"),
-))
-SCHICHTDICKE = Row("SliceThickness", EXT + "serie-schichtdicke", "quantity", MM)
-BILDGEBUNGSGRUND = Row("RequestAttributesSequence.ReasonForTheRequestedProcedure|ReasonForTheRequestedProcedure",
-                       EXT + "bildgebungsgrund", "distinct_text")
-
-MODALITY_EXTENSIONS = {"CT": CT, "MR": MR, "MG": MG_CR_DX, "CR": MG_CR_DX, "DX": MG_CR_DX, "PT": PT, "NM": NM,
-                       "US": US}
-
-
-class Vital(NamedTuple):
-    """A body measurement from the study header that becomes a vital-sign Observation."""
-
-    keyword: str
-    extension_url: str
-    profile: str
-    loinc: tuple[str, str]
-    snomed: tuple[str, str]
-    unit: tuple[str, str]  # UCUM (unit, code) of the Observation value
-    plausible_max: float  # DICOM units; larger values are typically cm/g written by mistake
-    decimal_shift: int = 0  # powers of ten from the DICOM unit to ``unit`` (m -> cm: 2)
-
-
-VITALS = (
-    Vital("PatientWeight", EXT + "gewicht", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergewicht",
-          ("29463-7", "Body weight"), ("27113001", "Body weight"), ("kg", "kg"), 700.0),
-    Vital("PatientSize", EXT + "groesse", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergroesse",
-          ("8302-2", "Body height"), ("50373000", "Body height measure"), ("cm", "cm"), 3.0, decimal_shift=2),
-)
-# DICOM PatientSize is in metres; the R4 vital-signs bodyheight profile (applied by validators to
-# every LOINC 8302-2 Observation) allows only UCUM ``cm`` or ``[in_i]``.
-
-PROCEDURE_CODE_SOURCE = "ProcedureCodeSequence"
-ADMISSION_ID = "AdmissionID"
-
-
-# --- DICOM paths ---------------------------------------------------------------------------------
-
-class _Path(NamedTuple):
-    keywords: tuple[str, ...]
-    index: int | None
-
-
-def _parse_path(text: str) -> _Path:
-    match = re.fullmatch(r"([A-Za-z0-9.]+)(?:\[(\d+)\])?", text)
-    if match is None:
-        raise ValueError(f"bad DICOM path {text!r}")
-    return _Path(tuple(match.group(1).split(".")), int(match.group(2)) if match.group(2) else None)
-
-
-def _alternatives(source: str) -> tuple[_Path, ...]:
-    return tuple(_parse_path(p) for p in source.split("|"))
-
-
-def _invalid(container: Mapping) -> tuple:
-    keywords = container.get(INVALID_KEY, ())
-    return keywords if isinstance(keywords, tuple) else ()
-
-
-def _matches(container: Mapping, keywords: tuple[str, ...]) -> tuple[list, bool]:
-    """All values at ``keywords`` (across sequence items, in order) and whether one was unparseable."""
-    head, rest = keywords[0], keywords[1:]
-    value = container.get(head)
-    if value is None:
-        return [], head in _invalid(container)
-    if not rest:
-        return [value], False
-    found, invalid = [], False
-    for item in value if isinstance(value, tuple) else ():
-        if isinstance(item, Mapping):
-            values, bad = _matches(item, rest)
-            found.extend(values)
-            invalid = invalid or bad
-    return found, invalid
-
-
-def _pick(value, index: int | None):
-    if index is None:
-        return value
-    return value[index] if isinstance(value, tuple) and len(value) > index else None
-
-
-SERIES_ROWS = (*(row for spec in (*dict.fromkeys(MODALITY_EXTENSIONS.values()), KONTRASTMITTEL) for row in spec.rows),
-               SCHICHTDICKE)
-ALL_ROWS = (*SERIES_ROWS, *INSTANZ_DETAILS.rows, BILDGEBUNGSGRUND)
-PATHS = {row.source: _alternatives(row.source) for row in ALL_ROWS}  # parsed once, at import
 
 
 # --- value kinds: (value, arg, ctx) -> {"value[x]": ...}, None (cannot map) or {} (nothing to emit) --
@@ -370,31 +218,15 @@ def _contrast_agent(value, arg, ctx):
     return {"valueReference": {"display": value}}
 
 
-def parse_dicom_datetime(date: str | None, time: str | None) -> datetime | None:
-    """A naive datetime from DICOM DA + TM (or a DT in ``date``), or None if unparseable."""
-    text = (date or "") + (time or "")
-    text = re.split(r"[+-]", text.replace(":", ""), maxsplit=1)[0]  # drop a DT's UTC offset
-    whole, _, fraction = text.partition(".")
-    if not whole.isdigit() or len(whole) < 10 or len(whole) % 2:
-        return None
-    whole = whole.ljust(14, "0")
-    try:
-        moment = datetime.strptime(whole, "%Y%m%d%H%M%S")
-    except ValueError:
-        return None
-    micros = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
-    return moment + timedelta(microseconds=micros)
-
-
 def _acquisition_start(record: Mapping) -> tuple[datetime | None, bool]:
     """When the series was acquired, and whether its date is known (else only the time of day)."""
     for date, time in ((record.get("SeriesDate"), record.get("SeriesTime")),
                        (record.get("AcquisitionDateTime"), ""),
                        (record.get("AcquisitionDate"), record.get("AcquisitionTime"))):
-        if date and time is not None and (moment := parse_dicom_datetime(date, time)):
+        if date and time is not None and (moment := parse_datetime(date, time)):
             return moment, True
     for time in (record.get("SeriesTime"), record.get("AcquisitionTime")):
-        if time and (moment := parse_dicom_datetime(UNKNOWN_DATE, time)):
+        if time and (moment := parse_datetime(UNKNOWN_DATE, time)):
             return moment, False
     return None, False
 
@@ -413,7 +245,7 @@ def _seconds_since(value, unit_code, ctx):
         return None
     end, end_dated = _acquisition_start(ctx.record)
     dated = ctx.keyword.endswith("DateTime")
-    start = parse_dicom_datetime(value, "") if dated else parse_dicom_datetime(UNKNOWN_DATE, value)
+    start = parse_datetime(value, "") if dated else parse_datetime(UNKNOWN_DATE, value)
     if end is None or start is None:
         return None
     if dated and end_dated:
@@ -423,26 +255,168 @@ def _seconds_since(value, unit_code, ctx):
     return quantity_value(round(seconds, 3), unit_code) if seconds >= 0 else None
 
 
-VALUE_KINDS: Mapping[str, Callable] = {
-    "quantity": _quantity,
-    "string": _string,
-    "distinct_text": _distinct_text,  # receives every match (all sequence items), not just the first
-    "yes_no": _yes_no,
-    "nonzero": _nonzero,
-    "code": _mii_code,
-    "coded": _coded,
-    "view_position": _view_position,
-    "units": _units,
-    "contrast_given": _contrast_given,
-    "contrast_agent": _contrast_agent,
-    "seconds_since": _seconds_since,
-}
-ALL_MATCHES_KINDS = frozenset({"distinct_text"})
+ALL_MATCHES_KINDS = frozenset({_distinct_text})  # these receive every match (all sequence items)
+
+
+# --- the mapping table ---------------------------------------------------------------------------
+
+RADIO = "RadiopharmaceuticalInformationSequence."
+X_RAY_ROWS = (
+    Row("KVP", "KVP", _quantity, ("kilovolt", "kV")),
+    Row("ExposureTime|ExposureTimeInms", "exposureTime", _quantity, MS),
+    Row("Exposure|ExposureInmAs", "exposure", _quantity, ("milliampere second", "mA.s")),
+    Row("XRayTubeCurrent|XRayTubeCurrentInmA", "xRayTubeCurrent", _quantity, ("milliampere", "mA")),
+)
+
+
+def _nuclear_rows(total_dose_unit: tuple[str, str]) -> tuple[Row, ...]:
+    """PT and NM share the isotope rows; only the dose unit differs (PET: Bq, NM: MBq, as in DICOM)."""
+    return (
+        Row(f"{RADIO}RadiopharmaceuticalCodeSequence|{RADIO}Radiopharmaceutical", "radiopharmaceutical",
+            _coded, "radiopharmaceutical"),
+        Row(f"{RADIO}RadionuclideCodeSequence", "radionuclide", _coded, "radionuclide"),
+        Row(f"{RADIO}RadiopharmaceuticalStartDateTime|{RADIO}RadiopharmaceuticalStartTime", "tracerExposureTime",
+            _seconds_since, SECONDS),
+        Row("Units", "units", _units),
+        Row(f"{RADIO}RadionuclideTotalDose", "radionuclideTotalDose", _quantity, total_dose_unit),
+        Row(f"{RADIO}RadionuclideHalfLife", "radionuclideHalfLife", _quantity, SECONDS),
+    )
+
+
+CT = Complex(EXT + "modalitaet-ct", (
+    Row("CTDIvol", "CTDIvol", _quantity, ("milligray", "mGy")),
+    *X_RAY_ROWS,
+    Row("ConvolutionKernel", "convolutionalKernel", _string),
+))
+MG_CR_DX = Complex(EXT + "modalitaet-mg-cr-dx", (
+    *X_RAY_ROWS,
+    Row("ViewCodeSequence|ViewPosition", "viewPosition", _view_position),
+))
+MR = Complex(EXT + "modalitaet-mr", (
+    Row("MagneticFieldStrength", "magneticFieldStrength", _quantity, ("tesla", "T")),
+    Row("ScanningSequence", "scanningSequence", _mii_code, CS + "scanning-sequence"),
+    Row("SequenceVariant", "scanningSequenceVariant", _mii_code, CS + "scanning-sequence-variant"),
+    Row("EchoTime", "echoTime", _quantity, MS),
+    Row("RepetitionTime", "repetitionTime", _quantity, MS),
+    Row("InversionTime", "inversionTime", _quantity, MS),
+    Row("FlipAngle", "flipAngle", _quantity, ("plane angle degree", "deg")),
+))
+PT = Complex(EXT + "modalitaet-pt", (
+    *_nuclear_rows(("Becquerel", "Bq")),
+    Row("SeriesType", "seriesType", _mii_code, CS + "series-type"),
+))
+NM = Complex(EXT + "modalitaet-nm", _nuclear_rows(("Megabecquerel", "MBq")))
+US = Complex(EXT + "modalitaet-us", (
+    Row("TransducerType", "transducerType", _mii_code, CS + "transducer-type"),
+    Row("SequenceOfUltrasoundRegions.TransducerFrequency", "transducerFrequency", _quantity, ("kilohertz", "kHz")),
+    Row("SequenceOfUltrasoundRegions.PulseRepetitionFrequency", "pulseRepetitionFrequency", _quantity,
+        ("hertz", "Hz")),
+    Row("UltrasoundColorDataPresent", "ultrasoundColor", _nonzero),
+))
+KONTRASTMITTEL = Complex(EXT + "kontrastmittel", (
+    Row("ContrastBolusAgent", "contrastBolus", _contrast_given),
+    Row("ContrastBolusAgent", "contrastBolusDetails", _contrast_agent),
+), required=("contrastBolus",))
+INSTANZ_DETAILS = Complex(EXT + "instanz-details", (
+    # PixelSpacing is (row spacing, column spacing): X (across a row) is the 2nd value. Projection
+    # radiographs often carry only the detector-plane ImagerPixelSpacing.
+    Row("PixelSpacing[1]|ImagerPixelSpacing[1]", "pixelSpacingX", _quantity, MM),
+    Row("PixelSpacing[0]|ImagerPixelSpacing[0]", "pixelSpacingY", _quantity, MM),
+    Row("SliceThickness", "sliceThickness", _quantity, MM),
+    Row("ImageType", "imageType", _mii_code, CS + "instance-image-type"),
+    Row("BurnedInAnnotation", "burnedInAnnotation", _yes_no),
+))
+SCHICHTDICKE = Row("SliceThickness", EXT + "serie-schichtdicke", _quantity, MM)
+BILDGEBUNGSGRUND = Row("RequestAttributesSequence.ReasonForTheRequestedProcedure|ReasonForTheRequestedProcedure",
+                       EXT + "bildgebungsgrund", _distinct_text)
+
+MODALITY_EXTENSIONS = {"CT": CT, "MR": MR, "MG": MG_CR_DX, "CR": MG_CR_DX, "DX": MG_CR_DX, "PT": PT, "NM": NM,
+                       "US": US}
+
+
+class Vital(NamedTuple):
+    """A body measurement from the study header that becomes a vital-sign Observation."""
+
+    keyword: str
+    extension_url: str
+    profile: str
+    loinc: tuple[str, str]
+    snomed: tuple[str, str]
+    unit: tuple[str, str]  # UCUM (unit, code) of the Observation value
+    plausible_max: float  # DICOM units; larger values are typically cm/g written by mistake
+    decimal_shift: int = 0  # powers of ten from the DICOM unit to ``unit`` (m -> cm: 2)
+
+
+VITALS = (
+    Vital("PatientWeight", EXT + "gewicht", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergewicht",
+          ("29463-7", "Body weight"), ("27113001", "Body weight"), ("kg", "kg"), 700.0),
+    Vital("PatientSize", EXT + "groesse", "http://fhir.de/StructureDefinition/observation-de-vitalsign-koerpergroesse",
+          ("8302-2", "Body height"), ("50373000", "Body height measure"), ("cm", "cm"), 3.0, decimal_shift=2),
+)
+# DICOM PatientSize is in metres; the R4 vital-signs bodyheight profile (applied by validators to
+# every LOINC 8302-2 Observation) allows only UCUM ``cm`` or ``[in_i]``.
+
+PROCEDURE_CODE_SOURCE = "ProcedureCodeSequence"
+ADMISSION_ID = "AdmissionID"
+
+
+# --- DICOM paths ---------------------------------------------------------------------------------
+
+class _Path(NamedTuple):
+    keywords: tuple[str, ...]
+    index: int | None
+
+
+def _parse_path(text: str) -> _Path:
+    match = re.fullmatch(r"([A-Za-z0-9.]+)(?:\[(\d+)\])?", text)
+    if match is None:
+        raise ValueError(f"bad DICOM path {text!r}")
+    return _Path(tuple(match.group(1).split(".")), int(match.group(2)) if match.group(2) else None)
+
+
+def _alternatives(source: str) -> tuple[_Path, ...]:
+    return tuple(_parse_path(p) for p in source.split("|"))
+
+
+def _invalid(container: Mapping) -> tuple:
+    keywords = container.get(INVALID_KEY, ())
+    return keywords if isinstance(keywords, tuple) else ()
+
+
+def _matches(container: Mapping, keywords: tuple[str, ...]) -> tuple[list, bool]:
+    """All values at ``keywords`` (across sequence items, in order) and whether one was unparseable."""
+    head, rest = keywords[0], keywords[1:]
+    value = container.get(head)
+    if value is None:
+        return [], head in _invalid(container)
+    if not rest:
+        return [value], False
+    found, invalid = [], False
+    for item in value if isinstance(value, tuple) else ():
+        if isinstance(item, Mapping):
+            values, bad = _matches(item, rest)
+            found.extend(values)
+            invalid = invalid or bad
+    return found, invalid
+
+
+def _pick(value, index: int | None):
+    if index is None:
+        return value
+    return value[index] if isinstance(value, tuple) and len(value) > index else None
+
+
+SERIES_ROWS = (*(row for spec in (*dict.fromkeys(MODALITY_EXTENSIONS.values()), KONTRASTMITTEL) for row in spec.rows),
+               SCHICHTDICKE)
+ALL_ROWS = (*SERIES_ROWS, *INSTANZ_DETAILS.rows, BILDGEBUNGSGRUND)
+PATHS = {row.source: _alternatives(row.source) for row in ALL_ROWS}  # parsed once, at import
+
+
 
 
 def row_value(row: Row, record: Mapping, terms: Terminologies, notes: Counter) -> dict | None:
     """The value[x] entry for one row: the first path alternative that is present and maps."""
-    convert = VALUE_KINDS[row.kind]
+    convert = row.kind
     problem = None
     for path in PATHS[row.source]:
         keyword = path.keywords[-1]

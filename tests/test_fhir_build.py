@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 import random
 from collections import Counter
 
@@ -173,3 +174,12 @@ def test_sampled_validation_checks_every_sop_class(terms):
     built = build_study(_group(records), ConversionConfig(), terms)
     assert fhir_build.Validator().problem(built.resources)[0] == "invalid-fhir"
     assert fhir_build.Validator(full=True).problem(built.resources)[0] == "invalid-fhir"
+
+
+def test_one_dicom_date_parser_serves_both_fhir_datetimes_and_arithmetic():
+    from beam_pipeline.dicom_dates import parse_datetime
+
+    assert parse_datetime("20240719", "120330.5") == datetime(2024, 7, 19, 12, 3, 30, 500000)
+    assert parse_datetime("20240719120330+0200", "") == datetime(2024, 7, 19, 12, 3, 30)  # a DT
+    assert parse_datetime("20240719", "") is None and parse_datetime("20241399", "12") is None
+    assert parse_datetime("2024.07.19", "25") is None
