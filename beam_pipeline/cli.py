@@ -234,9 +234,13 @@ def first_line(exc: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    """Console entry: 2 for a problem found before the run (one line), 1 when the outcomes do not
-    account for every matched file (a bug), else 0."""
+    """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
+    line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
+    file (a bug), else 0."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # The in-process runner logs a failing step's traceback before raising it; the cause is
+    # printed below in one line, so the page of Beam frames stays off the console.
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     try:
         summary = run(argv)
     except (output.OutputError, DicomWebError, gcs.GcsAccessError) as exc:
