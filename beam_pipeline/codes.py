@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from enum import StrEnum
 
+from terminologies import SYSTEMS
+
 
 class Outcome(StrEnum):
     """What happened to one input file (they add up to ``files_matched``)."""
@@ -58,7 +60,7 @@ MII_BASE = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebun
 MII_STRUCTURE = MII_BASE + "StructureDefinition/"
 IMAGING_STUDY_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-bildgebungsstudie"
 DEVICE_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-geraet"
-DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+DCM_SYSTEM = SYSTEMS["DCM"]  # the coding-scheme table of the terminologies is the one source
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle")
