@@ -81,7 +81,7 @@ class FileReader:
             return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}")
 
 
-def uid_problem(record: dict) -> str | None:
+def dicom_uid_problem(record: dict) -> str | None:
     """A UID that is not digits and dots of at most 64 characters (a stray byte, a bad writer)."""
     for keyword in _UID_KEYWORDS:
         value = record.get(keyword)
@@ -115,7 +115,7 @@ def process_files(items, reader: FileReader, pool: Executor | None = None) -> li
 def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -> FileOutcome:
     """Counts and error line for one read header; ``where`` names the source when there is no path."""
     if result.kind == INSTANCE:
-        problem = uid_problem(result.record)
+        problem = dicom_uid_problem(result.record)
         if problem:
             result = HeaderResult(ERROR, reason=Reason.INVALID_UID, detail=problem)
     counts = Counter({f"note:{note}": 1 for note in result.notes})

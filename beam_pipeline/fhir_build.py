@@ -295,7 +295,7 @@ def validation_view(study: dict) -> dict:
     Instances are built by one code path from typed values, so pydantic's verdict on one instance
     holds for every instance of the same shape; validating 50,000 alike instances one by one would
     cost seconds and gigabytes. The one primitive that varies freely, the instance uid (FHIR ``id``),
-    is checked for every instance by ``uid_problem``.
+    is checked for every instance by ``instance_id_problem``.
     """
     seen = set()
     series_view = []
@@ -310,7 +310,7 @@ def validation_view(study: dict) -> dict:
     return {**study, "series": series_view}
 
 
-def uid_problem(study: dict) -> str | None:
+def instance_id_problem(study: dict) -> str | None:
     """The per-instance values a shape cannot vouch for: uid (FHIR id) and sopClass code (FHIR code).
     (Numbers are kept in range when they are built.)"""
     for series in study.get("series", ()):
@@ -343,7 +343,7 @@ class Validator:
 
         for resource_type, resource in resources:
             if resource_type == "ImagingStudy" and not self.full:
-                bad_uid = uid_problem(resource)
+                bad_uid = instance_id_problem(resource)
                 if bad_uid:
                     return Reason.INVALID_FHIR, f"ImagingStudy: {bad_uid}"
                 resource = validation_view(resource)
