@@ -47,6 +47,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     written = (written_studies, written_small) | "AllWritten" >> beam.Flatten()
     (counts, written) | "Summarize" >> transforms.Summarize(settings, started)
 
+
 def local_runner(options):
     """The in-process FnApiRunner unless a runner was named: Beam 2.77's DirectRunner first tries
     to download the Prism runner, which an air-gapped machine cannot do."""

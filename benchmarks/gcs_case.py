@@ -203,7 +203,7 @@ def targets(fig: dict) -> list[tuple[str, float | None, str, bool | None]]:
     rows = [
         (f"(e) pipeline from gs:// / local, +{fig.get('delay_ms'):.0f} ms",
          ratio(rate("pipeline_gs"), rate("pipeline_local")), ">= 0.5", lambda v: v >= 0.5),
-        (f"(e) convert_files from gs:// / local", ratio(rate("convert_gs"), rate("convert_local")),
+        ("(e) convert_files from gs:// / local", ratio(rate("convert_gs"), rate("convert_local")),
          ">= 0.5", lambda v: v >= 0.5),
         ("(e) requests per file", converted.get("requests_per_file"), "<= 1.2", lambda v: v <= 1.2),
         ("(e) requests per file, pipeline (listing included)", (fig.get("pipeline_gs") or {}).get("requests_per_file"),
