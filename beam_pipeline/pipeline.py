@@ -53,9 +53,19 @@ def local_runner(options):
     to download the Prism runner, which an air-gapped machine cannot do."""
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner"):
+        from apache_beam.portability.api import beam_provision_api_pb2
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+        from google.protobuf import struct_pb2
 
-        return FnApiRunner()
+        # Workers of --direct_running_mode multi_processing get no options from the runner and
+        # log every gRPC channel at INFO on the console; WARNING keeps what matters.
+        worker_options = struct_pb2.Struct()
+        worker_options.update({"default_sdk_harness_log_level": "WARNING",
+                               # a notice about main sessions, which this pipeline does not use
+                               "sdk_harness_log_level_overrides": {"__main__": "ERROR"}})
+        return FnApiRunner(provision_info=ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
+            retrieval_token="unused-retrieval-token", pipeline_options=worker_options)))
     return None
 
 
