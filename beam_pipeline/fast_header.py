@@ -35,6 +35,11 @@ from beam_pipeline.fields import Attribute, FieldSpec, add_value, decoded_cache,
 from beam_pipeline.header_io import READ_COST, Budget
 from beam_pipeline.records import ParsedHeader
 
+try:  # the compiled loop over plain elements (setup.py builds it where a C compiler is present)
+    from beam_pipeline._walk import walk as _compiled_walk
+except ImportError:  # pragma: no cover - depends on the build
+    _compiled_walk = None
+
 _HEADER = struct.Struct("<HH2sH").unpack_from   # group, element, VR, 16-bit length
 _ITEM = struct.Struct("<HHL").unpack_from       # group, element, 32-bit length (items, delimiters)
 _LONG = struct.Struct("<L").unpack_from         # 32-bit length after an "OB\0\0"-style header
@@ -54,6 +59,8 @@ _SHORT_VRS = ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", 
 _LONG_VRS = ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
 _VR_HEADER = {**{vr.encode(): 8 for vr in _SHORT_VRS}, **{vr.encode(): 12 for vr in _LONG_VRS}}
 _SQ = b"SQ"
+# The same sizes for the compiled loop: one byte per little-endian VR code (0 = unknown VR).
+_VR_HEADER_TABLE = bytes(_VR_HEADER.get(code.to_bytes(2, "little"), 0) for code in range(65536))
 
 # Transfer syntaxes whose dataset is not explicit VR little endian plain bytes, by decline cause.
 _DECLINED_SYNTAXES = {
@@ -274,6 +281,8 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
     header = _HEADER
     vr_header = _VR_HEADER
     get_needed = table.get
+    walk = _compiled_walk
+    vr_table = _VR_HEADER_TABLE
     prev = -1
     count = charged = 0  # elements walked, and charged to the budget (READ_COST each)
     last_end = 0  # end of the last defined-length element, as header._ends_inside_header sees it
@@ -296,6 +305,13 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
             if count == 0 or (0 < last_end < size and size - last_end < 12):
                 raise _Truncated
             return pos
+        if walk is not None:
+            # Plain elements in C; whatever it stops at is handled below, with every check.
+            pos, prev, walked, last_end = walk(data, base, pos, limit if limit < size else size, prev,
+                                               table, collected, last_end, vr_table, _CHARSET)
+            if walked:
+                count += walked
+                continue
         off = pos - base
         group, elem, vr, length = header(data, off)
         tag = group << 16 | elem

@@ -279,13 +279,20 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _FHIR_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
 
 
-def _shape(value):
-    """The structure of a JSON value without its values: instances built alike share one shape."""
+def _shape(value, memo: dict):
+    """The structure of a JSON value without its values: instances built alike share one shape.
+
+    ``memo`` maps id() of lists already seen in this study to their shape: the instances of a series
+    share their detail extension list (``_instance_details``), so each list is walked once.
+    """
     kind = type(value)
     if kind is dict:
-        return tuple([(key, _shape(item)) for key, item in value.items()])
+        return tuple([(key, _shape(item, memo)) for key, item in value.items()])
     if kind is list:
-        return tuple([_shape(item) for item in value])
+        shape = memo.get(id(value))
+        if shape is None:
+            shape = memo[id(value)] = tuple([_shape(item, memo) for item in value])
+        return shape
     return kind
 
 
@@ -298,11 +305,12 @@ def validation_view(study: dict) -> dict:
     is checked for every instance by ``instance_id_problem``.
     """
     seen = set()
+    memo: dict = {}  # valid while the study holds its lists: ids are not reused before we return
     series_view = []
     for series in study.get("series", ()):
         kept = []
         for instance in series.get("instance", ()):
-            shape = _shape(instance)
+            shape = _shape(instance, memo)
             if shape not in seen:
                 seen.add(shape)
                 kept.append(instance)

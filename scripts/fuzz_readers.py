@@ -1,6 +1,6 @@
 """Differential fuzz campaign: the fast header reader against pydicom on mutants of real files.
 
-    python scripts/fuzz_readers.py --mutants 100000 [--seed 7] [--save DIR]
+    python scripts/fuzz_readers.py --mutants 100000 [--seed 7] [--save DIR] [--element-loop python]
 
 Each mutant (see tests/mutants.py) is read with ``header.read_header`` fast and pydicom-only, with
 the default spec and two test specs. Prints counts of mutants, agreements, disagreements by kind,
@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from beam_pipeline import fields  # noqa: E402
+from beam_pipeline import fast_header, fields  # noqa: E402
 import mutants  # noqa: E402
 import specs  # noqa: E402
 
@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--save", help="folder to write disagreeing mutants to")
     parser.add_argument("--show", type=int, default=20, help="disagreements to print")
+    parser.add_argument("--element-loop", choices=("compiled", "python"), default="compiled",
+                        help="the fast scanner's element loop to test (default: compiled, as built)")
     args = parser.parse_args(argv)
+    if args.element_loop == "python":
+        fast_header._compiled_walk = None
+    elif fast_header._compiled_walk is None:
+        parser.error("the compiled element loop is not built (pip install -e . with a C compiler)")
     shown = [0]
 
     def on_finding(index, name, kinds, spec_name, data, found, facts):
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     counts = mutants.campaign(args.seed, args.mutants, spec_table, on_finding)
     seconds = time.perf_counter() - start
-    print(f"seed {args.seed}: {counts['mutants']} mutants in {seconds:.0f} s, "
+    print(f"seed {args.seed}, {args.element_loop} element loop: {counts['mutants']} mutants in {seconds:.0f} s, "
           f"{counts['agreements']} agreements, {counts['disagreements']} disagreements")
     for key in sorted(counts):
         if ":" in key:

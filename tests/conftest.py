@@ -12,6 +12,22 @@ def dicomdir_run(tmp_path_factory):
     return out, summary
 
 
+# --- The fast scanner's two element loops ------------------------------------------------------
+
+@pytest.fixture(params=["compiled", "python"])
+def element_loop(request, monkeypatch):
+    """Runs a test with the compiled element loop (beam_pipeline/_walk.c, the default where it is
+    built) and again with the pure-Python one (where it is not): both must give the same results."""
+    from beam_pipeline import fast_header
+
+    if request.param == "compiled":
+        if fast_header._compiled_walk is None:
+            pytest.skip("the compiled element loop is not built here (no C compiler at install time)")
+    else:
+        monkeypatch.setattr(fast_header, "_compiled_walk", None)
+    return request.param
+
+
 # --- Google Cloud: everything stays on loopback ------------------------------------------------
 
 def pytest_configure(config):

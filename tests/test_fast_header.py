@@ -26,6 +26,11 @@ DATA = os.path.dirname(pydicom.data.__file__)
 TEST_FILES = os.path.join(DATA, "test_files")
 
 
+@pytest.fixture(autouse=True)
+def _both_loops(element_loop):
+    """Every test here runs with the compiled and with the pure-Python element loop."""
+
+
 def _all_files() -> list[str]:
     paths = glob.glob(os.path.join(TEST_FILES, "**", "*"), recursive=True)
     paths += glob.glob(os.path.join(DATA, "charset_files", "*"))
