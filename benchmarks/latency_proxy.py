@@ -1,25 +1,30 @@
 """A loopback HTTP proxy that adds a fixed delay to every request and counts requests and bytes.
 
 Put in front of the GCS emulator it makes loopback behave like object storage at cloud latency:
-what costs round trips shows up in the wall time. Used by ``run_benchmark`` case (e).
+what costs round trips shows up in the wall time. Used by ``run_benchmark`` case (e) and the gs://
+tests.
 
     python -m benchmarks.latency_proxy --upstream http://127.0.0.1:9023 --delay-ms 20
 
 prints its URL; GET <url>/_proxy/counts returns the counts so far (``?reset=1`` resets them).
+
+One asyncio loop serves every client connection (HTTP/1.1 keep-alive, as a real endpoint does)
+and forwards over kept-alive upstream connections, so the proxy costs little CPU per request: on a
+two-core machine it shares a core with the emulator, and must not be what limits the benchmark.
+Bodies are re-framed with Content-Length (chunked ones are joined).
 """
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 CONTROL_PATH = "/_proxy/counts"
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
-               "trailer", "content-length"}
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te",
+               b"trailer", b"content-length"}
+_NO_BODY_STATUSES = (204, 304)
 
 
 class Counts:
@@ -46,86 +51,165 @@ class Counts:
             self.by_method = {}
 
 
-def _handler(upstream_host: str, upstream_port: int, delay: float, counts: Counts, upstream_slots: int):
-    # The emulator serves one request at a time with a listen backlog of 5: more concurrent
-    # connections than that overflow it (SYN retries of 1 s). The delay overlaps; the forwarding
-    # waits for a slot.
-    slots = threading.BoundedSemaphore(upstream_slots)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep client connections open, as a real endpoint does
-        disable_nagle_algorithm = True  # else headers and body in two segments meet delayed ACKs: +40 ms
-        wbufsize = -1  # buffered: a response leaves in one write at flush
-
-        def log_message(self, format, *args):  # noqa: A002 - quiet
-            pass
-
-        def _forward(self):
-            if self.path.startswith(CONTROL_PATH):
-                return self._control()
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else None
-            time.sleep(delay)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            upstream = http.client.HTTPConnection(upstream_host, upstream_port, timeout=60)
-            try:
-                with slots:
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    response = upstream.getresponse()
-                    data = response.read()
-                self.send_response(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in _HOP_BY_HOP:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                self.wfile.flush()
-                counts.add(self.command, len(data))
-            finally:
-                upstream.close()
-
-        def _control(self):
-            """Counts as JSON (not counted themselves); ``/_proxy/counts?reset=1`` also resets them."""
-            data = json.dumps(counts.snapshot()).encode()
-            if "reset=1" in self.path:
-                counts.reset()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
-
-    return Handler
+async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """First line and headers of a request or response; None at a clean end of the connection."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise
+    lines = head[:-4].split(b"\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return lines[0], headers
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # the default backlog of 5 drops concurrent connects (1 s SYN retries)
+def _header(headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+async def _read_body(reader: asyncio.StreamReader, headers, until_close: bool = False) -> bytes:
+    if (_header(headers, b"transfer-encoding") or b"").lower().endswith(b"chunked"):
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+    length = _header(headers, b"content-length")
+    if length is not None:
+        return await reader.readexactly(int(length))
+    return await reader.read() if until_close else b""
+
+
+class _Upstream:
+    """Kept-alive connections to the emulator, at most ``slots`` busy at a time."""
+
+    def __init__(self, host: str, port: int, slots: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(slots)
+
+    async def exchange(self, method: bytes, target: bytes, headers, body: bytes):
+        async with self.slots:
+            for attempt in range(2):  # a kept-alive connection the emulator closed: one new try
+                reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+                try:
+                    lines = [method + b" " + target + b" HTTP/1.1"]
+                    lines += [k + b": " + v for k, v in headers if k not in _HOP_BY_HOP]
+                    lines.append(b"Content-Length: " + str(len(body)).encode())
+                    writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+                    await writer.drain()
+                    head = await _read_head(reader)
+                    if head is None:
+                        raise ConnectionResetError("upstream closed the connection")
+                    status_line, response_headers = head
+                    status = int(status_line.split(b" ", 2)[1])
+                    closes = (status_line.startswith(b"HTTP/1.0")
+                              or (_header(response_headers, b"connection") or b"").lower() == b"close")
+                    no_length = (_header(response_headers, b"content-length") is None
+                                 and _header(response_headers, b"transfer-encoding") is None)
+                    if method == b"HEAD" or status in _NO_BODY_STATUSES or 100 <= status < 200:
+                        data = b""
+                    else:
+                        data = await _read_body(reader, response_headers, until_close=no_length)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()
+                    if attempt:
+                        raise
+                    continue
+                if closes or no_length:
+                    writer.close()
+                else:
+                    self.idle.append((reader, writer))
+                return status_line, response_headers, data
+        raise AssertionError("unreachable")
 
 
 class LatencyProxy:
-    """``with LatencyProxy(upstream_url, delay_ms=20) as proxy: ... proxy.url ... proxy.counts``"""
+    """``with LatencyProxy(upstream_url, delay_ms=20) as proxy: ... proxy.url ... proxy.counts``
+
+    ``upstream_slots`` bounds the requests forwarded at once (the Python emulator serves one at a
+    time with a small listen backlog); the delays of all requests overlap.
+    """
 
     def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4):
         parsed = urlparse(upstream_url)
+        self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
+        self.delay = delay_ms / 1000.0
+        self.slots = upstream_slots
+        self.port = port
         self.counts = Counts()
-        self.server = _Server(
-            ("127.0.0.1", port), _handler(parsed.hostname, parsed.port or 80, delay_ms / 1000.0, self.counts, upstream_slots))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="latency-proxy")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        upstream = _Upstream(self.upstream_host, self.upstream_port, self.slots)
+
+        async def start():
+            self._server = await asyncio.start_server(
+                lambda r, w: self._serve(r, w, upstream), "127.0.0.1", self.port, backlog=1024)
+            self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+            self._started.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Upstream) -> None:
+        try:
+            while True:
+                head = await _read_head(reader)
+                if head is None:
+                    break
+                request_line, headers = head
+                method, target, _ = request_line.split(b" ", 2)
+                body = await _read_body(reader, headers)
+                if target.startswith(CONTROL_PATH.encode()):
+                    data = json.dumps(self.counts.snapshot()).encode()
+                    if b"reset=1" in target:
+                        self.counts.reset()
+                    status_line, response_headers = b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")]
+                else:
+                    await asyncio.sleep(self.delay)
+                    status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    self.counts.add(method.decode(), len(data))
+                lines = [b"HTTP/1.1" + status_line[status_line.index(b" "):]]
+                lines += [k + b": " + v for k, v in response_headers if k not in _HOP_BY_HOP]
+                lines.append(b"Content-Length: " + str(len(data)).encode())
+                writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if method == b"HEAD" else data))
+                await writer.drain()
+                if (_header(headers, b"connection") or b"").lower() == b"close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass  # the client went away or sent something unparseable: drop the connection
+        finally:
+            writer.close()
 
     def __enter__(self) -> "LatencyProxy":
         self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError("the latency proxy did not start")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        async def stop():
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 def main() -> None:
@@ -133,10 +217,12 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the emulator")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--upstream-slots", type=int, default=4,
+                        help="requests forwarded at once (default 4, for the one-at-a-time Python emulator)")
     args = parser.parse_args()
     if urlparse(args.upstream).hostname not in ("127.0.0.1", "localhost"):
         parser.error("the upstream must be on loopback")
-    with LatencyProxy(args.upstream, args.delay_ms, args.port) as proxy:
+    with LatencyProxy(args.upstream, args.delay_ms, args.port, args.upstream_slots) as proxy:
         print(proxy.url, flush=True)
         try:
             threading.Event().wait()
