@@ -219,7 +219,7 @@ def run(argv=None) -> dict:
     gcs.check_access(settings.input, settings.output)  # seconds, not minutes of retries, when it cannot work
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
-    summary = execute(beam.Pipeline(runner=local_runner(options), options=options), settings)
+    summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)
     print(describe(summary), flush=True)
     return summary
 

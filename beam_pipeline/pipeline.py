@@ -69,14 +69,19 @@ def local_runner(options):
     return None
 
 
-def execute(pipeline, settings: Settings) -> dict:
-    """Check the source, prepare the output, run to completion, return the summary the pipeline wrote."""
+def execute(new_pipeline, settings: Settings) -> dict:
+    """Check the source, prepare the output, run to completion, return the summary the pipeline wrote.
+
+    ``new_pipeline()`` makes the Pipeline once the checks have passed: Beam creates a temp folder
+    for every Pipeline object and removes it only when it runs, so a run refused here leaves none.
+    """
     started = time.time()
     if settings.dicomweb is not None:  # unreachable server, refused credentials: one line, no pipeline
         from beam_pipeline import dicomweb
 
         dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
     output.prepare(settings.output, settings.input)
+    pipeline = new_pipeline()
     build_pipeline(pipeline, settings, started)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
     try:

@@ -27,8 +27,8 @@ def pydicom_file(name: str) -> str:
 def run_pipeline(input_path, output_dir, *options: str) -> dict:
     """Runs the real pipeline through TestPipeline on the in-process runner; returns the summary."""
     settings, beam_args = parse_args(["--input", str(input_path), "--output", str(output_dir), *options])
-    pipeline = TestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
-    return execute(pipeline, settings)
+    return execute(lambda: TestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False),
+                   settings)
 
 
 def read_ndjson(output_dir, name: str) -> list[dict]:

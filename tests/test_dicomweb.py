@@ -105,8 +105,8 @@ def web_records(conn: dicomweb.Connection, query=dicomweb.StudyQuery()) -> dict:
 
 def run_dicomweb(url: str, output_dir, *options: str) -> dict:
     settings, beam_args = cli.parse_args(["--dicomweb", url, "--output", str(output_dir), *options])
-    pipeline = BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
-    return execute(pipeline, settings)
+    return execute(lambda: BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args),
+                                            blocking=False), settings)
 
 
 def run_files(paths, output_dir, *options: str) -> dict:
@@ -116,8 +116,8 @@ def run_files(paths, output_dir, *options: str) -> dict:
         os.makedirs(folder, exist_ok=True)
         os.symlink(path, folder / f"{index:05d}-{os.path.basename(path)}")
     settings, beam_args = cli.parse_args(["--input", str(folder), "--output", str(output_dir), *options])
-    pipeline = BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args), blocking=False)
-    return execute(pipeline, settings)
+    return execute(lambda: BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args),
+                                            blocking=False), settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ MR = pydicom_file("MR_small.dcm")
 CT = pydicom_file("CT_small.dcm")
 
 
-def cli(*args, check_exit: int | None = 0):
+def cli(*args, check_exit: int | None = 0, env: dict | None = None):
     """Runs ``python -m beam_pipeline`` as a user would; returns the finished process."""
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     if check_exit is not None:
         assert done.returncode == check_exit, done.stdout + done.stderr
     return done
@@ -107,9 +107,12 @@ def test_output_inside_the_input_is_not_read_back_and_stale_temp_folders_go(tmp_
 def test_an_output_that_cannot_be_written_fails_at_once_in_one_line(tmp_path):
     copy_dicom(MR, tmp_path / "in" / "mr.dcm")
     (tmp_path / "taken").write_text("a file where the output folder should be\n")
-    done = cli("--input", tmp_path / "in", "--output", tmp_path / "taken", check_exit=2)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = cli("--input", tmp_path / "in", "--output", tmp_path / "taken", check_exit=2, env={"TMPDIR": str(scratch)})
     assert done.stderr.strip().splitlines()[-1].startswith("error: --output")
     assert "Traceback" not in done.stderr
+    assert list(scratch.iterdir()) == []  # no Pipeline was made, so no Beam temp folder is left behind
     done = cli("--input", tmp_path / "in", "--output", tmp_path / "taken" / "below", check_exit=2)
     assert "cannot be written" in done.stderr and "Traceback" not in done.stderr
 
