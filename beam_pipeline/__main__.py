@@ -14,16 +14,20 @@ class _KnownHarmless(logging.Filter):
 
 logging.getLogger().addFilter(_KnownHarmless())  # before apache_beam is first imported (by cli)
 
-# Importing Beam creates about a million long-lived objects; the cyclic collector would walk them
+# Importing Beam creates some 200,000 long-lived objects; the cyclic collector would walk them
 # again and again while they load and during the run (about 0.25 s of a 3 s run). Load them with
-# the collector off, then move them out of its sight (gc.freeze) and let it collect what the run
-# itself leaves behind.
+# the collector off, then move them out of its sight (gc.freeze; the few import-time cycles stay
+# for the life of the process) and let it collect what the run itself leaves behind. This is the
+# launcher's process, where the in-process runner works; multi-process and portable workers are
+# started as new interpreters with the collector as usual.
+_collecting = gc.isenabled()
 gc.disable()
 try:
     from beam_pipeline import cli  # noqa: E402
 finally:
     gc.freeze()
-    gc.enable()
+    if _collecting:
+        gc.enable()
 
 
 def main() -> None:

@@ -24,6 +24,7 @@
 
 #define FIRST_STOP 0x7FE00008u
 #define UNDEFINED 0xFFFFFFFFu
+#define MAX_OFFSET (1LL << 56)  /* far beyond any file; keeps pos + 12 + 2^32 inside long long */
 
 static inline uint16_t u16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t u32(const unsigned char *p) {
@@ -41,13 +42,23 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "walk(): bad argument types");
         return NULL;
     }
-    long long base = PyLong_AsLongLong(args[1]);
-    long long pos = PyLong_AsLongLong(args[2]);
-    long long stop = PyLong_AsLongLong(args[3]);
-    long long prev = PyLong_AsLongLong(args[4]);
-    long long last_end = PyLong_AsLongLong(args[7]);
-    unsigned long charset = PyLong_AsUnsignedLong(args[9]);
+    long long base, pos, stop, prev, last_end;
+    unsigned long charset;
+    /* -1 is a valid prev: check for an error after each conversion */
+    base = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
+    pos = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    stop = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    prev = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    last_end = PyLong_AsLongLong(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    charset = PyLong_AsUnsignedLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    if (base < 0 || pos < base || base > MAX_OFFSET || pos > MAX_OFFSET || stop > MAX_OFFSET)
+        return Py_BuildValue("(LLiL)", pos, prev, 0, last_end);  /* no offset arithmetic can overflow below */
 
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(data_obj);
     const unsigned char *vr_header = (const unsigned char *)PyBytes_AS_STRING(vr_obj);
@@ -77,9 +88,16 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             if (tag == charset) break;
             if (length) {
                 if (end > data_end) break;  /* the value needs another read */
+                /* entry is borrowed and an allocation may run a finalizer: hold what we use */
+                PyObject *attribute = PyTuple_GET_ITEM(entry, 0);
+                Py_INCREF(attribute);
                 PyObject *value = PyBytes_FromStringAndSize((const char *)data + (start - base), length);
-                if (value == NULL) return NULL;
-                PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 0), value);
+                if (value == NULL) {
+                    Py_DECREF(attribute);
+                    return NULL;
+                }
+                PyObject *pair = PyTuple_Pack(2, attribute, value);
+                Py_DECREF(attribute);
                 Py_DECREF(value);
                 if (pair == NULL) return NULL;
                 int failed = PyList_Append(collected, pair);
