@@ -88,7 +88,7 @@ def argument_parser() -> argparse.ArgumentParser:
                              f"counts {READ_COST} bytes extra); more is an error header-too-large "
                              "(default %(default)s)")
     parser.add_argument("--read-concurrency", type=int, default=DEFAULT_READ_CONCURRENCY, metavar="N",
-                        help="header reads in flight per worker on gs:// (default 32; 1 reads one after "
+                        help=f"header reads in flight per worker process on gs:// (default {DEFAULT_READ_CONCURRENCY}; 1 reads one after "
                              "the other); local files are read one after the other")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",

@@ -19,6 +19,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.value_provider import StaticValueProvider
+from apache_beam.utils import shared
 
 from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
@@ -137,10 +138,14 @@ class ReadHeaderDoFn(beam.DoFn):
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
+        # One read pool per worker process, shared by the DoFn instances of its bundle threads, so
+        # --read-concurrency bounds a worker's requests in flight whatever its thread count.
+        self.shared_pool = shared.Shared()
 
     def setup(self):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(), self.max_header_bytes)
-        self.pool = ThreadPoolExecutor(self.read_concurrency) if self.read_concurrency > 1 else None
+        self.pool = (self.shared_pool.acquire(lambda: _ReadPool(self.read_concurrency, "header-read"))
+                     if self.read_concurrency > 1 else None)
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
         core.quiet_pydicom()
@@ -170,8 +175,11 @@ class ReadHeaderDoFn(beam.DoFn):
         self.progress.flush()
 
     def teardown(self):
-        if getattr(self, "pool", None) is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None  # shared with the process's other instances; ends with the last of them
+
+
+class _ReadPool(ThreadPoolExecutor):
+    """A thread pool Beam's ``Shared`` can hold (it keeps weak references)."""
 
 
 class ReadHeaders(beam.PTransform):

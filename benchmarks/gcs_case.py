@@ -12,7 +12,7 @@ the binary) where installed: real object storage is not the bottleneck of a work
 ``gcp-storage-emulator`` (the fallback, which the tests use) serves one request at a time, at about
 1,400 requests/s on this machine, which would be what the gs:// figures measure.
 
-    python -m benchmarks.gcs_case --files 2000 --delay-ms 20 --read-concurrency 32
+    python -m benchmarks.gcs_case --files 2000 --delay-ms 20 --read-concurrency 64
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from beam_pipeline.config import DEFAULT_READ_CONCURRENCY
 
 BUCKET = "bench"
 
@@ -170,7 +172,7 @@ def _lines(folder: Path) -> list[str]:
     return sorted(line for path in folder.glob("*.ndjson") for line in path.read_text().splitlines())
 
 
-def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: int = 32,
+def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: int = DEFAULT_READ_CONCURRENCY,
              serial_files: int = 300, pipeline: bool = True) -> dict:
     """Upload ``paths`` (under ``root``) to an emulator and time the three header-reading modes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000, help="files of the archive uploaded and read")
     parser.add_argument("--delay-ms", type=float, default=20.0)
-    parser.add_argument("--read-concurrency", type=int, default=32)
+    parser.add_argument("--read-concurrency", type=int, default=DEFAULT_READ_CONCURRENCY)
     parser.add_argument("--serial-files", type=int, default=300, help="files read one at a time (slow)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the two CLI runs")
     parser.add_argument("--json", help="write the figures here")

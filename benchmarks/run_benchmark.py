@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 import pydicom
 
+from beam_pipeline.config import DEFAULT_READ_CONCURRENCY
 from tests.make_archive import make_archive
 
 MIB = 1 << 20
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--gcs-files", type=int, default=0, metavar="N",
                    help="(e): read N of the archive's files from gs:// through the emulator (e.g. 2000)")
     p.add_argument("--gcs-delay-ms", type=float, default=20.0, help="(e): latency added per request")
-    p.add_argument("--read-concurrency", type=int, default=32, help="(e): header reads in flight")
+    p.add_argument("--read-concurrency", type=int, default=DEFAULT_READ_CONCURRENCY, help="(e): header reads in flight (default: the CLI's)")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args(argv)
 

@@ -9,7 +9,7 @@ import pytest
 
 from beam_pipeline import study
 from beam_pipeline.convert import convert_files
-from beam_pipeline.transforms import MergeGroupsFn, SumCounts
+from beam_pipeline.transforms import MergeGroupsFn, ReadHeaderDoFn, SumCounts
 from helpers import copy_dicom, pydicom_file, raw_lines, run_pipeline
 
 CT = pydicom_file("CT_small.dcm")
@@ -69,3 +69,20 @@ def test_combine_fns_never_change_their_inputs():
     total = sums.extract_output(sums.merge_accumulators(
         [sums.add_input(sums.create_accumulator(), c) for c in counts]))
     assert total == Counter({"a": 3, "b": 1}) and counts == frozen
+
+
+def test_the_read_pool_is_one_per_worker_process():
+    """Beam unpickles one DoFn per bundle thread: they share one pool, so --read-concurrency bounds
+    a worker process's reads in flight however many threads it runs."""
+    first = ReadHeaderDoFn(read_concurrency=8)
+    copies = [pickle.loads(pickle.dumps(first)) for _ in range(3)]
+    for dofn in copies:
+        dofn.setup()
+    assert copies[0].pool is copies[1].pool is copies[2].pool
+    assert copies[0].pool._max_workers == 8
+    assert list(copies[0].pool.map(abs, [-1, -2])) == [1, 2]
+    for dofn in copies:
+        dofn.teardown()
+    serial = ReadHeaderDoFn(read_concurrency=1)
+    serial.setup()
+    assert serial.pool is None
