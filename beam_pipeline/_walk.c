@@ -31,6 +31,12 @@ static inline uint32_t u32(const unsigned char *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+/* 1 and *out set, or 0 with a Python error (-1 is a valid value: PyErr_Occurred tells). */
+static int as_long_long(PyObject *obj, long long *out) {
+    *out = PyLong_AsLongLong(obj);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
 static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 10) {
         PyErr_SetString(PyExc_TypeError, "walk() takes 10 arguments");
@@ -42,21 +48,11 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "walk(): bad argument types");
         return NULL;
     }
-    long long base, pos, stop, prev, last_end;
-    unsigned long charset;
-    /* -1 is a valid prev: check for an error after each conversion */
-    base = PyLong_AsLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    pos = PyLong_AsLongLong(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    stop = PyLong_AsLongLong(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    prev = PyLong_AsLongLong(args[4]);
-    if (PyErr_Occurred()) return NULL;
-    last_end = PyLong_AsLongLong(args[7]);
-    if (PyErr_Occurred()) return NULL;
-    charset = PyLong_AsUnsignedLong(args[9]);
-    if (PyErr_Occurred()) return NULL;
+    long long base, pos, stop, prev, last_end, charset;
+    if (!as_long_long(args[1], &base) || !as_long_long(args[2], &pos) || !as_long_long(args[3], &stop)
+        || !as_long_long(args[4], &prev) || !as_long_long(args[7], &last_end)
+        || !as_long_long(args[9], &charset))
+        return NULL;
     if (base < 0 || pos < base || base > MAX_OFFSET || pos > MAX_OFFSET || stop > MAX_OFFSET)
         return Py_BuildValue("(LLiL)", pos, prev, 0, last_end);  /* no offset arithmetic can overflow below */
 
@@ -85,7 +81,7 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) break;
             if (PyTuple_GET_ITEM(entry, 1) != Py_None) break;  /* a needed sequence */
             if (p[4] == 'S' && p[5] == 'Q') break;
-            if (tag == charset) break;
+            if ((long long)tag == charset) break;
             if (length) {
                 if (end > data_end) break;  /* the value needs another read */
                 /* entry is borrowed and an allocation may run a finalizer: hold what we use */
