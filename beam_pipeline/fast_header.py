@@ -59,8 +59,17 @@ _SHORT_VRS = ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", 
 _LONG_VRS = ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
 _VR_HEADER = {**{vr.encode(): 8 for vr in _SHORT_VRS}, **{vr.encode(): 12 for vr in _LONG_VRS}}
 _SQ = b"SQ"
-# The same sizes for the compiled loop: one byte per little-endian VR code (0 = unknown VR).
-_VR_HEADER_TABLE = bytes(_VR_HEADER.get(code.to_bytes(2, "little"), 0) for code in range(65536))
+
+
+def _vr_header_table() -> bytes:
+    """The same sizes for the compiled loop: one byte per little-endian VR code (0 = unknown VR)."""
+    table = bytearray(65536)
+    for vr, size in _VR_HEADER.items():
+        table[int.from_bytes(vr, "little")] = size
+    return bytes(table)
+
+
+_VR_HEADER_TABLE = _vr_header_table()
 
 # Transfer syntaxes whose dataset is not explicit VR little endian plain bytes, by decline cause.
 _DECLINED_SYNTAXES = {

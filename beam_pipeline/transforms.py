@@ -144,7 +144,7 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def setup(self):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(), self.max_header_bytes)
-        self.pool = (self.shared_pool.acquire(lambda: _ReadPool(self.read_concurrency, "header-read"))
+        self.pool = (self.shared_pool.acquire(lambda: ThreadPoolExecutor(self.read_concurrency, "header-read"))
                      if self.read_concurrency > 1 else None)
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = core.instance_keys()
@@ -176,10 +176,6 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def teardown(self):
         self.pool = None  # shared with the process's other instances; ends with the last of them
-
-
-class _ReadPool(ThreadPoolExecutor):
-    """A thread pool Beam's ``Shared`` can hold (it keeps weak references)."""
 
 
 class ReadHeaders(beam.PTransform):
