@@ -6,4 +6,4 @@ present the build skips it and the scanner runs in pure Python, with the same re
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("beam_pipeline._walk", ["beam_pipeline/_walk.c"], optional=True)])
+setup(ext_modules=[Extension("beam_pipeline.dicom._walk", ["beam_pipeline/dicom/_walk.c"], optional=True)])

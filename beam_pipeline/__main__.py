@@ -23,7 +23,7 @@ logging.getLogger().addFilter(_KnownHarmless())  # before apache_beam is first i
 _collecting = gc.isenabled()
 gc.disable()
 try:
-    from beam_pipeline import cli  # noqa: E402
+    from beam_pipeline.run import cli  # noqa: E402
 finally:
     gc.freeze()
     if _collecting:

@@ -28,7 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from beam_pipeline.config import DEFAULT_READ_CONCURRENCY
+from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY
 
 BUCKET = "bench"
 
@@ -159,7 +159,7 @@ def _run_cli(input_path: str, out: Path, env: dict, *options: str) -> dict:
     seconds = time.perf_counter() - started
     if result.returncode:
         return {"error": result.stderr[-2000:], "seconds": seconds}
-    from beam_pipeline.summary import SUMMARY_NAME
+    from beam_pipeline.run.layout import SUMMARY_NAME
 
     summary = json.loads((out / SUMMARY_NAME).read_text())
     converted = summary["outcomes"]["converted"]
@@ -178,11 +178,13 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from gcs_emulator import anonymous_client, offline_environment, patched_environ
 
-    from beam_pipeline import core, header, inputs
-    from beam_pipeline.convert import convert_files
-    from beam_pipeline.fields import default_spec
+    from beam_pipeline.dicom import header
+    from beam_pipeline.fhir.keywords import header_spec
+    from beam_pipeline.run import core
+    from beam_pipeline import convert_files
+    from beam_pipeline.sources import files as inputs
 
-    spec = default_spec()
+    spec = header_spec()
     fig: dict = {"files": len(paths), "delay_ms": delay_ms, "concurrency": concurrency}
     emulator = _emulator()
     fig["emulator"] = emulator.name

@@ -16,7 +16,8 @@ import warnings
 import pydicom
 from pydicom.data import get_testdata_file
 
-from beam_pipeline import fast_header, fields, header
+from beam_pipeline.dicom import fast_header, header
+from beam_pipeline.fhir import keywords
 
 FILES = ("CT_small.dcm", "MR_small.dcm", "dicomdirtests/77654033/CT2/17106", "JPEG2000.dcm")
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on CT_small")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    spec = fields.default_spec()
+    spec = keywords.header_spec()
 
     def fast(path):
         with open(path, "rb") as fp:
@@ -53,7 +54,7 @@ def main() -> None:
     def dcmread(path):
         return pydicom.dcmread(path, stop_before_pixels=True)
 
-    print(f"spec: default_spec(), {len(spec.attributes)} attributes, last tag {spec.last_tag:08X}")
+    print(f"spec: header_spec(), {len(spec.attributes)} attributes, last tag {spec.last_tag:08X}")
     print(f"{'file':36s} {'fast read_header':>17s} {'pydicom read_header':>20s} {'dcmread':>9s}  speed-up")
     for name in FILES:
         path = get_testdata_file(name)

@@ -16,9 +16,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from beam_pipeline import fast_header, fields  # noqa: E402
 import mutants  # noqa: E402
 import specs  # noqa: E402
+
+from beam_pipeline.dicom import fast_header  # noqa: E402
+from beam_pipeline.fhir import keywords
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(args.save, f"{index:07d}-{os.path.basename(name)}"), "wb") as handle:
                 handle.write(data)
 
-    spec_table = {"default": fields.default_spec(), "core": specs.CORE_SPEC, "wide": specs.WIDE_SPEC}
+    spec_table = {"default": keywords.header_spec(), "core": specs.CORE_SPEC, "wide": specs.WIDE_SPEC}
     start = time.perf_counter()
     counts = mutants.campaign(args.seed, args.mutants, spec_table, on_finding)
     seconds = time.perf_counter() - start

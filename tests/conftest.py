@@ -1,6 +1,5 @@
 """Shared fixtures."""
 import pytest
-
 from helpers import DICOMDIR_TREE, run_pipeline
 
 
@@ -18,7 +17,7 @@ def dicomdir_run(tmp_path_factory):
 def element_loop(request, monkeypatch):
     """Runs a test with the compiled element loop (beam_pipeline/_walk.c, the default where it is
     built) and again with the pure-Python one (where it is not): both must give the same results."""
-    from beam_pipeline import fast_header
+    from beam_pipeline.dicom import fast_header
 
     if request.param == "compiled":
         if fast_header._compiled_walk is None:

@@ -12,9 +12,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipeline.cli import parse_args
-from beam_pipeline.output import shard_pattern
-from beam_pipeline.pipeline import execute
+from beam_pipeline.run.cli import parse_args
+from beam_pipeline.run.output import shard_pattern
+from beam_pipeline.run.pipeline import execute
 
 TEST_FILES = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
 DICOMDIR_TREE = os.path.join(TEST_FILES, "dicomdirtests")

@@ -21,8 +21,8 @@ import pydicom
 import pydicom.data
 from pydicom.dataelem import RawDataElement
 
-from beam_pipeline import fast_header, header
-from beam_pipeline.records import INSTANCE
+from beam_pipeline.dicom import fast_header, header
+from beam_pipeline.dicom.records import INSTANCE
 
 DATA = os.path.dirname(pydicom.data.__file__)
 

@@ -132,8 +132,10 @@ def deflate_bomb(path, inflated_size: int = GiB, private_first: bool = False, **
 _CHILD = """
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
-from beam_pipeline import fields, header
-spec = fields.default_spec()
+from beam_pipeline.fhir import keywords
+from beam_pipeline.dicom import fields
+from beam_pipeline.dicom import header
+spec = keywords.header_spec()
 start = time.perf_counter()
 with open(sys.argv[1], "rb") as fp:
     result = header.read_header(fp, spec, use_fast=sys.argv[2] == "fast")

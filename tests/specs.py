@@ -1,19 +1,20 @@
 """Field specs the reader tests and the fuzz campaign read files with (besides the default one)."""
 from __future__ import annotations
 
-from beam_pipeline import fields
+from beam_pipeline.dicom import fields
+from beam_pipeline.fhir import keywords
 
 CODE_ITEMS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
 
 # Needs nothing past group 0028 (the scanner walks on to pixel data without decoding).
 CORE_SPEC = fields.build_spec(
-    [*fields.CORE_KEYWORDS.values(),
+    [*keywords.CORE_KEYWORDS.values(),
      ("ProcedureCodeSequence", "ImageType", "PixelSpacing", "KVP", "InstitutionName")],
     {"ProcedureCodeSequence": CODE_ITEMS},
 )
 # Reaches (5200,9229): sequences at several depths, text in other character sets, numbers.
 WIDE_SPEC = fields.build_spec(
-    [*fields.CORE_KEYWORDS.values(),
+    [*keywords.CORE_KEYWORDS.values(),
      ("ImageType", "PixelSpacing", "KVP", "InstitutionName", "StationName", "StudyID",
       "AdditionalPatientHistory", "PatientAddress", "PatientComments", "ImageComments",
       "SoftwareVersions", "OtherPatientIDs", "SliceThickness", "Rows", "Columns", "WindowCenter",
@@ -43,4 +44,4 @@ WIDE_SPEC = fields.build_spec(
         "DirectoryRecordSequence": ("DirectoryRecordType", "ReferencedFileID", "PatientID"),
     },
 )
-SPECS = {"core": CORE_SPEC, "wide": WIDE_SPEC, "default": fields.default_spec()}
+SPECS = {"core": CORE_SPEC, "wide": WIDE_SPEC, "default": keywords.header_spec()}

@@ -6,9 +6,8 @@ import shutil
 
 import pydicom
 import pytest
+from helpers import DICOMDIR_TREE, copy_dicom, pydicom_file, read_ndjson, run_pipeline
 from pydicom.uid import generate_uid
-
-from helpers import DICOMDIR_TREE, copy_dicom, read_ndjson, run_pipeline, pydicom_file
 
 CT = pydicom_file("CT_small.dcm")
 MR = pydicom_file("MR_small.dcm")
@@ -188,15 +187,15 @@ def test_console_output_names_no_patient(tmp_path):
 def test_an_element_out_of_order_does_not_hide_the_study(tmp_path):
     """The fast scanner stops at the first tag past the last one it needs; a private element
     written out of order (group 0099 before 0020) must not make the file look UID-less."""
-    from beam_pipeline import header
-    from beam_pipeline.fields import default_spec
+    from beam_pipeline.dicom import header
+    from beam_pipeline.fhir.keywords import header_spec
 
     data = bytearray(open(CT, "rb").read())
     at = data.index(b"\x09\x00\x10\x00LO")  # CT_small's private creator (0009,0010)
     data[at:at + 2] = b"\x99\x00"
     path = tmp_path / "odd.dcm"
     path.write_bytes(bytes(data))
-    spec = default_spec()
+    spec = header_spec()
     with open(path, "rb") as fp:
         fast = header.read_header(fp, spec)
     with open(path, "rb") as fp:

@@ -15,16 +15,17 @@ from fhir.resources.R4B.encounter import Encounter
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
-
-from beam_pipeline import bulk_data, fhir_build, header
-from beam_pipeline.bundles import transaction_bundle
-from beam_pipeline.codes import Reason
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.fields import default_spec
-from beam_pipeline.core import instance_keys
-from beam_pipeline.referenced import referenced_resources
-from beam_pipeline.study import StudyGroup
 from helpers import copy_dicom, pydicom_file, references
+
+from beam_pipeline.codes import Reason
+from beam_pipeline.dicom import header
+from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir import bulk_data
+from beam_pipeline.fhir.bundles import transaction_bundle
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.keywords import header_spec, instance_keys
+from beam_pipeline.fhir.referenced import referenced_resources
+from beam_pipeline.fhir.study import StudyGroup
 from terminologies import Terminologies
 
 CONFIG = ConversionConfig(observations=True)
@@ -43,7 +44,7 @@ def terms():
 def read_record(path, use_fast=True) -> dict:
     with warnings.catch_warnings(), open(path, "rb") as handle:
         warnings.simplefilter("ignore")
-        result = header.read_header(handle, default_spec(), use_fast=use_fast)
+        result = header.read_header(handle, header_spec(), use_fast=use_fast)
     assert result.kind == header.INSTANCE, result
     return result.record
 

@@ -6,11 +6,11 @@ import os
 import pickle
 
 import pytest
-
-from beam_pipeline import study
-from beam_pipeline.convert import convert_files
-from beam_pipeline.transforms import MergeGroupsFn, ReadHeaderDoFn, SumCounts
 from helpers import copy_dicom, pydicom_file, raw_lines, run_pipeline
+
+from beam_pipeline.fhir import study
+from beam_pipeline import convert_files
+from beam_pipeline.run.transforms import MergeGroupsFn, ReadHeaderDoFn, SumCounts
 
 CT = pydicom_file("CT_small.dcm")
 

@@ -11,21 +11,23 @@ import time
 import warnings
 
 import apache_beam as beam
+import orthanc as orthanc_harness
 import pydicom.data
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-
-import orthanc as orthanc_harness
-from make_archive import make_archive
-from beam_pipeline import cli, dicomweb, header, transforms
-from beam_pipeline.codes import Reason, sha256_id
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.fields import default_spec
-from beam_pipeline.pipeline import execute
 from helpers import raw_lines, read_ndjson
+from make_archive import make_archive
+
+from beam_pipeline.codes import Reason, sha256_id
+from beam_pipeline.dicom import header
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.keywords import header_spec
+from beam_pipeline.run import cli, transforms
+from beam_pipeline.run.pipeline import execute
+from beam_pipeline.sources import dicomweb
 
 DATA = os.path.dirname(pydicom.data.__file__)
 # Files whose two readings differ for a reason outside this source, each checked in its own test:
@@ -88,12 +90,12 @@ def disk_record(path: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open(path, "rb") as handle:
-            return header.read_header(handle, default_spec())
+            return header.read_header(handle, header_spec())
 
 
 def web_records(conn: dicomweb.Connection, query=dicomweb.StudyQuery()) -> dict:
     """(SOPInstanceUID, SeriesInstanceUID) -> HeaderResult for every instance on the server."""
-    client, spec, results = conn.client(), default_spec(), {}
+    client, spec, results = conn.client(), header_spec(), {}
     for uid in dicomweb.list_studies(conn, query, client):
         fetched = dicomweb.fetch_study(client, uid)
         assert fetched.error is None, fetched.error

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from beam_pipeline import fast_header, fields, header
+from beam_pipeline.dicom import fast_header, fields, header
 
 DATA = os.path.dirname(pydicom.data.__file__)
 TEST_FILES = os.path.join(DATA, "test_files")

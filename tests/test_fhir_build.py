@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
 import random
 from collections import Counter
+from datetime import datetime
 
 import pytest
 
-from beam_pipeline import fhir_build
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.fhir_build import build_study, dicom_datetime
-from beam_pipeline.study import StudyGroup
+from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir.build import build_study, dicom_datetime
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.study import StudyGroup
 from terminologies import Terminologies
 
 KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
@@ -177,7 +177,7 @@ def test_sampled_validation_checks_every_sop_class(terms):
 
 
 def test_one_dicom_date_parser_serves_both_fhir_datetimes_and_arithmetic():
-    from beam_pipeline.dicom_dates import parse_datetime
+    from beam_pipeline.dicom.dates import parse_datetime
 
     assert parse_datetime("20240719", "120330.5") == datetime(2024, 7, 19, 12, 3, 30, 500000)
     assert parse_datetime("20240719120330+0200", "") == datetime(2024, 7, 19, 12, 3, 30)  # a DT

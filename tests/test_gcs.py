@@ -10,15 +10,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from beam_pipeline import core, gcs, header, inputs
-from beam_pipeline.fields import default_spec
-from beam_pipeline.records import ERROR, HeaderResult
 from gcs_emulator import closed_loopback_address, patched_environ
 from helpers import TEST_FILES
 
+from beam_pipeline.dicom import header
+from beam_pipeline.dicom.records import ERROR, HeaderResult
+from beam_pipeline.fhir.keywords import header_spec
+from beam_pipeline.run import core
+from beam_pipeline.sources import files as inputs
+from beam_pipeline.sources import gcs
+
 BUCKET = "test-bucket"
-SPEC = default_spec()
+SPEC = header_spec()
 
 
 def _pydicom_files() -> list[Path]:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from gcs_emulator import closed_loopback_address, upload_tree
 from helpers import TEST_FILES
 

@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
-
 from helpers import TEST_FILES, copy_dicom, pydicom_file, read_ndjson, references, run_pipeline
 
 FLAGS = ("--observations", "--patients", "--encounters", "--bundles")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from make_archive import make_archive
 
 

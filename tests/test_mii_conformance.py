@@ -1,4 +1,4 @@
-"""Every extension ``beam_pipeline.mii`` emits, checked against the MII StructureDefinitions.
+"""Every extension ``beam_pipeline.fhir.mii`` emits, checked against the MII StructureDefinitions.
 
 Headers are real (pydicom's test files); PT/MG/DX and fuller NM/US cases start from a real header
 and set the attributes those modalities carry. The profiles are copied into ``tests/mii_profiles``
@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import with_changes
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
+from helpers import with_changes
 from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VM, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline import mii
+from beam_pipeline.fhir import mii
+from beam_pipeline.fhir.config import ConversionConfig
 from terminologies import Terminologies
 
 PROFILES = Path(__file__).parent / "mii_profiles"

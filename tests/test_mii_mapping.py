@@ -7,8 +7,8 @@ import pytest
 from fhir.resources.R4B.observation import Observation
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from beam_pipeline.config import DEFAULT_ENCOUNTER_ID_SYSTEM, ConversionConfig
-from beam_pipeline import mii
+from beam_pipeline.fhir import mii
+from beam_pipeline.fhir.config import DEFAULT_ENCOUNTER_ID_SYSTEM, ConversionConfig
 from terminologies import Terminologies
 
 TERMS = Terminologies.load()

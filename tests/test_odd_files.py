@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import copy_dicom, pydicom_file, read_ndjson
 
 MR = pydicom_file("MR_small.dcm")

@@ -14,18 +14,27 @@ import zlib
 
 import pydicom
 import pytest
+from odd_files import (
+    CT,
+    TEST_FILES,
+    GiB,
+    MiB,
+    deflate_bomb,
+    encode,
+    odd_dataset,
+    private_element_before_needed,
+    read_in_child,
+    zeros_after_preamble,
+)
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from beam_pipeline import fields, header
 from beam_pipeline.codes import Reason
-from beam_pipeline.header_io import Budget, HeaderTooLarge, InflatedStream
-from beam_pipeline.records import ERROR, INSTANCE
-from odd_files import (
-    CT, GiB, MiB, TEST_FILES, deflate_bomb, encode, odd_dataset, private_element_before_needed,
-    read_in_child, zeros_after_preamble,
-)
+from beam_pipeline.dicom import fields, header
+from beam_pipeline.dicom.header_io import Budget, HeaderTooLarge, InflatedStream
+from beam_pipeline.dicom.records import ERROR, INSTANCE
+from beam_pipeline.fhir import keywords
 
-SPEC = fields.default_spec()
+SPEC = keywords.header_spec()
 READERS = ("fast", "pydicom")
 RSS_LIMIT_MIB = 1024
 # What one odd header may add to a reader process: the header budget (64 MiB) read into memory at

@@ -36,7 +36,7 @@ def test_without_a_compiler_the_wheel_is_pure_python_and_complete(tmp_path):
     wheel = build_wheel(tmp_path, CC="/bin/false", CXX="/bin/false")
     names = wheel.namelist()
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
-    assert "beam_pipeline/fast_header.py" in names
+    assert "beam_pipeline/dicom/fast_header.py" in names
     assert {f"terminologies/data/{n}.json" for n in ("body_site", "laterality", "units")} <= set(names)
 
 
@@ -45,4 +45,4 @@ def test_with_a_compiler_the_wheel_carries_the_compiled_loop(tmp_path):
     if not os.environ.get("CI"):
         pytest.skip("only CI promises a C compiler")
     names = build_wheel(tmp_path).namelist()
-    assert [name for name in names if name.startswith("beam_pipeline/_walk.") and name.endswith(".so")]
+    assert [name for name in names if name.startswith("beam_pipeline/dicom/_walk.") and name.endswith(".so")]

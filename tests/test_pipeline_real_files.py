@@ -10,7 +10,6 @@ import pydicom
 import pydicom.errors
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.imagingstudy import ImagingStudy
-
 from helpers import DICOMDIR_TREE, read_ndjson, run_pipeline
 
 STUDY_SYSTEM = "https://fhir.diz.uk-erlangen.de/identifiers/imagingstudy-id"
@@ -127,8 +126,8 @@ def test_devices_are_deduplicated_across_studies_and_referenced(tmp_path):
 
 
 def test_observations_encounter_and_procedure_from_a_real_header(tmp_path):
-    from helpers import copy_dicom, pydicom_file
     from fhir.resources.R4B.observation import Observation
+    from helpers import copy_dicom, pydicom_file
 
     code = pydicom.Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "77477000", "SCT", "CT scan"

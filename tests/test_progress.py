@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from make_archive import make_archive
 
 LINE = re.compile(r"progress \((\d+) (s|min)[^)]*\): ([\d,]+) of ([\d,]+)\+? files read, ([\d,]+) instances, "

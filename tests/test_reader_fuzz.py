@@ -10,13 +10,13 @@ import io
 import os
 import random
 
-import pytest
-
-from beam_pipeline import fields
 import mutants
+import pytest
 import specs
 
-SPECS = {"default": fields.default_spec(), "core": specs.CORE_SPEC, "wide": specs.WIDE_SPEC}
+from beam_pipeline.fhir import keywords
+
+SPECS = {"default": keywords.header_spec(), "core": specs.CORE_SPEC, "wide": specs.WIDE_SPEC}
 MUTANTS_PER_SEED = 2_500
 
 
@@ -43,7 +43,7 @@ def test_fast_reader_agrees_with_pydicom_on_mutants(seed, element_loop):
 def test_ci_builds_the_compiled_element_loop():
     """setup.py builds it optionally (users without a compiler get the pure-Python loop); CI has
     gcc, so a build that silently failed there would hide the loop this suite must cover."""
-    from beam_pipeline import fast_header
+    from beam_pipeline.dicom import fast_header
 
     if not os.environ.get("CI"):
         pytest.skip("only CI promises a C compiler")
@@ -61,8 +61,8 @@ def test_mutations_are_seeded_and_varied():
 
 def _scan_both_ways(data: bytes, spec, monkeypatch) -> tuple:
     """fast_header.scan with the compiled loop and with the Python loop: result and budget left."""
-    from beam_pipeline import fast_header
-    from beam_pipeline.header_io import Budget, HeaderTooLarge
+    from beam_pipeline.dicom import fast_header
+    from beam_pipeline.dicom.header_io import Budget, HeaderTooLarge
 
     outcomes = []
     for loop in (fast_header._compiled_walk, None):
@@ -83,7 +83,7 @@ def test_compiled_and_python_loops_give_the_same_scan(seed, monkeypatch):
     """The compiled loop only walks what the Python loop would walk the same way: on mutants the two
     give the same record, the same decline cause, the same truncation verdict and charge the budget
     alike (a stricter check than agreeing with pydicom, which allows several fallback causes)."""
-    from beam_pipeline import fast_header
+    from beam_pipeline.dicom import fast_header
 
     if fast_header._compiled_walk is None:
         pytest.skip("the compiled element loop is not built here")

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
-from make_archive import make_archive
 from helpers import raw_lines, run_pipeline
+from make_archive import make_archive
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import subprocess
 import sys
 
 import pytest
-
-from make_archive import make_archive
 from helpers import TEST_FILES, copy_dicom, pydicom_file, raw_lines
+from make_archive import make_archive
 from runners import RUNNERS, job_service_and_worker_pool, venv_env
 
 OUTPUTS = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle", "errors", "OperationOutcome")

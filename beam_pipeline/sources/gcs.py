@@ -26,6 +26,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 from urllib.parse import quote, urlsplit
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
@@ -262,10 +263,57 @@ class RangedObject(io.RawIOBase):
 def open_ranged(fetcher: RangeFetcher, path: str, first_read: int | None = None,
                 size: int | None = None) -> RangedObject:
     if first_read is None:
-        from beam_pipeline.header import FIRST_READ
+        from beam_pipeline.dicom.header import FIRST_READ
 
         first_read = FIRST_READ
     return RangedObject(fetcher, path, first_read, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+
+
+LIST_PAGE_SIZE = 1000
+LIST_TIMEOUT = 60.0  # per list page
+
+
+def _json_get(session, url: str, params: dict | None = None):
+    response = session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT))
+    if response.status_code in (401, 403):
+        raise PermissionError(errno.EACCES, f"no permission to list {url.split('/b/', 1)[-1]} (HTTP {response.status_code})")
+    return response
+
+
+def list_objects(bucket: str, prefix: str, session=None) -> Iterator[tuple[str, int | None]]:
+    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page."""
+    session = session or open_session()
+    url = f"{endpoint().rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o"
+    params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size),nextPageToken"}
+    while True:
+        response = _json_get(session, url, params)
+        if response.status_code != 200:
+            raise OSError(errno.EIO, f"listing gs://{bucket} answered HTTP {response.status_code}")
+        page = response.json()
+        for item in page.get("items", ()):
+            size = item.get("size")
+            yield f"gs://{bucket}/{item['name']}", int(size) if size is not None else None
+        token = page.get("nextPageToken")
+        if not token:
+            return
+        params = {**params, "pageToken": token}
+
+
+def object_exists(path: str, session=None) -> bool:
+    """Whether ``path`` names one object (rather than a prefix of some)."""
+    bucket, name = split_path(path)
+    if not name:
+        return False
+    session = session or open_session()
+    url = f"{endpoint().rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
+    response = _json_get(session, url, {"fields": "name"})
+    if response.status_code not in (200, 404):
+        raise OSError(errno.EIO, f"looking up {path} answered HTTP {response.status_code}")
+    return response.status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +364,7 @@ def _explain(what: str, bucket: str, response) -> GcsAccessError:
     return GcsAccessError(f"{what}: gs://{bucket} answered HTTP {status}")
 
 
-def _fixed_prefix(path: str) -> str:
+def fixed_prefix(path: str) -> str:
     """The object name prefix before any glob character."""
     _, name = split_path(path)
     for index, char in enumerate(name):
@@ -332,7 +380,7 @@ def check_input(path: str) -> None:
     probe = _probe_session()
     url = f"{probe.base_url}/storage/v1/b/{quote(bucket, safe='')}/o"
     response = _request(probe, what, "GET", url,
-                        params={"prefix": _fixed_prefix(path), "maxResults": "1", "fields": "items/name"})
+                        params={"prefix": fixed_prefix(path), "maxResults": "1", "fields": "items/name"})
     if response.status_code != 200:
         raise _explain(what, bucket, response)
 

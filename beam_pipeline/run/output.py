@@ -6,8 +6,8 @@ at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/
 """
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -17,27 +17,20 @@ from datetime import datetime, timezone
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import bulk_data
 from beam_pipeline.codes import RESOURCE_TYPES
-from beam_pipeline.config import Settings
-from beam_pipeline.inputs import is_remote
-from beam_pipeline.progress import PROGRESS_PREFIX
-from beam_pipeline.summary import REPORT_DIR, SUMMARY_NAME
-
-ERRORS_NAME = "errors"                  # plain JSON error lines (reason, path/study_uid, detail)
-OUTCOMES_NAME = "OperationOutcome"      # the same errors as FHIR, for the manifest's ``error``
-BUNDLE_NAME = "Bundle"
-BUNDLES_DIR = "bundles"
-MANIFEST_NAME = "manifest.json"
-# name -> (folder relative to the output folder, file suffix); resource types: top level, .ndjson.
-PLACES = {
-    BUNDLE_NAME: (BUNDLES_DIR, ".ndjson"),
-    OUTCOMES_NAME: (REPORT_DIR, ".ndjson"),
-    ERRORS_NAME: (REPORT_DIR, ".jsonl"),  # not FHIR: a suffix no ``*.ndjson`` loader takes
-}
-SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()}))
-# Where earlier versions wrote the report: removed too, or a loader would still find them.
-LEGACY_NAMES = (ERRORS_NAME + "-*-of-*.ndjson", "summary.json")
+from beam_pipeline.fhir import bulk_data
+from beam_pipeline.run.layout import (
+    BUNDLE_NAME,
+    LEGACY_NAMES,
+    MANIFEST_NAME,
+    OUTCOMES_NAME,
+    PLACES,
+    PROGRESS_PREFIX,
+    SUBFOLDERS,
+    SUMMARY_NAME,
+)
+from beam_pipeline.run.settings import Settings
+from beam_pipeline.sources.files import is_remote
 
 
 class OutputError(Exception):

@@ -3,7 +3,7 @@
 One declarative table: each extension is a list of rows ``(DICOM path, sub-extension url, value
 kind, argument)``, the value kind being the converter function itself (so a misspelt kind fails at
 import, as pydicom maps VRs to converter functions); adding a sub-extension is adding a row. Pure functions over plain record dicts
-(see ``beam_pipeline.fields``): no Beam, no pydicom. Values that are present but cannot be mapped
+(see ``beam_pipeline.dicom.fields``): no Beam, no pydicom. Values that are present but cannot be mapped
 are counted in ``notes`` (``unparseable:<Keyword>``, ``unmapped:<Keyword>``, ``uncoded:<Keyword>``
 for free text kept without a code) and left out; nothing here raises on bad header values.
 
@@ -20,9 +20,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Callable, Mapping, NamedTuple
 
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.dicom_dates import parse_datetime
 from beam_pipeline.codes import INVALID_KEY, MII_BASE, MII_STRUCTURE, V2_0203, sha256_id
+from beam_pipeline.dicom.dates import parse_datetime
+from beam_pipeline.fhir.config import ConversionConfig
 from terminologies import SYSTEMS, Terminologies
 
 EXT = MII_STRUCTURE + "mii-ex-bildgebung-"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline.inputs import is_remote
+from beam_pipeline.run.layout import PROGRESS_PREFIX
+from beam_pipeline.sources.files import is_remote
 
-PROGRESS_PREFIX = ".progress-"
 DEFAULT_INTERVAL = 10.0
 
 

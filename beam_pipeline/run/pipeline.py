@@ -8,10 +8,11 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
-from beam_pipeline import core, inputs, output, transforms
-from beam_pipeline.config import Settings
-from beam_pipeline.progress import ProgressReporter
-from beam_pipeline.summary import read_summary
+from beam_pipeline.run import core, output, transforms
+from beam_pipeline.run.progress import ProgressReporter
+from beam_pipeline.run.settings import Settings
+from beam_pipeline.run.summary import read_summary
+from beam_pipeline.sources import files as inputs
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def execute(new_pipeline, settings: Settings) -> dict:
     """
     started = time.time()
     if settings.dicomweb is not None:  # unreachable server, refused credentials: one line, no pipeline
-        from beam_pipeline import dicomweb
+        from beam_pipeline.sources import dicomweb
 
         dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
     output.prepare(settings.output, settings.input)

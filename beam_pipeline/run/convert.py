@@ -7,10 +7,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from beam_pipeline import core, fhir_build, inputs
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.header_io import MAX_HEADER_BYTES
-from beam_pipeline.study import StudyGroup
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
+from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir import keywords
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.study import StudyGroup
+from beam_pipeline.run import core
+from beam_pipeline.sources import files as inputs
 
 
 @dataclass
@@ -44,7 +47,7 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
 
     config = config or ConversionConfig()
     reader = core.FileReader(use_fast_reader, inputs.InputOpener(), max_header_bytes)
-    keys, terms = core.instance_keys(), Terminologies.load()
+    keys, terms = keywords.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
     result = ConversionResult()

@@ -21,12 +21,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.value_provider import StaticValueProvider
 from apache_beam.utils import shared
 
-from beam_pipeline import core, inputs, output, study
 from beam_pipeline.codes import Outcome, Reason
-from beam_pipeline.config import DEFAULT_READ_CONCURRENCY, ConversionConfig, Settings
-from beam_pipeline.header_io import MAX_HEADER_BYTES
-from beam_pipeline.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.summary import summarize, write_summary
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
+from beam_pipeline.fhir import keywords, study
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.run import core, layout, output
+from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
+from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
+from beam_pipeline.run.summary import summarize, write_summary
+from beam_pipeline.sources import files as inputs
 
 NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
@@ -147,7 +150,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = (self.shared_pool.acquire(lambda: ThreadPoolExecutor(self.read_concurrency, "header-read"))
                      if self.read_concurrency > 1 else None)
         self.progress = ProgressBeacon(self.progress_settings)
-        self.instance_keys = core.instance_keys()
+        self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
 
     def process(self, batch):
@@ -214,7 +217,7 @@ class ListStudiesDoFn(beam.DoFn):
         self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, _):
-        from beam_pipeline import dicomweb
+        from beam_pipeline.sources import dicomweb
 
         count = 0
         for uid in dicomweb.list_studies(self.source.connection, self.source.query):
@@ -244,10 +247,10 @@ class FetchStudiesDoFn(beam.DoFn):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from beam_pipeline.fields import default_spec
+        from beam_pipeline.fhir.keywords import header_spec
 
-        self.spec = default_spec()
-        self.instance_keys = core.instance_keys()
+        self.spec = header_spec()
+        self.instance_keys = keywords.instance_keys()
         self.clients = threading.local()  # a requests.Session per thread
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         self.progress = ProgressBeacon(self.progress_settings)
@@ -260,12 +263,12 @@ class FetchStudiesDoFn(beam.DoFn):
             pool.shutdown(wait=True)
 
     def _fetch(self, uid: str):
-        from beam_pipeline import dicomweb
+        from beam_pipeline.sources import dicomweb
 
         client = getattr(self.clients, "client", None)
         if client is None:
             client = self.clients.client = self.source.connection.client()
-        return dicomweb.read_study(dicomweb.fetch_study(client, uid), self.spec)
+        return core.process_fetched_study(dicomweb.fetch_study(client, uid), self.spec)
 
     def process(self, uids):
         counts = Counter()
@@ -412,7 +415,7 @@ class BuildStudyDoFn(beam.DoFn):
         self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
 
     def setup(self):
-        from beam_pipeline import fhir_build
+        from beam_pipeline.fhir import build as fhir_build
         from terminologies import Terminologies
 
         self.terms = Terminologies.load()
@@ -509,7 +512,7 @@ class WriteSummaryDoFn(beam.DoFn):
     def process(self, _, counts, files):
         output_dir = self.settings.output
         output.remove_temp_dir(self.settings)
-        output.write_json(output_dir, output.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
+        output.write_json(output_dir, layout.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
         write_summary(output_dir, summary)
         yield summary

@@ -3,8 +3,8 @@
 ``scan`` walks the elements of one file with ``struct.unpack_from`` over a small window of its bytes
 (the first read, then 64 KiB reads where it needs them): values the spec does not ask for are
 skipped by their length -- seeked over, never read -- and the raw bytes of the needed ones are
-decoded at the end by :func:`beam_pipeline.fields.add_value`, exactly as the pydicom reader in
-:mod:`beam_pipeline.header` does.
+decoded at the end by :func:`beam_pipeline.dicom.fields.add_value`, exactly as the pydicom reader in
+:mod:`beam_pipeline.dicom.header` does.
 
 It walks the top level as ``pydicom.dcmread(stop_before_pixels=True)`` does: to pixel data (or an
 item delimiter, or the end of the file), so that it accepts exactly the files pydicom accepts with
@@ -31,12 +31,12 @@ from pydicom import uid as _uid
 from pydicom.charset import convert_encodings
 from pydicom.values import convert_string
 
-from beam_pipeline.fields import Attribute, FieldSpec, add_value, decoded_cache, encodings_for
-from beam_pipeline.header_io import READ_COST, Budget
-from beam_pipeline.records import ParsedHeader
+from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, decoded_cache, encodings_for
+from beam_pipeline.dicom.header_io import READ_COST, Budget
+from beam_pipeline.dicom.records import ParsedHeader
 
 try:  # the compiled loop over plain elements (setup.py builds it where a C compiler is present)
-    from beam_pipeline._walk import walk as _compiled_walk
+    from beam_pipeline.dicom._walk import walk as _compiled_walk
 except ImportError:  # pragma: no cover - depends on the build
     _compiled_walk = None
 
@@ -172,7 +172,7 @@ class _Source:
 def scan(head: bytes, fp: BinaryIO, spec: FieldSpec, size: int, budget: Budget) -> ParsedHeader | Declined:
     """Read a file with preamble + "DICM" of ``size`` bytes; ``head`` is its start (already read).
 
-    Raises :class:`beam_pipeline.header_io.HeaderTooLarge` when the budget runs out.
+    Raises :class:`beam_pipeline.dicom.header_io.HeaderTooLarge` when the budget runs out.
     """
     try:
         return _parse(_Source(head, fp, size, budget), spec)

@@ -15,15 +15,24 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from beam_pipeline import gcs, output, progress
-from beam_pipeline.bulk_data import request_line
-from beam_pipeline.config import DEFAULT_READ_CONCURRENCY, ConversionConfig, Settings
-from beam_pipeline.header_io import MAX_HEADER_BYTES, READ_COST
-from beam_pipeline.dicomweb import (
-    PASSWORD_ENV, TOKEN_ENV, USER_ENV, Connection, Credentials, DicomWebError, Source, StudyQuery,
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
+from beam_pipeline.fhir.bulk_data import request_line
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.run import output, progress
+from beam_pipeline.run.pipeline import execute, local_runner
+from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
+from beam_pipeline.run.summary import accounted, describe
+from beam_pipeline.sources import gcs
+from beam_pipeline.sources.dicomweb import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    USER_ENV,
+    Connection,
+    Credentials,
+    DicomWebError,
+    Source,
+    StudyQuery,
 )
-from beam_pipeline.pipeline import execute, local_runner
-from beam_pipeline.summary import accounted, describe
 
 _LOG = logging.getLogger(__name__)
 
@@ -172,6 +181,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
     web_source = dicomweb_source(args, parser)
+    if args.input is not None and "://" in args.input and not args.input.startswith("gs://"):
+        parser.error(f"--input {args.input.split('://', 1)[0]}:// is not supported: give a local path or gs://")
     if args.input is not None and "://" not in args.input and not os.path.lexists(args.input) \
             and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")

@@ -18,13 +18,18 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from beam_pipeline import fast_header
 from beam_pipeline.codes import INVALID_KEY, Reason
-from beam_pipeline.fields import (
-    DICOMDIR_SOP_CLASS, META_KEYWORDS, Attribute, FieldSpec, add_value, encodings_for,
+from beam_pipeline.dicom import fast_header
+from beam_pipeline.dicom.fields import (
+    DICOMDIR_SOP_CLASS,
+    META_KEYWORDS,
+    Attribute,
+    FieldSpec,
+    add_value,
+    encodings_for,
 )
-from beam_pipeline.header_io import MAX_HEADER_BYTES, BoundedReader, Budget, HeaderTooLarge, InflatedStream
-from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult, ParsedHeader
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, BoundedReader, Budget, HeaderTooLarge, InflatedStream
+from beam_pipeline.dicom.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult, ParsedHeader
 
 FIRST_READ = 16 * 1024  # one read covers the header of nearly every file; readers ask for more if not
 _UNDEFINED = 0xFFFFFFFF

@@ -16,16 +16,20 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from beam_pipeline import bulk_data, fhir_build, header, inputs
-from beam_pipeline.bundles import transaction_bundle
 from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.fields import CORE_KEYWORDS, default_spec
-from beam_pipeline.header_io import MAX_HEADER_BYTES
-from beam_pipeline.output import ERRORS_NAME, OUTCOMES_NAME
-from beam_pipeline.referenced import referenced_resources
-from beam_pipeline.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult
-from beam_pipeline.study import StudyGroup
+from beam_pipeline.dicom import header
+from beam_pipeline.dicom.fields import FieldSpec
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
+from beam_pipeline.dicom.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult
+from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir import bulk_data, keywords
+from beam_pipeline.fhir.bundles import transaction_bundle
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.referenced import referenced_resources
+from beam_pipeline.fhir.study import StudyGroup
+from beam_pipeline.run.layout import ERRORS_NAME, OUTCOMES_NAME
+from beam_pipeline.sources import dicomweb
+from beam_pipeline.sources import files as inputs
 
 _SKIPPED = {NOT_DICOM: Outcome.SKIPPED_NOT_DICOM, DICOMDIR: Outcome.SKIPPED_DICOMDIR}
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -39,13 +43,6 @@ def quiet_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     for module in ("pydicom", "beam_pipeline"):
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
-
-
-def instance_keys() -> tuple[str, ...]:
-    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions)."""
-    from beam_pipeline import mii
-
-    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
 
 
 @dataclass
@@ -64,7 +61,7 @@ class FileReader:
                  max_header_bytes: int = MAX_HEADER_BYTES):
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
-        self.spec = default_spec()
+        self.spec = keywords.header_spec()
         self.open_file = open_file or inputs.InputOpener()
 
     def read(self, path: inputs.Path, size: int | None = None) -> HeaderResult:
@@ -198,3 +195,36 @@ def error_line(error: dict) -> str:
 def error_lines(error: dict) -> list[tuple[str, str]]:
     """An error as a plain JSON line and as an OperationOutcome line (the Bulk Data error file)."""
     return [(ERRORS_NAME, error_line(error)), (OUTCOMES_NAME, dumps(bulk_data.error_outcome(error)))]
+
+
+@dataclass
+class StudyRead:
+    """Records of a fetched study's instances, the error lines for the rest, and the counts.
+
+    Each instance the server returned counts as one matched "file", so the outcomes add up as for
+    files; a study that could not be fetched has no known instances and counts as failed.
+    """
+
+    records: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+def process_fetched_study(fetched: dicomweb.FetchedStudy, spec: FieldSpec) -> StudyRead:
+    """The records of a study fetched from DICOMweb, and an outcome for each of its instances."""
+    read = StudyRead()
+    if fetched.error is not None:
+        read.counts["dicomweb:studies_failed"] += 1
+        read.counts[f"error:{fetched.error['reason']}"] += 1
+        read.errors.append({**fetched.error, "reason": str(fetched.error["reason"])})
+        return read
+    read.counts["dicomweb:studies_fetched"] += 1
+    read.counts["files_matched"] += len(fetched.instances)
+    for index, dataset in enumerate(fetched.instances):
+        outcome = outcome_of(dicomweb.read_instance(dataset, spec), study_uid=fetched.study_uid, instance=index)
+        read.counts.update(outcome.counts)
+        if outcome.error is not None:
+            read.errors.append(outcome.error)
+        elif outcome.result.record is not None:
+            read.records.append(outcome.result.record)
+    return read

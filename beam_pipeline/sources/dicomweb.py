@@ -24,9 +24,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from beam_pipeline.codes import Reason
-from beam_pipeline.fields import Attribute, FieldSpec, add_value, encodings_for
-from beam_pipeline.header import classify
-from beam_pipeline.records import ERROR, HeaderResult, ParsedHeader
+from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, encodings_for
+from beam_pipeline.dicom.header import classify
+from beam_pipeline.dicom.records import ERROR, HeaderResult, ParsedHeader
 
 TOKEN_ENV = "DICOMWEB_TOKEN"
 USER_ENV = "DICOMWEB_USER"
@@ -420,37 +420,3 @@ class Source:
 
     connection: Connection
     query: StudyQuery = StudyQuery()
-
-
-@dataclass
-class StudyRead:
-    """Records of a fetched study's instances, the error lines for the rest, and the counts.
-
-    Each instance the server returned counts as one matched "file", so the outcomes add up as for
-    files; a study that could not be fetched has no known instances and counts as failed.
-    """
-
-    records: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)
-
-
-def read_study(fetched: FetchedStudy, spec: FieldSpec) -> StudyRead:
-    from beam_pipeline import core
-
-    read = StudyRead()
-    if fetched.error is not None:
-        read.counts["dicomweb:studies_failed"] += 1
-        read.counts[f"error:{fetched.error['reason']}"] += 1
-        read.errors.append({**fetched.error, "reason": str(fetched.error["reason"])})
-        return read
-    read.counts["dicomweb:studies_fetched"] += 1
-    read.counts["files_matched"] += len(fetched.instances)
-    for index, dataset in enumerate(fetched.instances):
-        outcome = core.outcome_of(read_instance(dataset, spec), study_uid=fetched.study_uid, instance=index)
-        read.counts.update(outcome.counts)
-        if outcome.error is not None:
-            read.errors.append(outcome.error)
-        elif outcome.result.record is not None:
-            read.records.append(outcome.result.record)
-    return read

@@ -3,11 +3,13 @@
 Local folders are walked here rather than by Beam's ``MatchFiles``: symlinked folders are followed
 (once each, as ``find -L``), dangling links are listed so that they become error lines, the output
 folder is never read back when it lies inside the input, and a file name that is not valid UTF-8
-is carried as ``bytes`` (Beam's string coder cannot encode it). Object stores are listed through
-Beam's ``FileSystems``.
+is carried as ``bytes`` (Beam's string coder cannot encode it). ``gs://`` prefixes are listed page
+by page through the JSON API (``gcs.list_objects``). Globs mean what they mean to Beam's
+``FileSystems``: ``*`` and ``?`` stay inside one folder, ``**`` crosses folders.
 """
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import os
 import re
@@ -15,9 +17,6 @@ import stat
 import threading
 import warnings
 from typing import Iterator
-
-from apache_beam.io.filesystem import CompressionTypes, FileSystem
-from apache_beam.io.filesystems import FileSystems
 
 Path = str | bytes  # bytes only for local names that are not valid UTF-8
 
@@ -52,7 +51,9 @@ def resolve_pattern(input_path: str) -> str:
         return input_path if globlib.has_magic(input_path) else globlib.escape(input_path)
     if globlib.has_magic(input_path):
         return input_path
-    if input_path.endswith("/") or not FileSystems.exists(input_path):
+    from beam_pipeline.sources import gcs
+
+    if input_path.endswith("/") or not gcs.object_exists(input_path):
         return input_path.rstrip("/") + "/**"
     return input_path
 
@@ -78,9 +79,12 @@ def first_level_folder(path: Path, root: str) -> str:
 def list_files(pattern: str, exclude: str | None = None) -> Iterator[tuple[Path, int | None]]:
     """(path, size or None) of every file the resolved pattern matches, in a stable order."""
     if is_remote(pattern):
-        for result in FileSystems.match([pattern]):
-            for meta in sorted(result.metadata_list, key=lambda m: m.path):
-                yield meta.path, meta.size_in_bytes
+        from beam_pipeline.sources import gcs
+
+        bucket, _ = gcs.split_path(pattern)
+        matches = re.compile(glob_regex(pattern)).fullmatch
+        listed = gcs.list_objects(bucket, gcs.fixed_prefix(pattern))
+        yield from sorted(item for item in listed if matches(item[0]))
         return
     root = _literal_root(pattern)
     if not globlib.has_magic(pattern):  # one file (escaped or plain)
@@ -90,11 +94,46 @@ def list_files(pattern: str, exclude: str | None = None) -> Iterator[tuple[Path,
         return
     with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
         warnings.simplefilter("ignore", FutureWarning)
-        matches = re.compile(FileSystem.translate_pattern(pattern)).fullmatch
+        matches = re.compile(glob_regex(pattern)).fullmatch
     excluded = os.path.realpath(exclude) if exclude and not is_remote(exclude) else None
     for path in _walk(root, excluded):
         if matches(path):
             yield portable(path), None
+
+
+def glob_regex(pattern: str) -> str:
+    """A regex for a glob: ``**`` any characters, ``*`` any but ``/``, ``?`` one, ``[...]`` a set
+    (``[!...]`` negated), as Beam's ``FileSystem.translate_pattern`` reads them."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        i += 1
+        if char == "*":
+            if i < n and pattern[i] == "*":
+                out.append(".*")
+                i += 1
+            else:
+                out.append(r"[^/\\]*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[":
+            j = i + (i < n and pattern[i] == "!")
+            j += j < n and pattern[j] == "]"
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append(r"\[")
+                continue
+            members = pattern[i:j].replace("\\", "\\\\")
+            i = j + 1
+            if members[0] == "!":
+                members = "^" + members[1:]
+            elif members[0] == "^":
+                members = "\\" + members
+            out.append(f"[{members}]")
+        else:
+            out.append(re.escape(char))
+    return "(?ms)" + "".join(out) + r"\Z"
 
 
 def _literal_root(pattern: str) -> str:
@@ -148,17 +187,10 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
         stack.extend(reversed(folders))
 
 
-def open_input(path: Path, size: int | None = None):
-    """A binary file object for reading a header; object stores through Beam's FileSystems."""
-    if isinstance(path, str) and is_remote(path):
-        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    return open(path, "rb")
-
-
 class InputOpener:
     """Opens input files for header reading, one per worker: ``gs://`` objects by ranged GETs over
-    kept-alive connections (set up on the first gs:// path, so local runs need no credentials), other
-    object stores through Beam's FileSystems, local files directly."""
+    kept-alive connections (set up on the first gs:// path, so local runs need no credentials), local
+    files directly."""
 
     def __init__(self):
         self._fetcher = None
@@ -166,15 +198,17 @@ class InputOpener:
 
     def __call__(self, path: Path, size: int | None = None):
         if isinstance(path, str) and path.startswith("gs://"):
-            from beam_pipeline import gcs
+            from beam_pipeline.sources import gcs
 
             return gcs.open_ranged(self._gcs_fetcher(), path, size=size)
-        return open_input(path, size)
+        if isinstance(path, str) and is_remote(path):
+            raise OSError(errno.EPROTONOSUPPORT, "only local files and gs:// objects can be read")
+        return open(path, "rb")
 
     def _gcs_fetcher(self):
         with self._lock:
             if self._fetcher is None:
-                from beam_pipeline import gcs
+                from beam_pipeline.sources import gcs
 
                 self._fetcher = gcs.RangeFetcher()
             return self._fetcher

@@ -12,11 +12,7 @@ from collections import Counter
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import RESOURCE_TYPES, Outcome
-
-# The run's report (summary, error lines) lies in a subfolder of the output folder, so that a loader
-# that takes every ``*.ndjson`` of the folder finds resources only.
-REPORT_DIR = "_report"
-SUMMARY_NAME = REPORT_DIR + "/summary.json"
+from beam_pipeline.run.layout import SUMMARY_NAME
 
 
 def summarize(counts: Counter, seconds: float) -> dict:

@@ -12,11 +12,11 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from beam_pipeline import mii
-from beam_pipeline.config import ConversionConfig
-from beam_pipeline.dicom_dates import combine, parse_date, parse_time
 from beam_pipeline.codes import DCM_SYSTEM, DEVICE_PROFILE, IMAGING_STUDY_PROFILE, V2_0203, Reason, sha256_id
-from beam_pipeline.study import StudyGroup, rank
+from beam_pipeline.dicom.dates import combine, parse_date, parse_time
+from beam_pipeline.fhir import mii
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.study import StudyGroup, rank
 
 MISSING_PATIENT_ID = Reason.MISSING_PATIENT_ID
 MISSING_MODALITY = Reason.MISSING_MODALITY

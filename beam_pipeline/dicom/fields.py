@@ -1,4 +1,5 @@
-"""Which DICOM attributes the converter reads, and how raw element bytes become plain values.
+"""Which DICOM attributes to read (a ``FieldSpec``, built from keyword lists the caller hands in),
+and how raw element bytes become plain values.
 
 Both header readers (the fast scanner and the pydicom fallback) only locate elements; turning the
 element bytes into a value happens here, once, so the two readers cannot disagree on decoding.
@@ -25,20 +26,6 @@ from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 
 from beam_pipeline.codes import INVALID_KEY
 
-
-# The converter's own needs (identifiers, references, core ImagingStudy/Device elements).
-CORE_KEYWORDS = {
-    "study": (
-        "StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
-        "TimezoneOffsetFromUTC", "StudyDescription",
-    ),
-    "series": (
-        "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "SeriesDate",
-        "SeriesTime", "BodyPartExamined", "Laterality", "ImageLaterality",
-        "DeviceSerialNumber", "Manufacturer", "ManufacturerModelName",
-    ),
-    "instance": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
-}
 
 # File meta elements (group 0002) used to classify a file.
 META_KEYWORDS = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
@@ -97,14 +84,6 @@ def build_spec(levels: Iterable[Iterable[str]], sequence_items: Mapping[str, Ite
         keywords.update(level)
     attributes = sorted((_attribute(k, sequence_items) for k in keywords), key=lambda a: a.tag)
     return FieldSpec(tuple(attributes))
-
-
-def default_spec() -> FieldSpec:
-    """Core keywords plus everything the MII extension mapping reads."""
-    from beam_pipeline import mii
-
-    levels = [*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()]
-    return build_spec(levels, mii.SEQUENCE_ITEM_KEYWORDS)
 
 
 def encodings_for(raw_charset: bytes | None, inherited: list[str] | None) -> list[str]:

@@ -1,0 +1,37 @@
+"""One run's settings (``Settings``): where from, where to, how to group, read and validate.
+
+The CLI turns its arguments into these once; the pipeline, the DoFns and ``convert`` take them.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.run.progress import ProgressSettings
+from beam_pipeline.sources.dicomweb import Source
+
+# Header reads in flight per worker process on object storage. By Little's law, keeping one core
+# busy (~3,000 gs:// headers/s at ~0.3 ms of CPU each) at ~20 ms per request needs ~60 in flight.
+DEFAULT_READ_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run: where from (files under ``input``, or a DICOMweb server), where to, how to group,
+    read and validate."""
+
+    input: str | None
+    output: str
+    group_by: str = "study"              # "study" | "directory"
+    use_fast_reader: bool = True
+    max_header_bytes: int = MAX_HEADER_BYTES  # a header needing more reading: header-too-large
+    validate: str = "sampled"            # "sampled" | "full" | "none"
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY
+    conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    progress: ProgressSettings | None = None  # None: quiet
+    dicomweb: Source | None = None     # instead of input
+    request: str = ""                    # the command line without secrets, for manifest.json
+    manifest_base_url: str | None = None  # absolute base of the manifest's file URLs (else relative)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names this run's hidden folders
