@@ -1,13 +1,5 @@
 """DICOM archive → FHIR R4 ImagingStudy/Device NDJSON, as an Apache Beam pipeline.
 
-``python -m beam_pipeline`` runs the CLI (``run/cli.py``); ``convert_files`` is the same conversion
-without Beam (loaded on first use, so importing the package stays cheap).
+``python -m beam_pipeline`` runs the CLI (``run/cli.py``); ``beam_pipeline.run.convert.convert_files``
+is the same conversion without Beam. The wings and their import rules: README, "Layout".
 """
-
-
-def __getattr__(name):
-    if name == "convert_files":
-        from beam_pipeline.run.convert import convert_files
-
-        return convert_files
-    raise AttributeError(f"module 'beam_pipeline' has no attribute {name!r}")

@@ -181,7 +181,7 @@ def run_case(paths: list[str], root: str, delay_ms: float = 20.0, concurrency: i
     from beam_pipeline.dicom import header
     from beam_pipeline.fhir.keywords import header_spec
     from beam_pipeline.run import core
-    from beam_pipeline import convert_files
+    from beam_pipeline.run.convert import convert_files
     from beam_pipeline.sources import files as inputs
 
     spec = header_spec()

@@ -2,7 +2,7 @@
 
 All cases run in one invocation on the same warm archive so their ratios are comparable:
   (a) bare pydicom header parse, 1 core - the baseline every other figure is divided by
-  (b) beam_pipeline.convert_files in-process, 1 core (no Beam)
+  (b) beam_pipeline.run.convert.convert_files in-process, 1 core (no Beam)
   (c) full pipeline, DirectRunner in_memory, 1 worker       (subprocess)
   (d) full pipeline, DirectRunner multi_processing, 2 workers (subprocess)
   (e) with --gcs-files N: N of the archive's files from gs:// (a loopback GCS emulator behind a
@@ -75,7 +75,7 @@ def parse_pydicom(paths) -> None:
 
 
 def convert(paths, **kw):
-    from beam_pipeline import convert_files  # imported late: may not exist yet
+    from beam_pipeline.run.convert import convert_files  # imported late: may not exist yet
     return convert_files(paths, **kw)
 
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import copy_dicom, pydicom_file, raw_lines, run_pipeline
 
 from beam_pipeline.fhir import study
-from beam_pipeline import convert_files
+from beam_pipeline.run.convert import convert_files
 from beam_pipeline.run.transforms import MergeGroupsFn, ReadHeaderDoFn, SumCounts
 
 CT = pydicom_file("CT_small.dcm")
