@@ -78,21 +78,25 @@ def read_issues(report: Path) -> list[dict]:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 def request(method: str, url: str, body=None, headers=None, timeout: float = 120):
-    """(status, headers, parsed JSON body or None); HTTP errors are returned, not raised."""
+    """(status, headers with lower-case names, parsed JSON body or None); HTTP errors are returned, not raised."""
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={
         "Accept": "application/fhir+json", **({"Content-Type": "application/fhir+json"} if data else {}),
         **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            status, head, raw = response.status, dict(response.headers), response.read()
+            status, head, raw = response.status, _lower(response.headers), response.read()
     except urllib.error.HTTPError as error:
-        status, head, raw = error.code, dict(error.headers), error.read()
+        status, head, raw = error.code, _lower(error.headers), error.read()
     try:
         parsed = json.loads(raw) if raw else None
     except ValueError:
         parsed = None
     return status, head, parsed
+
+
+def _lower(headers) -> dict:
+    return {name.lower(): value for name, value in headers.items()}
 
 
 class _NdjsonHandler(http.server.SimpleHTTPRequestHandler):
@@ -169,6 +173,7 @@ class HapiServer:
         return body["total"]
 
     def search(self, resource_type: str, query: str) -> list[dict]:
+        query = urllib.request.quote(query, safe="=&:/,._-")
         status, _, body = request("GET", f"{self.base}/{resource_type}?{query}&_count=500")
         assert status == 200, body
         return [entry["resource"] for entry in body.get("entry", ())]

@@ -97,6 +97,9 @@ public class TestServer {
 		settings.setAllowExternalReferences(false);
 		settings.setEnforceReferentialIntegrityOnWrite(true);
 		settings.setAutoCreatePlaceholderReferenceTargets(false);
+		// the tests empty the server between the ways of loading (system $expunge)
+		settings.setExpungeEnabled(true);
+		settings.setAllowMultipleDelete(true);
 		// the client ids are hashes (they may start with a digit): allow any id
 		settings.setResourceClientIdStrategy(JpaStorageSettings.ClientIdStrategyEnum.ANY);
 		settings.setResourceServerIdStrategy(JpaStorageSettings.IdStrategyEnum.UUID);
