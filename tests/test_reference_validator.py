@@ -76,6 +76,7 @@ def validated(outputs, tmp_path_factory):
     files = [f for out in outputs.values() for f in resource_files(out)]
     report = root / "issues.jsonl"
     summary = validate([*files, controls], report)
+    print("\nreference validator:", json.dumps(summary))
     issues = read_issues(report)
     return {"summary": summary, "files": files, "output_issues": [i for i in issues if i["file"] != controls.name],
             "control_issues": [i for i in issues if i["file"] == controls.name]}
