@@ -19,7 +19,7 @@ from fhir_java import read_issues, resource_files, run_cli, validate
 from helpers import TEST_FILES
 from make_archive import make_archive, make_modality_archive
 
-from beam_pipeline.mii import EXT
+from beam_pipeline.fhir.mii import EXT
 
 pytestmark = pytest.mark.slow
 
