@@ -60,15 +60,19 @@ def _text(ds, tag: int) -> str:
     if value is None:
         return ""
     if isinstance(value, bytes):
-        text = value.decode("latin-1")
-    elif isinstance(value, str):
-        text = value
-    else:
-        try:
-            text = "\\".join(str(v) for v in value)
-        except TypeError:
-            text = str(value)
-    return text.split("\\")[0].strip("\0 ").strip()
+        return value.decode("latin-1").split("\\")[0].strip("\0 ").strip()
+    if not isinstance(value, (str, int, float)):  # a multi-valued element: its first value
+        value = next(iter(value), "")
+    if isinstance(value, float):  # DS read from DICOM JSON, where it is a number, not text
+        original = getattr(value, "original_string", None)
+        value = original if isinstance(original, str) else _float_text(value)
+    return str(value).strip("\0 ").strip()
+
+
+def _float_text(value: float) -> str:
+    """The shortest text of a number (``2.0`` -> ``2``), as a file would carry it."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _meaning(ds) -> str:

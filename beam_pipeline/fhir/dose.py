@@ -84,7 +84,6 @@ PROBLEM_NOTES = {  # DoseReport.problems -> notes
 _FHIR_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
 _DT = re.compile(r"^(\d{8})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?$")
 _MAX_EXACT_INT = 2 ** 53
-_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 class DoseContext(NamedTuple):
@@ -104,14 +103,16 @@ def _note(notes: Counter, kind: str, concept: str = "") -> None:
 
 
 def _number(text: str):
-    """int (integer text) or float of a DS value as written, None when it is not a finite number."""
+    """int (integral values) or float of a DS value as written, None when it is not a finite number."""
     try:
         value = float(text)
     except ValueError:
         return None
     if not math.isfinite(value):
         return None
-    return int(text) if _INTEGER.match(text) and abs(value) < _MAX_EXACT_INT else value
+    if value.is_integer() and abs(value) < _MAX_EXACT_INT:
+        return int(value)  # 310 and 310.0 are the same value, whichever source wrote it
+    return value
 
 
 def _quantity(item: DoseItem, concept: Concept, notes: Counter) -> dict | None:
