@@ -13,7 +13,7 @@ import os
 import pytest
 from fhir.resources.R4B.observation import Observation
 
-from beam_pipeline import convert_files
+from beam_pipeline.run.convert import convert_files
 from beam_pipeline.codes import DOSE_REPORT_KEY, sha256_id
 from beam_pipeline.dicom import dose_report, header
 from beam_pipeline.dicom.records import DoseReport
