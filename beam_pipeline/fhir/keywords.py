@@ -6,8 +6,9 @@ readers take.
 """
 from __future__ import annotations
 
+from beam_pipeline.codes import DOSE_REPORT_KEY
 from beam_pipeline.dicom.fields import FieldSpec, build_spec
-from beam_pipeline.fhir import mii
+from beam_pipeline.fhir import dose, mii
 
 # The converter's own needs (identifiers, references, core ImagingStudy/Device elements).
 CORE_KEYWORDS = {
@@ -25,10 +26,12 @@ CORE_KEYWORDS = {
 
 
 def header_spec() -> FieldSpec:
-    """Core keywords plus everything the MII extension mapping reads ."""
-    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], mii.SEQUENCE_ITEM_KEYWORDS)
+    """Core keywords plus everything the MII extension mapping reads, and the dose report concepts."""
+    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], mii.SEQUENCE_ITEM_KEYWORDS,
+                      dose.READ_CONCEPTS)
 
 
 def instance_keys() -> tuple[str, ...]:
-    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions)."""
-    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
+    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions, and the values of
+    a dose report: only dose reports have them)."""
+    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"]) + (DOSE_REPORT_KEY,)))
