@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 from fhir_java import read_issues, resource_files, run_cli, validate
 from helpers import TEST_FILES
+import dose_reports
 from make_archive import make_archive, make_modality_archive
 
 from beam_pipeline.fhir.mii import EXT
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.slow
 
 OPTIONS = ("--observations", "--patients", "--encounters", "--bundles")
 MODALITIES = {"CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SEG", "SR", "RTDOSE", "ECG"}
+
+# The Radiation Dose Summary IG's identifier-type CodeSystem (its package is not loaded offline).
+RADIATION_DOSE_IDENTIFIER_TYPES = "http://hl7.org/fhir/uv/radiation-dose-summary/CodeSystem/dicom-identifier-type"
 
 # message id -> why it stays (each is a warning, never an error)
 EXPECTED_WARNINGS = {
@@ -45,6 +49,9 @@ EXPECTED_WARNINGS = {
     # Bundles: entries are "PUT Type/id" with a urn:uuid fullUrl, references are "Type/id"; the
     # server resolves them by the request URL (as HAPI does), the validator notes the fullUrl differs.
     "BUNDLE_BUNDLE_POSSIBLE_MATCH_WRONG_FU": "references are Type/id, fullUrl is urn:uuid (PUT by id)",
+    # Dose reports: the number of irradiation events has the unit DICOM's template gives, "{events}"
+    # (a UCUM annotation; best practice only).
+    "TYPE_SPECIFIC_CHECKS_DT_QTY_UCUM_ANNOTATIONS": "dose reports count events in {events}, as TID 10011 does",
 }
 
 
@@ -55,9 +62,12 @@ def outputs(tmp_path_factory):
     modality_archive = make_modality_archive(root / "modalities")
     assert MODALITIES <= set(modality_archive["modalities"])
     make_archive(root / "synthetic", studies=6, series=3, instances=2)
+    (root / "dose").mkdir()
+    dose_reports.write(dose_reports.ct_report(), root / "dose" / "ct-dose.dcm")
+    dose_reports.write(dose_reports.projection_report(), root / "dose" / "xa-dose.dcm")
     outs = {}
     for name, source in (("pydicom", TEST_FILES), ("modalities", root / "modalities"),
-                         ("synthetic", root / "synthetic")):
+                         ("synthetic", root / "synthetic"), ("dose", root / "dose")):
         outs[name] = root / f"out-{name}"
         summary = run_cli(source, outs[name], *OPTIONS)
         assert summary["studies"]["written"] > 0
@@ -167,7 +177,8 @@ def test_snomed_warnings_are_only_for_server_only_code_systems(validated):
     the MII CodeSystems, UCUM and HL7 v2/v3 are checked for real."""
     for issue in validated["output_issues"]:
         if issue["messageId"] == "Terminology_PassThrough_TX_Message":
-            assert any(word in issue["message"] for word in ("SNOMED CT", "LOINC", "urn:ietf:rfc:3986")), issue
+            assert any(word in issue["message"] for word in ("SNOMED CT", "LOINC", "http://loinc.org", "urn:ietf:rfc:3986",
+                                                        RADIATION_DOSE_IDENTIFIER_TYPES)), issue
 
 
 @pytest.mark.parametrize("control", ["no-status", "kvp-in-volt", "unknown-scanning-sequence",
