@@ -276,3 +276,23 @@ def test_without_the_new_options_only_meta_source_and_based_on_are_new(default_r
     assert "endpoint" not in keys and "basedOn" in keys and study["meta"]["source"].startswith("file://")
     assert list(study["meta"]) == ["source", "profile"]  # FHIR's element order
     assert list(study)[:4] == ["resourceType", "id", "meta", "identifier"]
+
+
+def test_both_readers_decode_the_issuer_sequences_alike(archive):
+    import warnings
+
+    from beam_pipeline.dicom import header
+    from beam_pipeline.fhir.keywords import header_spec
+
+    root, _, _ = archive
+    spec = header_spec()
+    seen = Counter()
+    for path in sorted(glob.glob(f"{root}/**/*.dcm", recursive=True)):
+        with warnings.catch_warnings(), open(path, "rb") as fast, open(path, "rb") as slow:
+            warnings.simplefilter("ignore")
+            by_scanner = header.read_header(fast, spec, use_fast=True)
+            by_pydicom = header.read_header(slow, spec, use_fast=False)
+        assert by_scanner.notes == () and by_scanner.record == by_pydicom.record, path
+        seen.update(k for k in by_scanner.record if k.startswith("Issuer"))
+    assert seen == {"IssuerOfPatientID": 4, "IssuerOfPatientIDQualifiersSequence": 2,
+                    "IssuerOfAccessionNumberSequence": 4}
