@@ -400,7 +400,8 @@ def test_issuer_sequences_come_through_dicomweb_as_from_files(orthanc, issuers):
     seen = Counter()
     for path in stored:
         disk = disk_record(path)
-        assert web[disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]] == dataclasses.replace(disk, notes=())
+        key = disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]
+        assert web[key] == dataclasses.replace(disk, notes=())
         seen.update(k for k in ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
                                 "IssuerOfAccessionNumberSequence") if k in disk.record)
     assert seen == {"IssuerOfPatientID": 4, "IssuerOfPatientIDQualifiersSequence": 2,
@@ -424,7 +425,7 @@ def test_dicomweb_run_writes_endpoint_source_and_issuer_systems(orthanc, issuers
     assert {s["meta"]["source"] for s in studies.values()} == {orthanc.dicomweb_url}
     assert all(s["endpoint"] == [{"reference": "Endpoint/" + endpoint["id"]}] for s in studies.values())
     systems = [studies[uid]["subject"]["identifier"]["system"] for uid in uids]
-    assert systems[0] == SYSTEMS["HOSP_A"] and systems[1] == SYSTEMS["HOSP_B"] and systems[3] == SYSTEMS["1.2.276.0.76.4.2"]
+    assert [systems[0], systems[1], systems[3]] == [SYSTEMS["HOSP_A"], SYSTEMS["HOSP_B"], SYSTEMS["1.2.276.0.76.4.2"]]
     assert len({studies[uid]["subject"]["reference"] for uid in uids}) == 4  # one PatientID, four people
     assert studies[uids[0]]["basedOn"][0]["identifier"]["system"] == "urn:oid:" + ACCESSION_OID
     assert summary["resources"]["ServiceRequest"] == 4
