@@ -55,6 +55,8 @@ class Reason(StrEnum):
 
 # Key of a record's list of keywords whose values did not parse (see ``fields``).
 INVALID_KEY = "_invalid"
+# Key of a dose report's values in its instance record (a ``dicom.records.DoseReport``).
+DOSE_REPORT_KEY = "_dose_report"
 
 # FHIR systems and profiles.
 MII_BASE = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/"

@@ -197,6 +197,110 @@ def make_archive(out_dir, studies=40, series=4, instances=100, pixel_bytes=0, se
     }
 
 
+# --- one study per modality ------------------------------------------------------------------
+# Real headers of pydicom's test files; PT, DX, MG, XA and RF and the fuller NM/US cases start from a
+# real header and set the attributes those modalities carry (as tests/test_mii_conformance.py does).
+# Every study has body weight and height (Observations) and an AdmissionID (Encounter).
+
+def _item(**attributes) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(scheme: str, value: str, meaning: str) -> pydicom.Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def _seq(*items) -> pydicom.Sequence:
+    return pydicom.Sequence(list(items))
+
+
+CR_HEADER = "dicomdirtests/77654033/CR3/6278"
+# study label -> series: (template, changes); a study may mix modalities (PET/CT)
+MODALITY_STUDIES = {
+    "CT": [("CT_small.dcm", dict(BodyPartExamined="CHEST", ContrastBolusAgent="Iomeprol", ContrastBolusVolume="80"))],
+    "MR": [("MR_small.dcm", dict(BodyPartExamined="HEAD", MagneticFieldStrength="3")),
+           ("examples_overlay.dcm", dict(BodyPartExamined="HEAD"))],
+    "PT": [("CT_small.dcm", dict(
+        Modality="PT", Units="BQML", SeriesType=["WHOLE BODY", "IMAGE"], ContrastBolusAgent=None,
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.128", BodyPartExamined="WHOLEBODY",
+        RadiopharmaceuticalInformationSequence=_seq(_item(
+            Radiopharmaceutical="FDG", RadiopharmaceuticalStartTime="100000",
+            RadionuclideTotalDose="350000000", RadionuclideHalfLife="6586.2",
+            RadiopharmaceuticalCodeSequence=_seq(_code("SCT", "35321007", "Fluorodeoxyglucose F^18^")),
+            RadionuclideCodeSequence=_seq(_code("SCT", "77004003", "^18^Fluorine")))))),
+           ("CT_small.dcm", dict(BodyPartExamined="WHOLEBODY", ContrastBolusAgent=None))],
+    "NM": [("JPEG2000.dcm", dict(RadiopharmaceuticalInformationSequence=_seq(_item(
+        Radiopharmaceutical="Tc-99m MDP", RadiopharmaceuticalStartDateTime="19970806090000",
+        RadionuclideTotalDose="740", RadionuclideHalfLife="21624",
+        RadionuclideCodeSequence=_seq(_code("SRT", "C-163A8", "^99m^Technetium"))))))],
+    "US": [("examples_palette.dcm", dict(
+        ContrastBolusAgent="NONE", BurnedInAnnotation="YES", BodyPartExamined="ABDOMEN",
+        SequenceOfUltrasoundRegions=_seq(_item(RegionSpatialFormat=1),
+                                         _item(TransducerFrequency=3500, PulseRepetitionFrequency=4000))))],
+    "CR": [(CR_HEADER, dict(BodyPartExamined="CHEST"))],
+    "DX": [(CR_HEADER, dict(Modality="DX", SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1", ViewPosition="PA", KVP="125",
+                            Exposure="4", ExposureTime="10", XRayTubeCurrent="400", BodyPartExamined="CHEST"))],
+    "MG": [(CR_HEADER, dict(Modality="MG", SOPClassUID="1.2.840.10008.5.1.4.1.1.1.2", ViewPosition="MLO", KVP="28",
+                            ImageLaterality="L", BodyPartExamined="BREAST",
+                            ViewCodeSequence=_seq(_code("SCT", "399368009", "medio-lateral oblique"))))],
+    "XA": [("CT_small.dcm", dict(Modality="XA", SOPClassUID="1.2.840.10008.5.1.4.1.1.12.1", BodyPartExamined="HEART",
+                                 ContrastBolusAgent="Iopromide"))],
+    "RF": [("CT_small.dcm", dict(Modality="RF", SOPClassUID="1.2.840.10008.5.1.4.1.1.12.2", BodyPartExamined="ABDOMEN",
+                                 ContrastBolusAgent=None))],
+    "OT": [("SC_rgb_gdcm_KY.dcm", {})],
+    "SEG": [("liver_1frame.dcm", {})],
+    "SR": [("reportsi.dcm", {})],
+    "RTDOSE": [("rtdose.dcm", {})],
+    "ECG": [("waveform_ecg.dcm", {})],
+}
+
+
+def make_modality_archive(out_dir, instances: int = 2, seed: int = 0) -> dict:
+    """One study per modality of ``MODALITY_STUDIES`` under ``out_dir/<modality>/``: real headers
+    with new UIDs, PatientID, AccessionNumber, AdmissionID, weight and height; ``instances`` files
+    per series. Returns a manifest (studies, files, modalities, study_uids)."""
+    files, study_uids, modalities = 0, {}, set()
+    for st, (label, series_list) in enumerate(MODALITY_STUDIES.items()):
+        study_uid = _uid(seed, "modality-study", label)
+        study_uids[label] = study_uid
+        when = BASE_DATE + dt.timedelta(days=st)
+        for se, (template, changes) in enumerate(series_list):
+            ds = copy.deepcopy(_template(template))
+            ds.pop("OtherPatientIDsSequence", None)
+            ds.PatientID = f"MOD{st + 1:04d}"
+            ds.PatientName = f"Synthetic^Modality{st + 1:04d}"
+            ds.PatientWeight, ds.PatientSize = f"{60 + st}", f"1.{60 + st}"
+            ds.AdmissionID = f"VISIT{st + 1:05d}"
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = _uid(seed, "modality-series", label, se)
+            ds.AccessionNumber = f"MACC{st + 1:05d}"
+            ds.StudyDate = ds.SeriesDate = when.strftime("%Y%m%d")
+            ds.StudyTime = ds.SeriesTime = when.strftime("%H%M%S")
+            ds.StudyDescription = f"Synthetic {label} study"
+            ds.SeriesNumber = se + 1
+            for keyword, value in changes.items():
+                if value is None:
+                    ds.pop(keyword, None)
+                else:
+                    setattr(ds, keyword, value)
+            if "SOPClassUID" in changes:
+                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            modalities.add(ds.Modality)
+            folder = os.path.join(out_dir, label, f"series{se + 1:02d}")
+            os.makedirs(folder, exist_ok=True)
+            for k in range(instances):
+                ds.SOPInstanceUID = _uid(seed, "modality-sop", label, se, k)
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                ds.InstanceNumber = k + 1
+                ds.save_as(os.path.join(folder, f"{k + 1:04d}.dcm"), enforce_file_format=False)
+                files += 1
+    return {"out_dir": str(out_dir), "studies": len(MODALITY_STUDIES), "files": files,
+            "modalities": sorted(modalities), "study_uids": study_uids}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")

@@ -23,7 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from helpers import raw_lines, read_ndjson
 from make_archive import make_archive
 
-from beam_pipeline.codes import Reason, sha256_id
+from beam_pipeline.codes import DOSE_REPORT_KEY, Reason, sha256_id
 from beam_pipeline.dicom import header
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.keywords import header_spec
@@ -162,6 +162,26 @@ def test_same_imagingstudy_and_device_lines_as_from_disk(orthanc, generated, cre
     assert listed == from_web["dicomweb"]["studies_fetched"] == len(orthanc.study_ids())
     assert "studies_failed" not in from_web["dicomweb"]
     assert sum(from_web["studies"].values()) == listed
+
+
+def test_dose_reports_from_orthanc_equal_dose_reports_from_files(orthanc, credentials, tmp_path):
+    """WADO-RS metadata carries a dose report's content tree: same DoseReport, same Observations."""
+    import dose_reports
+
+    paths = [dose_reports.write(dose_reports.ct_report(), tmp_path / "ct.dcm"),
+             dose_reports.write(dose_reports.projection_report(), tmp_path / "xa.dcm")]
+    stored = load(orthanc, "dose", paths)
+    assert sorted(stored) == sorted(paths)
+    web = web_records(connection(orthanc))
+    for path in paths:
+        disk = disk_record(path)
+        assert disk.record[DOSE_REPORT_KEY].items  # values were read
+        assert web[disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]] == disk
+    run_files(stored, tmp_path / "disk")
+    run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
+    assert len(raw_lines(tmp_path / "web", "Observation")) == 4  # 2 summaries, 2 CT irradiation events
+    for name in ("ImagingStudy", "Observation"):
+        assert raw_lines(tmp_path / "web", name) == raw_lines(tmp_path / "disk", name), name
 
 
 def test_orthanc_quirks_stay_visible(orthanc):

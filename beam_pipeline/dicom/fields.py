@@ -54,6 +54,9 @@ class FieldSpec:
     """The attributes to extract, by tag, with the largest tag needed (readers may stop after it)."""
 
     attributes: tuple[Attribute, ...]
+    # DCM concepts of the NUM/DATETIME items to read from dose reports' content trees (``dose_report``);
+    # empty: dose reports are read like any other instance.
+    dose_concepts: frozenset = frozenset()
     # Lookup tables derived by the readers, built once per spec (so once per worker), not per file.
     derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -77,13 +80,14 @@ def _attribute(keyword: str, sequence_items: Mapping[str, Iterable[str]], depth:
     return Attribute(keyword, tag, vr, dictionary_VM(tag) != "1", items)
 
 
-def build_spec(levels: Iterable[Iterable[str]], sequence_items: Mapping[str, Iterable[str]]) -> FieldSpec:
+def build_spec(levels: Iterable[Iterable[str]], sequence_items: Mapping[str, Iterable[str]],
+               dose_concepts: Iterable[str] = ()) -> FieldSpec:
     """A FieldSpec for the union of keyword lists; SpecificCharacterSet is always read (decoding)."""
     keywords = {"SpecificCharacterSet"}
     for level in levels:
         keywords.update(level)
     attributes = sorted((_attribute(k, sequence_items) for k in keywords), key=lambda a: a.tag)
-    return FieldSpec(tuple(attributes))
+    return FieldSpec(tuple(attributes), frozenset(dose_concepts))
 
 
 def encodings_for(raw_charset: bytes | None, inherited: list[str] | None) -> list[str]:

@@ -18,8 +18,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from beam_pipeline.codes import INVALID_KEY, Reason
-from beam_pipeline.dicom import fast_header
+from beam_pipeline.codes import DOSE_REPORT_KEY, INVALID_KEY, Reason
+from beam_pipeline.dicom import dose_report, fast_header
 from beam_pipeline.dicom.fields import (
     DICOMDIR_SOP_CLASS,
     META_KEYWORDS,
@@ -29,7 +29,7 @@ from beam_pipeline.dicom.fields import (
     encodings_for,
 )
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, BoundedReader, Budget, HeaderTooLarge, InflatedStream
-from beam_pipeline.dicom.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, HeaderResult, ParsedHeader
+from beam_pipeline.dicom.records import DICOMDIR, ERROR, INSTANCE, NOT_DICOM, DoseReport, HeaderResult, ParsedHeader
 
 FIRST_READ = 16 * 1024  # one read covers the header of nearly every file; readers ask for more if not
 _UNDEFINED = 0xFFFFFFFF
@@ -84,6 +84,8 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True,
     except Exception as exc:  # pydicom raises many types on corrupt input; the file is the problem
         return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=describe_error(exc), notes=notes)
     result = classify(parsed)
+    if result.kind == INSTANCE and spec.dose_concepts and dose_report.is_dose_report(result.record):
+        result.record[DOSE_REPORT_KEY] = read_dose_report(fp, spec, not has_preamble, max_header_bytes, size)
     return dataclasses.replace(result, notes=notes) if notes else result
 
 
@@ -156,6 +158,23 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
     and reads one only if the spec needs it) and, for a deflated transfer syntax, reads an
     :class:`InflatedStream` instead of inflating the whole file as ``dcmread`` would.
     """
+    ds, reader, stopped_before_end, size = _pydicom_dataset(fp, force, max_header_bytes, size, head)
+    meta = {}
+    for keyword in META_KEYWORDS:
+        value = ds.file_meta.get(keyword) if ds.file_meta is not None else None
+        if value:
+            meta[keyword] = str(value).strip("\0 ")
+    if _ends_inside_header(ds, size, stopped_before_end, reader):
+        return ParsedHeader(meta, {}, True)
+    encodings = encodings_for(_charset_bytes(ds), None)
+    # The top-level (0008,0005) decodes the rest but is not recorded (see fast_header).
+    attributes = tuple(a for a in spec.attributes if a.tag != _CHARSET)
+    return ParsedHeader(meta, _record(ds, attributes, encodings), False)
+
+
+def _pydicom_dataset(fp: BinaryIO, force: bool, max_header_bytes: int, size: int | None, head: bytes | None):
+    """(dataset up to pixel data, the stream it was read from, whether reading stopped before the
+    end, the size of the data) for ``parse_with_pydicom`` and the dose report reader."""
     if size is None:
         fp.seek(0, io.SEEK_END)
         size = fp.tell()
@@ -174,17 +193,20 @@ def parse_with_pydicom(fp: BinaryIO, spec: FieldSpec, force: bool = False,
         reader = stream
         stopped_before_end = not stream.at_end()
         size = stream.size() if not stopped_before_end else size
-    meta = {}
-    for keyword in META_KEYWORDS:
-        value = ds.file_meta.get(keyword) if ds.file_meta is not None else None
-        if value:
-            meta[keyword] = str(value).strip("\0 ")
-    if _ends_inside_header(ds, size, stopped_before_end, reader):
-        return ParsedHeader(meta, {}, True)
-    encodings = encodings_for(_charset_bytes(ds), None)
-    # The top-level (0008,0005) decodes the rest but is not recorded (see fast_header).
-    attributes = tuple(a for a in spec.attributes if a.tag != _CHARSET)
-    return ParsedHeader(meta, _record(ds, attributes, encodings), False)
+    return ds, reader, stopped_before_end, size
+
+
+def read_dose_report(fp: BinaryIO, spec: FieldSpec, force: bool = False,
+                     max_header_bytes: int = MAX_HEADER_BYTES, size: int | None = None) -> DoseReport:
+    """The dose values of an X-Ray Radiation Dose SR file, read by pydicom within the header budget
+    (these files are small and carry no pixel data). Never raises: problems are in the report."""
+    try:
+        ds = _pydicom_dataset(fp, force, max_header_bytes, size, None)[0]
+    except HeaderTooLarge:
+        return DoseReport(problems=(dose_report.TOO_LARGE,))
+    except Exception:  # the header was read already; only the content tree is at stake
+        return DoseReport(problems=(dose_report.UNREADABLE,))
+    return dose_report.read_report(ds, spec.dose_concepts)
 
 
 def _open_deflated(reader: BoundedReader, force: bool, budget: Budget):

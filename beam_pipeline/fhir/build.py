@@ -12,9 +12,17 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from beam_pipeline.codes import DCM_SYSTEM, DEVICE_PROFILE, IMAGING_STUDY_PROFILE, V2_0203, Reason, sha256_id
+from beam_pipeline.codes import (
+    DCM_SYSTEM,
+    DEVICE_PROFILE,
+    DOSE_REPORT_KEY,
+    IMAGING_STUDY_PROFILE,
+    V2_0203,
+    Reason,
+    sha256_id,
+)
 from beam_pipeline.dicom.dates import combine, parse_date, parse_time
-from beam_pipeline.fhir import mii, references
+from beam_pipeline.fhir import dose, mii, references
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.referenced import service_request
 from beam_pipeline.fhir.study import StudyGroup, rank
@@ -184,11 +192,33 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
     built.resources.append(("ImagingStudy", resource))
     built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
     built.resources.extend(("Observation", obs) for obs in study_extras.get("observations", ()))
+    if config.dose_reports:
+        built.resources.extend(("Observation", obs) for obs in _dose_observations(
+            group, by_series, resource["id"], subject, started, study, config, notes))
     if endpoint:
         built.resources.append(("Endpoint", endpoint))
     if based_on and config.service_requests and (request := service_request(based_on, subject)):
         built.resources.append(("ServiceRequest", request))
     return built
+
+
+def _dose_observations(group, by_series, study_id, subject, started, study, config, notes) -> list[dict]:
+    """Observations of the study's radiation dose reports, in series and instance order."""
+    def to_datetime(date, time, offset, what):
+        return dicom_datetime(date, time, offset or study.get("TimezoneOffsetFromUTC"), config.timezone, notes, what)
+
+    observations = []
+    for series_uid, record in sorted(group.series.items(), key=_series_order):
+        reports = [(sop, fields[DOSE_REPORT_KEY]) for _, sop, fields in sorted(by_series[series_uid])
+                   if DOSE_REPORT_KEY in fields]
+        if not reports:
+            continue
+        device = build_device(record) if config.include_devices else None
+        for sop, report in reports:
+            context = dose.DoseContext(sop, group.study_uid, "ImagingStudy/" + study_id, subject, started,
+                                       "Device/" + device["id"] if device else None, to_datetime)
+            observations.extend(dose.dose_observations(report, context, notes))
+    return observations
 
 
 def _series_order(item):

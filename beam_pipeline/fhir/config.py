@@ -24,6 +24,7 @@ class ConversionConfig:
     include_instances: bool = True
     include_devices: bool = True
     observations: bool = False
+    dose_reports: bool = True   # Observations from X-Ray Radiation Dose SRs (``dose``)
     patients: bool = False      # minimal Patient for each subject reference
     encounters: bool = False    # minimal Encounter for each encounter reference
     bundles: bool = False       # one transaction Bundle per study as well

@@ -6,8 +6,9 @@ readers take.
 """
 from __future__ import annotations
 
+from beam_pipeline.codes import DOSE_REPORT_KEY
 from beam_pipeline.dicom.fields import FieldSpec, build_spec
-from beam_pipeline.fhir import mii
+from beam_pipeline.fhir import dose, mii
 
 # The converter's own needs (identifiers, references, core ImagingStudy/Device elements).
 CORE_KEYWORDS = {
@@ -40,10 +41,12 @@ def sequence_item_keywords() -> dict[str, tuple[str, ...]]:
 
 
 def header_spec() -> FieldSpec:
-    """Core keywords plus everything the MII extension mapping reads ."""
-    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], sequence_item_keywords())
+    """Core keywords plus everything the MII extension mapping reads, and the dose report concepts."""
+    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], sequence_item_keywords(),
+                      dose.READ_CONCEPTS)
 
 
 def instance_keys() -> tuple[str, ...]:
-    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions)."""
-    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"])))
+    """Per-instance fields a StudyGroup keeps (core plus MII instance extensions, and the values of
+    a dose report: only dose reports have them)."""
+    return tuple(dict.fromkeys(CORE_KEYWORDS["instance"] + tuple(mii.KEYWORDS["instance"]) + (DOSE_REPORT_KEY,)))

@@ -93,6 +93,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-devices", action="store_true", help="write no Device resources")
     parser.add_argument("--observations", action="store_true",
                         help="write body weight/height Observations and reference them")
+    parser.add_argument("--no-dose-reports", action="store_true",
+                        help="write no Observations from X-Ray Radiation Dose SRs (written by default)")
     parser.add_argument("--patients", action="store_true",
                         help="write a minimal Patient (id, MR identifier) for every subject reference")
     parser.add_argument("--encounters", action="store_true",
@@ -273,7 +275,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         accession_id_system=args.accession_id_system, encounter_id_system=args.encounter_id_system,
         patient_id_length=args.patient_id_length, timezone=args.timezone,
         include_instances=not args.no_instances, include_devices=not args.no_devices,
-        observations=args.observations, patients=args.patients, encounters=args.encounters, bundles=args.bundles,
+        observations=args.observations, dose_reports=not args.no_dose_reports, patients=args.patients,
+        encounters=args.encounters, bundles=args.bundles,
         service_requests=args.service_requests, source=meta_source(args, parser),
         wado_rs_base=wado_rs_base(args, parser), patient_id_issuers=patient_id_issuers(args.patient_id_issuers, parser),
         unknown_patient_id_issuer=args.unknown_patient_id_issuer)

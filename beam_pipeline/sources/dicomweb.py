@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
+import pydicom
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from beam_pipeline.codes import Reason
+from beam_pipeline.codes import DOSE_REPORT_KEY, Reason
+from beam_pipeline.dicom import dose_report
 from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, encodings_for
 from beam_pipeline.dicom.header import classify
-from beam_pipeline.dicom.records import ERROR, HeaderResult, ParsedHeader
+from beam_pipeline.dicom.records import ERROR, INSTANCE, DoseReport, HeaderResult, ParsedHeader
 
 TOKEN_ENV = "DICOMWEB_TOKEN"
 USER_ENV = "DICOMWEB_USER"
@@ -334,7 +336,19 @@ def read_instance(dataset: dict, spec: FieldSpec) -> HeaderResult:
     if not isinstance(dataset, dict):
         return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail="metadata item is not a DICOM JSON object")
     record = json_record(dataset, spec.attributes, None)
-    return classify(ParsedHeader({}, record, truncated=False))
+    result = classify(ParsedHeader({}, record, truncated=False))
+    if result.kind == INSTANCE and spec.dose_concepts and dose_report.is_dose_report(result.record):
+        result.record[DOSE_REPORT_KEY] = json_dose_report(dataset, spec)
+    return result
+
+
+def json_dose_report(dataset: dict, spec: FieldSpec) -> DoseReport:
+    """The dose values of a dose report's DICOM JSON (WADO-RS metadata carries its content tree)."""
+    try:
+        ds = pydicom.Dataset.from_json(dataset)
+    except Exception:  # malformed DICOM JSON inside the tree: the instance itself was read
+        return DoseReport(problems=(dose_report.UNREADABLE,))
+    return dose_report.read_report(ds, spec.dose_concepts)
 
 
 def json_record(dataset: dict, attributes: tuple[Attribute, ...], inherited: list[str] | None) -> dict:
