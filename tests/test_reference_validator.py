@@ -17,6 +17,8 @@ from collections import Counter
 import pytest
 from fhir_java import read_issues, resource_files, run_cli, validate
 from helpers import TEST_FILES
+from issuer_archive import SYSTEMS as ISSUER_SYSTEMS
+from issuer_archive import make_issuer_archive
 from make_archive import make_archive, make_modality_archive
 
 from beam_pipeline.fhir.mii import EXT
@@ -55,12 +57,18 @@ def outputs(tmp_path_factory):
     modality_archive = make_modality_archive(root / "modalities")
     assert MODALITIES <= set(modality_archive["modalities"])
     make_archive(root / "synthetic", studies=6, series=3, instances=2)
+    make_issuer_archive(root / "issuers")  # must-support elements: endpoint, basedOn, ServiceRequest
+    table = root / "issuers.json"
+    table.write_text(json.dumps(ISSUER_SYSTEMS), encoding="utf-8")
+    must_support = ("--patient-id-issuers", str(table), "--unknown-patient-id-issuer", "default",
+                    "--service-requests", "--wado-rs-base", "https://pacs.example.org/dicom-web")
     outs = {}
-    for name, source in (("pydicom", TEST_FILES), ("modalities", root / "modalities"),
-                         ("synthetic", root / "synthetic")):
+    for name, source, extra in (("pydicom", TEST_FILES, ()), ("modalities", root / "modalities", ()),
+                                ("synthetic", root / "synthetic", ()), ("issuers", root / "issuers", must_support)):
         outs[name] = root / f"out-{name}"
-        summary = run_cli(source, outs[name], *OPTIONS)
+        summary = run_cli(source, outs[name], *OPTIONS, *extra)
         assert summary["studies"]["written"] > 0
+    assert summary["resources"]["Endpoint"] == 1 and summary["resources"]["ServiceRequest"] == 4
     return outs
 
 
@@ -147,7 +155,8 @@ def test_every_output_line_was_validated(outputs, validated):
             expected["Bundle"] += entry["count"]
     controls = Counter(r["resourceType"] for r in negative_controls(outputs["modalities"]).values())
     assert Counter(validated["summary"]["by_type"]) == expected + controls
-    assert {"ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle"} <= set(expected)
+    assert {"ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Endpoint", "ServiceRequest",
+            "Bundle"} <= set(expected)
 
 
 def test_output_has_no_errors(validated):
