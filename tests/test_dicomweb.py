@@ -177,7 +177,8 @@ def test_dose_reports_from_orthanc_equal_dose_reports_from_files(orthanc, creden
         disk = disk_record(path)
         assert disk.record[DOSE_REPORT_KEY].items  # values were read
         assert web[disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]] == disk
-    run_files(stored, tmp_path / "disk")
+    run_files(stored, tmp_path / "disk", "--wado-rs-base", orthanc.dicomweb_url,  # the web run's endpoint
+              "--meta-source", orthanc.dicomweb_url)                            # and meta.source
     run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
     assert len(raw_lines(tmp_path / "web", "Observation")) == 4  # 2 summaries, 2 CT irradiation events
     for name in ("ImagingStudy", "Observation"):
