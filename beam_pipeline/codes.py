@@ -43,6 +43,7 @@ class Reason(StrEnum):
     CONFLICTING_DUPLICATE = "conflicting-duplicate-instance"
     MISSING_PATIENT_ID = "missing-patient-id"
     MISSING_MODALITY = "missing-modality"
+    UNKNOWN_PATIENT_ID_ISSUER = "unknown-patient-id-issuer"
     INVALID_FHIR = "invalid-fhir"
     # directory mode
     MULTIPLE_STUDIES_IN_DIRECTORY = "multiple-studies-in-directory"
@@ -65,9 +66,12 @@ DEVICE_PROFILE = MII_STRUCTURE + "mii-pr-bildgebung-geraet"
 DCM_SYSTEM = SYSTEMS["DCM"]  # the coding-scheme table of the terminologies is the one source
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
-RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle")
+RESOURCE_TYPES = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Endpoint", "ServiceRequest",
+                  "Bundle")
 # Built by several studies alike (same id, same content): written once per run.
-SHARED_TYPES = ("Device", "Patient", "Encounter")
+SHARED_TYPES = ("Device", "Patient", "Encounter", "Endpoint", "ServiceRequest")
+ENDPOINT_CONNECTION_TYPES = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+ENDPOINT_PAYLOAD_TYPES = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
 
 
 def sha256_id(*parts: str) -> str:

@@ -10,7 +10,7 @@ CODE_ITEMS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
 CORE_SPEC = fields.build_spec(
     [*keywords.CORE_KEYWORDS.values(),
      ("ProcedureCodeSequence", "ImageType", "PixelSpacing", "KVP", "InstitutionName")],
-    {"ProcedureCodeSequence": CODE_ITEMS},
+    {"ProcedureCodeSequence": CODE_ITEMS, **keywords.CORE_SEQUENCE_ITEM_KEYWORDS},
 )
 # Reaches (5200,9229): sequences at several depths, text in other character sets, numbers.
 WIDE_SPEC = fields.build_spec(
@@ -24,6 +24,7 @@ WIDE_SPEC = fields.build_spec(
       "ConceptNameCodeSequence", "ReferencedSeriesSequence", "SharedFunctionalGroupsSequence",
       "DirectoryRecordSequence")],
     {
+        **keywords.CORE_SEQUENCE_ITEM_KEYWORDS,
         "ProcedureCodeSequence": CODE_ITEMS,
         "RequestedProcedureCodeSequence": (*CODE_ITEMS, "SpecificCharacterSet"),
         "DerivationCodeSequence": CODE_ITEMS,

@@ -9,6 +9,7 @@ import pytest
 from helpers import copy_dicom, pydicom_file, raw_lines, run_pipeline
 
 from beam_pipeline.fhir import study
+from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run.convert import convert_files
 from beam_pipeline.run.transforms import MergeGroupsFn, ReadHeaderDoFn, SumCounts
 
@@ -34,7 +35,7 @@ def tricky(tmp_path_factory):
 def test_convert_files_and_the_pipeline_agree(tricky, tmp_path):
     summary = run_pipeline(tricky, tmp_path / "out")
     paths = sorted(os.path.join(tricky, name) for name in os.listdir(tricky))
-    result = convert_files(paths)
+    result = convert_files(paths, ConversionConfig(source=tricky.as_uri()))  # the pipeline's meta.source
     assert summary["notes"] == dict(result.notes)
     assert summary["notes"]["unparseable:KVP"] == 1  # once, by the mapping (one series), not per file too
     assert raw_lines(tmp_path / "out", "Device") == sorted(result.lines["Device"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import http.server
+import json
 import os
 import threading
 import time
 import warnings
+from collections import Counter
 
 import apache_beam as beam
 import orthanc as orthanc_harness
@@ -145,10 +147,13 @@ def test_records_from_orthanc_equal_records_from_files(orthanc, generated):
 
 def test_same_imagingstudy_and_device_lines_as_from_disk(orthanc, generated, credentials, tmp_path):
     stored = load(orthanc, "all", pydicom_files() + generated[0])
-    from_disk = run_files(stored, tmp_path / "disk")
+    # the server's base is the web run's meta.source and Endpoint address; named for the files
+    from_disk = run_files(stored, tmp_path / "disk", "--wado-rs-base", orthanc.dicomweb_url,
+                          "--meta-source", orthanc.dicomweb_url)
     from_web = run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
-    for name in ("ImagingStudy", "Device"):
+    for name in ("ImagingStudy", "Device", "Endpoint"):
         assert raw_lines(tmp_path / "web", name) == raw_lines(tmp_path / "disk", name), name
+    assert len(raw_lines(tmp_path / "web", "Endpoint")) == 1
     assert from_web["studies"] == from_disk["studies"]
     assert from_web["studies"]["written"] >= 35
     assert from_web["outcomes"] == from_disk["outcomes"]
@@ -172,7 +177,8 @@ def test_dose_reports_from_orthanc_equal_dose_reports_from_files(orthanc, creden
         disk = disk_record(path)
         assert disk.record[DOSE_REPORT_KEY].items  # values were read
         assert web[disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]] == disk
-    run_files(stored, tmp_path / "disk")
+    run_files(stored, tmp_path / "disk", "--wado-rs-base", orthanc.dicomweb_url,  # the web run's endpoint
+              "--meta-source", orthanc.dicomweb_url)                            # and meta.source
     run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
     assert len(raw_lines(tmp_path / "web", "Observation")) == 4  # 2 summaries, 2 CT irradiation events
     for name in ("ImagingStudy", "Observation"):
@@ -389,3 +395,73 @@ def test_a_server_that_never_answers_fails_the_check_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
     assert elapsed < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Must-support elements through DICOMweb: issuers, accession issuer, endpoint, meta.source
+
+
+@pytest.fixture(scope="module")
+def issuers(tmp_path_factory):
+    """Four studies of one PatientID from different issuers (see issuer_archive), and the table."""
+    from issuer_archive import SYSTEMS, make_issuer_archive
+
+    root = tmp_path_factory.mktemp("issuers")
+    manifest = make_issuer_archive(root)
+    table = tmp_path_factory.mktemp("issuer-table") / "issuers.json"
+    table.write_text(json.dumps(SYSTEMS))
+    return sorted(glob.glob(os.path.join(root, "**", "*.dcm"), recursive=True)), manifest["study_uids"], table
+
+
+def test_issuer_sequences_come_through_dicomweb_as_from_files(orthanc, issuers):
+    paths, _, _ = issuers
+    stored = load(orthanc, "issuers", paths)
+    assert len(stored) == len(paths) == 8
+    web = web_records(connection(orthanc))
+    seen = Counter()
+    for path in stored:
+        disk = disk_record(path)
+        key = disk.record["SOPInstanceUID"], disk.record["SeriesInstanceUID"]
+        assert web[key] == dataclasses.replace(disk, notes=())
+        seen.update(k for k in ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+                                "IssuerOfAccessionNumberSequence") if k in disk.record)
+    assert seen == {"IssuerOfPatientID": 4, "IssuerOfPatientIDQualifiersSequence": 2,
+                    "IssuerOfAccessionNumberSequence": 4}
+    item = next(r for r in web.values() if "IssuerOfPatientIDQualifiersSequence" in r.record).record
+    assert item["IssuerOfPatientIDQualifiersSequence"] == ({"UniversalEntityID": "1.2.276.0.76.4.2",
+                                                            "UniversalEntityIDType": "ISO"},)
+
+
+def test_dicomweb_run_writes_endpoint_source_and_issuer_systems(orthanc, issuers, credentials, tmp_path):
+    from issuer_archive import ACCESSION_OID, SYSTEMS
+
+    paths, uids, table = issuers
+    stored = load(orthanc, "issuers", paths)
+    options = ("--patient-id-issuers", str(table), "--unknown-patient-id-issuer", "default", "--service-requests")
+    summary = run_dicomweb(orthanc.dicomweb_url + "/", tmp_path / "web", *options)
+    assert summary["studies"] == {"written": 4, "rejected": 0}
+    [endpoint] = read_ndjson(tmp_path / "web", "Endpoint")  # automatic with --dicomweb
+    assert endpoint["address"] == orthanc.dicomweb_url and endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    studies = {s["identifier"][-1]["value"][len("urn:oid:"):]: s for s in read_ndjson(tmp_path / "web", "ImagingStudy")}
+    assert {s["meta"]["source"] for s in studies.values()} == {orthanc.dicomweb_url}
+    assert all(s["endpoint"] == [{"reference": "Endpoint/" + endpoint["id"]}] for s in studies.values())
+    systems = [studies[uid]["subject"]["identifier"]["system"] for uid in uids]
+    assert [systems[0], systems[1], systems[3]] == [SYSTEMS["HOSP_A"], SYSTEMS["HOSP_B"], SYSTEMS["1.2.276.0.76.4.2"]]
+    assert len({studies[uid]["subject"]["reference"] for uid in uids}) == 4  # one PatientID, four people
+    assert studies[uids[0]]["basedOn"][0]["identifier"]["system"] == "urn:oid:" + ACCESSION_OID
+    assert summary["resources"]["ServiceRequest"] == 4
+    assert "unmapped:IssuerOfPatientID" not in summary["notes"]  # every issuer given is in the table
+    # the same files read from disk, with the server named as endpoint and source: the same lines
+    run_files(stored, tmp_path / "disk", *options, "--wado-rs-base", orthanc.dicomweb_url,
+              "--meta-source", orthanc.dicomweb_url)
+    for name in ("ImagingStudy", "Endpoint", "ServiceRequest"):
+        assert raw_lines(tmp_path / "web", name) == raw_lines(tmp_path / "disk", name), name
+
+
+def test_dicomweb_rejects_unknown_issuers_by_default(orthanc, issuers, credentials, tmp_path):
+    paths, uids, _ = issuers
+    load(orthanc, "issuers", paths)
+    summary = run_dicomweb(orthanc.dicomweb_url, tmp_path / "web")
+    assert summary["studies"] == {"written": 1, "rejected": 3}
+    assert summary["errors_by_reason"] == {Reason.UNKNOWN_PATIENT_ID_ISSUER: 3}
+    assert {e["study_uid"] for e in read_ndjson(tmp_path / "web", "errors")} == {uids[0], uids[1], uids[3]}

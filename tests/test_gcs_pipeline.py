@@ -36,16 +36,15 @@ def _local_files(folder: Path) -> dict[str, str]:
             for path in folder.rglob("*") if path.is_file()}
 
 
-def _lines_by_kind(files: dict[str, str], replace: tuple[str, str] = ("", "")) -> dict[str, list[str]]:
+def _lines_by_kind(files: dict[str, str], *replacements: tuple[str, str]) -> dict[str, list[str]]:
     """Lines of the line-per-record files by kind (name without the shard suffix), sorted; JSON
-    escapes paths, so the local root is replaced in its escaped form too. OperationOutcome ids
-    (hashes of the error, its path included) are left out."""
-    old, new = replace
+    escapes paths, so the local root is replaced (in turn, each (old, new) pair) in its escaped form
+    too. OperationOutcome ids (hashes of the error, its path included) are left out."""
     lines: dict[str, list[str]] = {}
     for name, text in files.items():
         if name.endswith((".ndjson", ".jsonl")):
             kind = re.sub(r"-\d+-of-\d+", "", name)
-            if old:
+            for old, new in replacements:
                 text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
             if "OperationOutcome" in kind:  # its id hashes the error, path included
                 text = re.sub(r'"id":"[0-9a-f]{64}",', "", text)
@@ -88,8 +87,11 @@ def test_gs_to_gs_writes_the_same_lines_as_a_local_run(archive, gcs_client, tmp_
     assert remote.returncode == 0, remote.stderr[-3000:]
 
     local_files, remote_files = _local_files(local_out), _gs_files(gcs_client, "e2e/out/")
-    local_lines = _lines_by_kind(local_files, (str(archive), f"gs://{BUCKET}/e2e/in"))
+    # meta.source is the input's root: file:///... locally, gs://bucket/prefix on the bucket
+    local_lines = _lines_by_kind(local_files, (archive.as_uri(), f"gs://{BUCKET}/e2e/in"),
+                                 (str(archive), f"gs://{BUCKET}/e2e/in"))
     remote_lines = _lines_by_kind(remote_files)
+    assert f'"source":"gs://{BUCKET}/e2e/in"' in remote_files[next(n for n in remote_files if "ImagingStudy" in n)]
     assert set(remote_lines) == set(local_lines)
     assert {"ImagingStudy.ndjson", "Device.ndjson", "_report/errors.jsonl"} <= set(local_lines)
     for kind in local_lines:  # line by line, error paths included (local root -> gs:// prefix)

@@ -18,6 +18,8 @@ import pytest
 from fhir_java import read_issues, resource_files, run_cli, validate
 from helpers import TEST_FILES
 import dose_reports
+from issuer_archive import SYSTEMS as ISSUER_SYSTEMS
+from issuer_archive import make_issuer_archive
 from make_archive import make_archive, make_modality_archive
 
 from beam_pipeline.fhir.mii import EXT
@@ -65,12 +67,19 @@ def outputs(tmp_path_factory):
     (root / "dose").mkdir()
     dose_reports.write(dose_reports.ct_report(), root / "dose" / "ct-dose.dcm")
     dose_reports.write(dose_reports.projection_report(), root / "dose" / "xa-dose.dcm")
+    make_issuer_archive(root / "issuers")  # must-support elements: endpoint, basedOn, ServiceRequest
+    table = root / "issuers.json"
+    table.write_text(json.dumps(ISSUER_SYSTEMS), encoding="utf-8")
+    must_support = ("--patient-id-issuers", str(table), "--unknown-patient-id-issuer", "default",
+                    "--service-requests", "--wado-rs-base", "https://pacs.example.org/dicom-web")
     outs = {}
-    for name, source in (("pydicom", TEST_FILES), ("modalities", root / "modalities"),
-                         ("synthetic", root / "synthetic"), ("dose", root / "dose")):
+    for name, source, extra in (("pydicom", TEST_FILES, ()), ("modalities", root / "modalities", ()),
+                                ("synthetic", root / "synthetic", ()), ("dose", root / "dose", ()),
+                                ("issuers", root / "issuers", must_support)):
         outs[name] = root / f"out-{name}"
-        summary = run_cli(source, outs[name], *OPTIONS)
+        summary = run_cli(source, outs[name], *OPTIONS, *extra)
         assert summary["studies"]["written"] > 0
+    assert summary["resources"]["Endpoint"] == 1 and summary["resources"]["ServiceRequest"] == 4
     return outs
 
 
@@ -157,7 +166,8 @@ def test_every_output_line_was_validated(outputs, validated):
             expected["Bundle"] += entry["count"]
     controls = Counter(r["resourceType"] for r in negative_controls(outputs["modalities"]).values())
     assert Counter(validated["summary"]["by_type"]) == expected + controls
-    assert {"ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle"} <= set(expected)
+    assert {"ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Endpoint", "ServiceRequest",
+            "Bundle"} <= set(expected)
 
 
 def test_output_has_no_errors(validated):

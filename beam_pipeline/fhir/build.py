@@ -22,12 +22,14 @@ from beam_pipeline.codes import (
     sha256_id,
 )
 from beam_pipeline.dicom.dates import combine, parse_date, parse_time
-from beam_pipeline.fhir import dose, mii
+from beam_pipeline.fhir import dose, mii, references
 from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.referenced import service_request
 from beam_pipeline.fhir.study import StudyGroup, rank
 
 MISSING_PATIENT_ID = Reason.MISSING_PATIENT_ID
 MISSING_MODALITY = Reason.MISSING_MODALITY
+UNKNOWN_PATIENT_ID_ISSUER = Reason.UNKNOWN_PATIENT_ID_ISSUER
 
 
 @dataclass
@@ -43,12 +45,14 @@ def imaging_study_id(config: ConversionConfig, study_uid: str) -> str:
     return sha256_id(config.study_id_system, study_uid)
 
 
-def patient_reference(config: ConversionConfig, patient_id: str) -> dict:
+def patient_reference(config: ConversionConfig, patient_id: str, system: str | None = None) -> dict:
+    """``subject``: the id hashes the system (the issuer's, see ``references``) with the PatientID."""
+    system = system or config.patient_id_system
     return {
-        "reference": "Patient/" + sha256_id(config.patient_id_system, patient_id),
+        "reference": "Patient/" + sha256_id(system, patient_id),
         "identifier": {
             "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
-            "system": config.patient_id_system,
+            "system": system,
             "value": patient_id,
         },
     }
@@ -122,6 +126,13 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
         built.rejection = (MISSING_PATIENT_ID, "no instance of the study carries a PatientID")
         return built
     patient_id = patient_ids[0]
+    issuer = min(group.patient_issuers, default=("", ""))  # one at most: more is a rejection above
+    patient_system, known_issuer = references.patient_id_system(issuer, config)
+    if patient_system is None:
+        built.rejection = (UNKNOWN_PATIENT_ID_ISSUER, references.unknown_issuer_detail(issuer))
+        return built
+    if not known_issuer:
+        built.notes["unmapped:IssuerOfPatientID"] += 1
     if config.patient_id_length and len(patient_id) > config.patient_id_length:
         patient_id = patient_id[: config.patient_id_length]
         built.notes["truncated:PatientID"] += 1
@@ -131,7 +142,7 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
         return built
 
     notes = built.notes
-    subject = patient_reference(config, patient_id)
+    subject = patient_reference(config, patient_id, patient_system)
     offset = study.get("TimezoneOffsetFromUTC")
     started = dicom_datetime(study.get("StudyDate"), study.get("StudyTime"), offset,
                              config.timezone, notes, "StudyDate")
@@ -148,11 +159,14 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
         instances = sorted(by_series[series_uid])
         series_list.append(_series(series_uid, record, instances, study, config, terms, notes, devices))
 
-    resource = {"resourceType": "ImagingStudy", "id": imaging_study_id(config, group.study_uid),
-                "meta": {"profile": [IMAGING_STUDY_PROFILE]}}
+    meta = {"source": config.source} if config.source else {}
+    meta["profile"] = [IMAGING_STUDY_PROFILE]
+    resource = {"resourceType": "ImagingStudy", "id": imaging_study_id(config, group.study_uid), "meta": meta}
     if study_extras.get("extension"):
         resource["extension"] = study_extras["extension"]
-    resource["identifier"] = _study_identifiers(group, config)
+    accession = _accession_identifier(group, config, notes)
+    resource["identifier"] = ([accession] if accession else []) + [
+        {"system": "urn:dicom:uid", "value": "urn:oid:" + group.study_uid}]
     resource["status"] = "available"
     resource["modality"] = [{"system": DCM_SYSTEM, "code": code}
                             for code in sorted({rec["Modality"] for rec in group.series.values()})]
@@ -161,6 +175,12 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
         resource["encounter"] = study_extras["encounter"]
     if started:
         resource["started"] = started
+    based_on = references.based_on(accession, config.service_requests) if accession else None
+    if based_on:
+        resource["basedOn"] = [based_on]
+    endpoint = references.endpoint(config.wado_rs_base) if config.wado_rs_base else None
+    if endpoint:
+        resource["endpoint"] = [{"reference": "Endpoint/" + endpoint["id"]}]
     resource["numberOfSeries"] = len(series_list)
     resource["numberOfInstances"] = len(group.instances)
     if study_extras.get("procedureCode"):
@@ -175,6 +195,10 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
     if config.dose_reports:
         built.resources.extend(("Observation", obs) for obs in _dose_observations(
             group, by_series, resource["id"], subject, started, study, config, notes))
+    if endpoint:
+        built.resources.append(("Endpoint", endpoint))
+    if based_on and config.service_requests and (request := service_request(based_on, subject)):
+        built.resources.append(("ServiceRequest", request))
     return built
 
 
@@ -203,17 +227,13 @@ def _series_order(item):
     return (float("inf") if number is None else number, uid)
 
 
-def _study_identifiers(group: StudyGroup, config: ConversionConfig) -> list[dict]:
-    identifiers = []
+def _accession_identifier(group: StudyGroup, config: ConversionConfig, notes: Counter) -> dict | None:
+    """The ACSN identifier (also ``basedOn``'s), system from the issuer or ``accession_id_system``."""
     accessions = sorted(group.accession_numbers)
-    if accessions:
-        acsn = {"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}}
-        if config.accession_id_system:
-            acsn["system"] = config.accession_id_system
-        acsn["value"] = accessions[0]
-        identifiers.append(acsn)
-    identifiers.append({"system": "urn:dicom:uid", "value": "urn:oid:" + group.study_uid})
-    return identifiers
+    if not accessions:
+        return None
+    return references.accession_identifier(accessions[0],
+                                           references.accession_system(group.representative, config, notes))
 
 
 def _series(uid, record, instances, study, config, terms, notes, devices) -> dict:
@@ -369,11 +389,14 @@ class Validator:
 
     def __init__(self, full: bool = False):
         from fhir.resources.R4B.device import Device
+        from fhir.resources.R4B.endpoint import Endpoint
         from fhir.resources.R4B.imagingstudy import ImagingStudy
         from fhir.resources.R4B.observation import Observation
+        from fhir.resources.R4B.servicerequest import ServiceRequest
 
         self.full = full
-        self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation}
+        self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation,
+                       "Endpoint": Endpoint, "ServiceRequest": ServiceRequest}
 
     def problem(self, resources) -> tuple[str, str] | None:
         """(Reason.INVALID_FHIR, where and what) for the first invalid resource; values are not quoted."""

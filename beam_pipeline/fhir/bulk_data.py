@@ -34,6 +34,7 @@ ISSUE_TYPES: Mapping[str, str] = {
     Reason.CONFLICTING_DUPLICATE: "business-rule",
     Reason.MISSING_PATIENT_ID: "required",
     Reason.MISSING_MODALITY: "required",
+    Reason.UNKNOWN_PATIENT_ID_ISSUER: "business-rule",
     Reason.INVALID_FHIR: "invalid",
     Reason.MULTIPLE_STUDIES_IN_DIRECTORY: "business-rule",
     Reason.STUDY_IN_REJECTED_DIRECTORY: "business-rule",

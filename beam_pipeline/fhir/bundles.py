@@ -12,8 +12,9 @@ from typing import Iterable
 
 from beam_pipeline.codes import sha256_id
 
-# Referenced before referencing: Patient <- Encounter <- Device/Observation <- ImagingStudy.
-ENTRY_ORDER = ("Patient", "Encounter", "Device", "Observation", "ImagingStudy")
+# Referenced before referencing: Patient <- Encounter/ServiceRequest <- Endpoint/Device/Observation
+# <- ImagingStudy.
+ENTRY_ORDER = ("Patient", "Encounter", "ServiceRequest", "Endpoint", "Device", "Observation", "ImagingStudy")
 
 
 def full_url(resource_type: str, resource_id: str) -> str:

@@ -28,3 +28,13 @@ class ConversionConfig:
     patients: bool = False      # minimal Patient for each subject reference
     encounters: bool = False    # minimal Encounter for each encounter reference
     bundles: bool = False       # one transaction Bundle per study as well
+    service_requests: bool = False  # minimal ServiceRequest for each basedOn (accession number)
+    # Where the studies came from (meta.source): the DICOMweb base or the input root as a URI.
+    source: str | None = None
+    # DICOMweb (WADO-RS) service base of the Endpoint every study references; None: no endpoint.
+    wado_rs_base: str | None = None
+    # (issuer, system) pairs: IssuerOfPatientID (or the qualifiers' UniversalEntityID) -> system.
+    # The issuer "" stands for studies without an issuer (default: patient_id_system).
+    patient_id_issuers: tuple[tuple[str, str], ...] = ()
+    # A PatientID whose issuer is not in the table: "reject" its study, or take the "default" system.
+    unknown_patient_id_issuer: str = "reject"

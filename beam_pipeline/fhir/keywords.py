@@ -15,6 +15,7 @@ CORE_KEYWORDS = {
     "study": (
         "StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
         "TimezoneOffsetFromUTC", "StudyDescription",
+        "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "IssuerOfAccessionNumberSequence",
     ),
     "series": (
         "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "SeriesDate",
@@ -24,10 +25,24 @@ CORE_KEYWORDS = {
     "instance": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
 }
 
+# Items read from the core sequences (the HL7v2 Hierarchic Designator macro, PS3.3 Table 10-17).
+CORE_SEQUENCE_ITEM_KEYWORDS = {
+    "IssuerOfPatientIDQualifiersSequence": ("UniversalEntityID", "UniversalEntityIDType"),
+    "IssuerOfAccessionNumberSequence": ("LocalNamespaceEntityID", "UniversalEntityID", "UniversalEntityIDType"),
+}
+
+
+def sequence_item_keywords() -> dict[str, tuple[str, ...]]:
+    """Per sequence, the item keywords the core mapping and the MII table read."""
+    items = {name: set(children) for name, children in mii.SEQUENCE_ITEM_KEYWORDS.items()}
+    for name, children in CORE_SEQUENCE_ITEM_KEYWORDS.items():
+        items.setdefault(name, set()).update(children)
+    return {name: tuple(sorted(children)) for name, children in sorted(items.items())}
+
 
 def header_spec() -> FieldSpec:
     """Core keywords plus everything the MII extension mapping reads, and the dose report concepts."""
-    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], mii.SEQUENCE_ITEM_KEYWORDS,
+    return build_spec([*CORE_KEYWORDS.values(), *mii.KEYWORDS.values()], sequence_item_keywords(),
                       dose.READ_CONCEPTS)
 
 

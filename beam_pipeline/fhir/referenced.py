@@ -50,6 +50,21 @@ def encounter(reference: Mapping, subject: Mapping | None) -> dict | None:
     return resource
 
 
+def service_request(reference: Mapping, subject: Mapping | None) -> dict | None:
+    """The ServiceRequest a literal ``basedOn`` names (``--service-requests``): id, the ACSN
+    identifier, status ``unknown``, intent ``order`` and the study's subject (R4 requires it)."""
+    request_id = _target(reference, "ServiceRequest")
+    if request_id is None or not (subject and _target(subject, "Patient")):
+        return None
+    resource = {"resourceType": "ServiceRequest", "id": request_id}
+    if reference.get("identifier"):
+        resource["identifier"] = [dict(reference["identifier"])]
+    resource["status"] = "unknown"
+    resource["intent"] = "order"
+    resource["subject"] = {"reference": subject["reference"]}
+    return resource
+
+
 def referenced_resources(resources: Iterable[tuple[str, dict]], patients: bool, encounters: bool
                          ) -> list[tuple[str, dict]]:
     """Patient/Encounter resources for the subject/encounter references of a study's ImagingStudy."""

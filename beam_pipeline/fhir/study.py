@@ -20,6 +20,16 @@ STUDY_IN_REJECTED_DIRECTORY = Reason.STUDY_IN_REJECTED_DIRECTORY
 _NO_NUMBER = float("inf")
 
 
+def patient_issuer(record: dict) -> tuple[str, str]:
+    """Who issued the record's PatientID: (IssuerOfPatientID, the first UniversalEntityID of
+    IssuerOfPatientIDQualifiersSequence), "" where absent. ("", "") is "no issuer given"."""
+    issuer = record.get("IssuerOfPatientID")
+    qualifiers = record.get("IssuerOfPatientIDQualifiersSequence")
+    universal = next((item["UniversalEntityID"] for item in qualifiers if isinstance(item, dict)
+                      and isinstance(item.get("UniversalEntityID"), str)), "") if isinstance(qualifiers, tuple) else ""
+    return (issuer if isinstance(issuer, str) else "", universal)
+
+
 def rank(record: dict) -> tuple:
     """Total order of instances: instance number, then SOPInstanceUID (ties impossible)."""
     number = record.get("InstanceNumber")
@@ -34,6 +44,7 @@ class StudyGroup:
     files: int = 0
     duplicates: int = 0
     patient_ids: set = field(default_factory=set)
+    patient_issuers: set = field(default_factory=set)  # patient_issuer() of the records with a PatientID
     accession_numbers: set = field(default_factory=set)
     representative: dict | None = None            # record of the first instance by rank
     series: dict = field(default_factory=dict)    # series uid -> representative record
@@ -45,6 +56,7 @@ class StudyGroup:
         self.files += 1
         if "PatientID" in record:
             self.patient_ids.add(record["PatientID"])
+            self.patient_issuers.add(patient_issuer(record))
         if "AccessionNumber" in record:
             self.accession_numbers.add(record["AccessionNumber"])
         if self.representative is None or rank(record) < rank(self.representative):
@@ -73,6 +85,7 @@ class StudyGroup:
         self.files += other.files
         self.duplicates += other.duplicates
         self.patient_ids |= other.patient_ids
+        self.patient_issuers |= other.patient_issuers
         self.accession_numbers |= other.accession_numbers
         self.conflicting_sops |= other.conflicting_sops
         self.rejected_folders |= other.rejected_folders
@@ -96,6 +109,9 @@ class StudyGroup:
                 f"several studies: {', '.join(sorted(self.rejected_folders))}")
         if len(self.patient_ids) > 1:
             return CONFLICTING_PATIENT_ID, f"{len(self.patient_ids)} distinct PatientID values in one study"
+        if len(self.patient_issuers) > 1:
+            return CONFLICTING_PATIENT_ID, (f"{len(self.patient_issuers)} distinct issuers of the PatientID "
+                                            "(IssuerOfPatientID, its qualifiers) in one study")
         if len(self.accession_numbers) > 1:
             return CONFLICTING_ACCESSION, f"{len(self.accession_numbers)} distinct AccessionNumber values in one study"
         if self.conflicting_sops:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import glob as globlib
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from beam_pipeline.sources.dicomweb import (
     DicomWebError,
     Source,
     StudyQuery,
+    safe_url,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -66,7 +68,21 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study-id-system", default=defaults.study_id_system)
     parser.add_argument("--patient-id-system", default=defaults.patient_id_system)
     parser.add_argument("--accession-id-system", default=defaults.accession_id_system,
-                        help="system of the ACSN identifier (default: none, as the legacy converter)")
+                        help="system of the ACSN identifier (and basedOn) where IssuerOfAccessionNumberSequence "
+                             "names no global issuer (default: none, as the legacy converter)")
+    parser.add_argument("--patient-id-issuers", metavar="FILE",
+                        help="JSON object issuer -> system: IssuerOfPatientID (or the UniversalEntityID of its "
+                             "qualifiers) to the PatientID's identifier system; \"\" maps studies without issuer")
+    parser.add_argument("--unknown-patient-id-issuer", choices=("reject", "default"),
+                        default=defaults.unknown_patient_id_issuer,
+                        help="a PatientID whose issuer is given but not in --patient-id-issuers: reject its study "
+                             "(unknown-patient-id-issuer, default) or give it --patient-id-system")
+    parser.add_argument("--wado-rs-base", metavar="URL",
+                        help="DICOMweb (WADO-RS) service base where the studies can be retrieved: every study "
+                             "references one Endpoint with this address (default with --dicomweb: its URL)")
+    parser.add_argument("--meta-source", metavar="URI",
+                        help="ImagingStudy.meta.source (default: the --dicomweb URL, or the --input root as a "
+                             "file:// or gs:// URI)")
     parser.add_argument("--encounter-id-system", default=defaults.encounter_id_system,
                         help="system of Encounter identifiers built from AdmissionID")
     parser.add_argument("--patient-id-length", type=int, default=None,
@@ -83,6 +99,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="write a minimal Patient (id, MR identifier) for every subject reference")
     parser.add_argument("--encounters", action="store_true",
                         help="write a minimal Encounter (id, VN identifier, subject) for every encounter reference")
+    parser.add_argument("--service-requests", action="store_true",
+                        help="write a minimal ServiceRequest (id, ACSN identifier, subject) for every basedOn "
+                             "and make basedOn a literal reference to it")
     parser.add_argument("--bundles", action="store_true",
                         help="also write one FHIR transaction Bundle per study (PUT by id) to OUT/bundles/")
     parser.add_argument("--manifest-base-url", default=None,
@@ -123,6 +142,48 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 _WEB_ONLY = ("study_date_from", "study_date_to", "modality", "study_uid", "dicomweb_ca_bundle")
+
+
+_ABSOLUTE_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+
+
+def patient_id_issuers(path: str | None, parser) -> tuple[tuple[str, str], ...]:
+    """The --patient-id-issuers table: a JSON object of issuer strings to absolute URIs."""
+    if path is None:
+        return ()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            table = json.load(handle)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--patient-id-issuers {path}: {type(exc).__name__}: cannot be read as JSON")
+    if not isinstance(table, dict):
+        parser.error(f"--patient-id-issuers {path}: must be a JSON object issuer -> system")
+    for issuer, system in table.items():
+        if not isinstance(system, str) or not _ABSOLUTE_URI.match(system):
+            parser.error(f"--patient-id-issuers {path}: the system of issuer {issuer!r} is not an absolute URI")
+    return tuple(sorted((issuer.strip(), system) for issuer, system in table.items()))
+
+
+def wado_rs_base(args, parser) -> str | None:
+    """The Endpoint's address: --wado-rs-base, else the --dicomweb URL; without both none."""
+    if args.wado_rs_base is None:
+        return safe_url(args.dicomweb).rstrip("/") if args.dicomweb else None
+    parts = urlsplit(args.wado_rs_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        parser.error("--wado-rs-base must be an http(s) URL of a DICOMweb service base")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        parser.error("--wado-rs-base must not carry credentials, a query or a fragment (studies are "
+                     "retrieved below it)")
+    return args.wado_rs_base.rstrip("/")
+
+
+def meta_source(args, parser) -> str | None:
+    """meta.source: --meta-source, the --dicomweb URL, or None (the pipeline takes the input root)."""
+    if args.meta_source is not None:
+        if not _ABSOLUTE_URI.match(args.meta_source):
+            parser.error("--meta-source must be an absolute URI")
+        return args.meta_source
+    return safe_url(args.dicomweb).rstrip("/") if args.dicomweb else None
 
 
 def dicomweb_source(args, parser) -> Source | None:
@@ -215,7 +276,10 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         patient_id_length=args.patient_id_length, timezone=args.timezone,
         include_instances=not args.no_instances, include_devices=not args.no_devices,
         observations=args.observations, dose_reports=not args.no_dose_reports, patients=args.patients,
-        encounters=args.encounters, bundles=args.bundles)
+        encounters=args.encounters, bundles=args.bundles,
+        service_requests=args.service_requests, source=meta_source(args, parser),
+        wado_rs_base=wado_rs_base(args, parser), patient_id_issuers=patient_id_issuers(args.patient_id_issuers, parser),
+        unknown_patient_id_issuer=args.unknown_patient_id_issuer)
     run_id = uuid.uuid4().hex[:12]
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by, run_id=run_id,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,

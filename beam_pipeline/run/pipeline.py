@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
+from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import core, output, transforms
 from beam_pipeline.run.progress import ProgressReporter
 from beam_pipeline.run.settings import Settings
@@ -15,6 +17,15 @@ from beam_pipeline.run.summary import read_summary
 from beam_pipeline.sources import files as inputs
 
 _LOG = logging.getLogger(__name__)
+
+
+def conversion_config(settings: Settings) -> ConversionConfig:
+    """The mapping's options, ``meta.source`` filled in: the input's root as a URI unless given
+    (the DICOMweb base is set by the CLI)."""
+    config = settings.conversion
+    if config.source is None and settings.input is not None:
+        config = dataclasses.replace(config, source=inputs.root_uri(inputs.resolve_pattern(settings.input)))
+    return config
 
 
 def build_pipeline(pipeline, settings: Settings, started: float | None = None) -> None:
@@ -34,7 +45,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
             settings.read_concurrency, settings.max_header_bytes)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
-        settings.conversion, settings.validate, progress)
+        conversion_config(settings), settings.validate, progress)
     written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings))
     errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors

@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import glob as globlib
 import os
+import pathlib
 import re
 import stat
 import threading
 import warnings
 from typing import Iterator
+from urllib.parse import quote
 
 Path = str | bytes  # bytes only for local names that are not valid UTF-8
 
@@ -66,6 +68,17 @@ def group_root(input_path: str) -> str:
     while globlib.has_magic(root):
         root = root.rsplit("/", 1)[0]
     return root.rstrip("/")
+
+
+def root_uri(pattern: str) -> str:
+    """The root of a resolved input pattern (``resolve_pattern``) as a URI: ``file://`` and the folder
+    given (a glob's fixed folders, a single file's folder), or ``gs://bucket/prefix``. Never a file
+    name nor a folder below the root, whose names may be patients' names."""
+    root = _literal_root(pattern)
+    if is_remote(root):
+        scheme, rest = root.split("://", 1)
+        return f"{scheme}://{quote(rest, safe='/')}"
+    return pathlib.PurePosixPath(root).as_uri()
 
 
 def first_level_folder(path: Path, root: str) -> str:
