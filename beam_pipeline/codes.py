@@ -51,6 +51,15 @@ class Reason(StrEnum):
     # DICOMweb source
     STUDY_NOT_FOUND = "study-not-found"
     FETCH_FAILED = "fetch-failed"
+    # storage or server still failing after the retry deadline: worth trying again later
+    UNAVAILABLE = "unavailable"
+
+
+# Failures that a later run may not repeat (storage or server faults, not the file's content): an
+# incremental run reads these files again, and the run's exit code marks it incomplete.
+TRANSIENT_REASONS = frozenset({Reason.UNAVAILABLE, Reason.FETCH_FAILED})
+# Exit code of a run that finished but left files unread for a transient reason (a scheduler retries).
+EXIT_INCOMPLETE = 4
 
 
 # Key of a record's list of keywords whose values did not parse (see ``fields``).
