@@ -294,8 +294,12 @@ class FlinkCluster:
         return process
 
     def wait_for_taskmanagers(self, count: int, timeout: float = 120) -> None:
-        wait_until(lambda: self.overview()["taskmanagers"] == count, f"Flink with {count} TaskManagers",
-                   [self.jobmanager], timeout)
+        """Until exactly ``count`` TaskManagers have registered with all their slots (a TaskManager
+        registers before its slots do; a lost one is noticed after the 8 s heartbeat timeout)."""
+        def ready():
+            overview = self.overview()
+            return (overview["taskmanagers"], overview["slots-total"]) == (count, count * self.slots)
+        wait_until(ready, f"Flink with {count} TaskManagers", [self.jobmanager], timeout)
 
     def __enter__(self):
         self.jobmanager = self._daemon("jobmanager.sh", "jobmanager.out")
@@ -340,7 +344,7 @@ class SparkCluster:
             return json.load(answer)
 
     def __exit__(self, *exc):
-        stop(reversed(self.processes))
+        stop(list(reversed(self.processes)))
 
 
 # --- Beam options per engine -------------------------------------------------------------------
@@ -384,7 +388,7 @@ def main(argv=None) -> int:
     commands.add_parser("spark-cluster", help="start a Spark master and worker until Ctrl-C")
     commands.add_parser("worker-pool", help="start a Python SDK worker pool until Ctrl-C")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix=f"{args.command}-", dir=cache_dir()))
+    work = None if args.command == "install" else Path(tempfile.mkdtemp(prefix=f"{args.command}-", dir=cache_dir()))
     try:
         if args.command == "install":
             installs = {"prism": lambda: [install_prism()],
