@@ -103,10 +103,11 @@ def install_prism() -> Path:
     target = cache_dir() / "bin" / f"prism-{BEAM_VERSION}"
     if target.is_file():
         return target
-    if shutil.which("go") is None:
+    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
+    if go is None:
         raise EngineUnavailable("Prism needs Go (go install); `go` is not on PATH")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as gobin:
-        done = subprocess.run(["go", "install", f"{PRISM_MODULE}@v{BEAM_VERSION}"], capture_output=True,
+        done = subprocess.run([go, "install", f"{PRISM_MODULE}@v{BEAM_VERSION}"], capture_output=True,
                               text=True, env={**os.environ, "GOBIN": gobin})
         if done.returncode != 0:
             raise EngineUnavailable(f"go install {PRISM_MODULE}@v{BEAM_VERSION} failed: "
