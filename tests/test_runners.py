@@ -1,22 +1,30 @@
-"""Same input, same results on every runner: the in-process runner (1 and 2 workers), the
-BundleBasedDirectRunner, and Beam's portable path (embedded job server with subprocess workers;
-a job service with an external worker pool), as Flink and Dataflow run it.
+"""Same input, same results on every runner and engine: the in-process runner (1 and 2 workers),
+the BundleBasedDirectRunner, Beam's portable path (embedded job server with subprocess workers; a
+job service with an external worker pool), Prism (Beam's Go runner, in-process workers and an
+external pool of SDK workers), and a standalone Flink cluster, Flink's embedded ``[local]`` mode
+and a Spark standalone cluster where Beam's job server jars can be had (scripts/engines.py).
 
-Each case runs the CLI as a user would; resource and error lines and summary.json counts must be
-identical. The inputs are pydicom's real files plus a generated archive with faults.
+Each case runs the CLI as a user would; resource, error, Bundle and OperationOutcome lines and
+summary.json counts must be identical. The inputs are pydicom's real files plus a generated
+archive with faults. Line order inside a shard is not compared: it follows the engine's bundles.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import TEST_FILES, copy_dicom, pydicom_file, raw_lines
 from make_archive import make_archive
 from runners import RUNNERS, job_service_and_worker_pool, venv_env
+
+from scripts import engines
 
 OUTPUTS = ("ImagingStudy", "Device", "Observation", "Patient", "Encounter", "Bundle", "errors", "OperationOutcome")
 LOADABLE = ("--observations", "--patients", "--encounters", "--bundles")
@@ -57,6 +65,42 @@ def portable_service(tmp_path_factory):
         yield options
 
 
+def engine_or_skip(install, required_in_ci=False):
+    """What ``install()`` returns, or a skip naming what is missing (the exact Maven coordinates for
+    a job server the registry does not serve); under CI, an engine that must install is a failure."""
+    try:
+        return install()
+    except engines.EngineUnavailable as missing:
+        if required_in_ci and os.environ.get("CI"):
+            raise
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="module")
+def worker_pool(tmp_path_factory):
+    with engines.worker_pool(tmp_path_factory.mktemp("pool-logs")) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def baselines(archives, tmp_path_factory):
+    """The in-process runner's results per mode, computed once for every engine's comparison."""
+    cache = {}
+
+    def baseline(mode):
+        if mode not in cache:
+            out = tmp_path_factory.mktemp(f"baseline-{mode}")
+            cache[mode] = results(out, convert(archives[mode], out, RUNNERS["in_memory_1"], "--group-by", mode,
+                                               *LOADABLE))
+        return cache[mode]
+    return baseline
+
+
+def assert_same_as_baseline(got, baseline, name):
+    for key in ("summary", "manifest", *OUTPUTS):
+        assert got[key] == baseline[key], f"{name} differs from in_memory_1 in {key}"
+
+
 def convert(input_dir, out, options, *extra) -> dict:
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(input_dir), "--output", str(out),
                            *extra, *options], capture_output=True, text=True, timeout=600, env=venv_env())
@@ -86,13 +130,18 @@ def results(out, summary) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["study", "directory"])
-def test_every_runner_writes_the_same_lines_and_summary(archives, portable_service, tmp_path, mode):
-    cases = {**RUNNERS, "portable_job_service": portable_service}
+def test_every_runner_writes_the_same_lines_and_summary(archives, baselines, portable_service, worker_pool,
+                                                        tmp_path, mode):
+    prism = engine_or_skip(engines.install_prism, required_in_ci=True)
+    cases = {**RUNNERS, "portable_job_service": portable_service,
+             "prism": ["--runner", "PrismRunner", "--prism_location", str(prism)],
+             "prism_worker_pool": engines.prism_options(worker_pool)}
+    cases.pop("in_memory_1")
     seen = {}
     for name, options in cases.items():
         out = tmp_path / name
         seen[name] = results(out, convert(archives[mode], out, options, "--group-by", mode, *LOADABLE))
-    baseline = seen.pop("in_memory_1")
+    baseline = baselines(mode)
     summary = baseline["summary"]
     assert sum(summary["outcomes"].values()) == summary["files_matched"] > 60
     assert summary["resources"]["ImagingStudy"] >= 6 and summary["resources"]["Device"] >= 3
@@ -102,5 +151,122 @@ def test_every_runner_writes_the_same_lines_and_summary(archives, portable_servi
     if mode == "directory":
         assert summary["errors_by_reason"]["multiple-studies-in-directory"] == 1  # two-studies/
     for name, got in seen.items():
-        for key in ("summary", "manifest", *OUTPUTS):
-            assert got[key] == baseline[key], f"{name} differs from in_memory_1 in {key}"
+        assert_same_as_baseline(got, baseline, name)
+
+
+# --- a failing engine ----------------------------------------------------------------------------
+
+def beacons(out) -> list[str]:
+    """Progress beacon files of the run writing to ``out`` (each worker's counts, every second)."""
+    return glob.glob(os.path.join(out, ".progress-*", "*.json"))
+
+
+def run_and_kill(input_dir, out, options, kill, timeout=600) -> subprocess.CompletedProcess:
+    """Runs the CLI and calls ``kill()`` once its workers have reported reading files."""
+    cli = subprocess.Popen([sys.executable, "-m", "beam_pipeline", "--input", str(input_dir), "--output", str(out),
+                            "--progress-interval", "1", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=venv_env())
+    deadline = time.monotonic() + 300
+    while not beacons(out) and cli.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cli.poll() is None, "the run ended before the workers could be killed: make the archive bigger"
+    kill()
+    stdout, stderr = cli.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cli.args, cli.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def big_archive(tmp_path_factory):
+    """24,000 instances: a run long enough to be killed in the middle of reading."""
+    root = tmp_path_factory.mktemp("big-archive")
+    make_archive(root, studies=40, series=4, instances=150)
+    return root
+
+
+@pytest.mark.slow
+def test_killed_sdk_workers_fail_the_prism_run_with_one_line_and_no_summary(big_archive, tmp_path):
+    prism = engine_or_skip(engines.install_prism, required_in_ci=True)
+    with engines.worker_pool(tmp_path / "logs") as (address, pool):
+        done = run_and_kill(big_archive, tmp_path / "out", ["--runner", "PrismRunner", "--prism_location", str(prism),
+                                                            "--environment_type", "EXTERNAL",
+                                                            "--environment_config", address],
+                            kill=lambda: os.killpg(pool.pid, signal.SIGKILL))
+    assert done.returncode == 3, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
+    assert len(said) == 1 and said[0].startswith("error: the run failed: "), said
+    assert "SDK worker disconnected" in said[0] or "control connection" in said[0], said[0]
+    assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")  # its absence marks the run incomplete
+
+
+# --- Flink and Spark (Beam's job server jars through Maven; skipped, with the coordinates, where
+# the registry does not serve them) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flink_home():
+    jar = engine_or_skip(lambda: engines.install_job_server("flink"))
+    return engines.install_flink(), jar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["study", "directory"])
+def test_a_flink_cluster_writes_the_same_lines_and_summary(archives, baselines, flink_home, tmp_path, mode):
+    home, _ = flink_home
+    with engines.FlinkCluster(home, tmp_path / "flink", taskmanagers=2, slots=1) as cluster, \
+            engines.worker_pool(tmp_path / "pool") as (address, _):
+        out = tmp_path / "out"
+        got = results(out, convert(archives[mode], out, engines.flink_options(cluster.master, address, 2),
+                                   "--group-by", mode, *LOADABLE))
+        assert cluster.overview()["jobs-finished"] == 1
+    assert_same_as_baseline(got, baselines(mode), "flink_cluster")
+
+
+@pytest.mark.slow
+def test_flink_embedded_in_the_job_server_writes_the_same_lines(archives, baselines, flink_home, tmp_path):
+    with engines.worker_pool(tmp_path / "pool") as (address, _):
+        out = tmp_path / "out"
+        got = results(out, convert(archives["study"], out, engines.flink_options("[local]", address, 2),
+                                   "--group-by", "study", *LOADABLE))
+    assert_same_as_baseline(got, baselines("study"), "flink_local")
+
+
+@pytest.mark.slow
+def test_a_killed_taskmanager_with_a_spare_and_restarts_changes_nothing(big_archive, flink_home, tmp_path):
+    home, _ = flink_home
+    reference = tmp_path / "reference"
+    baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
+    with engines.FlinkCluster(home, tmp_path / "flink", taskmanagers=2, slots=1, restart_attempts=3) as cluster, \
+            engines.worker_pool(tmp_path / "pool") as (address, _):
+        cluster.add_taskmanager()  # the spare
+        cluster.wait_for_taskmanagers(3)
+        out = tmp_path / "out"
+        done = run_and_kill(big_archive, out, engines.flink_options(cluster.master, address, 2),
+                            kill=lambda: os.killpg(cluster.taskmanagers[0].pid, signal.SIGKILL))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
+        summary = {k: v for k, v in json.load(handle).items() if k not in ("seconds", "instances_per_second")}
+    assert results(out, summary) == baseline  # nothing duplicated, nothing lost
+
+
+@pytest.mark.slow
+def test_a_killed_taskmanager_without_restarts_fails_with_one_line_and_no_summary(big_archive, flink_home, tmp_path):
+    home, _ = flink_home
+    with engines.FlinkCluster(home, tmp_path / "flink", taskmanagers=2, slots=1) as cluster, \
+            engines.worker_pool(tmp_path / "pool") as (address, _):
+        done = run_and_kill(big_archive, tmp_path / "out", engines.flink_options(cluster.master, address, 2),
+                            kill=lambda: os.killpg(cluster.taskmanagers[0].pid, signal.SIGKILL))
+    assert done.returncode == 3, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
+    assert len(said) == 1 and said[0].startswith("error: the run failed: "), said
+    assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["study", "directory"])
+def test_a_spark_cluster_writes_the_same_lines_and_summary(archives, baselines, tmp_path, mode):
+    engine_or_skip(lambda: engines.install_job_server("spark"))
+    with engines.SparkCluster(engines.install_spark(), tmp_path / "spark") as cluster, \
+            engines.worker_pool(tmp_path / "pool") as (address, _):
+        out = tmp_path / "out"
+        got = results(out, convert(archives[mode], out, engines.spark_options(cluster.master, address),
+                                   "--group-by", mode, *LOADABLE))
+    assert_same_as_baseline(got, baselines(mode), "spark_cluster")

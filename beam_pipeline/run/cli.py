@@ -311,6 +311,15 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1][:300] if text else ''}"
 
 
+def not_repeated_below(record: logging.LogRecord) -> bool:
+    """Keeps off the console what the one error line repeats: Prism's own log (its start and stop,
+    each failed bundle again, a Go stack) and the job's error, which Beam's portable runner logs
+    and then raises."""
+    if record.name == "PrismRunner":
+        return False
+    return not (record.levelno >= logging.ERROR and record.module == "portable_runner")
+
+
 def main(argv=None) -> int:
     """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
     line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
@@ -319,6 +328,9 @@ def main(argv=None) -> int:
     # The in-process runner logs a failing step's traceback before raising it; the cause is
     # printed below in one line, so the page of Beam frames stays off the console.
     logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(not_repeated_below)
     try:
         summary = run(argv)
     except (output.OutputError, DicomWebError, gcs.GcsAccessError) as exc:
