@@ -142,13 +142,17 @@ class LatencyProxy:
     time with a small listen backlog); the delays of all requests overlap.
     """
 
-    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4):
+    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4,
+                 fault=None):
         parsed = urlparse(upstream_url)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
         self.delay = delay_ms / 1000.0
         self.slots = upstream_slots
         self.port = port
         self.counts = Counts()
+        # fault(method, target) -> None (forward), an HTTP status int to answer instead (with
+        # Retry-After: 1 for 429/503), or "drop" to close the connection without an answer
+        self.fault = fault
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -183,7 +187,15 @@ class LatencyProxy:
                     status_line, response_headers = b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")]
                 else:
                     await asyncio.sleep(self.delay)
-                    status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    injected = self.fault(method.decode(), target.decode("latin-1")) if self.fault else None
+                    if injected == "drop":
+                        break
+                    if injected is not None:
+                        status_line = b"HTTP/1.1 %d Injected" % injected
+                        response_headers = [(b"retry-after", b"1")] if injected in (429, 503) else []
+                        data = b'{"error": {"code": %d}}' % injected
+                    else:
+                        status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
                     self.counts.add(method.decode(), len(data))
                 lines = [b"HTTP/1.1" + status_line[status_line.index(b" "):]]
                 lines += [k + b": " + v for k, v in response_headers if k not in _HOP_BY_HOP]

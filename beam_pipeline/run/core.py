@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason
+from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason, SourceUnavailable
 from beam_pipeline.dicom import header
 from beam_pipeline.dicom.fields import FieldSpec
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
@@ -74,6 +74,8 @@ class FileReader:
             with self.open_file(path, size) as fp:
                 return header.read_header(fp, self.spec, use_fast=self.use_fast_reader,
                                           max_header_bytes=self.max_header_bytes)
+        except SourceUnavailable as exc:  # storage still failing after the retry deadline: retryable
+            return HeaderResult(ERROR, reason=Reason.UNAVAILABLE, detail=exc.strerror or "storage unavailable")
         except OSError as exc:
             return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}")
 

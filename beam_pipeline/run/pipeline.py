@@ -42,7 +42,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
             settings.input, settings.output, progress=progress)
         partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
             settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
-            settings.read_concurrency, settings.max_header_bytes)
+            settings.read_concurrency, settings.max_header_bytes, settings.retry_deadline)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         conversion_config(settings), settings.validate, progress)

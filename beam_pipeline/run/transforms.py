@@ -132,9 +132,10 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
-                 max_header_bytes: int = MAX_HEADER_BYTES):
+                 max_header_bytes: int = MAX_HEADER_BYTES, retry_deadline: float | None = None):
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
+        self.retry_deadline = retry_deadline
         self.group_by = group_by
         self.root = root
         self.progress_settings = progress
@@ -146,7 +147,8 @@ class ReadHeaderDoFn(beam.DoFn):
         self.shared_pool = shared.Shared()
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(), self.max_header_bytes)
+        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline),
+                                      self.max_header_bytes)
         self.pool = (self.shared_pool.acquire(lambda: ThreadPoolExecutor(self.read_concurrency, "header-read"))
                      if self.read_concurrency > 1 else None)
         self.progress = ProgressBeacon(self.progress_settings)
@@ -186,9 +188,10 @@ class ReadHeaders(beam.PTransform):
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
-                 max_header_bytes: int = MAX_HEADER_BYTES):
+                 max_header_bytes: int = MAX_HEADER_BYTES, retry_deadline: float | None = None):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes,
+                                   retry_deadline)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")

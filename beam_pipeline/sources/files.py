@@ -205,7 +205,8 @@ class InputOpener:
     kept-alive connections (set up on the first gs:// path, so local runs need no credentials), local
     files directly."""
 
-    def __init__(self):
+    def __init__(self, retry_deadline: float | None = None):
+        self.retry_deadline = retry_deadline  # None: gcs.DEFAULT_RETRY_DEADLINE
         self._fetcher = None
         self._lock = threading.Lock()
 
@@ -223,7 +224,9 @@ class InputOpener:
             if self._fetcher is None:
                 from beam_pipeline.sources import gcs
 
-                self._fetcher = gcs.RangeFetcher()
+                policy = gcs.RetryPolicy() if self.retry_deadline is None else \
+                    gcs.RetryPolicy(deadline=self.retry_deadline)
+                self._fetcher = gcs.RangeFetcher(policy=policy)
             return self._fetcher
 
 

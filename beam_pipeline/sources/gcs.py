@@ -29,13 +29,58 @@ from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import quote, urlsplit
 
+from beam_pipeline.codes import SourceUnavailable
+
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # read input, write output
 READ_TIMEOUT = 60.0     # per socket operation of a ranged GET
 CHECK_TIMEOUT = 8.0     # per request of an access check
 CHECK_DEADLINE = 25.0   # all access checks together, credential lookup included: under 30 s
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-RETRIES = 3             # per ranged GET, for transient statuses and dropped connections
+DEFAULT_RETRY_DEADLINE = 180.0  # seconds one request may keep retrying transient answers
+DEFAULT_RETRY_BUDGET = 1800.0   # seconds of retry sleeps per fetcher (worker) in all: a dead endpoint ends the run
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient answers (408, 429, 5xx, resets, timeouts) are retried: exponential backoff
+    with jitter (google-api-core's sleep generator), at least ``Retry-After`` when the server
+    names it, until ``deadline`` seconds after the first attempt. Permanent answers (400, 401,
+    403, 404) are never retried."""
+
+    deadline: float = DEFAULT_RETRY_DEADLINE
+    initial: float = 0.2
+    maximum: float = 10.0
+    budget: float = DEFAULT_RETRY_BUDGET
+
+    def sleeps(self):
+        from google.api_core.retry import exponential_sleep_generator
+
+        return exponential_sleep_generator(self.initial, self.maximum)
+
+
+class RetryBudget:
+    """Seconds of retry sleeps left to one worker's fetcher; once spent, transient failures fail at
+    once (as ``unavailable``), so a dead endpoint costs one budget, not a deadline per file."""
+
+    def __init__(self, seconds: float):
+        self.left = seconds
+        self._lock = threading.Lock()
+
+    def take(self, seconds: float) -> bool:
+        with self._lock:
+            if self.left <= 0:
+                return False
+            self.left -= seconds
+            return True
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header (delta-seconds form; an HTTP date counts as absent)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 class GcsAccessError(Exception):
@@ -95,8 +140,10 @@ class RangeFetcher:
     credentials (anonymous for an emulator) are applied and refreshed by google-auth.
     """
 
-    def __init__(self, creds=None, base_url: str | None = None):
+    def __init__(self, creds=None, base_url: str | None = None, policy: RetryPolicy | None = None):
         self.credentials = creds if creds is not None else credentials()
+        self.policy = policy or RetryPolicy()
+        self.budget = RetryBudget(self.policy.budget)
         self.base_url = (base_url or endpoint()).rstrip("/")
         parsed = urlsplit(self.base_url)
         self._https = parsed.scheme == "https"
@@ -109,34 +156,38 @@ class RangeFetcher:
     def fetch(self, bucket: str, name: str, start: int, length: int) -> tuple[bytes, int | None]:
         """Bytes [start, start + length) (fewer at the end of the object) and the object's size."""
         path = f"{self._path_prefix}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}?alt=media"
-        for attempt in range(RETRIES):
+        give_up = time.monotonic() + self.policy.deadline
+        sleeps = self.policy.sleeps()
+        while True:
             headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
             self.requests += 1
+            retry_after = None
             try:
                 self._authorize(path, headers)
-                status, content_range, data = self._get(path, headers)
+                status, content_range, data, retry_after = self._get(path, headers)
             except (OSError, http.client.HTTPException) as exc:  # dropped keep-alive, reset, timeout
                 self._local.connection = None
-                if attempt + 1 == RETRIES:
-                    raise OSError(errno.EIO, f"no answer from object storage ({type(exc).__name__})") from None
-                time.sleep(0.1 * 2 ** attempt)
-                continue
-            if status in (200, 206):
-                size = _total_size(content_range)
-                if status == 200:  # the whole object: the server ignored the range
-                    size = len(data)
-                    data = data[start:start + length]
-                return data, size
-            if status == 416:  # the range starts at or past the end: empty object or read past it
-                return b"", _total_size(content_range)
-            if status == 404:
-                raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
-            if status in (401, 403):
-                raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
-            if status not in TRANSIENT_STATUSES or attempt + 1 == RETRIES:
-                raise OSError(errno.EIO, f"object storage answered HTTP {status}")
-            time.sleep(0.2 * 2 ** attempt)
-        raise AssertionError("unreachable")
+                problem = f"no answer from object storage ({type(exc).__name__})"
+            else:
+                if status in (200, 206):
+                    size = _total_size(content_range)
+                    if status == 200:  # the whole object: the server ignored the range
+                        size = len(data)
+                        data = data[start:start + length]
+                    return data, size
+                if status == 416:  # the range starts at or past the end: empty object or read past it
+                    return b"", _total_size(content_range)
+                if status == 404:
+                    raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
+                if status in (401, 403):
+                    raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
+                if status not in TRANSIENT_STATUSES:
+                    raise OSError(errno.EIO, f"object storage answered HTTP {status}")
+                problem = f"object storage answered HTTP {status}"
+            pause = max(next(sleeps), retry_after or 0.0)
+            if time.monotonic() + pause > give_up or not self.budget.take(pause):
+                raise SourceUnavailable(errno.EAGAIN, f"{problem}, still after {self.policy.deadline:g} s of retries")
+            time.sleep(pause)
 
     def _authorize(self, path: str, headers: dict) -> None:
         if self._auth_request is None:
@@ -155,7 +206,7 @@ class RangeFetcher:
         if response.will_close:
             self._local.connection = None
             connection.close()
-        return response.status, response.getheader("Content-Range"), data
+        return response.status, response.getheader("Content-Range"), data, _retry_after(response.getheader("Retry-After"))
 
     def _connect(self) -> http.client.HTTPConnection:
         proxy = None if urllib.request.proxy_bypass(self._host or "") else \
@@ -277,8 +328,25 @@ LIST_PAGE_SIZE = 1000
 LIST_TIMEOUT = 60.0  # per list page
 
 
-def _json_get(session, url: str, params: dict | None = None):
-    response = session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT))
+def retrying(send, policy: RetryPolicy | None = None):
+    """``send()`` (a requests call) again while it answers a transient status, under the policy:
+    backoff with jitter, at least ``Retry-After``, until the deadline; then the last answer."""
+    policy = policy or RetryPolicy()
+    give_up = time.monotonic() + policy.deadline
+    sleeps = policy.sleeps()
+    while True:
+        response = send()
+        if response.status_code not in TRANSIENT_STATUSES:
+            return response
+        pause = max(next(sleeps), _retry_after(response.headers.get("Retry-After")) or 0.0)
+        if time.monotonic() + pause > give_up:
+            return response
+        time.sleep(pause)
+
+
+def _json_get(session, url: str, params: dict | None = None, policy: RetryPolicy | None = None):
+    response = retrying(lambda: session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT)),
+                        policy)
     if response.status_code in (401, 403):
         raise PermissionError(errno.EACCES, f"no permission to list {url.split('/b/', 1)[-1]} (HTTP {response.status_code})")
     return response
@@ -291,6 +359,9 @@ def list_objects(bucket: str, prefix: str, session=None) -> Iterator[tuple[str, 
     params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size),nextPageToken"}
     while True:
         response = _json_get(session, url, params)
+        if response.status_code in TRANSIENT_STATUSES:
+            raise SourceUnavailable(errno.EAGAIN, f"listing gs://{bucket} answered HTTP {response.status_code} "
+                                    "past the retry deadline")
         if response.status_code != 200:
             raise OSError(errno.EIO, f"listing gs://{bucket} answered HTTP {response.status_code}")
         page = response.json()
@@ -324,9 +395,10 @@ def object_exists(path: str, session=None) -> bool:
 class _Probe:
     session: object
     base_url: str
+    policy: RetryPolicy = RetryPolicy()
 
 
-def _probe_session() -> _Probe:
+def _probe_session(policy: RetryPolicy | None = None) -> _Probe:
     auth_log = logging.getLogger("google.auth")
     level = auth_log.level
     auth_log.setLevel(logging.ERROR)  # its warnings of each place it looked: our one line says it
@@ -338,12 +410,13 @@ def _probe_session() -> _Probe:
             f"GOOGLE_APPLICATION_CREDENTIALS): {type(exc).__name__}") from None
     finally:
         auth_log.setLevel(level)
-    return _Probe(session, endpoint().rstrip("/"))
+    return _Probe(session, endpoint().rstrip("/"), policy or RetryPolicy())
 
 
 def _request(probe: _Probe, what: str, method: str, url: str, **kwargs):
     try:
-        return probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs)
+        return retrying(lambda: probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs),
+                        probe.policy)
     except Exception as exc:  # connection refused, DNS, timeout, token refresh without network
         name = type(exc).__name__
         if "Timeout" in name:
@@ -373,11 +446,12 @@ def fixed_prefix(path: str) -> str:
     return name
 
 
-def check_input(path: str) -> None:
-    """Raise GcsAccessError unless objects under ``path`` (a gs:// prefix or glob) can be listed."""
+def check_input(path: str, policy: RetryPolicy | None = None) -> None:
+    """Raise GcsAccessError unless objects under ``path`` (a gs:// prefix or glob) can be listed;
+    transient answers (an outage at start-up) are retried under the policy, permanent ones are not."""
     what = f"--input {path}"
     bucket, _ = split_path(path)
-    probe = _probe_session()
+    probe = _probe_session(policy)
     url = f"{probe.base_url}/storage/v1/b/{quote(bucket, safe='')}/o"
     response = _request(probe, what, "GET", url,
                         params={"prefix": fixed_prefix(path), "maxResults": "1", "fields": "items/name"})
@@ -385,11 +459,11 @@ def check_input(path: str) -> None:
         raise _explain(what, bucket, response)
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, policy: RetryPolicy | None = None) -> None:
     """Raise GcsAccessError unless a small object can be written under ``path`` and deleted again."""
     what = f"--output {path}"
     bucket, name = split_path(path)
-    probe = _probe_session()
+    probe = _probe_session(policy)
     prefix = name.strip("/")
     probe_name = f"{prefix}/.dicom2fhir-write-check-{uuid.uuid4().hex}" if prefix else \
         f".dicom2fhir-write-check-{uuid.uuid4().hex}"
@@ -405,7 +479,8 @@ def check_output(path: str) -> None:
                              f"(HTTP {response.status_code}); the output step replaces files")
 
 
-def check_access(input_path: str | None, output_path: str | None, deadline: float = CHECK_DEADLINE) -> None:
+def check_access(input_path: str | None, output_path: str | None, deadline: float | None = None,
+                 policy: RetryPolicy | None = None) -> None:
     """Check whichever of input and output are on gs://; raises GcsAccessError on the first problem,
     or when the checks together take longer than ``deadline`` seconds (a credential lookup or token
     refresh retrying against an unreachable server must not hold the run)."""
@@ -413,12 +488,15 @@ def check_access(input_path: str | None, output_path: str | None, deadline: floa
               if path and path.startswith("gs://")]
     if not checks:
         return
+    policy = policy or RetryPolicy()
+    if deadline is None:  # no answer at all within CHECK_DEADLINE; transient answers get the retry deadline
+        deadline = CHECK_DEADLINE + 2 * policy.deadline
     failure: list[BaseException] = []
 
     def run_checks():
         try:
             for check, path in checks:
-                check(path)
+                check(path, policy)
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
 

@@ -1,0 +1,143 @@
+"""Storage faults cost time, never a file: gs:// reads and access checks through a fault-injecting
+proxy (benchmarks.latency_proxy with a ``fault`` hook) in front of the real GCS emulator, on loopback.
+
+Short retry deadlines are given through the policy (the CLI's --retry-deadline) to keep the tests fast.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from gcs_emulator import patched_environ
+from helpers import TEST_FILES
+
+from benchmarks.latency_proxy import LatencyProxy
+from beam_pipeline.codes import Reason
+from beam_pipeline.run import core
+from beam_pipeline.sources import gcs
+
+BUCKET = "test-bucket"
+
+
+def _dicom_files() -> list[Path]:
+    return sorted(p for p in Path(TEST_FILES).rglob("*") if p.is_file() and p.stat().st_size < 1 << 20)[:150]
+
+
+@pytest.fixture(scope="module")
+def uploaded(gcs_client):
+    bucket = gcs_client.bucket(BUCKET)
+    paths = []
+    for path in _dicom_files():
+        name = f"faults/{path.relative_to(TEST_FILES).as_posix()}"
+        bucket.blob(name).upload_from_filename(str(path))
+        paths.append(f"gs://{BUCKET}/{name}")
+    return paths
+
+
+class Faults:
+    """Random 503/429/dropped connections, outages (every request 503) and permanent 403s."""
+
+    def __init__(self, seed=19, p503=0.0, p429=0.0, pdrop=0.0, forbidden=(), outage=None):
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.p503, self.p429, self.pdrop = p503, p429, pdrop
+        self.forbidden = tuple(forbidden)
+        self.outage = outage  # (start after s, length s, period s) from the first request
+        self.first = None
+        self.injected = 0
+
+    def __call__(self, method, target):
+        with self.lock:
+            now = time.monotonic()
+            self.first = self.first or now
+            if any(name in target for name in self.forbidden):
+                return 403
+            if self.outage:
+                start, length, period = self.outage
+                if (now - self.first - start) % period < length and now - self.first >= start:
+                    self.injected += 1
+                    return 503
+            draw = self.random.random()
+            if draw < self.p503:
+                self.injected += 1
+                return 503
+            if draw < self.p503 + self.p429:
+                self.injected += 1
+                return 429
+            if draw < self.p503 + self.p429 + self.pdrop:
+                self.injected += 1
+                return "drop"
+            return None
+
+
+def _read_all(paths, proxy_url, deadline=30.0, in_flight=8):
+    reader = core.FileReader(open_file=None)
+    fetcher = gcs.RangeFetcher(base_url=proxy_url, policy=gcs.RetryPolicy(deadline=deadline, initial=0.05,
+                                                                          maximum=1.0))
+    reader.open_file = lambda path, size=None: gcs.open_ranged(fetcher, path, size=size)
+    with ThreadPoolExecutor(in_flight) as pool:
+        outcomes = core.process_files([(p, None) for p in paths], reader, pool)
+    return {path: (o.result.kind, o.result.reason, o.result.record) for path, o in zip(paths, outcomes)}
+
+
+@pytest.fixture(scope="module")
+def fault_free(uploaded, gcs_emulator):
+    with LatencyProxy(gcs_emulator.url, delay_ms=0) as proxy:
+        return _read_all(uploaded, proxy.url)
+
+
+@pytest.mark.parametrize("faults", [
+    Faults(p503=0.05, pdrop=0.02),
+    Faults(p429=0.10),
+    Faults(outage=(0.0, 3.0, 8.0)),  # a 3-second outage from the first read on
+], ids=["random-503-and-drops", "random-429", "3s-outage"])
+def test_transient_faults_cost_time_not_a_file(faults, uploaded, fault_free, gcs_emulator):
+    with LatencyProxy(gcs_emulator.url, delay_ms=5, fault=faults) as proxy:
+        read = _read_all(uploaded, proxy.url)
+        requests = proxy.counts.snapshot()["requests"]
+    assert faults.injected > 0, requests
+    assert read == fault_free
+    assert not any(reason == Reason.UNAVAILABLE for _, reason, _ in read.values())
+
+
+def test_a_permanent_403_is_one_error_per_object_and_not_retried(uploaded, fault_free, gcs_emulator):
+    forbidden = uploaded[0].rsplit("/", 1)[1]
+    faults = Faults(forbidden=[forbidden], p503=0.05)
+    started = time.monotonic()
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy:
+        read = _read_all(uploaded, proxy.url)
+    assert time.monotonic() - started < 20
+    denied = {path for path, (_, reason, _) in read.items() if reason == Reason.UNREADABLE
+              and fault_free[path][1] != Reason.UNREADABLE}
+    assert denied == {p for p in uploaded if p.endswith("/" + forbidden)}
+    assert {p: v for p, v in read.items() if p not in denied} == {p: v for p, v in fault_free.items() if p not in denied}
+
+
+def test_an_outage_past_the_deadline_is_unavailable_not_unreadable(uploaded, gcs_emulator):
+    faults = Faults(outage=(0.0, 60.0, 120.0))
+    started = time.monotonic()
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy:
+        read = _read_all(uploaded[:4], proxy.url, deadline=1.0)
+    assert time.monotonic() - started < 10
+    assert {reason for _, reason, _ in read.values()} == {Reason.UNAVAILABLE}
+
+
+def test_an_outage_during_the_start_up_check_is_waited_out(gcs_emulator):
+    faults = Faults(outage=(0.0, 2.0, 1000.0))
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy, \
+            patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+        gcs.check_access(f"gs://{BUCKET}/faults/", f"gs://{BUCKET}/faults-out/",
+                         policy=gcs.RetryPolicy(deadline=20.0, initial=0.1, maximum=1.0))
+    assert faults.injected > 0
+
+
+def test_an_outage_past_the_check_deadline_refuses_the_run(gcs_emulator):
+    faults = Faults(outage=(0.0, 60.0, 120.0))
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy, \
+            patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+        with pytest.raises(gcs.GcsAccessError, match="HTTP 503"):
+            gcs.check_access(f"gs://{BUCKET}/faults/", None, policy=gcs.RetryPolicy(deadline=1.0, initial=0.1))
