@@ -5,11 +5,16 @@ Short retry deadlines are given through the policy (the CLI's --retry-deadline) 
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from gcs_emulator import patched_environ
@@ -141,3 +146,69 @@ def test_an_outage_past_the_check_deadline_refuses_the_run(gcs_emulator):
             patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
         with pytest.raises(gcs.GcsAccessError, match="HTTP 503"):
             gcs.check_access(f"gs://{BUCKET}/faults/", None, policy=gcs.RetryPolicy(deadline=1.0, initial=0.1))
+
+
+# --- Through the real command line ----------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "beam_pipeline", *args], capture_output=True, text=True,
+                          env=environment, timeout=300, cwd=REPO)
+
+
+class ObjectFaults:
+    """Downloads of some objects always answer 503 (an outage of their part of the store), of
+    others 403 (permanent); listing and the start-up check pass."""
+
+    def __init__(self, unavailable=(), forbidden=()):
+        self.unavailable = tuple(quote(name, safe="") for name in unavailable)
+        self.forbidden = tuple(quote(name, safe="") for name in forbidden)
+        self.injected = 0
+
+    def __call__(self, method, target):
+        if "/download/" not in target:
+            return None
+        if any(f"/o/{name}?" in target for name in self.forbidden):
+            return 403
+        if any(f"/o/{name}?" in target for name in self.unavailable):
+            self.injected += 1
+            return 503
+        return None
+
+
+def _names(paths):
+    return [gcs.split_path(p)[1] for p in paths]
+
+
+def test_the_cli_exits_4_and_counts_unavailable_files_when_an_outage_outlasts_the_deadline(
+        uploaded, gcs_emulator, tmp_path):
+    names = _names(uploaded)
+    faults = ObjectFaults(unavailable=names[1:4], forbidden=names[5:6])
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy:
+        done = _cli("--input", f"gs://{BUCKET}/faults/", "--output", str(tmp_path / "out"), "--quiet",
+                    "--retry-deadline", "1", "--read-concurrency", "8", env={"STORAGE_EMULATOR_HOST": proxy.url})
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert faults.injected >= 3  # each unavailable object was retried before giving up
+    summary = json.loads((tmp_path / "out/_report/summary.json").read_text())
+    assert summary["files_matched"] == len(uploaded) == sum(summary["outcomes"].values())
+    assert summary["errors_by_reason"]["unavailable"] == 3
+    errors = [json.loads(line) for path in (tmp_path / "out/_report").glob("errors*.jsonl")
+              for line in path.read_text().splitlines()]
+    unavailable = sorted(e["path"] for e in errors if e["reason"] == "unavailable")
+    assert unavailable == sorted(uploaded[1:4])
+    assert uploaded[5] in {e["path"] for e in errors if e["reason"] == "unreadable"}  # the 403: permanent
+
+
+def test_the_cli_exits_0_when_only_permanent_faults_remain(uploaded, gcs_emulator, tmp_path):
+    names = _names(uploaded)
+    faults = ObjectFaults(forbidden=names[5:6])
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy:
+        done = _cli("--input", f"gs://{BUCKET}/faults/", "--output", str(tmp_path / "out"), "--quiet",
+                    "--retry-deadline", "1", env={"STORAGE_EMULATOR_HOST": proxy.url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/_report/summary.json").read_text())
+    assert "unavailable" not in summary["errors_by_reason"]
+    assert summary["errors_by_reason"]["unreadable"] >= 1
