@@ -143,7 +143,7 @@ class LatencyProxy:
     """
 
     def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4,
-                 fault=None):
+                 fault=None, throttle_above: int | None = None):
         parsed = urlparse(upstream_url)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
         self.delay = delay_ms / 1000.0
@@ -153,6 +153,13 @@ class LatencyProxy:
         # fault(method, target) -> None (forward), an HTTP status int to answer instead (with
         # Retry-After: 1 for 429/503), or "drop" to close the connection without an answer
         self.fault = fault
+        # a throttling store: a request arriving while more than this many are in flight is
+        # answered 429 (no Retry-After); ``arrivals`` keeps the number in flight at each arrival
+        self.throttle_above = throttle_above
+        self.in_flight = 0
+        self.arrivals: list[int] = []
+        self.throttled = 0
+        self._writers: set = set()
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -172,6 +179,7 @@ class LatencyProxy:
         self._loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Upstream) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 head = await _read_head(reader)
@@ -186,16 +194,28 @@ class LatencyProxy:
                         self.counts.reset()
                     status_line, response_headers = b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")]
                 else:
-                    await asyncio.sleep(self.delay)
-                    injected = self.fault(method.decode(), target.decode("latin-1")) if self.fault else None
-                    if injected == "drop":
-                        break
-                    if injected is not None:
-                        status_line = b"HTTP/1.1 %d Injected" % injected
-                        response_headers = [(b"retry-after", b"1")] if injected in (429, 503) else []
-                        data = b'{"error": {"code": %d}}' % injected
-                    else:
-                        status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    self.in_flight += 1
+                    self.arrivals.append(self.in_flight)
+                    try:
+                        await asyncio.sleep(self.delay)
+                        injected = self.fault(method.decode(), target.decode("latin-1")) if self.fault else None
+                        if self.throttle_above is not None and self.arrivals[-1] > self.throttle_above \
+                                and injected is None:
+                            self.throttled += 1
+                            injected = "throttle"
+                        if injected == "drop":
+                            break
+                        if injected == "throttle":
+                            status_line, response_headers = b"HTTP/1.1 429 Too Many Requests", []
+                            data = b'{"error": {"code": 429}}'
+                        elif injected is not None:
+                            status_line = b"HTTP/1.1 %d Injected" % injected
+                            response_headers = [(b"retry-after", b"1")] if injected in (429, 503) else []
+                            data = b'{"error": {"code": %d}}' % injected
+                        else:
+                            status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    finally:
+                        self.in_flight -= 1
                     self.counts.add(method.decode(), len(data))
                 lines = [b"HTTP/1.1" + status_line[status_line.index(b" "):]]
                 lines += [k + b": " + v for k, v in response_headers if k not in _HOP_BY_HOP]
@@ -207,6 +227,7 @@ class LatencyProxy:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # the client went away or sent something unparseable: drop the connection
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     def __enter__(self) -> "LatencyProxy":
@@ -218,6 +239,13 @@ class LatencyProxy:
     def __exit__(self, *exc) -> None:
         async def stop():
             self._server.close()
+            # kept-alive client connections: end them here (their handlers see the end and return),
+            # not at interpreter exit with the loop gone
+            for writer in list(self._writers):
+                writer.transport.abort()
+            served = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if served:
+                await asyncio.wait(served, timeout=2)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)

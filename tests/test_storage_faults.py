@@ -79,10 +79,10 @@ class Faults:
             return None
 
 
-def _read_all(paths, proxy_url, deadline=30.0, in_flight=8):
+def _read_all(paths, proxy_url, deadline=30.0, in_flight=8, limit=None):
     reader = core.FileReader(open_file=None)
     fetcher = gcs.RangeFetcher(base_url=proxy_url, policy=gcs.RetryPolicy(deadline=deadline, initial=0.05,
-                                                                          maximum=1.0))
+                                                                          maximum=1.0), limit=limit)
     reader.open_file = lambda path, size=None: gcs.open_ranged(fetcher, path, size=size)
     with ThreadPoolExecutor(in_flight) as pool:
         outcomes = core.process_files([(p, None) for p in paths], reader, pool)
@@ -129,6 +129,28 @@ def test_an_outage_past_the_deadline_is_unavailable_not_unreadable(uploaded, gcs
         read = _read_all(uploaded[:4], proxy.url, deadline=1.0)
     assert time.monotonic() - started < 10
     assert {reason for _, reason, _ in read.values()} == {Reason.UNAVAILABLE}
+
+
+def _throttled_read(uploaded, gcs_emulator, limit):
+    with LatencyProxy(gcs_emulator.url, delay_ms=20, throttle_above=4, upstream_slots=4) as proxy:
+        read = _read_all(uploaded, proxy.url, in_flight=16, limit=limit)
+        return read, list(proxy.arrivals), proxy.throttled
+
+
+def test_a_throttling_store_gets_fewer_reads_in_flight_and_every_file_is_read(uploaded, fault_free, gcs_emulator):
+    """The store answers 429 to any request arriving while more than 4 are in flight; the readers
+    start with 16 in flight and back off (AIMD) to about what the store takes. Without the limit
+    (backoff alone) the store keeps being hammered: a baseline from the same run."""
+    limit = gcs.AdaptiveLimit(16)
+    read, arrivals, throttled = _throttled_read(uploaded, gcs_emulator, limit)
+    _, _, throttled_without_limit = _throttled_read(uploaded, gcs_emulator, None)
+    assert read == fault_free
+    assert throttled > 0
+    assert limit.max_in_flight == 16 and max(arrivals[:40]) > 8  # at first: the configured concurrency
+    later = arrivals[len(arrivals) // 2:]
+    assert max(later) <= 6, later  # then: about what the store takes (halved at 5, grown by one per window)
+    assert limit.limit < 16
+    assert throttled < throttled_without_limit / 2
 
 
 def test_an_outage_during_the_start_up_check_is_waited_out(gcs_emulator):

@@ -30,6 +30,7 @@ from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.summary import summarize, write_summary
 from beam_pipeline.sources import files as inputs
+from beam_pipeline.sources.retry import AdaptiveLimit
 
 NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
@@ -122,6 +123,15 @@ class ListInputFiles(beam.PTransform):
 # 2. Read headers
 
 
+class SharedReading:
+    """What a worker process's header readers share: the pool of reading threads (none for one at a
+    time) and the AIMD limit of gs:// requests in flight, capped at --read-concurrency."""
+
+    def __init__(self, read_concurrency: int):
+        self.pool = ThreadPoolExecutor(read_concurrency, "header-read") if read_concurrency > 1 else None
+        self.limit = AdaptiveLimit(read_concurrency)
+
+
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
 class ReadHeaderDoFn(beam.DoFn):
     """Reads the headers of a batch of files and pre-aggregates its instances per study.
@@ -142,15 +152,16 @@ class ReadHeaderDoFn(beam.DoFn):
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
-        # One read pool per worker process, shared by the DoFn instances of its bundle threads, so
-        # --read-concurrency bounds a worker's requests in flight whatever its thread count.
-        self.shared_pool = shared.Shared()
+        # One read pool and one in-flight limit per worker process, shared by the DoFn instances of
+        # its bundle threads, so --read-concurrency bounds a worker's requests in flight whatever
+        # its thread count, and a throttling store slows the whole worker down.
+        self.shared_reading = shared.Shared()
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline),
+        self.reading = self.shared_reading.acquire(lambda: SharedReading(self.read_concurrency))
+        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline, self.reading.limit),
                                       self.max_header_bytes)
-        self.pool = (self.shared_pool.acquire(lambda: ThreadPoolExecutor(self.read_concurrency, "header-read"))
-                     if self.read_concurrency > 1 else None)
+        self.pool = self.reading.pool
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
@@ -180,7 +191,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.progress.flush()
 
     def teardown(self):
-        self.pool = None  # shared with the process's other instances; ends with the last of them
+        self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
 class ReadHeaders(beam.PTransform):

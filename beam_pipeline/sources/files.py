@@ -203,10 +203,12 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
 class InputOpener:
     """Opens input files for header reading, one per worker: ``gs://`` objects by ranged GETs over
     kept-alive connections (set up on the first gs:// path, so local runs need no credentials), local
-    files directly."""
+    files directly. ``limit`` (a ``retry.AdaptiveLimit``, shared by a worker's readers) bounds the
+    gs:// requests in flight and shrinks while the store throttles."""
 
-    def __init__(self, retry_deadline: float | None = None):
+    def __init__(self, retry_deadline: float | None = None, limit=None):
         self.retry_deadline = retry_deadline  # None: gcs.DEFAULT_RETRY_DEADLINE
+        self.limit = limit
         self._fetcher = None
         self._lock = threading.Lock()
 
@@ -226,7 +228,7 @@ class InputOpener:
 
                 policy = gcs.RetryPolicy() if self.retry_deadline is None else \
                     gcs.RetryPolicy(deadline=self.retry_deadline)
-                self._fetcher = gcs.RangeFetcher(policy=policy)
+                self._fetcher = gcs.RangeFetcher(policy=policy, limit=self.limit)
             return self._fetcher
 
 

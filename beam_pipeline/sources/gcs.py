@@ -16,13 +16,13 @@ Ranged GETs go over kept-alive connections, one per reading thread; the checks u
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import io
 import logging
 import os
 import threading
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -30,59 +30,25 @@ from typing import Iterator
 from urllib.parse import quote, urlsplit
 
 from beam_pipeline.codes import SourceUnavailable
+from beam_pipeline.sources.retry import (  # noqa: F401  (the policy's names, as callers know them here)
+    DEFAULT_RETRY_BUDGET,
+    DEFAULT_RETRY_DEADLINE,
+    THROTTLE_STATUSES,
+    TRANSIENT_STATUSES,
+    AdaptiveLimit,
+    RetryBudget,
+    RetryPolicy,
+    TransientFailure,
+    requests_attempt,
+    retry_after,
+    retrying,
+)
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # read input, write output
 READ_TIMEOUT = 60.0     # per socket operation of a ranged GET
 CHECK_TIMEOUT = 8.0     # per request of an access check
 CHECK_DEADLINE = 25.0   # all access checks together, credential lookup included: under 30 s
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-DEFAULT_RETRY_DEADLINE = 180.0  # seconds one request may keep retrying transient answers
-DEFAULT_RETRY_BUDGET = 1800.0   # seconds of retry sleeps per fetcher (worker) in all: a dead endpoint ends the run
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How transient answers (408, 429, 5xx, resets, timeouts) are retried: exponential backoff
-    with jitter (google-api-core's sleep generator), at least ``Retry-After`` when the server
-    names it, until ``deadline`` seconds after the first attempt. Permanent answers (400, 401,
-    403, 404) are never retried."""
-
-    deadline: float = DEFAULT_RETRY_DEADLINE
-    initial: float = 0.2
-    maximum: float = 10.0
-    budget: float = DEFAULT_RETRY_BUDGET
-
-    def sleeps(self):
-        from google.api_core.retry import exponential_sleep_generator
-
-        return exponential_sleep_generator(self.initial, self.maximum)
-
-
-class RetryBudget:
-    """Seconds of retry sleeps left to one worker's fetcher; once spent, transient failures fail at
-    once (as ``unavailable``), so a dead endpoint costs one budget, not a deadline per file."""
-
-    def __init__(self, seconds: float):
-        self.left = seconds
-        self._lock = threading.Lock()
-
-    def take(self, seconds: float) -> bool:
-        with self._lock:
-            if self.left <= 0:
-                return False
-            self.left -= seconds
-            return True
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds of a ``Retry-After`` header (delta-seconds form; an HTTP date counts as absent)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
 class GcsAccessError(Exception):
     """A check of --input or --output failed; the message is one line for the console."""
 
@@ -140,10 +106,12 @@ class RangeFetcher:
     credentials (anonymous for an emulator) are applied and refreshed by google-auth.
     """
 
-    def __init__(self, creds=None, base_url: str | None = None, policy: RetryPolicy | None = None):
+    def __init__(self, creds=None, base_url: str | None = None, policy: RetryPolicy | None = None,
+                 limit: AdaptiveLimit | None = None):
         self.credentials = creds if creds is not None else credentials()
         self.policy = policy or RetryPolicy()
         self.budget = RetryBudget(self.policy.budget)
+        self.limit = limit  # requests in flight, shrinking under 429/503 (None: bounded by the caller's threads)
         self.base_url = (base_url or endpoint()).rstrip("/")
         parsed = urlsplit(self.base_url)
         self._https = parsed.scheme == "https"
@@ -154,40 +122,37 @@ class RangeFetcher:
         self.requests = 0  # counted for tests and the benchmark; approximate under threads
 
     def fetch(self, bucket: str, name: str, start: int, length: int) -> tuple[bytes, int | None]:
-        """Bytes [start, start + length) (fewer at the end of the object) and the object's size."""
+        """Bytes [start, start + length) (fewer at the end of the object) and the object's size;
+        transient answers retried under the policy (``SourceUnavailable`` past its deadline)."""
         path = f"{self._path_prefix}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}?alt=media"
-        give_up = time.monotonic() + self.policy.deadline
-        sleeps = self.policy.sleeps()
-        while True:
-            headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+        return retrying(lambda: self._fetch_once(path, start, length), self.policy, self.budget)
+
+    def _fetch_once(self, path: str, start: int, length: int) -> tuple[bytes, int | None]:
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+        with (self.limit.slot() if self.limit is not None else contextlib.nullcontext({})) as outcome:
             self.requests += 1
-            retry_after = None
             try:
                 self._authorize(path, headers)
-                status, content_range, data, retry_after = self._get(path, headers)
+                status, content_range, data, wait = self._get(path, headers)
             except (OSError, http.client.HTTPException) as exc:  # dropped keep-alive, reset, timeout
                 self._local.connection = None
-                problem = f"no answer from object storage ({type(exc).__name__})"
-            else:
-                if status in (200, 206):
-                    size = _total_size(content_range)
-                    if status == 200:  # the whole object: the server ignored the range
-                        size = len(data)
-                        data = data[start:start + length]
-                    return data, size
-                if status == 416:  # the range starts at or past the end: empty object or read past it
-                    return b"", _total_size(content_range)
-                if status == 404:
-                    raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
-                if status in (401, 403):
-                    raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
-                if status not in TRANSIENT_STATUSES:
-                    raise OSError(errno.EIO, f"object storage answered HTTP {status}")
-                problem = f"object storage answered HTTP {status}"
-            pause = max(next(sleeps), retry_after or 0.0)
-            if time.monotonic() + pause > give_up or not self.budget.take(pause):
-                raise SourceUnavailable(errno.EAGAIN, f"{problem}, still after {self.policy.deadline:g} s of retries")
-            time.sleep(pause)
+                raise TransientFailure(f"no answer from object storage ({type(exc).__name__})") from None
+            outcome["throttled"] = status in THROTTLE_STATUSES
+        if status in (200, 206):
+            size = _total_size(content_range)
+            if status == 200:  # the whole object: the server ignored the range
+                size = len(data)
+                data = data[start:start + length]
+            return data, size
+        if status == 416:  # the range starts at or past the end: empty object or read past it
+            return b"", _total_size(content_range)
+        if status == 404:
+            raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
+        if status in (401, 403):
+            raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
+        if status in TRANSIENT_STATUSES:
+            raise TransientFailure(f"object storage answered HTTP {status}", wait, status)
+        raise OSError(errno.EIO, f"object storage answered HTTP {status}")
 
     def _authorize(self, path: str, headers: dict) -> None:
         if self._auth_request is None:
@@ -196,7 +161,7 @@ class RangeFetcher:
             self._auth_request = Request()
         self.credentials.before_request(self._auth_request, "GET", self.base_url + path, headers)
 
-    def _get(self, path: str, headers: dict) -> tuple[int, str | None, bytes]:
+    def _get(self, path: str, headers: dict) -> tuple[int, str | None, bytes, float | None]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = self._connect()
@@ -206,7 +171,7 @@ class RangeFetcher:
         if response.will_close:
             self._local.connection = None
             connection.close()
-        return response.status, response.getheader("Content-Range"), data, _retry_after(response.getheader("Retry-After"))
+        return response.status, response.getheader("Content-Range"), data, retry_after(response.getheader("Retry-After"))
 
     def _connect(self) -> http.client.HTTPConnection:
         proxy = None if urllib.request.proxy_bypass(self._host or "") else \
@@ -328,46 +293,38 @@ LIST_PAGE_SIZE = 1000
 LIST_TIMEOUT = 60.0  # per list page
 
 
-def retrying(send, policy: RetryPolicy | None = None):
-    """``send()`` (a requests call) again while it answers a transient status, under the policy:
-    backoff with jitter, at least ``Retry-After``, until the deadline; then the last answer."""
-    policy = policy or RetryPolicy()
-    give_up = time.monotonic() + policy.deadline
-    sleeps = policy.sleeps()
-    while True:
-        response = send()
-        if response.status_code not in TRANSIENT_STATUSES:
-            return response
-        pause = max(next(sleeps), _retry_after(response.headers.get("Retry-After")) or 0.0)
-        if time.monotonic() + pause > give_up:
-            return response
-        time.sleep(pause)
-
-
 def _json_get(session, url: str, params: dict | None = None, policy: RetryPolicy | None = None):
-    response = retrying(lambda: session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT)),
-                        policy)
+    """A GET of the JSON API, transient answers and dropped connections retried under the policy
+    (``SourceUnavailable`` past its deadline); a refusal raises PermissionError."""
+    what = f"gs://{url.split('/b/', 1)[-1].split('/', 1)[0]}"
+    response = retrying(requests_attempt(
+        lambda: session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT)), what), policy)
     if response.status_code in (401, 403):
         raise PermissionError(errno.EACCES, f"no permission to list {url.split('/b/', 1)[-1]} (HTTP {response.status_code})")
     return response
 
 
-def list_objects(bucket: str, prefix: str, session=None) -> Iterator[tuple[str, int | None]]:
-    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page."""
+def list_objects(bucket: str, prefix: str, session=None, policy: RetryPolicy | None = None,
+                 delimiter: str | None = None) -> Iterator[tuple[str, int | None]]:
+    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page; with a
+    ``delimiter`` the objects directly under the prefix, then (path, None) of each sub-prefix
+    (ending in the delimiter). A page still failing past the policy's deadline raises
+    ``SourceUnavailable``."""
     session = session or open_session()
     url = f"{endpoint().rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o"
     params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size),nextPageToken"}
+    if delimiter:
+        params.update(delimiter=delimiter, fields="items(name,size),prefixes,nextPageToken")
     while True:
-        response = _json_get(session, url, params)
-        if response.status_code in TRANSIENT_STATUSES:
-            raise SourceUnavailable(errno.EAGAIN, f"listing gs://{bucket} answered HTTP {response.status_code} "
-                                    "past the retry deadline")
+        response = _json_get(session, url, params, policy)
         if response.status_code != 200:
             raise OSError(errno.EIO, f"listing gs://{bucket} answered HTTP {response.status_code}")
         page = response.json()
         for item in page.get("items", ()):
             size = item.get("size")
             yield f"gs://{bucket}/{item['name']}", int(size) if size is not None else None
+        for sub_prefix in page.get("prefixes", ()):
+            yield f"gs://{bucket}/{sub_prefix}", None
         token = page.get("nextPageToken")
         if not token:
             return
@@ -414,9 +371,13 @@ def _probe_session(policy: RetryPolicy | None = None) -> _Probe:
 
 
 def _request(probe: _Probe, what: str, method: str, url: str, **kwargs):
+    """One request of an access check: transient answers (an outage at start-up) retried under the
+    policy; no answer at all (refused, unresolvable, timed out) fails at once with one line."""
+    send = lambda: probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs)  # noqa: E731
     try:
-        return retrying(lambda: probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs),
-                        probe.policy)
+        return retrying(requests_attempt(send, probe.base_url, network_errors=False), probe.policy)
+    except SourceUnavailable as exc:
+        raise GcsAccessError(f"{what}: {exc.strerror}") from None
     except Exception as exc:  # connection refused, DNS, timeout, token refresh without network
         name = type(exc).__name__
         if "Timeout" in name:
