@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
+from faults import Faults, ObjectFaults
 from gcs_emulator import patched_environ
 from helpers import TEST_FILES
 
@@ -41,42 +39,6 @@ def uploaded(gcs_client):
         bucket.blob(name).upload_from_filename(str(path))
         paths.append(f"gs://{BUCKET}/{name}")
     return paths
-
-
-class Faults:
-    """Random 503/429/dropped connections, outages (every request 503) and permanent 403s."""
-
-    def __init__(self, seed=19, p503=0.0, p429=0.0, pdrop=0.0, forbidden=(), outage=None):
-        self.random = random.Random(seed)
-        self.lock = threading.Lock()
-        self.p503, self.p429, self.pdrop = p503, p429, pdrop
-        self.forbidden = tuple(forbidden)
-        self.outage = outage  # (start after s, length s, period s) from the first request
-        self.first = None
-        self.injected = 0
-
-    def __call__(self, method, target):
-        with self.lock:
-            now = time.monotonic()
-            self.first = self.first or now
-            if any(name in target for name in self.forbidden):
-                return 403
-            if self.outage:
-                start, length, period = self.outage
-                if (now - self.first - start) % period < length and now - self.first >= start:
-                    self.injected += 1
-                    return 503
-            draw = self.random.random()
-            if draw < self.p503:
-                self.injected += 1
-                return 503
-            if draw < self.p503 + self.p429:
-                self.injected += 1
-                return 429
-            if draw < self.p503 + self.p429 + self.pdrop:
-                self.injected += 1
-                return "drop"
-            return None
 
 
 def _read_all(paths, proxy_url, deadline=30.0, in_flight=8, limit=None):
@@ -179,26 +141,6 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-m", "beam_pipeline", *args], capture_output=True, text=True,
                           env=environment, timeout=300, cwd=REPO)
-
-
-class ObjectFaults:
-    """Downloads of some objects always answer 503 (an outage of their part of the store), of
-    others 403 (permanent); listing and the start-up check pass."""
-
-    def __init__(self, unavailable=(), forbidden=()):
-        self.unavailable = tuple(quote(name, safe="") for name in unavailable)
-        self.forbidden = tuple(quote(name, safe="") for name in forbidden)
-        self.injected = 0
-
-    def __call__(self, method, target):
-        if "/download/" not in target:
-            return None
-        if any(f"/o/{name}?" in target for name in self.forbidden):
-            return 403
-        if any(f"/o/{name}?" in target for name in self.unavailable):
-            self.injected += 1
-            return 503
-        return None
 
 
 def _names(paths):

@@ -122,9 +122,10 @@ def argument_parser() -> argparse.ArgumentParser:
                         help=f"header reads in flight per worker process on gs:// (default {DEFAULT_READ_CONCURRENCY}; 1 reads one after "
                              "the other); local files are read one after the other")
     parser.add_argument("--retry-deadline", type=float, default=gcs.DEFAULT_RETRY_DEADLINE, metavar="SECONDS",
-                        help="seconds one gs:// request (read, listing page, access check) retries transient "
-                             "answers (408, 429, 5xx, dropped connections) before its file is an error "
-                             f"`unavailable` (default {gcs.DEFAULT_RETRY_DEADLINE:g})")
+                        help="seconds one gs:// or DICOMweb request (read, listing page, access check, QIDO "
+                             "search, WADO metadata) retries transient answers (408, 429, 5xx, dropped "
+                             "connections) before its file or study is an error `unavailable` "
+                             f"(default {gcs.DEFAULT_RETRY_DEADLINE:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
                         help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
@@ -210,6 +211,7 @@ def dicomweb_source(args, parser) -> Source | None:
     try:
         connection = Connection(args.dicomweb.rstrip("/"), Credentials.from_env(),
                                 read_timeout=args.dicomweb_timeout, page_size=args.dicomweb_page_size,
+                                retry=gcs.RetryPolicy(deadline=args.retry_deadline),
                                 max_in_flight=args.dicomweb_requests, verify=args.dicomweb_ca_bundle or True)
         query = StudyQuery(args.study_date_from, args.study_date_to, args.modality, tuple(args.study_uid))
     except DicomWebError as exc:
@@ -248,14 +250,14 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     unknown = unknown_beam_options(beam_args)
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
+    if not positive(args.retry_deadline):
+        parser.error("--retry-deadline must be a positive number of seconds")
     web_source = dicomweb_source(args, parser)
     if args.input is not None and "://" in args.input and not args.input.startswith("gs://"):
         parser.error(f"--input {args.input.split('://', 1)[0]}:// is not supported: give a local path or gs://")
     if args.input is not None and "://" not in args.input and not os.path.lexists(args.input) \
             and not globlib.has_magic(args.input):
         parser.error(f"--input {args.input} does not exist")
-    if not positive(args.retry_deadline):
-        parser.error("--retry-deadline must be a positive number of seconds")
     if args.read_concurrency < 1:
         parser.error("--read-concurrency must be at least 1")
     if not positive(args.progress_interval) or args.progress_interval < MIN_PROGRESS_INTERVAL:

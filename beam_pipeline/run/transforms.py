@@ -30,7 +30,7 @@ from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.summary import summarize, write_summary
 from beam_pipeline.sources import files as inputs
-from beam_pipeline.sources.retry import AdaptiveLimit
+from beam_pipeline.sources.retry import AdaptiveLimit, RetryBudget
 
 NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
@@ -266,6 +266,7 @@ class FetchStudiesDoFn(beam.DoFn):
         self.spec = header_spec()
         self.instance_keys = keywords.instance_keys()
         self.clients = threading.local()  # a requests.Session per thread
+        self.budget = RetryBudget(self.source.connection.retry.budget)  # retry sleeps of all its threads
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         self.progress = ProgressBeacon(self.progress_settings)
         core.quiet_pydicom()
@@ -281,7 +282,7 @@ class FetchStudiesDoFn(beam.DoFn):
 
         client = getattr(self.clients, "client", None)
         if client is None:
-            client = self.clients.client = self.source.connection.client()
+            client = self.clients.client = self.source.connection.client(self.budget)
         return core.process_fetched_study(dicomweb.fetch_study(client, uid), self.spec)
 
     def process(self, uids):
