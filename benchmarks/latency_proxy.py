@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import threading
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 CONTROL_PATH = "/_proxy/counts"
+_LIST_PATH = re.compile(rb"^(/storage/v1/b/[^/?]+/o)(\?.*)?$")  # objects.list of the JSON API
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te",
                b"trailer", b"content-length"}
 _NO_BODY_STATUSES = (204, 304)
@@ -143,7 +145,7 @@ class LatencyProxy:
     """
 
     def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4,
-                 fault=None, throttle_above: int | None = None):
+                 fault=None, throttle_above: int | None = None, list_page_size: int | None = None):
         parsed = urlparse(upstream_url)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
         self.delay = delay_ms / 1000.0
@@ -160,6 +162,11 @@ class LatencyProxy:
         self.arrivals: list[int] = []
         self.throttled = 0
         self._writers: set = set()
+        # The Python emulator answers a listing in one response; with a page size the proxy pages it
+        # as GCS does (maxResults, nextPageToken), one delayed request per page, from one upstream
+        # listing per query (kept until the proxy ends).
+        self.list_page_size = list_page_size
+        self._listings: dict[bytes, tuple[list, list]] = {}
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -212,6 +219,8 @@ class LatencyProxy:
                             status_line = b"HTTP/1.1 %d Injected" % injected
                             response_headers = [(b"retry-after", b"1")] if injected in (429, 503) else []
                             data = b'{"error": {"code": %d}}' % injected
+                        elif self.list_page_size and method == b"GET" and _LIST_PATH.match(target):
+                            status_line, response_headers, data = await self._list_page(upstream, target, headers)
                         else:
                             status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
                     finally:
@@ -229,6 +238,28 @@ class LatencyProxy:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    async def _list_page(self, upstream: _Upstream, target: bytes, headers):
+        match = _LIST_PATH.match(target)
+        path, query = match.group(1), (match.group(2) or b"?")[1:]
+        params = [(k, v) for k, v in parse_qsl(query.decode()) if k not in ("pageToken", "maxResults", "fields")]
+        asked = dict(parse_qsl(query.decode()))
+        key = path + b"?" + urlencode(sorted(params)).encode()
+        if key not in self._listings:
+            status_line, response_headers, data = await upstream.exchange(b"GET", key, headers, b"")
+            if int(status_line.split(b" ", 2)[1]) != 200:
+                return status_line, response_headers, data
+            listing = json.loads(data)
+            self._listings[key] = (listing.get("items") or [], listing.get("prefixes") or [])
+        items, prefixes = self._listings[key]
+        size = min(int(asked.get("maxResults", self.list_page_size)), self.list_page_size)
+        offset = int(asked.get("pageToken", "0"))
+        page = {"kind": "storage#objects", "items": items[offset:offset + size]}
+        if offset == 0 and prefixes:
+            page["prefixes"] = prefixes
+        if offset + size < len(items):
+            page["nextPageToken"] = str(offset + size)
+        return b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")], json.dumps(page).encode()
 
     def __enter__(self) -> "LatencyProxy":
         self._thread.start()
@@ -257,12 +288,15 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the emulator")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--list-page-size", type=int, default=None,
+                        help="page object listings as GCS does, this many objects a page (the emulator does not)")
     parser.add_argument("--upstream-slots", type=int, default=4,
                         help="requests forwarded at once (default 4, for the one-at-a-time Python emulator)")
     args = parser.parse_args()
     if urlparse(args.upstream).hostname not in ("127.0.0.1", "localhost"):
         parser.error("the upstream must be on loopback")
-    with LatencyProxy(args.upstream, args.delay_ms, args.port, args.upstream_slots) as proxy:
+    with LatencyProxy(args.upstream, args.delay_ms, args.port, args.upstream_slots,
+                      list_page_size=args.list_page_size) as proxy:
         print(proxy.url, flush=True)
         try:
             threading.Event().wait()

@@ -111,6 +111,17 @@ def process_files(items, reader: FileReader, pool: Executor | None = None) -> li
     return list(pool.map(guarded, items))
 
 
+def listing_failure(where: inputs.Path, exc: OSError) -> FileOutcome:
+    """A folder or prefix that could not be listed: one error line, counted as one matched entry
+    (as a local folder that cannot be listed is); ``unavailable`` when storage still failed
+    transiently past the retry deadline, else ``unreadable``."""
+    reason = Reason.UNAVAILABLE if isinstance(exc, SourceUnavailable) else Reason.UNREADABLE
+    detail = f"cannot be listed: {exc.strerror or type(exc).__name__}"
+    outcome = outcome_of(HeaderResult(ERROR, reason=reason, detail=detail), where)
+    outcome.counts["files_matched"] += 1
+    return outcome
+
+
 def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -> FileOutcome:
     """Counts and error line for one read header; ``where`` names the source when there is no path."""
     if result.kind == INSTANCE:
