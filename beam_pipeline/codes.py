@@ -62,6 +62,11 @@ TRANSIENT_REASONS = frozenset({Reason.UNAVAILABLE, Reason.FETCH_FAILED})
 EXIT_INCOMPLETE = 4
 
 
+class SourceUnavailable(OSError):
+    """Storage or a server still failing transiently after the retry deadline: the file is
+    reported as ``unavailable`` (never as ``unreadable``), whatever reader was holding it."""
+
+
 # Key of a record's list of keywords whose values did not parse (see ``fields``).
 INVALID_KEY = "_invalid"
 # Key of a dose report's values in its instance record (a ``dicom.records.DoseReport``).

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import threading
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 CONTROL_PATH = "/_proxy/counts"
+_LIST_PATH = re.compile(rb"^(/storage/v1/b/[^/?]+/o)(\?.*)?$")  # objects.list of the JSON API
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te",
                b"trailer", b"content-length"}
 _NO_BODY_STATUSES = (204, 304)
@@ -142,13 +144,29 @@ class LatencyProxy:
     time with a small listen backlog); the delays of all requests overlap.
     """
 
-    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4):
+    def __init__(self, upstream_url: str, delay_ms: float = 20.0, port: int = 0, upstream_slots: int = 4,
+                 fault=None, throttle_above: int | None = None, list_page_size: int | None = None):
         parsed = urlparse(upstream_url)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port or 80
         self.delay = delay_ms / 1000.0
         self.slots = upstream_slots
         self.port = port
         self.counts = Counts()
+        # fault(method, target) -> None (forward), an HTTP status int to answer instead (with
+        # Retry-After: 1 for 429/503), or "drop" to close the connection without an answer
+        self.fault = fault
+        # a throttling store: a request arriving while more than this many are in flight is
+        # answered 429 (no Retry-After); ``arrivals`` keeps the number in flight at each arrival
+        self.throttle_above = throttle_above
+        self.in_flight = 0
+        self.arrivals: list[int] = []
+        self.throttled = 0
+        self._writers: set = set()
+        # The Python emulator answers a listing in one response; with a page size the proxy pages it
+        # as GCS does (maxResults, nextPageToken), one delayed request per page, from one upstream
+        # listing per query (kept until the proxy ends).
+        self.list_page_size = list_page_size
+        self._listings: dict[bytes, tuple[list, list]] = {}
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -168,6 +186,7 @@ class LatencyProxy:
         self._loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Upstream) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 head = await _read_head(reader)
@@ -182,8 +201,30 @@ class LatencyProxy:
                         self.counts.reset()
                     status_line, response_headers = b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")]
                 else:
-                    await asyncio.sleep(self.delay)
-                    status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    self.in_flight += 1
+                    self.arrivals.append(self.in_flight)
+                    try:
+                        await asyncio.sleep(self.delay)
+                        injected = self.fault(method.decode(), target.decode("latin-1")) if self.fault else None
+                        if self.throttle_above is not None and self.arrivals[-1] > self.throttle_above \
+                                and injected is None:
+                            self.throttled += 1
+                            injected = "throttle"
+                        if injected == "drop":
+                            break
+                        if injected == "throttle":
+                            status_line, response_headers = b"HTTP/1.1 429 Too Many Requests", []
+                            data = b'{"error": {"code": 429}}'
+                        elif injected is not None:
+                            status_line = b"HTTP/1.1 %d Injected" % injected
+                            response_headers = [(b"retry-after", b"1")] if injected in (429, 503) else []
+                            data = b'{"error": {"code": %d}}' % injected
+                        elif self.list_page_size and method == b"GET" and _LIST_PATH.match(target):
+                            status_line, response_headers, data = await self._list_page(upstream, target, headers)
+                        else:
+                            status_line, response_headers, data = await upstream.exchange(method, target, headers, body)
+                    finally:
+                        self.in_flight -= 1
                     self.counts.add(method.decode(), len(data))
                 lines = [b"HTTP/1.1" + status_line[status_line.index(b" "):]]
                 lines += [k + b": " + v for k, v in response_headers if k not in _HOP_BY_HOP]
@@ -195,7 +236,30 @@ class LatencyProxy:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # the client went away or sent something unparseable: drop the connection
         finally:
+            self._writers.discard(writer)
             writer.close()
+
+    async def _list_page(self, upstream: _Upstream, target: bytes, headers):
+        match = _LIST_PATH.match(target)
+        path, query = match.group(1), (match.group(2) or b"?")[1:]
+        params = [(k, v) for k, v in parse_qsl(query.decode()) if k not in ("pageToken", "maxResults", "fields")]
+        asked = dict(parse_qsl(query.decode()))
+        key = path + b"?" + urlencode(sorted(params)).encode()
+        if key not in self._listings:
+            status_line, response_headers, data = await upstream.exchange(b"GET", key, headers, b"")
+            if int(status_line.split(b" ", 2)[1]) != 200:
+                return status_line, response_headers, data
+            listing = json.loads(data)
+            self._listings[key] = (listing.get("items") or [], listing.get("prefixes") or [])
+        items, prefixes = self._listings[key]
+        size = min(int(asked.get("maxResults", self.list_page_size)), self.list_page_size)
+        offset = int(asked.get("pageToken", "0"))
+        page = {"kind": "storage#objects", "items": items[offset:offset + size]}
+        if offset == 0 and prefixes:
+            page["prefixes"] = prefixes
+        if offset + size < len(items):
+            page["nextPageToken"] = str(offset + size)
+        return b"HTTP/1.1 200 OK", [(b"content-type", b"application/json")], json.dumps(page).encode()
 
     def __enter__(self) -> "LatencyProxy":
         self._thread.start()
@@ -206,6 +270,13 @@ class LatencyProxy:
     def __exit__(self, *exc) -> None:
         async def stop():
             self._server.close()
+            # kept-alive client connections: end them here (their handlers see the end and return),
+            # not at interpreter exit with the loop gone
+            for writer in list(self._writers):
+                writer.transport.abort()
+            served = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if served:
+                await asyncio.wait(served, timeout=2)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -217,12 +288,15 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the emulator")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--list-page-size", type=int, default=None,
+                        help="page object listings as GCS does, this many objects a page (the emulator does not)")
     parser.add_argument("--upstream-slots", type=int, default=4,
                         help="requests forwarded at once (default 4, for the one-at-a-time Python emulator)")
     args = parser.parse_args()
     if urlparse(args.upstream).hostname not in ("127.0.0.1", "localhost"):
         parser.error("the upstream must be on loopback")
-    with LatencyProxy(args.upstream, args.delay_ms, args.port, args.upstream_slots) as proxy:
+    with LatencyProxy(args.upstream, args.delay_ms, args.port, args.upstream_slots,
+                      list_page_size=args.list_page_size) as proxy:
         print(proxy.url, flush=True)
         try:
             threading.Event().wait()

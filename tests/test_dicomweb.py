@@ -20,9 +20,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from faults import Faults
 from helpers import raw_lines, read_ndjson
 from make_archive import make_archive
 
+from benchmarks.latency_proxy import LatencyProxy
 from beam_pipeline.codes import DOSE_REPORT_KEY, Reason, sha256_id
 from beam_pipeline.dicom import header
 from beam_pipeline.fhir.config import ConversionConfig
@@ -30,6 +32,7 @@ from beam_pipeline.fhir.keywords import header_spec
 from beam_pipeline.run import cli, transforms
 from beam_pipeline.run.pipeline import execute
 from beam_pipeline.sources import dicomweb
+from beam_pipeline.sources.retry import RetryPolicy
 
 DATA = os.path.dirname(pydicom.data.__file__)
 # Files whose two readings differ for a reason outside this source, each checked in its own test:
@@ -300,21 +303,52 @@ class _Always503(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_server_errors_are_retried_with_backoff_then_an_error_line():
+def test_server_errors_are_retried_with_backoff_then_unavailable():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always503)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        conn = dicomweb.Connection(f"http://127.0.0.1:{server.server_port}/dicom-web", attempts=3, backoff=0.1)
+        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        conn = dicomweb.Connection(url, retry=RetryPolicy(deadline=0.5, initial=0.05, maximum=0.1))
         started = time.monotonic()
         fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
-        assert time.monotonic() - started >= 0.2  # urllib3 waits 0, then 2 x backoff
-        assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": 503,
-                                 "detail": "HTTP 503 for the study metadata"}
-        assert _Always503.requests_seen == 3
+        assert time.monotonic() - started >= 0.3  # retried until close to the deadline
+        assert fetched.error == {"reason": Reason.UNAVAILABLE, "study_uid": "1.2.3", "status": None,
+                                 "detail": f"{url} answered HTTP 503, still after 0.5 s of retries"}
+        assert _Always503.requests_seen >= 3
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _without_timing(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("seconds", "instances_per_second")}
+
+
+@pytest.mark.parametrize("faults", [
+    Faults(p503=0.2, p429=0.1),                                  # QIDO, WADO and the start-up check
+    Faults(outage=(0.0, 4.0, 1000.0), pdrop=0.1, only="/metadata"),  # a PACS restart while fetching
+    Faults(outage=(0.0, 3.0, 1000.0)),                           # ... during the start-up check
+], ids=["random-503-429", "outage-and-drops-while-fetching", "outage-at-start-up"])
+def test_pacs_faults_cost_time_not_a_study(faults, orthanc, ten_studies, credentials, tmp_path):
+    """Through an injecting proxy in front of Orthanc (one port for every run, so that the URL in
+    Endpoint and meta.source is the same): the same lines and counts as a fault-free run."""
+    paths, _ = ten_studies
+    load(orthanc, "ten", paths)
+    port = orthanc_harness.free_port()
+
+    def run(name, fault):
+        with LatencyProxy(orthanc.url, delay_ms=0, port=port, upstream_slots=8, fault=fault) as proxy:
+            return run_dicomweb(proxy.url + "/dicom-web", tmp_path / name, "--retry-deadline", "30",
+                                "--dicomweb-page-size", "3")
+
+    clean = run("clean", None)
+    faulty = run("faulty", faults)
+    assert faults.injected > 0
+    assert _without_timing(faulty) == _without_timing(clean)
+    assert clean["dicomweb"] == {"studies_fetched": 10, "studies_listed": 10}
+    for name in ("ImagingStudy", "Device", "Endpoint", "errors"):
+        assert raw_lines(tmp_path / "faulty", name) == raw_lines(tmp_path / "clean", name), name
 
 
 def test_unreachable_server_fails_fast_with_one_line(tmp_path, capsys, credentials):
@@ -372,11 +406,14 @@ def test_a_url_that_is_not_the_dicomweb_root_fails_with_one_line(orthanc, tmp_pa
 
 
 def test_a_study_on_a_server_gone_away_is_an_error_line_not_a_crash():
-    conn = dicomweb.Connection(f"http://127.0.0.1:{orthanc_harness.free_port()}/dicom-web", attempts=2, backoff=0.01)
+    """A PACS down (restarting) for longer than the deadline: the study is unavailable, to be read
+    by the next run."""
+    url = f"http://127.0.0.1:{orthanc_harness.free_port()}/dicom-web"
+    conn = dicomweb.Connection(url, retry=RetryPolicy(deadline=0.3, initial=0.01, maximum=0.05))
     fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
     assert fetched.instances is None
-    assert fetched.error == {"reason": Reason.FETCH_FAILED, "study_uid": "1.2.3", "status": None,
-                             "detail": "network error after retries: connection refused"}
+    assert fetched.error == {"reason": Reason.UNAVAILABLE, "study_uid": "1.2.3", "status": None,
+                             "detail": f"no answer from {url} (ConnectionError), still after 0.3 s of retries"}
 
 
 def test_a_server_that_never_answers_fails_the_check_in_one_line(tmp_path, capsys, credentials, monkeypatch):

@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from beam_pipeline.codes import DOSE_REPORT_KEY, INVALID_KEY, Reason
+from beam_pipeline.codes import DOSE_REPORT_KEY, INVALID_KEY, Reason, SourceUnavailable
 from beam_pipeline.dicom import dose_report, fast_header
 from beam_pipeline.dicom.fields import (
     DICOMDIR_SOP_CLASS,
@@ -81,6 +81,8 @@ def read_header(fp: BinaryIO, spec: FieldSpec, use_fast: bool = True,
         if has_preamble:
             return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=describe_error(exc), notes=notes)
         return HeaderResult(NOT_DICOM)
+    except SourceUnavailable:
+        raise  # the storage, not the file: the caller makes it an `unavailable` error line
     except Exception as exc:  # pydicom raises many types on corrupt input; the file is the problem
         return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=describe_error(exc), notes=notes)
     result = classify(parsed)

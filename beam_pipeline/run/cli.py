@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
+from beam_pipeline.codes import EXIT_INCOMPLETE, TRANSIENT_REASONS
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.fhir.bulk_data import request_line
 from beam_pipeline.fhir.config import ConversionConfig
@@ -120,6 +121,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-concurrency", type=int, default=DEFAULT_READ_CONCURRENCY, metavar="N",
                         help=f"header reads in flight per worker process on gs:// (default {DEFAULT_READ_CONCURRENCY}; 1 reads one after "
                              "the other); local files are read one after the other")
+    parser.add_argument("--retry-deadline", type=float, default=gcs.DEFAULT_RETRY_DEADLINE, metavar="SECONDS",
+                        help="seconds one gs:// or DICOMweb request (read, listing page, access check, QIDO "
+                             "search, WADO metadata) retries transient answers (408, 429, 5xx, dropped "
+                             "connections) before its file or study is an error `unavailable` "
+                             f"(default {gcs.DEFAULT_RETRY_DEADLINE:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--progress-interval", type=float, default=progress.DEFAULT_INTERVAL, metavar="SECONDS",
                         help=f"seconds between progress lines (default {progress.DEFAULT_INTERVAL:g})")
@@ -205,6 +211,7 @@ def dicomweb_source(args, parser) -> Source | None:
     try:
         connection = Connection(args.dicomweb.rstrip("/"), Credentials.from_env(),
                                 read_timeout=args.dicomweb_timeout, page_size=args.dicomweb_page_size,
+                                retry=gcs.RetryPolicy(deadline=args.retry_deadline),
                                 max_in_flight=args.dicomweb_requests, verify=args.dicomweb_ca_bundle or True)
         query = StudyQuery(args.study_date_from, args.study_date_to, args.modality, tuple(args.study_uid))
     except DicomWebError as exc:
@@ -243,6 +250,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     unknown = unknown_beam_options(beam_args)
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")
+    if not positive(args.retry_deadline):
+        parser.error("--retry-deadline must be a positive number of seconds")
     web_source = dicomweb_source(args, parser)
     if args.input is not None and "://" in args.input and not args.input.startswith("gs://"):
         parser.error(f"--input {args.input.split('://', 1)[0]}:// is not supported: give a local path or gs://")
@@ -284,7 +293,7 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by, run_id=run_id,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
                         max_header_bytes=args.max_header_mib * 1024 * 1024,
-                        read_concurrency=args.read_concurrency,
+                        read_concurrency=args.read_concurrency, retry_deadline=args.retry_deadline,
                         progress=None if args.quiet else progress.new_settings(args.output, run_id, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
                         manifest_base_url=args.manifest_base_url)
@@ -294,7 +303,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
 def run(argv=None) -> dict:
     """Parse options once, run the pipeline, print the summary."""
     settings, beam_args = parse_args(argv)
-    gcs.check_access(settings.input, settings.output)  # seconds, not minutes of retries, when it cannot work
+    # permanent problems in seconds; transient answers (an outage at start-up) retried up to the deadline
+    gcs.check_access(settings.input, settings.output, policy=gcs.RetryPolicy(deadline=settings.retry_deadline))
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
     summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)
@@ -323,7 +333,8 @@ def not_repeated_below(record: logging.LogRecord) -> bool:
 def main(argv=None) -> int:
     """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
     line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
-    file (a bug), else 0."""
+    file (a bug), 4 when the run finished but some files failed for a transient reason (storage or
+    server unavailable past the retry deadline: run it again), else 0."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # The in-process runner logs a failing step's traceback before raising it; the cause is
     # printed below in one line, so the page of Beam frames stays off the console.
@@ -342,4 +353,6 @@ def main(argv=None) -> int:
     if not accounted(summary):
         _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
         return 1
+    if any(summary["errors_by_reason"].get(str(reason)) for reason in TRANSIENT_REASONS):
+        return EXIT_INCOMPLETE
     return 0

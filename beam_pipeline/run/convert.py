@@ -14,6 +14,7 @@ from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run import core
 from beam_pipeline.sources import files as inputs
+from beam_pipeline.sources.retry import AdaptiveLimit
 
 
 @dataclass
@@ -46,7 +47,8 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
     from terminologies import Terminologies
 
     config = config or ConversionConfig()
-    reader = core.FileReader(use_fast_reader, inputs.InputOpener(), max_header_bytes)
+    reader = core.FileReader(use_fast_reader, inputs.InputOpener(limit=AdaptiveLimit(read_concurrency)),
+                             max_header_bytes)
     keys, terms = keywords.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason
+from beam_pipeline.codes import SHARED_TYPES, Outcome, Reason, SourceUnavailable
 from beam_pipeline.dicom import header
 from beam_pipeline.dicom.fields import FieldSpec
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
@@ -74,6 +74,8 @@ class FileReader:
             with self.open_file(path, size) as fp:
                 return header.read_header(fp, self.spec, use_fast=self.use_fast_reader,
                                           max_header_bytes=self.max_header_bytes)
+        except SourceUnavailable as exc:  # storage still failing after the retry deadline: retryable
+            return HeaderResult(ERROR, reason=Reason.UNAVAILABLE, detail=exc.strerror or "storage unavailable")
         except OSError as exc:
             return HeaderResult(ERROR, reason=Reason.UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}")
 
@@ -107,6 +109,17 @@ def process_files(items, reader: FileReader, pool: Executor | None = None) -> li
     if pool is None or len(items) < 2:
         return [guarded(item) for item in items]
     return list(pool.map(guarded, items))
+
+
+def listing_failure(where: inputs.Path, exc: OSError) -> FileOutcome:
+    """A folder or prefix that could not be listed: one error line, counted as one matched entry
+    (as a local folder that cannot be listed is); ``unavailable`` when storage still failed
+    transiently past the retry deadline, else ``unreadable``."""
+    reason = Reason.UNAVAILABLE if isinstance(exc, SourceUnavailable) else Reason.UNREADABLE
+    detail = f"cannot be listed: {exc.strerror or type(exc).__name__}"
+    outcome = outcome_of(HeaderResult(ERROR, reason=reason, detail=detail), where)
+    outcome.counts["files_matched"] += 1
+    return outcome
 
 
 def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -> FileOutcome:

@@ -34,20 +34,20 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     started = time.time() if started is None else started
     progress = settings.progress
     if settings.dicomweb is not None:
-        listed_counts = None
+        listed_counts = listing_errors = None
         partials, file_errors, read_counts = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
             settings.dicomweb, progress)
     else:
-        batches, listed_counts = pipeline | "ListFiles" >> transforms.ListInputFiles(
-            settings.input, settings.output, progress=progress)
+        batches, listed_counts, listing_errors = pipeline | "ListFiles" >> transforms.ListInputFiles(
+            settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
         partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
             settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
-            settings.read_concurrency, settings.max_header_bytes)
+            settings.read_concurrency, settings.max_header_bytes, settings.retry_deadline)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         conversion_config(settings), settings.validate, progress)
     written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings))
-    errors = [e for e in (file_errors, folder_errors, study_errors) if e is not None]
+    errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))

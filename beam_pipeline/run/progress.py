@@ -94,10 +94,18 @@ def read_counts(folder: str) -> Counter:
     return total
 
 
+def listing_complete(counts: Counter) -> bool:
+    """A DICOMweb listing says so (``listing_done``); a file listing is complete when every part
+    the top of the listing announced (``listing_parts``, itself included) is listed."""
+    parts = counts.get("listing_parts", 0)
+    return bool(counts.get("listing_done")) or (parts > 0 and counts.get("parts_listed", 0) >= parts)
+
+
 def describe(counts: Counter, elapsed: float, previous: tuple[float, int] | None) -> str:
     """One line: what is done, how fast, and (once listing is complete) about how long is left."""
     read, listed = counts.get("files_read", 0), counts.get("files_listed", 0)
-    parts = [f"{read:,} of {listed:,}{'' if counts.get('listing_done') else '+'} files read"]
+    listing_done = listing_complete(counts)
+    parts = [f"{read:,} of {listed:,}{'' if listing_done else '+'} files read"]
     if counts.get("studies_listed"):
         parts = [f"{counts.get('studies_fetched', 0):,} of {counts['studies_listed']:,} studies fetched"]
     parts.append(f"{counts.get('instances_read', 0):,} instances")
@@ -109,7 +117,7 @@ def describe(counts: Counter, elapsed: float, previous: tuple[float, int] | None
         rate = max(0.0, (done - previous[1]) / (elapsed - previous[0]))
     unit = "studies" if counts.get("studies_listed") else "files"
     parts.append(f"{rate:,.0f} {unit}/s")
-    if (counts.get("listing_done") or counts.get("studies_listed")) and rate > 0 and total > done:
+    if (listing_done or counts.get("studies_listed")) and rate > 0 and total > done:
         parts.append(f"about {_duration((total - done) / rate)} left")
     return f"progress ({_duration(elapsed)}): " + ", ".join(parts)
 

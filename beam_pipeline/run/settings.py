@@ -29,6 +29,7 @@ class Settings:
     max_header_bytes: int = MAX_HEADER_BYTES  # a header needing more reading: header-too-large
     validate: str = "sampled"            # "sampled" | "full" | "none"
     read_concurrency: int = DEFAULT_READ_CONCURRENCY
+    retry_deadline: float | None = None  # seconds a storage request retries transient answers (None: default)
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     progress: ProgressSettings | None = None  # None: quiet
     dicomweb: Source | None = None     # instead of input

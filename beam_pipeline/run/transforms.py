@@ -30,6 +30,7 @@ from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.summary import summarize, write_summary
 from beam_pipeline.sources import files as inputs
+from beam_pipeline.sources.retry import AdaptiveLimit, RetryBudget
 
 NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
@@ -61,65 +62,118 @@ class SumCounts(beam.CombineFn):
 # 1. List
 
 
+PARTS = "parts"
+
+
 @beam.typehints.with_output_types(typing.List[typing.Any])
 class ListFilesDoFn(beam.DoFn):
-    """A resolved input pattern -> batches of (path, size or None), one per file; the count as data.
+    """The input pattern (``top``), or one of its parts -> batches of (path, size or None), one per
+    file; the count as data; with ``top``, the parts to list next (to the ``parts`` output).
 
     Batched here rather than by ``BatchElements``: one element per file through an extra step
-    costs the local runners more than reading a small header does.
+    costs the local runners more than reading a small header does. A part that cannot be listed
+    (a list page still failing past the retry deadline, a refusal) is one error line and counts
+    as one matched entry, as a local folder that cannot be listed does.
     """
 
     def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None,
-                 batch_size: int = PATHS_PER_BATCH):
+                 batch_size: int = PATHS_PER_BATCH, top: bool = True, retry_deadline: float | None = None):
         self.exclude = exclude
+        self.retry_deadline = retry_deadline
         self.batch_size = batch_size
         self.progress_settings = progress
+        self.top = top
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
+        self.parts = Metrics.counter(NAMESPACE, "listing_parts_done")
 
     def setup(self):
         self.progress = ProgressBeacon(self.progress_settings)
 
-    def process(self, pattern):
-        pattern = os.fsdecode(pattern)  # bytes when the input's own path is not valid UTF-8
+    def process(self, element):
+        if self.top:
+            pattern = os.fsdecode(element)  # bytes when the input's own path is not valid UTF-8
+            where, items = element, self._top(element, pattern)
+        else:
+            raw_pattern, where = element
+            items = inputs.list_part(os.fsdecode(raw_pattern), where, self.exclude, self.retry_deadline)
         count = 0
         batch = []
-        for item in inputs.list_files(pattern, self.exclude):
-            count += 1
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                self.listed.inc(len(batch))
-                self.progress.add({"files_listed": len(batch)})
-                yield batch
-                batch = []
+        try:
+            for item in items:
+                if isinstance(item, beam.pvalue.TaggedOutput):
+                    yield item
+                    continue
+                count += 1
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    self.listed.inc(len(batch))
+                    self.progress.add({"files_listed": len(batch)})
+                    yield batch
+                    batch = []
+        except OSError as exc:  # SourceUnavailable (a list page past the deadline), a refusal
+            failed = core.listing_failure(where, exc)
+            yield beam.pvalue.TaggedOutput(ERRORS, failed.error)
+            yield beam.pvalue.TaggedOutput(COUNTS, failed.counts)
         if batch:
             yield batch
         self.listed.inc(len(batch))
-        self.progress.add({"files_listed": len(batch), "listing_done": 1}, force=True)
+        self.parts.inc()
+        self.progress.add({"files_listed": len(batch), "parts_listed": 1}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
+
+    def _top(self, element, pattern):
+        """The root's own files, its parts sent on (tagged) first."""
+        files, parts = inputs.list_top(pattern, self.exclude, self.retry_deadline)
+        self.progress.add({"listing_parts": len(parts) + 1}, force=True)
+        for part in parts:
+            yield beam.pvalue.TaggedOutput(PARTS, (element, part))
+        yield from files
 
 
 class ListInputFiles(beam.PTransform):
-    """Lists the input files and spreads them, in batches, over the workers."""
+    """Lists the input files and spreads them, in batches, over the workers: the pattern's root
+    first (its own files and its parts: subfolders or sub-prefixes), then each part on any
+    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step."""
 
     def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
-                 progress: ProgressSettings | None = None):
+                 progress: ProgressSettings | None = None, retry_deadline: float | None = None):
         super().__init__()
+        self.retry_deadline = retry_deadline
         self.input_path = input_path
         self.exclude = exclude
         self.batch_size = batch_size
         self.progress = progress
 
     def expand(self, pbegin):
-        listed = (pbegin
-                  | "Pattern" >> beam.Create([inputs.portable(inputs.resolve_pattern(self.input_path))])
-                  | "List" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size))
-                  .with_outputs(COUNTS, main="files"))
-        batches = listed.files | "Spread" >> beam.Reshuffle()
-        return batches, listed[COUNTS]
+        top = (pbegin
+               | "Pattern" >> beam.Create([inputs.portable(inputs.resolve_pattern(self.input_path))])
+               | "ListTop" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size,
+                                                      retry_deadline=self.retry_deadline))
+               .with_outputs(COUNTS, ERRORS, PARTS, main="files"))
+        parts = (top[PARTS]
+                 | "SpreadParts" >> beam.Reshuffle()
+                 | "ListParts" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size, top=False,
+                                                         retry_deadline=self.retry_deadline))
+                 .with_outputs(COUNTS, ERRORS, main="files"))
+        batches = ((top.files, parts.files)
+                   | "AllListed" >> beam.Flatten()
+                   | "Spread" >> beam.Reshuffle())
+        counts = (top[COUNTS], parts[COUNTS]) | "ListCounts" >> beam.Flatten()
+        errors = (top[ERRORS], parts[ERRORS]) | "ListErrors" >> beam.Flatten()
+        return batches, counts, errors
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. Read headers
+
+
+class SharedReading:
+    """What a worker process's header readers share: the pool of reading threads (none for one at a
+    time) and the AIMD limit of gs:// requests in flight, capped at --read-concurrency."""
+
+    def __init__(self, read_concurrency: int):
+        self.pool = ThreadPoolExecutor(read_concurrency, "header-read") if read_concurrency > 1 else None
+        self.limit = AdaptiveLimit(read_concurrency)
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
@@ -132,23 +186,26 @@ class ReadHeaderDoFn(beam.DoFn):
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
-                 max_header_bytes: int = MAX_HEADER_BYTES):
+                 max_header_bytes: int = MAX_HEADER_BYTES, retry_deadline: float | None = None):
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
+        self.retry_deadline = retry_deadline
         self.group_by = group_by
         self.root = root
         self.progress_settings = progress
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
-        # One read pool per worker process, shared by the DoFn instances of its bundle threads, so
-        # --read-concurrency bounds a worker's requests in flight whatever its thread count.
-        self.shared_pool = shared.Shared()
+        # One read pool and one in-flight limit per worker process, shared by the DoFn instances of
+        # its bundle threads, so --read-concurrency bounds a worker's requests in flight whatever
+        # its thread count, and a throttling store slows the whole worker down.
+        self.shared_reading = shared.Shared()
 
     def setup(self):
-        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(), self.max_header_bytes)
-        self.pool = (self.shared_pool.acquire(lambda: ThreadPoolExecutor(self.read_concurrency, "header-read"))
-                     if self.read_concurrency > 1 else None)
+        self.reading = self.shared_reading.acquire(lambda: SharedReading(self.read_concurrency))
+        self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline, self.reading.limit),
+                                      self.max_header_bytes)
+        self.pool = self.reading.pool
         self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
@@ -178,7 +235,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.progress.flush()
 
     def teardown(self):
-        self.pool = None  # shared with the process's other instances; ends with the last of them
+        self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
 class ReadHeaders(beam.PTransform):
@@ -186,9 +243,10 @@ class ReadHeaders(beam.PTransform):
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
-                 max_header_bytes: int = MAX_HEADER_BYTES):
+                 max_header_bytes: int = MAX_HEADER_BYTES, retry_deadline: float | None = None):
         super().__init__()
-        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes)
+        self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes,
+                                   retry_deadline)
 
     def expand(self, batches):
         results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")
@@ -252,6 +310,7 @@ class FetchStudiesDoFn(beam.DoFn):
         self.spec = header_spec()
         self.instance_keys = keywords.instance_keys()
         self.clients = threading.local()  # a requests.Session per thread
+        self.budget = RetryBudget(self.source.connection.retry.budget)  # retry sleeps of all its threads
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
         self.progress = ProgressBeacon(self.progress_settings)
         core.quiet_pydicom()
@@ -267,7 +326,7 @@ class FetchStudiesDoFn(beam.DoFn):
 
         client = getattr(self.clients, "client", None)
         if client is None:
-            client = self.clients.client = self.source.connection.client()
+            client = self.clients.client = self.source.connection.client(self.budget)
         return core.process_fetched_study(dicomweb.fetch_study(client, uid), self.spec)
 
     def process(self, uids):

@@ -13,7 +13,6 @@ import base64
 import os
 import re
 import struct
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -22,18 +21,17 @@ from urllib.parse import urlsplit
 import pydicom
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
-from beam_pipeline.codes import DOSE_REPORT_KEY, Reason
+from beam_pipeline.codes import DOSE_REPORT_KEY, Reason, SourceUnavailable
 from beam_pipeline.dicom import dose_report
 from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, encodings_for
 from beam_pipeline.dicom.header import classify
 from beam_pipeline.dicom.records import ERROR, INSTANCE, DoseReport, HeaderResult, ParsedHeader
+from beam_pipeline.sources.retry import RetryBudget, RetryPolicy, requests_attempt, retrying
 
 TOKEN_ENV = "DICOMWEB_TOKEN"
 USER_ENV = "DICOMWEB_USER"
 PASSWORD_ENV = "DICOMWEB_PASSWORD"
-RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UTF8 = ["utf_8"]  # DICOM JSON strings are Unicode already
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
@@ -49,6 +47,21 @@ class DicomWebError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Settings
+
+
+class RetryingSession(requests.Session):
+    """A session whose every request (QIDO searches, WADO metadata) is retried under the sources'
+    one policy (``retry.retrying``): transient statuses, and with ``network_errors`` dropped
+    connections, timeouts and broken-off bodies; past the deadline ``SourceUnavailable``."""
+
+    def __init__(self, policy: RetryPolicy, budget: RetryBudget | None, what: str, network_errors: bool = True):
+        super().__init__()
+        self.policy, self.budget, self.what, self.network_errors = policy, budget, what, network_errors
+
+    def send(self, request, **kwargs):
+        send = super().send
+        return retrying(requests_attempt(lambda: send(request, **kwargs), self.what, self.network_errors),
+                        self.policy, self.budget)
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -97,8 +110,7 @@ class Connection:
     credentials: Credentials = Credentials()
     connect_timeout: float = 10.0
     read_timeout: float = 120.0     # one study's metadata can be large
-    attempts: int = 5               # per request, for 408/429/5xx and network errors
-    backoff: float = 0.5            # seconds, doubled per retry (urllib3 also honours Retry-After)
+    retry: RetryPolicy = RetryPolicy()  # for 408/429/5xx and network errors, as gs:// requests
     page_size: int = 1000           # QIDO limit per listing request
     max_in_flight: int = 8          # concurrent metadata requests per worker
     verify: bool | str = True       # TLS verification; a path is a CA bundle
@@ -106,26 +118,24 @@ class Connection:
     def __post_init__(self):
         check_url(self.url)
 
-    def session(self, retry: bool = True) -> requests.Session:
-        retries = self.attempts - 1 if retry else 0
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
-                      other=retries, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET"}),
-                      backoff_factor=self.backoff, raise_on_status=False, respect_retry_after_header=True)
-        session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(self.max_in_flight, 1))
+    def session(self, budget: RetryBudget | None = None, network_errors: bool = True) -> requests.Session:
+        session = RetryingSession(self.retry, budget, safe_url(self.url), network_errors)
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=max(self.max_in_flight, 1))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.auth = self.credentials.auth()
         session.verify = self.verify
         return session
 
-    def client(self, retry: bool = True, timeout: float | None = None):
-        """A client; ``retry=False`` and a short ``timeout`` for the start-up check."""
+    def client(self, budget: RetryBudget | None = None, timeout: float | None = None, network_errors: bool = True):
+        """A client whose requests retry under ``retry`` (a worker's ``budget`` bounding the
+        retry sleeps of all its clients); the start-up check passes a short ``timeout`` and
+        ``network_errors=False``: no answer at all fails it at once."""
         from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(self.url, session=self.session(retry),
+        client = DICOMwebClient(self.url, session=self.session(budget, network_errors),
                                 timeout=(timeout or self.connect_timeout, timeout or self.read_timeout))
-        client.set_http_retry_params(retry=False)  # the session's urllib3 Retry does it, network errors too
+        client.set_http_retry_params(retry=False)  # the session retries, under the sources' one policy
         return client
 
 
@@ -209,6 +219,8 @@ def _search(client, url: str, filters: dict, limit: int, offset: int) -> list[di
         raise DicomWebError(_status_message(exc.response.status_code, url)) from None
     except requests.exceptions.SSLError as exc:
         raise DicomWebError(f"TLS verification of {safe_url(url)} failed: {type(exc).__name__}") from None
+    except SourceUnavailable as exc:  # still failing past the retry deadline
+        raise DicomWebError(f"DICOMweb server {exc.strerror} (study search)") from None
     except requests.RequestException as exc:
         raise DicomWebError(f"cannot reach DICOMweb server {safe_url(url)}: {_network_reason(exc)}") from None
     except ValueError as exc:  # not JSON
@@ -238,9 +250,10 @@ CHECK_TIMEOUT = 15.0  # seconds for the start-up check's one request
 
 
 def check_server(connection: Connection, query: StudyQuery) -> None:
-    """One small search, no retries, a short timeout: fail fast with one clear line before building
-    a pipeline (a server that accepts connections but never answers must not stall the start)."""
-    client = connection.client(retry=False, timeout=CHECK_TIMEOUT)
+    """One small search with a short timeout: fail fast with one clear line before building a
+    pipeline (a server that refuses connections or never answers must not stall the start); a
+    transient answer (a PACS restarting: 503) is waited out under the retry policy."""
+    client = connection.client(timeout=CHECK_TIMEOUT, network_errors=False)
     _search(client, connection.url, query.filters()[0], limit=1, offset=0)
 
 
@@ -287,40 +300,34 @@ def _fetch_error(reason: str, uid: str, status: int | None, detail: str) -> dict
     return {"reason": reason, "study_uid": uid, "status": status, "detail": detail}
 
 
-def fetch_study(client, study_uid: str, body_attempts: int = 3, backoff: float = 0.5) -> FetchedStudy:
+def fetch_study(client, study_uid: str) -> FetchedStudy:
     """GET /studies/{uid}/metadata. Never raises for server or network trouble: an error record.
 
-    Status, connection and read retries happen in the session (urllib3); ``body_attempts`` covers
-    what urllib3 cannot retry: a connection dropped while the body is streamed.
+    Transient answers, dropped connections and bodies broken off are retried in the client's
+    session (``RetryingSession``); still failing past the deadline, the study is ``unavailable``
+    (worth another run), as a gs:// object would be.
     """
     if not _UID.match(study_uid):
         return FetchedStudy(study_uid, error=_fetch_error(
             Reason.INVALID_UID, study_uid, None, "the server listed a StudyInstanceUID that is not a DICOM UID"))
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            instances = client.retrieve_study_metadata(study_uid)
-            break
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
-            if attempt < body_attempts:
-                time.sleep(backoff * 2 ** (attempt - 1))
-                continue
+    try:
+        instances = client.retrieve_study_metadata(study_uid)
+    except SourceUnavailable as exc:
+        return FetchedStudy(study_uid, error=_fetch_error(
+            Reason.UNAVAILABLE, study_uid, None, exc.strerror or "server unavailable"))
+    except requests.HTTPError as exc:
+        status = exc.response.status_code
+        if status in (404, 410):
             return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.FETCH_FAILED, study_uid, None, f"the response broke off {attempt} times: {type(exc).__name__}"))
-        except requests.HTTPError as exc:
-            status = exc.response.status_code
-            if status in (404, 410):
-                return FetchedStudy(study_uid, error=_fetch_error(
-                    Reason.STUDY_NOT_FOUND, study_uid, status, "the study was listed but is no longer on the server"))
-            return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.FETCH_FAILED, study_uid, status, f"HTTP {status} for the study metadata"))
-        except requests.RequestException as exc:  # connection or timeout, after urllib3's retries
-            return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.FETCH_FAILED, study_uid, None, f"network error after retries: {_network_reason(exc)}"))
-        except ValueError as exc:  # body is not JSON
-            return FetchedStudy(study_uid, error=_fetch_error(
-                Reason.FETCH_FAILED, study_uid, 200, f"the metadata is not DICOM JSON: {type(exc).__name__}"))
+                Reason.STUDY_NOT_FOUND, study_uid, status, "the study was listed but is no longer on the server"))
+        return FetchedStudy(study_uid, error=_fetch_error(
+            Reason.FETCH_FAILED, study_uid, status, f"HTTP {status} for the study metadata"))
+    except requests.RequestException as exc:  # not retried: TLS, a malformed answer
+        return FetchedStudy(study_uid, error=_fetch_error(
+            Reason.FETCH_FAILED, study_uid, None, f"network error: {_network_reason(exc)}"))
+    except ValueError as exc:  # body is not JSON
+        return FetchedStudy(study_uid, error=_fetch_error(
+            Reason.FETCH_FAILED, study_uid, 200, f"the metadata is not DICOM JSON: {type(exc).__name__}"))
     if not instances:
         return FetchedStudy(study_uid, error=_fetch_error(
             Reason.STUDY_NOT_FOUND, study_uid, 200, "the server returned no instance for the study"))

@@ -1,10 +1,13 @@
 """Which files a run reads, and how one is opened.
 
-Local folders are walked here rather than by Beam's ``MatchFiles``: symlinked folders are followed
-(once each, as ``find -L``), dangling links are listed so that they become error lines, the output
-folder is never read back when it lies inside the input, and a file name that is not valid UTF-8
-is carried as ``bytes`` (Beam's string coder cannot encode it). ``gs://`` prefixes are listed page
-by page through the JSON API (``gcs.list_objects``). Globs mean what they mean to Beam's
+Local folders are walked here rather than by Beam's ``MatchFiles``: symlinked folders outside the
+input are followed (links to folders inside it are not: their files are listed under their real
+path), dangling links are listed so that they become error lines, the output folder is never read
+back when it lies inside the input, and a file name that is not valid UTF-8 is carried as
+``bytes`` (Beam's string coder cannot encode it). ``gs://`` prefixes are listed page by page
+through the JSON API (``gcs.list_objects``). A listing is two steps, so that a pipeline can fan
+it out: ``list_top`` (the root's own files and its parts: subfolders or sub-prefixes), then
+``list_part`` of each part; ``list_files`` is the two in series. Globs mean what they mean to Beam's
 ``FileSystems``: ``*`` and ``?`` stay inside one folder, ``**`` crosses folders.
 """
 from __future__ import annotations
@@ -89,29 +92,83 @@ def first_level_folder(path: Path, root: str) -> str:
     return root + "/" + parts[0] if len(parts) > 1 else root
 
 
-def list_files(pattern: str, exclude: str | None = None) -> Iterator[tuple[Path, int | None]]:
-    """(path, size or None) of every file the resolved pattern matches, in a stable order."""
+def list_files(pattern: str, exclude: str | None = None,
+               retry_deadline: float | None = None) -> Iterator[tuple[Path, int | None]]:
+    """(path, size or None) of every file the resolved pattern matches, in a stable order: the
+    serial form of the fanned-out listing (``list_top``, then ``list_part`` of each part), so the
+    two list the same files by construction."""
+    files, parts = list_top(pattern, exclude, retry_deadline)
+    yield from files
+    for part in parts:
+        yield from list_part(pattern, part, exclude, retry_deadline)
+
+
+def list_top(pattern: str, exclude: str | None = None,
+             retry_deadline: float | None = None) -> tuple[list[tuple[Path, int | None]], list[Path]]:
+    """The first step of a listing: the matching files directly in the pattern's literal root, and
+    its parts to list next (in parallel): its subfolders, or on gs:// its sub-prefixes.
+
+    A root that cannot be listed is itself a "file": the reader makes it one error line.
+    A symbolic link to a folder is a part only when its target lies outside the input folder
+    (see ``_followed``)."""
     if is_remote(pattern):
         from beam_pipeline.sources import gcs
 
         bucket, _ = gcs.split_path(pattern)
-        matches = re.compile(glob_regex(pattern)).fullmatch
-        listed = gcs.list_objects(bucket, gcs.fixed_prefix(pattern))
-        yield from sorted(item for item in listed if matches(item[0]))
-        return
-    root = _literal_root(pattern)
+        matches = _matcher(pattern)
+        files, parts = [], []
+        for path, size in gcs.list_objects(bucket, gcs.fixed_prefix(pattern), delimiter="/",
+                                           policy=retry_policy(retry_deadline)):
+            if path.endswith("/") and size is None:
+                parts.append(path)
+            elif matches(path):
+                files.append((path, size))
+        return sorted(files), sorted(parts)
     if not globlib.has_magic(pattern):  # one file (escaped or plain)
         path = _unescape(pattern)
-        if os.path.lexists(path):
-            yield portable(path), None
+        return ([(portable(path), None)] if os.path.lexists(path) else []), []
+    root = _literal_root(pattern)
+    matches = _matcher(pattern)
+    entries, folders = _entries(root, os.path.realpath(root), _excluded(exclude))
+    if entries is None:
+        return [(portable(root), None)], []
+    return [(portable(path), None) for path in entries if matches(path)], [portable(path) for path in folders]
+
+
+def list_part(pattern: str, part: Path, exclude: str | None = None,
+              retry_deadline: float | None = None) -> Iterator[tuple[Path, int | None]]:
+    """The files the pattern matches in one part of ``list_top`` (a subfolder, a sub-prefix), in a
+    stable order. A gs:// list page still failing past the retry deadline raises
+    ``SourceUnavailable``; a local folder that cannot be listed is yielded as a "file"."""
+    matches = _matcher(pattern)
+    if is_remote(pattern):
+        from beam_pipeline.sources import gcs
+
+        bucket, prefix = gcs.split_path(part)
+        listed = gcs.list_objects(bucket, prefix, policy=retry_policy(retry_deadline))
+        yield from sorted(item for item in listed if matches(item[0]))
         return
-    with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
-        warnings.simplefilter("ignore", FutureWarning)
-        matches = re.compile(glob_regex(pattern)).fullmatch
-    excluded = os.path.realpath(exclude) if exclude and not is_remote(exclude) else None
-    for path in _walk(root, excluded):
+    root_real = os.path.realpath(_literal_root(pattern))
+    for path in _walk(os.fsdecode(part), _excluded(exclude), root_real):
         if matches(path):
             yield portable(path), None
+
+
+def retry_policy(retry_deadline: float | None = None):
+    """The storage retry policy with the run's --retry-deadline (None: the default deadline)."""
+    from beam_pipeline.sources import retry
+
+    return retry.RetryPolicy() if retry_deadline is None else retry.RetryPolicy(deadline=retry_deadline)
+
+
+def _matcher(pattern: str):
+    with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
+        warnings.simplefilter("ignore", FutureWarning)
+        return re.compile(glob_regex(pattern)).fullmatch
+
+
+def _excluded(exclude: str | None) -> str | None:
+    return os.path.realpath(exclude) if exclude and not is_remote(exclude) else None
 
 
 def glob_regex(pattern: str) -> str:
@@ -165,12 +222,52 @@ def _unescape(text: str) -> str:
     return re.sub(r"\[([*?\[\]])\]", r"\1", text)
 
 
-def _walk(root: str, excluded: str | None) -> Iterator[str]:
-    """Files under root, following symlinked folders once each (loop-safe); dangling links too, and
-    folders that cannot be listed (the reader makes each of these one error line, so nothing under
-    them vanishes without a trace)."""
+def _followed(entry: os.DirEntry, root_real: str) -> bool:
+    """Whether the walk enters this entry: a folder, or a symbolic link to a folder outside the
+    input folder. A link to a folder inside the input folder is not followed: its files are listed
+    once, under their real path, whichever part of the listing reaches them first (the rule
+    that keeps a fanned-out listing equal to a serial one, and loops through the input
+    impossible)."""
+    try:
+        if not entry.is_dir(follow_symlinks=True):
+            return False
+    except OSError:
+        return False
+    if not entry.is_symlink():
+        return True
+    target = os.path.realpath(entry.path)
+    return not (target == root_real or target.startswith(root_real.rstrip("/") + "/"))
+
+
+def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[str] | None, list[str]]:
+    """(paths of the folder's non-folder entries, its folders to enter), sorted by name; (None, [])
+    when the folder cannot be listed. Files, special files and dangling links are all entries:
+    the reader classifies them. Links to folders that are not followed are left out."""
+    try:
+        scanned = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None, []
+    files, folders = [], []
+    for entry in scanned:
+        if _followed(entry, root_real):
+            if not (excluded and os.path.realpath(entry.path) == excluded):
+                folders.append(entry.path)
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=True):
+                continue  # a link to a folder inside the input: listed under its real path
+        except OSError:
+            pass
+        files.append(entry.path)
+    return files, folders
+
+
+def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[str]:
+    """Files under one folder of the input, entering subfolders and links to folders outside the
+    input (each folder once: loop-safe); dangling links too, and folders that cannot be listed
+    (the reader makes each of these one error line, so nothing under them vanishes without a trace)."""
     seen: set[tuple[int, int]] = set()
-    stack = [root]
+    stack = [top]
     while stack:
         folder = stack.pop()
         try:
@@ -179,33 +276,25 @@ def _walk(root: str, excluded: str | None) -> Iterator[str]:
             yield folder
             continue
         if (info.st_dev, info.st_ino) in seen:
-            continue  # a symlink loop or a second link to a folder already walked
+            continue  # a second link to a folder outside the input, already walked in this part
         seen.add((info.st_dev, info.st_ino))
-        if excluded and os.path.realpath(folder) == excluded:
-            continue
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        files, folders = _entries(folder, root_real, excluded)
+        if files is None:
             yield folder
             continue
-        folders = []
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=True):
-                    folders.append(entry.path)
-                    continue
-            except OSError:
-                pass
-            yield entry.path  # files, special files and dangling links: the reader classifies them
+        yield from files
         stack.extend(reversed(folders))
 
 
 class InputOpener:
     """Opens input files for header reading, one per worker: ``gs://`` objects by ranged GETs over
     kept-alive connections (set up on the first gs:// path, so local runs need no credentials), local
-    files directly."""
+    files directly. ``limit`` (a ``retry.AdaptiveLimit``, shared by a worker's readers) bounds the
+    gs:// requests in flight and shrinks while the store throttles."""
 
-    def __init__(self):
+    def __init__(self, retry_deadline: float | None = None, limit=None):
+        self.retry_deadline = retry_deadline  # None: gcs.DEFAULT_RETRY_DEADLINE
+        self.limit = limit
         self._fetcher = None
         self._lock = threading.Lock()
 
@@ -223,7 +312,7 @@ class InputOpener:
             if self._fetcher is None:
                 from beam_pipeline.sources import gcs
 
-                self._fetcher = gcs.RangeFetcher()
+                self._fetcher = gcs.RangeFetcher(policy=retry_policy(self.retry_deadline), limit=self.limit)
             return self._fetcher
 
 

@@ -16,28 +16,39 @@ Ranged GETs go over kept-alive connections, one per reading thread; the checks u
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import io
 import logging
 import os
 import threading
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import quote, urlsplit
 
+from beam_pipeline.codes import SourceUnavailable
+from beam_pipeline.sources.retry import (  # noqa: F401  (the policy's names, as callers know them here)
+    DEFAULT_RETRY_BUDGET,
+    DEFAULT_RETRY_DEADLINE,
+    THROTTLE_STATUSES,
+    TRANSIENT_STATUSES,
+    AdaptiveLimit,
+    RetryBudget,
+    RetryPolicy,
+    TransientFailure,
+    requests_attempt,
+    retry_after,
+    retrying,
+)
+
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # read input, write output
 READ_TIMEOUT = 60.0     # per socket operation of a ranged GET
 CHECK_TIMEOUT = 8.0     # per request of an access check
 CHECK_DEADLINE = 25.0   # all access checks together, credential lookup included: under 30 s
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-RETRIES = 3             # per ranged GET, for transient statuses and dropped connections
-
-
 class GcsAccessError(Exception):
     """A check of --input or --output failed; the message is one line for the console."""
 
@@ -95,8 +106,12 @@ class RangeFetcher:
     credentials (anonymous for an emulator) are applied and refreshed by google-auth.
     """
 
-    def __init__(self, creds=None, base_url: str | None = None):
+    def __init__(self, creds=None, base_url: str | None = None, policy: RetryPolicy | None = None,
+                 limit: AdaptiveLimit | None = None):
         self.credentials = creds if creds is not None else credentials()
+        self.policy = policy or RetryPolicy()
+        self.budget = RetryBudget(self.policy.budget)
+        self.limit = limit  # requests in flight, shrinking under 429/503 (None: bounded by the caller's threads)
         self.base_url = (base_url or endpoint()).rstrip("/")
         parsed = urlsplit(self.base_url)
         self._https = parsed.scheme == "https"
@@ -107,36 +122,37 @@ class RangeFetcher:
         self.requests = 0  # counted for tests and the benchmark; approximate under threads
 
     def fetch(self, bucket: str, name: str, start: int, length: int) -> tuple[bytes, int | None]:
-        """Bytes [start, start + length) (fewer at the end of the object) and the object's size."""
+        """Bytes [start, start + length) (fewer at the end of the object) and the object's size;
+        transient answers retried under the policy (``SourceUnavailable`` past its deadline)."""
         path = f"{self._path_prefix}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}?alt=media"
-        for attempt in range(RETRIES):
-            headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+        return retrying(lambda: self._fetch_once(path, start, length), self.policy, self.budget)
+
+    def _fetch_once(self, path: str, start: int, length: int) -> tuple[bytes, int | None]:
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+        with (self.limit.slot() if self.limit is not None else contextlib.nullcontext({})) as outcome:
             self.requests += 1
             try:
                 self._authorize(path, headers)
-                status, content_range, data = self._get(path, headers)
+                status, content_range, data, wait = self._get(path, headers)
             except (OSError, http.client.HTTPException) as exc:  # dropped keep-alive, reset, timeout
                 self._local.connection = None
-                if attempt + 1 == RETRIES:
-                    raise OSError(errno.EIO, f"no answer from object storage ({type(exc).__name__})") from None
-                time.sleep(0.1 * 2 ** attempt)
-                continue
-            if status in (200, 206):
-                size = _total_size(content_range)
-                if status == 200:  # the whole object: the server ignored the range
-                    size = len(data)
-                    data = data[start:start + length]
-                return data, size
-            if status == 416:  # the range starts at or past the end: empty object or read past it
-                return b"", _total_size(content_range)
-            if status == 404:
-                raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
-            if status in (401, 403):
-                raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
-            if status not in TRANSIENT_STATUSES or attempt + 1 == RETRIES:
-                raise OSError(errno.EIO, f"object storage answered HTTP {status}")
-            time.sleep(0.2 * 2 ** attempt)
-        raise AssertionError("unreachable")
+                raise TransientFailure(f"no answer from object storage ({type(exc).__name__})") from None
+            outcome["throttled"] = status in THROTTLE_STATUSES
+        if status in (200, 206):
+            size = _total_size(content_range)
+            if status == 200:  # the whole object: the server ignored the range
+                size = len(data)
+                data = data[start:start + length]
+            return data, size
+        if status == 416:  # the range starts at or past the end: empty object or read past it
+            return b"", _total_size(content_range)
+        if status == 404:
+            raise FileNotFoundError(errno.ENOENT, "object does not exist (deleted after listing?)")
+        if status in (401, 403):
+            raise PermissionError(errno.EACCES, f"no permission to read the object (HTTP {status})")
+        if status in TRANSIENT_STATUSES:
+            raise TransientFailure(f"object storage answered HTTP {status}", wait, status)
+        raise OSError(errno.EIO, f"object storage answered HTTP {status}")
 
     def _authorize(self, path: str, headers: dict) -> None:
         if self._auth_request is None:
@@ -145,7 +161,7 @@ class RangeFetcher:
             self._auth_request = Request()
         self.credentials.before_request(self._auth_request, "GET", self.base_url + path, headers)
 
-    def _get(self, path: str, headers: dict) -> tuple[int, str | None, bytes]:
+    def _get(self, path: str, headers: dict) -> tuple[int, str | None, bytes, float | None]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = self._connect()
@@ -155,7 +171,7 @@ class RangeFetcher:
         if response.will_close:
             self._local.connection = None
             connection.close()
-        return response.status, response.getheader("Content-Range"), data
+        return response.status, response.getheader("Content-Range"), data, retry_after(response.getheader("Retry-After"))
 
     def _connect(self) -> http.client.HTTPConnection:
         proxy = None if urllib.request.proxy_bypass(self._host or "") else \
@@ -277,26 +293,38 @@ LIST_PAGE_SIZE = 1000
 LIST_TIMEOUT = 60.0  # per list page
 
 
-def _json_get(session, url: str, params: dict | None = None):
-    response = session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT))
+def _json_get(session, url: str, params: dict | None = None, policy: RetryPolicy | None = None):
+    """A GET of the JSON API, transient answers and dropped connections retried under the policy
+    (``SourceUnavailable`` past its deadline); a refusal raises PermissionError."""
+    what = f"gs://{url.split('/b/', 1)[-1].split('/', 1)[0]}"
+    response = retrying(requests_attempt(
+        lambda: session.request("GET", url, params=params, timeout=(CHECK_TIMEOUT, LIST_TIMEOUT)), what), policy)
     if response.status_code in (401, 403):
         raise PermissionError(errno.EACCES, f"no permission to list {url.split('/b/', 1)[-1]} (HTTP {response.status_code})")
     return response
 
 
-def list_objects(bucket: str, prefix: str, session=None) -> Iterator[tuple[str, int | None]]:
-    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page."""
+def list_objects(bucket: str, prefix: str, session=None, policy: RetryPolicy | None = None,
+                 delimiter: str | None = None) -> Iterator[tuple[str, int | None]]:
+    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page; with a
+    ``delimiter`` the objects directly under the prefix, then (path, None) of each sub-prefix
+    (ending in the delimiter). A page still failing past the policy's deadline raises
+    ``SourceUnavailable``."""
     session = session or open_session()
     url = f"{endpoint().rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o"
     params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size),nextPageToken"}
+    if delimiter:
+        params.update(delimiter=delimiter, fields="items(name,size),prefixes,nextPageToken")
     while True:
-        response = _json_get(session, url, params)
+        response = _json_get(session, url, params, policy)
         if response.status_code != 200:
             raise OSError(errno.EIO, f"listing gs://{bucket} answered HTTP {response.status_code}")
         page = response.json()
         for item in page.get("items", ()):
             size = item.get("size")
             yield f"gs://{bucket}/{item['name']}", int(size) if size is not None else None
+        for sub_prefix in page.get("prefixes", ()):
+            yield f"gs://{bucket}/{sub_prefix}", None
         token = page.get("nextPageToken")
         if not token:
             return
@@ -324,9 +352,10 @@ def object_exists(path: str, session=None) -> bool:
 class _Probe:
     session: object
     base_url: str
+    policy: RetryPolicy = RetryPolicy()
 
 
-def _probe_session() -> _Probe:
+def _probe_session(policy: RetryPolicy | None = None) -> _Probe:
     auth_log = logging.getLogger("google.auth")
     level = auth_log.level
     auth_log.setLevel(logging.ERROR)  # its warnings of each place it looked: our one line says it
@@ -338,12 +367,17 @@ def _probe_session() -> _Probe:
             f"GOOGLE_APPLICATION_CREDENTIALS): {type(exc).__name__}") from None
     finally:
         auth_log.setLevel(level)
-    return _Probe(session, endpoint().rstrip("/"))
+    return _Probe(session, endpoint().rstrip("/"), policy or RetryPolicy())
 
 
 def _request(probe: _Probe, what: str, method: str, url: str, **kwargs):
+    """One request of an access check: transient answers (an outage at start-up) retried under the
+    policy; no answer at all (refused, unresolvable, timed out) fails at once with one line."""
+    send = lambda: probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs)  # noqa: E731
     try:
-        return probe.session.request(method, url, timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT), **kwargs)
+        return retrying(requests_attempt(send, probe.base_url, network_errors=False), probe.policy)
+    except SourceUnavailable as exc:
+        raise GcsAccessError(f"{what}: {exc.strerror}") from None
     except Exception as exc:  # connection refused, DNS, timeout, token refresh without network
         name = type(exc).__name__
         if "Timeout" in name:
@@ -373,11 +407,12 @@ def fixed_prefix(path: str) -> str:
     return name
 
 
-def check_input(path: str) -> None:
-    """Raise GcsAccessError unless objects under ``path`` (a gs:// prefix or glob) can be listed."""
+def check_input(path: str, policy: RetryPolicy | None = None) -> None:
+    """Raise GcsAccessError unless objects under ``path`` (a gs:// prefix or glob) can be listed;
+    transient answers (an outage at start-up) are retried under the policy, permanent ones are not."""
     what = f"--input {path}"
     bucket, _ = split_path(path)
-    probe = _probe_session()
+    probe = _probe_session(policy)
     url = f"{probe.base_url}/storage/v1/b/{quote(bucket, safe='')}/o"
     response = _request(probe, what, "GET", url,
                         params={"prefix": fixed_prefix(path), "maxResults": "1", "fields": "items/name"})
@@ -385,11 +420,11 @@ def check_input(path: str) -> None:
         raise _explain(what, bucket, response)
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, policy: RetryPolicy | None = None) -> None:
     """Raise GcsAccessError unless a small object can be written under ``path`` and deleted again."""
     what = f"--output {path}"
     bucket, name = split_path(path)
-    probe = _probe_session()
+    probe = _probe_session(policy)
     prefix = name.strip("/")
     probe_name = f"{prefix}/.dicom2fhir-write-check-{uuid.uuid4().hex}" if prefix else \
         f".dicom2fhir-write-check-{uuid.uuid4().hex}"
@@ -405,7 +440,8 @@ def check_output(path: str) -> None:
                              f"(HTTP {response.status_code}); the output step replaces files")
 
 
-def check_access(input_path: str | None, output_path: str | None, deadline: float = CHECK_DEADLINE) -> None:
+def check_access(input_path: str | None, output_path: str | None, deadline: float | None = None,
+                 policy: RetryPolicy | None = None) -> None:
     """Check whichever of input and output are on gs://; raises GcsAccessError on the first problem,
     or when the checks together take longer than ``deadline`` seconds (a credential lookup or token
     refresh retrying against an unreachable server must not hold the run)."""
@@ -413,12 +449,15 @@ def check_access(input_path: str | None, output_path: str | None, deadline: floa
               if path and path.startswith("gs://")]
     if not checks:
         return
+    policy = policy or RetryPolicy()
+    if deadline is None:  # no answer at all within CHECK_DEADLINE; transient answers get the retry deadline
+        deadline = CHECK_DEADLINE + 2 * policy.deadline
     failure: list[BaseException] = []
 
     def run_checks():
         try:
             for check, path in checks:
-                check(path)
+                check(path, policy)
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
 

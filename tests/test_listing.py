@@ -1,0 +1,161 @@
+"""Listing at archive scale: the pattern's root first, then each of its parts (subfolders, gs://
+sub-prefixes) as its own work item behind a Reshuffle, with the same files and the same accounting
+as the serial listing; the symlink rule that keeps the two equal; a part that cannot be listed is
+one error line. gs:// listings are paged by the proxy as GCS pages them (the emulator does not)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+from faults import Faults
+from gcs_emulator import patched_environ, upload_tree
+from helpers import copy_dicom, pydicom_file, run_pipeline
+
+from benchmarks.latency_proxy import LatencyProxy
+from beam_pipeline.run import convert, transforms
+from beam_pipeline.sources import files as inputs
+
+BUCKET = "test-bucket"
+REPO = Path(__file__).resolve().parent.parent
+TOP_FOLDERS, SUBFOLDERS, FILES = 50, 20, 20  # 20,000 files in 1,000 leaf folders under 50 parts
+
+
+@pytest.fixture(scope="module")
+def deep_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("deep") / "archive"
+    for top in range(TOP_FOLDERS):
+        for sub in range(SUBFOLDERS):
+            folder = root / f"t{top:02d}" / f"s{sub:02d}"
+            folder.mkdir(parents=True)
+            for index in range(FILES):
+                (folder / f"f{index:02d}.txt").write_bytes(b"x")
+    (root / "top-level-file.txt").write_bytes(b"x")
+    return root
+
+
+def _fanned_out(pattern: str, expected_items, expected_counts: Counter, label: str = "") -> int:
+    """Runs the pipeline's listing step alone; asserts its items and summed counts; returns how
+    many listing work items ran (the root's own, then one per part)."""
+    pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
+    batches, counts, _ = pipeline | transforms.ListInputFiles(pattern)
+    assert_that(batches | "Items" >> beam.FlatMap(lambda batch: batch), equal_to(list(expected_items)),
+                label="items")
+    assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()), equal_to([expected_counts]),
+                label="counts")
+    result = pipeline.run()
+    result.wait_until_finish()
+    parts = result.metrics().query(MetricsFilter().with_name("listing_parts_done"))["counters"]
+    return sum(c.committed for c in parts)
+
+
+def test_a_deep_tree_is_listed_in_parts_with_the_serial_listings_files_and_counts(deep_tree):
+    pattern = inputs.resolve_pattern(str(deep_tree))
+    serial = list(inputs.list_files(pattern))
+    assert len(serial) == TOP_FOLDERS * SUBFOLDERS * FILES + 1
+    parts = _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
+    assert parts == TOP_FOLDERS + 1  # the root's own step, then one work item per top-level folder
+
+
+def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
+    """Links to folders inside the input are not followed (their files are listed once, under
+    their real path); links to folders outside it are followed, in each part that has one."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    (outside / "deeper" / "o.txt").write_bytes(b"o")
+    (outside / "back-in").symlink_to(tmp_path / "in")      # a loop back into the input: not followed
+    root = tmp_path / "in"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / f"{name}.txt").write_bytes(b"x")
+    (root / "a" / "to-b").symlink_to(root / "b")           # inside: not followed
+    (root / "a" / "to-outside").symlink_to(outside)        # outside: followed
+    (root / "b" / "to-outside").symlink_to(outside)        # ... from this part too
+    (root / "to-a").symlink_to(root / "a")                 # a top-level link inside: not a part
+    (root / "ext").symlink_to(outside)                     # a top-level link outside: a part
+    (root / "dangling.txt").symlink_to(tmp_path / "gone")  # listed: the reader reports it
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert sorted(path for path, _ in serial) == sorted(str(root / p) for p in (
+        "a/a.txt", "a/to-outside/deeper/o.txt", "b/b.txt", "b/to-outside/deeper/o.txt",
+        "ext/deeper/o.txt", "dangling.txt"))
+    files, parts = inputs.list_top(pattern)
+    assert parts == [str(root / "a"), str(root / "b"), str(root / "ext")]
+    _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
+
+
+def test_a_whole_run_accounts_as_the_serial_path_does(tmp_path):
+    """Same summary counts as the in-process conversion over the serial listing."""
+    root = tmp_path / "in"
+    for top in range(6):
+        copy_dicom(pydicom_file("CT_small.dcm"), root / f"p{top}" / "ct.dcm", SOPInstanceUID=f"1.2.3.{top}")
+        copy_dicom(pydicom_file("MR_small.dcm"), root / f"p{top}" / "sub" / "mr.dcm", SOPInstanceUID=f"1.2.4.{top}")
+        (root / f"p{top}" / "notes.txt").write_text("not DICOM")
+    shutil.copy(pydicom_file("CT_small.dcm"), root / "at-the-top.dcm")
+    (root / "p0" / "empty.dcm").write_bytes(b"")
+    summary = run_pipeline(root, tmp_path / "out")
+    serial = convert.convert_files([p for p, _ in inputs.list_files(inputs.resolve_pattern(str(root)))])
+    assert summary["files_matched"] == serial.counts["files_matched"] == 6 * 3 + 2
+    assert {k: v for k, v in summary["outcomes"].items() if v} == dict(serial.outcomes)
+    assert summary["errors_by_reason"] == {"empty-file": 1}
+
+
+# --- gs:// ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gs_tree(gcs_client, tmp_path_factory) -> list[str]:
+    """330 objects under 30 prefixes, a few at the top."""
+    root = tmp_path_factory.mktemp("gs-tree")
+    for top in range(30):
+        for index in range(11):
+            path = root / f"p{top:02d}" / ("deep/" if index % 3 else "") / f"f{index:02d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    for index in range(3):
+        (root / f"top{index}.txt").write_bytes(b"x")
+    return upload_tree(gcs_client, root, BUCKET, "listing")
+
+
+def test_a_paged_gs_listing_in_parts_lists_every_object_once(gs_tree, gcs_emulator):
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, list_page_size=7) as proxy, \
+            patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+        pattern = f"gs://{BUCKET}/listing/**"
+        serial = list(inputs.list_files(pattern))
+        parts = _fanned_out(pattern, serial, Counter({"files_matched": len(gs_tree)}))
+        pages = proxy.counts.snapshot()["requests"]
+    assert sorted(path for path, _ in serial) == sorted(gs_tree)
+    assert all(size == 1 for _, size in serial)
+    assert parts == 30 + 1
+    assert pages == 2 * (1 + 30 * 2)  # twice: the top page, then 11 objects a part in pages of 7
+
+
+def test_a_part_whose_listing_fails_past_the_deadline_is_one_error_line_and_exit_4(gs_tree, gcs_emulator, tmp_path):
+    broken = "listing%2Fp07%2F"  # every list page of this part answers 503
+    faults = Faults(outage=(0.0, 1000.0, 2000.0), only=f"prefix={broken}")
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, list_page_size=50, fault=faults) as proxy:
+        done = subprocess.run(
+            [sys.executable, "-m", "beam_pipeline", "--input", f"gs://{BUCKET}/listing/", "--output",
+             str(tmp_path / "out"), "--quiet", "--retry-deadline", "1"],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "STORAGE_EMULATOR_HOST": proxy.url})
+    assert faults.injected > 0
+    assert done.returncode == 4, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/_report/summary.json").read_text())
+    in_broken = [p for p in gs_tree if p.startswith(f"gs://{BUCKET}/listing/p07/")]
+    assert summary["files_matched"] == len(gs_tree) - len(in_broken) + 1
+    assert summary["errors_by_reason"] == {"unavailable": 1}
+    errors = [json.loads(line) for path in (tmp_path / "out/_report").glob("errors*.jsonl")
+              for line in path.read_text().splitlines()]
+    assert [(e["reason"], e["path"]) for e in errors] == [("unavailable", f"gs://{BUCKET}/listing/p07/")]
+    assert "still after 1 s of retries" in errors[0]["detail"]
