@@ -3,7 +3,8 @@
 Resource files ``<Type>-SSSSS-of-NNNNN.ndjson`` and ``manifest.json`` at the top, which is what a
 bulk loader takes; transaction Bundles in ``bundles/``; the report (``summary.json``, errors as
 plain JSON lines and as OperationOutcome NDJSON) in ``_report/``; progress beacons in a hidden
-``.progress-<run>`` folder while the run lasts.
+``.progress-<run>`` folder while the run lasts. The run's state (what a later ``--since`` run reuses)
+in ``_state/``; what changed since that previous run in ``_delta/``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,22 @@ BUNDLE_NAME = "Bundle"
 BUNDLES_DIR = "bundles"
 MANIFEST_NAME = "manifest.json"
 # name -> (folder relative to the output folder, file suffix); resource types: top level, .ndjson.
+STATE_DIR = "_state"
+STATE_HEADER_NAME = STATE_DIR + "/state.json"  # format, version, options, input root, its shards
+SOURCE_STATE_NAME = "sources"   # one line per input file (or DICOMweb study): stamp, records, outcome
+STUDY_STATE_NAME = "studies"    # one line per study: digest of its records, its lines and counts
+DELTA_DIR = "_delta"
+DELTA_PREFIX = DELTA_DIR + "/"  # names of delta files: "_delta/<Type>"
+DELETIONS_NAME = DELTA_DIR + "/deletions.json"  # one transaction Bundle of DELETEs
+DELTA_MANIFEST_NAME = DELTA_DIR + "/manifest.json"
 PLACES = {
     BUNDLE_NAME: (BUNDLES_DIR, ".ndjson"),
     OUTCOMES_NAME: (REPORT_DIR, ".ndjson"),
     ERRORS_NAME: (REPORT_DIR, ".jsonl"),  # not FHIR: a suffix no ``*.ndjson`` loader takes
+    SOURCE_STATE_NAME: (STATE_DIR, ".jsonl"),
+    STUDY_STATE_NAME: (STATE_DIR, ".jsonl"),
 }
-SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()}))
+SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()} | {DELTA_DIR}))
 # Where earlier versions wrote the report: removed too, or a loader would still find them.
 LEGACY_NAMES = (ERRORS_NAME + "-*-of-*.ndjson", "summary.json")
 

@@ -12,20 +12,25 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from datetime import datetime, timezone
 
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import RESOURCE_TYPES
 from beam_pipeline.fhir import bulk_data
 from beam_pipeline.run.layout import (
     BUNDLE_NAME,
+    DELETIONS_NAME,
+    DELTA_DIR,
+    DELTA_MANIFEST_NAME,
+    DELTA_PREFIX,
     LEGACY_NAMES,
     MANIFEST_NAME,
     OUTCOMES_NAME,
     PLACES,
     PROGRESS_PREFIX,
+    STATE_HEADER_NAME,
     SUBFOLDERS,
     SUMMARY_NAME,
 )
@@ -37,48 +42,51 @@ class OutputError(Exception):
     """The output folder cannot be written; the message says why, in one line."""
 
 
-class NdjsonSink(fileio.FileSink):
-    """Writes the line of each (name, line) element."""
-
-    def open(self, fh):
-        self._fh = fh
-
-    def write(self, record):
-        self._fh.write(record[1].encode("utf-8"))
-        self._fh.write(b"\n")
-
-    def flush(self):
-        self._fh.flush()
+# Bytes per output file: a file's lines are sorted in memory before it is written.
+SHARD_BYTES = 128 * 1024 * 1024
 
 
 def place(name: str) -> tuple[str, str]:
+    """(folder, suffix) of a name's files: delta names ``_delta/<Type>`` in ``_delta``."""
+    if name.startswith(DELTA_PREFIX):
+        return DELTA_DIR, ".ndjson"
     return PLACES.get(name, ("", ".ndjson"))
 
 
 def shard_name(name: str, shard_index: int, total_shards: int) -> str:
     """A shard's path relative to the output folder, e.g. ``bundles/Bundle-00000-of-00002.ndjson``."""
     folder, suffix = place(name)
-    file_name = f"{name}-{shard_index:05d}-of-{total_shards:05d}{suffix}"
+    file_name = f"{name.rsplit('/', 1)[-1]}-{shard_index:05d}-of-{total_shards:05d}{suffix}"
     return f"{folder}/{file_name}" if folder else file_name
-
-
-def file_naming(window, pane, shard_index, total_shards, compression, destination) -> str:
-    """``fileio.WriteToFiles`` naming: the destination is the name (resource type, errors, ...)."""
-    return shard_name(destination, shard_index, total_shards)
 
 
 def shard_pattern(output_dir: str, name: str) -> str:
     folder, suffix = place(name)
-    return FileSystems.join(output_dir, *([folder] if folder else []), f"{name}-*-of-*{suffix}")
+    return FileSystems.join(output_dir, *([folder] if folder else []), f"{name.rsplit('/', 1)[-1]}-*-of-*{suffix}")
 
 
-def count_lines(path: str) -> int:
-    """Lines of a written file, read back in 1 MiB chunks (the manifest states exact counts)."""
-    lines = 0
-    with FileSystems.open(path) as handle:
-        while chunk := handle.read(1 << 20):
-            lines += chunk.count(b"\n")
-    return lines
+def shard_count(total_bytes: int) -> int:
+    """How many files a name's lines go into: from their size alone, so every runner and worker
+    count writes the same files."""
+    return max(1, -(-total_bytes // SHARD_BYTES))
+
+
+def shard_of(line: str, total_shards: int) -> int:
+    """The file a line goes into: a hash of its content (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(line.encode("utf-8")) % total_shards if total_shards > 1 else 0
+
+
+def write_shard(temp_dir: str, name: str, shard_index: int, total_shards: int, lines) -> tuple[str, str, int]:
+    """Writes one file into the run's temp folder, its lines sorted (the same bytes whatever order
+    the runner delivered them in; a retried bundle rewrites the same file); returns (name, path
+    relative to the output folder, line count). ``publish`` moves the files to their places."""
+    relative = shard_name(name, shard_index, total_shards)
+    ordered = sorted(lines)
+    mime = "application/fhir+ndjson" if relative.endswith(".ndjson") else "application/jsonl"
+    with FileSystems.create(FileSystems.join(temp_dir, relative.replace("/", "--")), mime_type=mime) as out:
+        for start in range(0, len(ordered), 10_000):
+            out.write("".join(line + "\n" for line in ordered[start:start + 10_000]).encode("utf-8"))
+    return name, relative, len(ordered)
 
 
 def write_json(output_dir: str, name: str, document: dict) -> str:
@@ -124,18 +132,19 @@ def prepare(output_dir: str, input_path: str | None = None) -> None:
     if not is_remote(output_dir):
         check_local_output(output_dir)
         remove_stale_dirs(output_dir, input_path)
-        for folder in SUBFOLDERS:  # fileio's final rename does not create folders (and hides the error)
+        for folder in SUBFOLDERS:  # created once here, not by every shard writer
             os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
-    names = (*RESOURCE_TYPES, *PLACES)
+    names = (*RESOURCE_TYPES, *PLACES, *(DELTA_PREFIX + name for name in RESOURCE_TYPES))
     patterns = [shard_pattern(output_dir, name) for name in dict.fromkeys(names)]
-    patterns += [FileSystems.join(output_dir, name) for name in (SUMMARY_NAME, MANIFEST_NAME, *LEGACY_NAMES)]
+    patterns += [FileSystems.join(output_dir, name) for name in (
+        SUMMARY_NAME, MANIFEST_NAME, STATE_HEADER_NAME, DELETIONS_NAME, DELTA_MANIFEST_NAME, *LEGACY_NAMES)]
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
 
 
 def remove_empty_subfolders(output_dir: str) -> None:
-    """``prepare`` creates the subfolders fileio may write into; unused ones go at the end."""
+    """``prepare`` creates the subfolders the writers may write into; unused ones go at the end."""
     if is_remote(output_dir):
         return
     for folder in SUBFOLDERS:
@@ -152,12 +161,21 @@ _OUR_HIDDEN_FOLDERS = re.compile(
 
 
 def temp_dir(settings) -> str:
-    """Where this run's fileio writes before the final rename (removed at the end)."""
+    """Where this run writes its files before ``publish`` (removed at the end): a run that fails
+    leaves no partial file among the results."""
     return FileSystems.join(settings.output, TEMP_PREFIX + settings.run_id)
 
 
+def publish(settings, files) -> None:
+    """Moves the written files (name, relative path, lines) from the temp folder to their places."""
+    relatives = sorted(relative for _, relative, _ in files)
+    temp = temp_dir(settings)
+    FileSystems.rename([FileSystems.join(temp, relative.replace("/", "--")) for relative in relatives],
+                       [FileSystems.join(settings.output, relative) for relative in relatives])
+
+
 def remove_temp_dir(settings) -> None:
-    """This run's temp folder (fileio empties it but leaves it; object stores have no folders)."""
+    """This run's temp folder (object stores have no folders)."""
     path = temp_dir(settings)
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)

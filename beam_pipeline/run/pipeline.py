@@ -46,14 +46,14 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None) -
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
         conversion_config(settings), settings.validate, progress)
-    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings))
+    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(output.temp_dir(settings))
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
     written_small = ((shared, error_lines)
                      | "SmallOutputs" >> beam.Flatten()
-                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(settings.output, output.temp_dir(settings)))
+                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(output.temp_dir(settings)))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
               | "AllCounts" >> beam.Flatten())
     written = (written_studies, written_small) | "AllWritten" >> beam.Flatten()

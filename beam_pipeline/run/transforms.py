@@ -15,10 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.value_provider import StaticValueProvider
 from apache_beam.utils import shared
 
 from beam_pipeline.codes import Outcome, Reason
@@ -524,40 +521,36 @@ class BuildResources(beam.PTransform):
 
 
 class WriteNdjson(beam.PTransform):
-    """(name, line) -> sharded files named by ``output.file_naming`` (resource types at the top,
-    ``bundles/``, ``_report/``); returns the written files.
+    """(name, line) -> files named by ``output.shard_name`` (resource types at the top,
+    ``bundles/``, ``_report/``, ``_state/``, ``_delta/``); returns (name, relative path, line count)
+    of every file written.
 
-    Apply it where the lines are produced: a Flatten in front would make the runner materialize
-    every line between stages.
+    Deterministic, unlike ``fileio.WriteToFiles`` (whose files follow the runner's bundles): a
+    name's file count follows from the size of its lines, a line's file from a hash of it, and each
+    file is written sorted. So re-runs, engines, worker counts and an incremental run write the
+    same bytes as a full run.
     """
 
-    def __init__(self, output_dir: str, temp_dir: str):
+    def __init__(self, temp_dir: str):
         super().__init__()
-        self.output_dir = output_dir
         self.temp_dir = temp_dir
 
     def expand(self, named_lines):
-        return named_lines | "Write" >> fileio.WriteToFiles(
-            path=self.output_dir, destination=lambda item: item[0], sink=lambda _: output.NdjsonSink(),
-            file_naming=output.file_naming, temp_directory=StaticValueProvider(str, self.temp_dir))
-
-
-class CountLines(beam.PTransform):
-    """Written files -> (name, path relative to the output folder, line count), read back from the
-    final files: the manifest states what a loader will find, in parallel over the workers."""
-
-    def __init__(self, output_dir: str):
-        super().__init__()
-        self.output_dir = output_dir
-
-    def expand(self, written_files):
-        output_dir = self.output_dir
-
-        def count(result):
-            path = FileSystems.join(output_dir, result.file_name)
-            return str(result.destination), result.file_name, output.count_lines(path)
-
-        return written_files | "Count" >> beam.Map(count)
+        temp_dir = self.temp_dir
+        shards = (named_lines
+                  | "Bytes" >> beam.Map(lambda item: (item[0], len(item[1]) + 1))
+                  | "BytesPerName" >> beam.CombinePerKey(sum)
+                  | "ShardCount" >> beam.MapTuple(lambda name, size: (name, output.shard_count(size))))
+        every_shard = shards | "EveryShard" >> beam.FlatMapTuple(
+            lambda name, total: [((name, index, total), None) for index in range(total)])
+        keyed = named_lines | "AssignShard" >> beam.Map(
+            lambda item, totals: ((item[0], output.shard_of(item[1], totals[item[0]]), totals[item[0]]), item[1]),
+            totals=beam.pvalue.AsDict(shards))
+        return ((keyed, every_shard)
+                | "WithEmpty" >> beam.Flatten()
+                | "PerShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.MapTuple(
+                    lambda key, lines: output.write_shard(temp_dir, *key, (line for line in lines if line is not None))))
 
 
 class WriteSummaryDoFn(beam.DoFn):
@@ -570,6 +563,7 @@ class WriteSummaryDoFn(beam.DoFn):
 
     def process(self, _, counts, files):
         output_dir = self.settings.output
+        output.publish(self.settings, files)
         output.remove_temp_dir(self.settings)
         output.write_json(output_dir, layout.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
@@ -589,9 +583,8 @@ class Summarize(beam.PTransform):
     def expand(self, pcolls):
         counts, written_files = pcolls
         total = counts | "Sum" >> beam.CombineGlobally(SumCounts())
-        files = written_files | "CountLines" >> CountLines(self.settings.output)
         return (counts.pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.settings, self.started),
                                                counts=beam.pvalue.AsSingleton(total),
-                                               files=beam.pvalue.AsList(files)))
+                                               files=beam.pvalue.AsList(written_files)))
