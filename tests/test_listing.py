@@ -86,7 +86,7 @@ def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
     (root / "dangling.txt").symlink_to(tmp_path / "gone")  # listed: the reader reports it
     pattern = inputs.resolve_pattern(str(root))
     serial = list(inputs.list_files(pattern))
-    assert sorted(path for path, _ in serial) == sorted(str(root / p) for p in (
+    assert sorted(path for path, *_ in serial) == sorted(str(root / p) for p in (
         "a/a.txt", "a/to-outside/deeper/o.txt", "b/b.txt", "b/to-outside/deeper/o.txt",
         "ext/deeper/o.txt", "dangling.txt"))
     files, parts = inputs.list_top(pattern)
@@ -104,7 +104,7 @@ def test_a_whole_run_accounts_as_the_serial_path_does(tmp_path):
     shutil.copy(pydicom_file("CT_small.dcm"), root / "at-the-top.dcm")
     (root / "p0" / "empty.dcm").write_bytes(b"")
     summary = run_pipeline(root, tmp_path / "out")
-    serial = convert.convert_files([p for p, _ in inputs.list_files(inputs.resolve_pattern(str(root)))])
+    serial = convert.convert_files([item[0] for item in inputs.list_files(inputs.resolve_pattern(str(root)))])
     assert summary["files_matched"] == serial.counts["files_matched"] == 6 * 3 + 2
     assert {k: v for k, v in summary["outcomes"].items() if v} == dict(serial.outcomes)
     assert summary["errors_by_reason"] == {"empty-file": 1}
@@ -134,8 +134,8 @@ def test_a_paged_gs_listing_in_parts_lists_every_object_once(gs_tree, gcs_emulat
         serial = list(inputs.list_files(pattern))
         parts = _fanned_out(pattern, serial, Counter({"files_matched": len(gs_tree)}))
         pages = proxy.counts.snapshot()["requests"]
-    assert sorted(path for path, _ in serial) == sorted(gs_tree)
-    assert all(size == 1 for _, size in serial)
+    assert sorted(path for path, *_ in serial) == sorted(gs_tree)
+    assert all(size == 1 for _, size, _ in serial)
     assert parts == 30 + 1
     assert pages == 2 * (1 + 30 * 2)  # twice: the top page, then 11 objects a part in pages of 7
 

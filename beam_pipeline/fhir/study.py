@@ -6,6 +6,7 @@ representatives are chosen by a total order, counts are sums, conflicts are kept
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass, field
 
@@ -18,6 +19,24 @@ MULTIPLE_STUDIES_IN_DIRECTORY = Reason.MULTIPLE_STUDIES_IN_DIRECTORY
 STUDY_IN_REJECTED_DIRECTORY = Reason.STUDY_IN_REJECTED_DIRECTORY
 
 _NO_NUMBER = float("inf")
+_DIGEST_MODULUS = 1 << 256
+
+
+def _canonical(value):
+    """A form of a record value whose ``repr`` does not depend on dict insertion order."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, _canonical(item)) for key, item in value.items()))
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, tuple(_canonical(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return "set", tuple(sorted(repr(_canonical(item)) for item in value))
+    return value
+
+
+def record_digest(record: dict) -> int:
+    """A record's content as a number; a study sums those of its records, so its digest does not
+    depend on the order its files arrive in (an incremental run compares it with the last run's)."""
+    return int.from_bytes(hashlib.sha256(repr(_canonical(record)).encode("utf-8")).digest(), "big")
 
 
 def patient_issuer(record: dict) -> tuple[str, str]:
@@ -51,9 +70,11 @@ class StudyGroup:
     instances: dict = field(default_factory=dict)  # sop uid -> (series uid, instance fields)
     conflicting_sops: set = field(default_factory=set)
     rejected_folders: set = field(default_factory=set)  # directory mode: folders rejected with this study
+    content: int = 0  # sum of the records' record_digest (mod 2**256)
 
     def add(self, record: dict, instance_keys: tuple[str, ...]) -> "StudyGroup":
         self.files += 1
+        self.content = (self.content + record_digest(record)) % _DIGEST_MODULUS
         if "PatientID" in record:
             self.patient_ids.add(record["PatientID"])
             self.patient_issuers.add(patient_issuer(record))
@@ -83,6 +104,7 @@ class StudyGroup:
 
     def merge(self, other: "StudyGroup") -> "StudyGroup":
         self.files += other.files
+        self.content = (self.content + other.content) % _DIGEST_MODULUS
         self.duplicates += other.duplicates
         self.patient_ids |= other.patient_ids
         self.patient_issuers |= other.patient_issuers
@@ -100,6 +122,11 @@ class StudyGroup:
         for sop, (series_uid, fields) in other.instances.items():
             self._add_instance(sop, series_uid, fields)
         return self
+
+    def digest(self) -> str:
+        """What the study is built from: its records (as a multiset) and the folders rejected with it."""
+        text = f"{self.content:064x}|{self.files}|{'|'.join(sorted(self.rejected_folders))}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
     def rejection(self) -> tuple[str, str] | None:
         """(reason, detail) when the study must not be converted. Details never carry identifiers."""

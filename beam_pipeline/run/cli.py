@@ -23,6 +23,7 @@ from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import output, progress
 from beam_pipeline.run.pipeline import execute, local_runner
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
+from beam_pipeline.run.state import StateError
 from beam_pipeline.run.summary import accounted, describe
 from beam_pipeline.sources import gcs
 from beam_pipeline.sources.dicomweb import (
@@ -62,6 +63,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="DICOMweb root of a PACS (e.g. http://pacs:8042/dicom-web) to read instead of "
                              f"--input; credentials only from {TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV}")
     parser.add_argument("--output", required=True, help="output directory (local or gs://)")
+    parser.add_argument("--since", metavar="PREVIOUS_OUTPUT",
+                        help="the output folder of an earlier run over the same input: read only new and changed "
+                             "files, rebuild only changed studies, and write what changed to OUTPUT/_delta/")
     parser.add_argument("--group-by", choices=("study", "directory"), default="study",
                         help="study: one study across any folders (default); directory: each first-level "
                              "folder under --input is one study, folders with several studies are rejected")
@@ -271,6 +275,10 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         if base.username or base.password or base.query or base.fragment:
             parser.error("--manifest-base-url must not carry credentials, a query or a fragment "
                          "(the manifest's file URLs are built under it; sign them separately)")
+    if args.since is not None and args.dicomweb is not None:
+        parser.error("--since needs --input for now (a DICOMweb source is always read whole)")
+    if args.since is not None and same_folder(args.since, args.output):
+        parser.error("--since must name the previous run's output folder, not --output: write each run to a new folder")
     if args.input is not None and same_folder(args.input, args.output):
         parser.error("--output must not be the --input folder itself: put it beside or inside it")
     try:
@@ -296,7 +304,7 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
                         read_concurrency=args.read_concurrency, retry_deadline=args.retry_deadline,
                         progress=None if args.quiet else progress.new_settings(args.output, run_id, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
-                        manifest_base_url=args.manifest_base_url)
+                        manifest_base_url=args.manifest_base_url, since=args.since)
     return settings, beam_args
 
 
@@ -344,7 +352,7 @@ def main(argv=None) -> int:
         handler.addFilter(not_repeated_below)
     try:
         summary = run(argv)
-    except (output.OutputError, DicomWebError, gcs.GcsAccessError) as exc:
+    except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks

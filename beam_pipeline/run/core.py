@@ -95,10 +95,10 @@ def process_file(path: inputs.Path, reader: FileReader, size: int | None = None)
 
 
 def process_files(items, reader: FileReader, pool: Executor | None = None) -> list[FileOutcome]:
-    """``process_file`` over (path, size) items with up to the pool's size in flight (object
+    """``process_file`` over (path, size, ...) items with up to the pool's size in flight (object
     storage is bound by round trips), outcomes in input order: one per item, whatever happens."""
     def guarded(item) -> FileOutcome:
-        path, size = item
+        path, size = item[0], item[1]
         try:
             return process_file(path, reader, size)
         except Exception as exc:  # a reader bug or an unexpected client error costs one file

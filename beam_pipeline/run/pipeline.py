@@ -10,7 +10,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import core, output, transforms
+from beam_pipeline.run import core, output, state, transforms
 from beam_pipeline.run.progress import ProgressReporter
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.run.summary import read_summary
@@ -28,36 +28,53 @@ def conversion_config(settings: Settings) -> ConversionConfig:
     return config
 
 
-def build_pipeline(pipeline, settings: Settings, started: float | None = None) -> None:
+def build_pipeline(pipeline, settings: Settings, started: float | None = None,
+                   previous: state.Previous | None = None) -> None:
     """List -> read headers -> group per study -> build -> write; files and counts -> manifest.json,
-    then summary.json last."""
+    then summary.json last. With the ``previous`` run's state, only new and changed files are read
+    and only changed studies rebuilt, and what changed is written to ``_delta/``."""
     started = time.time() if started is None else started
     progress = settings.progress
+    config = conversion_config(settings)
+    temp = output.temp_dir(settings)
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         partials, file_errors, read_counts = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
             settings.dicomweb, progress)
+        source_state = None
     else:
         batches, listed_counts, listing_errors = pipeline | "ListFiles" >> transforms.ListInputFiles(
             settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
-        partials, file_errors, read_counts = batches | "ReadHeaders" >> transforms.ReadHeaders(
-            settings.use_fast_reader, settings.group_by, inputs.group_root(settings.input), progress,
+        root = inputs.group_root(settings.input)
+        read_headers = transforms.ReadHeaders(
+            settings.use_fast_reader, settings.group_by, root, progress,
             settings.read_concurrency, settings.max_header_bytes, settings.retry_deadline)
+        if previous is None:
+            partials, file_errors, read_counts, source_state = batches | "ReadHeaders" >> read_headers
+        else:
+            before = pipeline | "PreviousSources" >> transforms.ReadState(previous.sources, state.read_source_line)
+            partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> transforms.ReadChangedHeaders(
+                before, read_headers, settings.group_by, root)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
-    studies, shared, study_errors, build_counts = groups | "BuildResources" >> transforms.BuildResources(
-        conversion_config(settings), settings.validate, progress)
-    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(output.temp_dir(settings))
+    previous_studies = None if previous is None else (
+        pipeline | "PreviousStudies" >> transforms.ReadState(previous.studies, state.read_study_line))
+    studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> transforms.BuildResources(
+        config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
+    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(temp)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
-    written_small = ((shared, error_lines)
-                     | "SmallOutputs" >> beam.Flatten()
-                     | "WriteSharedAndErrors" >> transforms.WriteNdjson(output.temp_dir(settings)))
+    small = [shared, error_lines, study_state] + ([source_state] if source_state is not None else [])
+    if changes is not None:
+        small.append(changes[0])
+    written = [written_studies]
+    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> transforms.WriteNdjson(temp))
+    if changes is not None:
+        written.append(changes[1] | "WriteDeletions" >> transforms.WriteDeletions(temp))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
               | "AllCounts" >> beam.Flatten())
-    written = (written_studies, written_small) | "AllWritten" >> beam.Flatten()
-    (counts, written) | "Summarize" >> transforms.Summarize(settings, started)
+    (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> transforms.Summarize(settings, started, config)
 
 
 def local_runner(options):
@@ -92,9 +109,15 @@ def execute(new_pipeline, settings: Settings) -> dict:
         from beam_pipeline.sources import dicomweb
 
         dicomweb.check_server(settings.dicomweb.connection, settings.dicomweb.query)
+    previous = None
+    if settings.since is not None:
+        previous = state.check_previous(settings.since, settings, conversion_config(settings))
+        if previous.changed_options:
+            _LOG.warning("the conversion options differ from the --since run's (%s): every study is rebuilt "
+                         "from the kept records", ", ".join(previous.changed_options))
     output.prepare(settings.output, settings.input)
     pipeline = new_pipeline()
-    build_pipeline(pipeline, settings, started)
+    build_pipeline(pipeline, settings, started, previous)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
     try:
         with reporter:

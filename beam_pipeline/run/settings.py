@@ -35,4 +35,5 @@ class Settings:
     dicomweb: Source | None = None     # instead of input
     request: str = ""                    # the command line without secrets, for manifest.json
     manifest_base_url: str | None = None  # absolute base of the manifest's file URLs (else relative)
+    since: str | None = None             # a previous run's output folder: read only what changed since
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names this run's hidden folders

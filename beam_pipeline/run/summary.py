@@ -32,6 +32,9 @@ def summarize(counts: Counter, seconds: float) -> dict:
     sources = prefixed("dicomweb:")
     if sources:
         summary["dicomweb"] = sources
+    incremental = prefixed("incremental:")
+    if incremental:  # a --since run: what it read and rebuilt (the rest of the summary is the snapshot's)
+        summary["incremental"] = incremental
     summary["seconds"] = round(seconds, 3)
     summary["instances_per_second"] = round(converted / seconds, 1) if seconds > 0 else None
     return summary
@@ -63,8 +66,9 @@ def describe(summary: dict) -> str:
         f"studies written: {summary['studies']['written']}, rejected: {summary['studies']['rejected']}",
         "resources: " + ", ".join(f"{k} {v}" for k, v in summary["resources"].items()),
     ]
-    if summary.get("dicomweb"):
-        lines.append("dicomweb: " + ", ".join(f"{k} {v}" for k, v in summary["dicomweb"].items()))
+    for section in ("dicomweb", "incremental"):
+        if summary.get(section):
+            lines.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in summary[section].items()))
     if summary["errors_by_reason"]:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors_by_reason"].items()))
     if summary["notes"]:

@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
+import orjson
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
@@ -22,7 +24,7 @@ from beam_pipeline.codes import Outcome, Reason
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
 from beam_pipeline.fhir import keywords, study
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import core, layout, output
+from beam_pipeline.run import core, delta, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.summary import summarize, write_summary
@@ -32,6 +34,9 @@ from beam_pipeline.sources.retry import AdaptiveLimit, RetryBudget
 NAMESPACE = "dicom2fhir"
 COUNTS = "counts"
 ERRORS = "errors"
+STATE = "state"      # (state name, line) for _state/
+DELTA = "delta"      # ("_delta/<Type>", line)
+DELETED = "deleted"  # "Type/id" of a resource the previous snapshot had and this one has not
 PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
 
 
@@ -64,7 +69,7 @@ PARTS = "parts"
 
 @beam.typehints.with_output_types(typing.List[typing.Any])
 class ListFilesDoFn(beam.DoFn):
-    """The input pattern (``top``), or one of its parts -> batches of (path, size or None), one per
+    """The input pattern (``top``), or one of its parts -> batches of (path, size, version), one per
     file; the count as data; with ``top``, the parts to list next (to the ``parts`` output).
 
     Batched here rather than by ``BatchElements``: one element per file through an extra step
@@ -210,17 +215,18 @@ class ReadHeaderDoFn(beam.DoFn):
     def process(self, batch):
         partials: dict[str, dict] = {}
         counts = Counter()
-        remote = any(isinstance(path, str) and inputs.is_remote(path) for path, _ in batch)
+        remote = any(isinstance(path, str) and inputs.is_remote(path) for path, *_ in batch)
+        stamps = [inputs.stamp(*item) for item in batch]  # before reading: a later change is seen
         outcomes = core.process_files(batch, self.reader, self.pool if remote else None)
-        for (path, _size), outcome in zip(batch, outcomes):
+        for (path, *_), stamp, outcome in zip(batch, stamps, outcomes):
             counts.update(outcome.counts)
-            if outcome.error is not None:
-                yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
-            elif outcome.result.record is not None:
-                record = outcome.result.record
-                key = (inputs.first_level_folder(path, self.root) if self.group_by == "directory"
-                       else record["StudyInstanceUID"])
-                study.add_to_directory(partials.setdefault(key, {}), record, self.instance_keys)
+            records = [] if outcome.error is not None or outcome.result.record is None else [outcome.result.record]
+            errors = [] if outcome.error is None else [outcome.error]
+            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, state.source_line(
+                state.source_key(path), stamp, records, errors, outcome.counts)))
+            yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
+            for record in records:
+                add_partial(partials, record, path, self.group_by, self.root, self.instance_keys)
         self.files.inc(len(batch))
         self.instances.inc(counts["instances_read"])
         self.progress.add({"files_read": len(batch), "instances_read": counts["instances_read"]})
@@ -235,8 +241,14 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
+def add_partial(partials: dict, record: dict, path, group_by: str, root: str, instance_keys) -> None:
+    """Pre-aggregates a record into the partial groups of a batch, by study (or first-level folder)."""
+    key = inputs.first_level_folder(path, root) if group_by == "directory" else record["StudyInstanceUID"]
+    study.add_to_directory(partials.setdefault(key, {}), record, instance_keys)
+
+
 class ReadHeaders(beam.PTransform):
-    """Batches of paths -> (group key, serialized partial groups), file errors, counts."""
+    """Batches of paths -> (group key, serialized partial groups), file errors, counts, state lines."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
@@ -246,8 +258,116 @@ class ReadHeaders(beam.PTransform):
                                    retry_deadline)
 
     def expand(self, batches):
-        results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, main="partials")
-        return results.partials, results[ERRORS], results[COUNTS]
+        results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, STATE, main="partials")
+        return results.partials, results[ERRORS], results[COUNTS], results[STATE]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1+2 starting from a previous run (--since): read only the files that changed
+
+
+class ReadState(beam.PTransform):
+    """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the workers."""
+
+    def __init__(self, shards, parse):
+        super().__init__()
+        self.shards = list(shards)
+        self.parse = parse
+
+    def expand(self, pbegin):
+        parse = self.parse
+        if not self.shards:
+            return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[str, typing.Any])
+        return (pbegin
+                | "Shards" >> beam.Create(self.shards)
+                | "Lines" >> beam.io.ReadAllFromText()
+                | "Parse" >> beam.Map(lambda line: (lambda entry: (entry.key, entry))(parse(line))))
+
+
+class ChooseSourcesDoFn(beam.DoFn):
+    """(key, listed now, previous entry) -> the listed item to read (main output), or the previous
+    entry to reuse (``reused``): a file is read again when it is new, its stamp differs or is
+    unknown, or it failed for a transient reason; a file no longer listed is gone."""
+
+    REUSED = "reused"
+
+    def process(self, item):
+        _, joined = item
+        listed, before = list(joined["now"]), list(joined["before"])
+        entry = before[0] if before else None
+        if not listed:
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_gone": 1}))
+            return
+        listed_item = listed[0]
+        if entry is not None and entry.reusable(inputs.stamp(*listed_item)):
+            yield beam.pvalue.TaggedOutput(self.REUSED, entry)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": 1}))
+            return
+        kind = "new" if entry is None else "changed_or_retried"
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_read": 1, f"incremental:files_{kind}": 1}))
+        yield listed_item
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, bytes])
+class ReuseSourcesDoFn(beam.DoFn):
+    """Batches of previous source entries -> what reading them gave (partial groups, error lines,
+    counts) and their state lines, unchanged: the same outputs as ``ReadHeaderDoFn``."""
+
+    def __init__(self, group_by: str = "study", root: str = ""):
+        self.group_by = group_by
+        self.root = root
+        self.reused = Metrics.counter(NAMESPACE, "files_reused")
+
+    def setup(self):
+        self.instance_keys = keywords.instance_keys()
+
+    def process(self, entries):
+        partials: dict[str, dict] = {}
+        counts = Counter()
+        for entry in entries:
+            records, errors, file_counts = entry.outcome()
+            counts.update(file_counts)
+            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, entry.line))
+            yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
+            path = state.key_path(entry.key)
+            for record in records:
+                add_partial(partials, record, path, self.group_by, self.root, self.instance_keys)
+        self.reused.inc(len(entries))
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+class ReadChangedHeaders(beam.PTransform):
+    """Listed batches + the previous run's source entries -> the outputs of ``ReadHeaders``, reading
+    only new, changed and transiently failed files; the others' records come from the state."""
+
+    def __init__(self, previous_sources, read_headers: "ReadHeaders", group_by: str = "study", root: str = "",
+                 batch_size: int = PATHS_PER_BATCH):
+        super().__init__()
+        self.previous_sources = previous_sources
+        self.read_headers = read_headers
+        self.group_by = group_by
+        self.root = root
+        self.batch_size = batch_size
+
+    def expand(self, batches):
+        listed = batches | "PerFile" >> beam.FlatMap(lambda batch: [(state.source_key(item[0]), item) for item in batch])
+        chosen = ({"now": listed, "before": self.previous_sources}
+                  | "JoinState" >> beam.CoGroupByKey()
+                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn()).with_outputs(ChooseSourcesDoFn.REUSED, COUNTS, main="read"))
+        to_read = (chosen.read
+                   | "BatchToRead" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+                   | "SpreadToRead" >> beam.Reshuffle())
+        partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
+        reused = (chosen[ChooseSourcesDoFn.REUSED]
+                  | "BatchReused" >> beam.BatchElements(min_batch_size=1, max_batch_size=10 * self.batch_size)
+                  | "Reuse" >> beam.ParDo(ReuseSourcesDoFn(self.group_by, self.root)).with_outputs(
+                      ERRORS, COUNTS, STATE, main="partials"))
+        return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
+                (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
+                (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
+                (state_lines, reused[STATE]) | "AllSourceState" >> beam.Flatten())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,17 +578,23 @@ class GroupStudies(beam.PTransform):
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
 class BuildStudyDoFn(beam.DoFn):
-    """StudyGroup -> (resource type, NDJSON line); shared resources (Device, Patient, Encounter) and
-    rejections to their own outputs."""
+    """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}) -> (resource type, NDJSON
+    line); shared resources (Device, Patient, Encounter), rejections and the study's state line to
+    their own outputs. A study whose records are those of the previous run is not rebuilt: its
+    lines come from the state. With a previous run, what changed goes to ``delta``/``deleted``."""
 
     SHARED = "shared"
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None,
+                 incremental: bool = False, reuse_studies: bool = True):
         self.config = config
         self.validate = validate
         self.progress_settings = progress
+        self.incremental = incremental
+        self.reuse_studies = reuse_studies
         self.written = Metrics.counter(NAMESPACE, "studies_written")
         self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
+        self.reused = Metrics.counter(NAMESPACE, "studies_reused")
 
     def setup(self):
         from beam_pipeline.fhir import build as fhir_build
@@ -478,17 +604,39 @@ class BuildStudyDoFn(beam.DoFn):
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
         self.progress = ProgressBeacon(self.progress_settings)
 
-    def process(self, group):
-        outcome = core.process_study(group, self.config, self.terms, self.validator)
-        yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts)
+    def process(self, item):
+        uid, joined = item
+        now, before = list(joined["now"]), list(joined["before"])
+        previous = before[0] if before else None
+        if not now:  # every file of the study is gone (or no longer a valid instance)
+            _, deleted = delta.study_changes(previous.outcome, None)
+            yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_deleted": 1}))
+            return
+        group = now[0]
+        digest = group.digest()
+        if previous is not None and self.reuse_studies and previous.digest == digest:
+            outcome, line = previous.outcome, previous.line
+            self.reused.inc()
+            extra = Counter({"incremental:studies_reused": 1})
+        else:
+            outcome = core.process_study(group, self.config, self.terms, self.validator)
+            line = state.study_line(uid, digest, outcome)
+            extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
+            if self.incremental:
+                changed, deleted = delta.study_changes(previous.outcome if previous else None, outcome)
+                yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
+                yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+        yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
+        yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts + extra)
         self.written.inc(outcome.counts["studies_written"])
         self.rejected.inc(outcome.counts["studies_rejected"])
         self.progress.add({"studies_written": outcome.counts["studies_written"]})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
         for resource_type, lines in outcome.lines.items():
-            for line in lines:
-                yield resource_type, line
+            for resource_line in lines:
+                yield resource_type, resource_line
         for shared in outcome.shared:
             yield beam.pvalue.TaggedOutput(self.SHARED, shared)
 
@@ -496,24 +644,75 @@ class BuildStudyDoFn(beam.DoFn):
         self.progress.flush()
 
 
-class BuildResources(beam.PTransform):
-    """StudyGroups -> study lines, shared lines (each Device/Patient/Encounter once per run), errors, counts."""
+def shared_delta(item):
+    """(key, {"now": [line], "before": [line]}) -> tagged delta lines and deleted keys."""
+    key, joined = item
+    changed, deleted = delta.shared_change(key, list(joined["before"]), list(joined["now"]))
+    yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
+    yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
 
-    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None):
+
+class BuildResources(beam.PTransform):
+    """StudyGroups (+ the previous run's study entries) -> study lines, shared lines (each
+    Device/Patient/Encounter once per run), errors, counts, study state lines, and with a previous
+    run its delta lines and deleted keys."""
+
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None,
+                 previous_studies=None, reuse_studies: bool = True):
         super().__init__()
         self.config = config
         self.validate = validate
         self.progress = progress
+        self.previous_studies = previous_studies
+        self.reuse_studies = reuse_studies
 
     def expand(self, groups):
-        built = groups | "Build" >> beam.ParDo(BuildStudyDoFn(self.config, self.validate, self.progress)).with_outputs(
-            ERRORS, COUNTS, BuildStudyDoFn.SHARED, main="resources")
-        shared = (built[BuildStudyDoFn.SHARED]
-                  | "SharedOnce" >> beam.CombinePerKey(core.pick_shared)
-                  | "SharedLine" >> beam.Map(lambda item: (core.shared_type(item[0]), item[1])))
+        incremental = self.previous_studies is not None
+        keyed = groups | "ByStudy" >> beam.Map(lambda group: (group.study_uid, group))
+        if incremental:
+            joined = {"now": keyed, "before": self.previous_studies} | "JoinState" >> beam.CoGroupByKey()
+        else:
+            joined = keyed | "Alone" >> beam.MapTuple(lambda uid, group: (uid, {"now": [group], "before": []}))
+        built = joined | "Build" >> beam.ParDo(BuildStudyDoFn(
+            self.config, self.validate, self.progress, incremental, self.reuse_studies)).with_outputs(
+            ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, main="resources")
+        picks = built[BuildStudyDoFn.SHARED] | "SharedOnce" >> beam.CombinePerKey(core.pick_shared)
+        shared = picks | "SharedLine" >> beam.Map(lambda item: (core.shared_type(item[0]), item[1]))
         shared_counts = shared | "CountShared" >> beam.Map(lambda item: Counter({f"lines:{item[0]}": 1}))
         counts = (built[COUNTS], shared_counts) | "BuildCounts" >> beam.Flatten()
-        return built.resources, shared, built[ERRORS], counts
+        changes = None
+        if incremental:
+            before = (self.previous_studies
+                      | "PreviousShared" >> beam.FlatMap(lambda item: item[1].outcome.shared)
+                      | "PreviousSharedOnce" >> beam.CombinePerKey(core.pick_shared))
+            shared_changes = ({"now": picks, "before": before}
+                              | "JoinShared" >> beam.CoGroupByKey()
+                              | "SharedDelta" >> beam.FlatMap(shared_delta).with_outputs(DELTA, DELETED))
+            changes = ((built[DELTA], shared_changes[DELTA]) | "AllDelta" >> beam.Flatten(),
+                       (built[DELETED], shared_changes[DELETED]) | "AllDeleted" >> beam.Flatten())
+        return built.resources, shared, built[ERRORS], counts, built[STATE], changes
+
+
+class WriteDeletions(beam.PTransform):
+    """Deleted keys -> ``_delta/deletions.json``, one transaction Bundle (written even when empty,
+    so a nightly loader can always post it); returns the written file as ``WriteNdjson`` does."""
+
+    def __init__(self, temp_dir: str):
+        super().__init__()
+        self.temp_dir = temp_dir
+
+    def expand(self, keys):
+        temp_dir = self.temp_dir
+
+        def write(all_keys):
+            bundle = delta.deletions_bundle(all_keys)
+            relative = layout.DELETIONS_NAME
+            with FileSystems.create(FileSystems.join(temp_dir, relative.replace("/", "--")),
+                                    mime_type="application/fhir+json") as out:
+                out.write(orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n")
+            return layout.DELETIONS_NAME, relative, len(bundle.get("entry", ()))
+
+        return keys | "AllKeys" >> beam.combiners.ToList() | "Write" >> beam.Map(write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,17 +753,19 @@ class WriteNdjson(beam.PTransform):
 
 
 class WriteSummaryDoFn(beam.DoFn):
-    """Writes manifest.json, then summary.json, once every shard is final (their side inputs are
-    complete only then)."""
+    """Moves the written files into place, then writes the state's header, manifest.json and
+    summary.json, once every shard is written (their side inputs are complete only then)."""
 
-    def __init__(self, settings: Settings, started: float):
+    def __init__(self, settings: Settings, started: float, config: ConversionConfig):
         self.settings = settings
         self.started = started
+        self.config = config
 
     def process(self, _, counts, files):
         output_dir = self.settings.output
         output.publish(self.settings, files)
         output.remove_temp_dir(self.settings)
+        state.write_header(output_dir, state.header(self.settings, self.config, state.shard_sizes(output_dir, files)))
         output.write_json(output_dir, layout.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
         write_summary(output_dir, summary)
@@ -575,16 +776,17 @@ class Summarize(beam.PTransform):
     """All counts + the written files -> manifest.json and summary.json, written last: the summary's
     presence marks a complete run."""
 
-    def __init__(self, settings: Settings, started: float):
+    def __init__(self, settings: Settings, started: float, config: ConversionConfig):
         super().__init__()
         self.settings = settings
         self.started = started
+        self.config = config
 
     def expand(self, pcolls):
         counts, written_files = pcolls
         total = counts | "Sum" >> beam.CombineGlobally(SumCounts())
         return (counts.pipeline
                 | "Once" >> beam.Create([None])
-                | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.settings, self.started),
+                | "WriteSummary" >> beam.ParDo(WriteSummaryDoFn(self.settings, self.started, self.config),
                                                counts=beam.pvalue.AsSingleton(total),
                                                files=beam.pvalue.AsList(written_files)))

@@ -24,6 +24,9 @@ from typing import Iterator
 from urllib.parse import quote
 
 Path = str | bytes  # bytes only for local names that are not valid UTF-8
+# A listed file: (path, size or None, version or None); the version is the gs:// generation (local
+# files have none: ``stamp`` takes their modification time when they are read).
+Listed = tuple[Path, int | None, str | None]
 
 
 def is_remote(path: str) -> bool:
@@ -93,8 +96,8 @@ def first_level_folder(path: Path, root: str) -> str:
 
 
 def list_files(pattern: str, exclude: str | None = None,
-               retry_deadline: float | None = None) -> Iterator[tuple[Path, int | None]]:
-    """(path, size or None) of every file the resolved pattern matches, in a stable order: the
+               retry_deadline: float | None = None) -> Iterator[Listed]:
+    """(path, size or None, version or None) of every file the resolved pattern matches, in a stable order: the
     serial form of the fanned-out listing (``list_top``, then ``list_part`` of each part), so the
     two list the same files by construction."""
     files, parts = list_top(pattern, exclude, retry_deadline)
@@ -104,7 +107,7 @@ def list_files(pattern: str, exclude: str | None = None,
 
 
 def list_top(pattern: str, exclude: str | None = None,
-             retry_deadline: float | None = None) -> tuple[list[tuple[Path, int | None]], list[Path]]:
+             retry_deadline: float | None = None) -> tuple[list[Listed], list[Path]]:
     """The first step of a listing: the matching files directly in the pattern's literal root, and
     its parts to list next (in parallel): its subfolders, or on gs:// its sub-prefixes.
 
@@ -117,26 +120,26 @@ def list_top(pattern: str, exclude: str | None = None,
         bucket, _ = gcs.split_path(pattern)
         matches = _matcher(pattern)
         files, parts = [], []
-        for path, size in gcs.list_objects(bucket, gcs.fixed_prefix(pattern), delimiter="/",
-                                           policy=retry_policy(retry_deadline)):
+        for path, size, version in gcs.list_objects(bucket, gcs.fixed_prefix(pattern), delimiter="/",
+                                                    policy=retry_policy(retry_deadline)):
             if path.endswith("/") and size is None:
                 parts.append(path)
             elif matches(path):
-                files.append((path, size))
+                files.append((path, size, version))
         return sorted(files), sorted(parts)
     if not globlib.has_magic(pattern):  # one file (escaped or plain)
         path = _unescape(pattern)
-        return ([(portable(path), None)] if os.path.lexists(path) else []), []
+        return ([(portable(path), None, None)] if os.path.lexists(path) else []), []
     root = _literal_root(pattern)
     matches = _matcher(pattern)
     entries, folders = _entries(root, os.path.realpath(root), _excluded(exclude))
     if entries is None:
-        return [(portable(root), None)], []
-    return [(portable(path), None) for path in entries if matches(path)], [portable(path) for path in folders]
+        return [(portable(root), None, None)], []
+    return [(portable(path), None, None) for path in entries if matches(path)], [portable(path) for path in folders]
 
 
 def list_part(pattern: str, part: Path, exclude: str | None = None,
-              retry_deadline: float | None = None) -> Iterator[tuple[Path, int | None]]:
+              retry_deadline: float | None = None) -> Iterator[Listed]:
     """The files the pattern matches in one part of ``list_top`` (a subfolder, a sub-prefix), in a
     stable order. A gs:// list page still failing past the retry deadline raises
     ``SourceUnavailable``; a local folder that cannot be listed is yielded as a "file"."""
@@ -151,7 +154,7 @@ def list_part(pattern: str, part: Path, exclude: str | None = None,
     root_real = os.path.realpath(_literal_root(pattern))
     for path in _walk(os.fsdecode(part), _excluded(exclude), root_real):
         if matches(path):
-            yield portable(path), None
+            yield portable(path), None, None
 
 
 def retry_policy(retry_deadline: float | None = None):
@@ -314,6 +317,19 @@ class InputOpener:
 
                 self._fetcher = gcs.RangeFetcher(policy=retry_policy(self.retry_deadline), limit=self.limit)
             return self._fetcher
+
+
+def stamp(path: Path, size: int | None = None, version: str | None = None) -> str | None:
+    """What says a file is unchanged since an earlier run: size and modification time (ns) of a
+    local file (of a link's target), size and generation of a gs:// object; None when unknown (the
+    file is then always read)."""
+    if isinstance(path, str) and is_remote(path):
+        return f"{size}:g{version}" if version is not None and size is not None else None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else None
 
 
 def local_file_problem(path: Path) -> tuple[str, str] | None:

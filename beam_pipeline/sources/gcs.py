@@ -305,16 +305,16 @@ def _json_get(session, url: str, params: dict | None = None, policy: RetryPolicy
 
 
 def list_objects(bucket: str, prefix: str, session=None, policy: RetryPolicy | None = None,
-                 delimiter: str | None = None) -> Iterator[tuple[str, int | None]]:
-    """(gs:// path, size) of every object whose name starts with ``prefix``, page by page; with a
-    ``delimiter`` the objects directly under the prefix, then (path, None) of each sub-prefix
+                 delimiter: str | None = None) -> Iterator[tuple[str, int | None, str | None]]:
+    """(gs:// path, size, generation) of every object whose name starts with ``prefix``, page by
+    page; with a ``delimiter`` the objects directly under the prefix, then (path, None, None) of each sub-prefix
     (ending in the delimiter). A page still failing past the policy's deadline raises
     ``SourceUnavailable``."""
     session = session or open_session()
     url = f"{endpoint().rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o"
-    params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size),nextPageToken"}
+    params = {"prefix": prefix, "maxResults": str(LIST_PAGE_SIZE), "fields": "items(name,size,generation),nextPageToken"}
     if delimiter:
-        params.update(delimiter=delimiter, fields="items(name,size),prefixes,nextPageToken")
+        params.update(delimiter=delimiter, fields="items(name,size,generation),prefixes,nextPageToken")
     while True:
         response = _json_get(session, url, params, policy)
         if response.status_code != 200:
@@ -322,9 +322,11 @@ def list_objects(bucket: str, prefix: str, session=None, policy: RetryPolicy | N
         page = response.json()
         for item in page.get("items", ()):
             size = item.get("size")
-            yield f"gs://{bucket}/{item['name']}", int(size) if size is not None else None
+            generation = item.get("generation")
+            yield (f"gs://{bucket}/{item['name']}", int(size) if size is not None else None,
+                   str(generation) if generation is not None else None)
         for sub_prefix in page.get("prefixes", ()):
-            yield f"gs://{bucket}/{sub_prefix}", None
+            yield f"gs://{bucket}/{sub_prefix}", None, None
         token = page.get("nextPageToken")
         if not token:
             return

@@ -1,0 +1,300 @@
+"""A run's state in ``_state/``: what a later run started ``--since`` it needs to read only what changed.
+
+The transforms route these lines; the encoding and every check live here. Three parts:
+
+* source lines (``_state/sources-*.jsonl``), one per input file (or DICOMweb study): its key, its
+  stamp (size and modification time, or gs:// generation), the instance records its header gave,
+  its error lines and its counts: everything reading it produced, so an unchanged file is not read;
+* study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, and
+  its resource lines, shared resources, error and counts: an unchanged study is not rebuilt;
+* the header ``_state/state.json``: format, converter version, input root, the options the lines
+  depend on, and the size of every shard.
+
+Every line carries a checksum; a later run refuses a state that is missing, truncated, written by
+another version, for another input or with other reading options, in one line, before it reads
+anything. Other conversion options only mean that every study is rebuilt from the kept records.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+
+import orjson
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.codes import TRANSIENT_REASONS
+from beam_pipeline.dicom import records as record_types
+from beam_pipeline.run import core
+from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME
+from beam_pipeline.run.settings import Settings
+from beam_pipeline.sources import files as inputs
+
+FORMAT = 1
+_BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
+
+
+class StateError(Exception):
+    """The previous run's state cannot be used; the message says why and what to do, in one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and records
+
+
+def source_key(path: inputs.Path) -> str:
+    """A source line's key: the path, or for an undecodable local name its bytes in base64."""
+    if isinstance(path, bytes):
+        return _BYTES_KEY + base64.b64encode(path).decode("ascii")
+    return path
+
+
+def key_path(key: str) -> inputs.Path:
+    return base64.b64decode(key[len(_BYTES_KEY):]) if key.startswith(_BYTES_KEY) else key
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Loads instance records only: plain values and the dose report tuples, never other classes
+    (the state lies beside the output, where anyone who can write it must not run code)."""
+
+    _ALLOWED = {("beam_pipeline.dicom.records", "DoseReport"), ("beam_pipeline.dicom.records", "DoseItem"),
+                ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of an instance record")
+        return getattr(record_types, name) if module.startswith("beam_pipeline") else {"set": set, "frozenset": frozenset}[name]
+
+
+def encode_record(record: dict) -> str:
+    """An instance record exactly as the reader gave it (tuples stay tuples, as the study's
+    duplicate checks compare them), as text."""
+    return base64.b64encode(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+
+
+def decode_record(text: str) -> dict:
+    return _RecordUnpickler(io.BytesIO(base64.b64decode(text))).load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines, each with its checksum
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(orjson.dumps(body)).hexdigest()[:16]
+
+
+def _seal(body: dict) -> str:
+    """The body as one line, its checksum last. Keys keep their order (resources are written back
+    exactly as built), and orjson reads and writes a line it wrote byte for byte alike."""
+    return orjson.dumps({**body, "check": _checksum(body)}).decode("utf-8")
+
+
+def _unseal(line: str, what: str) -> dict:
+    try:
+        body = orjson.loads(line)
+        check = body.pop("check")
+    except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
+        raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
+                         "run once without --since") from None
+    if check != _checksum(body):
+        raise StateError(f"a {what} line of the previous state is damaged (checksum): run once without --since")
+    return body
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """What reading one source gave: the state line's content, and the line itself."""
+
+    key: str
+    stamp: str | None
+    records: tuple[str, ...]  # encoded records (decoded only where reused)
+    errors: tuple[dict, ...]
+    counts: dict
+    line: str
+
+    def reusable(self, stamp: str | None) -> bool:
+        """Unchanged (same known stamp) and not failed for a transient reason (tried again)."""
+        return (stamp is not None and stamp == self.stamp
+                and not any(error.get("reason") in TRANSIENT_REASONS for error in self.errors))
+
+    def outcome(self) -> tuple[list[dict], list[dict], Counter]:
+        """(records, error lines, counts) as reading the source gave them."""
+        return [decode_record(text) for text in self.records], list(self.errors), Counter(self.counts)
+
+
+def source_line(key: str, stamp: str | None, records, errors, counts) -> str:
+    return _seal({"key": key, "stamp": stamp, "records": [encode_record(r) for r in records],
+                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}})
+
+
+def read_source_line(line: str) -> SourceEntry:
+    body = _unseal(line, "source")
+    return SourceEntry(body["key"], body["stamp"], tuple(body["records"]), tuple(body["errors"]),
+                       body["counts"], line)
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    key: str
+    digest: str
+    outcome: core.StudyOutcome
+    line: str
+
+
+def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
+    """A built study: its lines kept as parsed JSON (orjson writes them back byte for byte)."""
+    return _seal({
+        "key": key, "digest": digest, "error": outcome.error,
+        "lines": {name: [orjson.loads(line) for line in lines] for name, lines in sorted(outcome.lines.items())},
+        "shared": [[shared_key, orjson.loads(line)] for shared_key, line in outcome.shared],
+        "counts": {k: v for k, v in sorted(outcome.counts.items()) if v},
+    })
+
+
+def read_study_line(line: str) -> StudyEntry:
+    body = _unseal(line, "study")
+    outcome = core.StudyOutcome(
+        lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
+        shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
+        error=body["error"], counts=Counter(body["counts"]))
+    return StudyEntry(body["key"], body["digest"], outcome, line)
+
+
+# ---------------------------------------------------------------------------------------------
+# The header: what the lines depend on
+
+
+def converter_version() -> str:
+    """The package version and a digest of its code and terminology tables: a state written by
+    other code is not reused (its records or lines could differ)."""
+    import terminologies
+
+    import beam_pipeline
+
+    digest = hashlib.sha256()
+    for package in (beam_pipeline, terminologies):
+        root = os.path.dirname(package.__file__)
+        for folder, dirs, names in sorted(os.walk(root)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(names):
+                if name.endswith((".py", ".json", ".csv", ".tsv", ".c")):
+                    path = os.path.join(folder, name)
+                    digest.update(os.path.relpath(path, root).encode() + b"\0")
+                    with open(path, "rb") as handle:
+                        digest.update(handle.read())
+    try:
+        version = metadata.version("dicom-fhir-beam")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{version}+{digest.hexdigest()[:12]}"
+
+
+def source_of(settings: Settings) -> str:
+    """The input the state describes: the input's root pattern, or the DICOMweb base and query."""
+    if settings.dicomweb is not None:
+        query = dataclasses.asdict(settings.dicomweb.query)
+        return f"dicomweb:{settings.dicomweb.connection.base_url}|{json.dumps(query, sort_keys=True)}"
+    return inputs.resolve_pattern(settings.input) if not inputs.is_remote(settings.input) else settings.input.rstrip("/")
+
+
+def reading_options(settings: Settings) -> dict:
+    """Options the source lines depend on (a difference refuses the state)."""
+    return {"group_by": settings.group_by, "fast_reader": settings.use_fast_reader,
+            "max_header_bytes": settings.max_header_bytes}
+
+
+def conversion_options(settings: Settings, config) -> dict:
+    """Options the study lines depend on (a difference rebuilds every study)."""
+    options = dataclasses.asdict(config)
+    options["validate"] = settings.validate
+    return json.loads(json.dumps(options))  # tuples as lists, as read back
+
+
+def header(settings: Settings, config, shards: dict) -> dict:
+    return {"format": FORMAT, "converter": converter_version(), "source": source_of(settings),
+            "reading": reading_options(settings), "conversion": conversion_options(settings, config),
+            "shards": shards}
+
+
+def shard_sizes(output_dir: str, files) -> dict:
+    """{name: [[relative path, bytes], ...]} of the written state files."""
+    paths = sorted((name, relative) for name, relative, _ in files if name in (SOURCE_STATE_NAME, STUDY_STATE_NAME))
+    sizes = {}
+    if paths:
+        matched = FileSystems.match([FileSystems.join(output_dir, relative) for _, relative in paths])
+        for (name, relative), result in zip(paths, matched):
+            sizes.setdefault(name, []).append([relative, result.metadata_list[0].size_in_bytes])
+    return sizes
+
+
+def write_header(output_dir: str, document: dict) -> None:
+    with FileSystems.create(FileSystems.join(output_dir, STATE_HEADER_NAME), mime_type="application/json") as out:
+        out.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A previous run's usable state: its shards, and whether its studies can be reused."""
+
+    folder: str
+    sources: tuple[str, ...]
+    studies: tuple[str, ...]
+    reuse_studies: bool = True
+    changed_options: tuple[str, ...] = ()
+
+
+def _differences(before: dict, now: dict) -> list[str]:
+    return sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+
+
+def check_previous(folder: str, settings: Settings, config) -> Previous:
+    """The state of ``folder`` if this run may start from it, else ``StateError`` in one line."""
+    redo = "run once without --since"
+    path = FileSystems.join(folder, STATE_HEADER_NAME)
+    if not FileSystems.exists(path):
+        raise StateError(f"--since {folder}: no state ({STATE_HEADER_NAME} is missing: not an output folder of "
+                         f"this converter, or its run did not finish): {redo}")
+    try:
+        with FileSystems.open(path) as handle:
+            document = json.loads(handle.read())
+        if not isinstance(document, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError):
+        raise StateError(f"--since {folder}: its state is damaged ({STATE_HEADER_NAME} is not valid JSON): "
+                         f"{redo}") from None
+    if document.get("format") != FORMAT:
+        raise StateError(f"--since {folder}: its state has format {document.get('format')!r}, this converter "
+                         f"reads format {FORMAT}: {redo}")
+    version = converter_version()
+    if document.get("converter") != version:
+        raise StateError(f"--since {folder}: its state was written by another version of the converter "
+                         f"({document.get('converter')}, this is {version}): {redo}")
+    if document.get("source") != source_of(settings):
+        raise StateError(f"--since {folder}: its state is of another input ({document.get('source')}): "
+                         "give the same --input (or --dicomweb and filters) as that run, or run without --since")
+    reading = _differences(document.get("reading") or {}, reading_options(settings))
+    if reading:
+        raise StateError(f"--since {folder}: its state was read with other options "
+                         f"({', '.join(reading)} differ): give the same options, or {redo}")
+    shards = document.get("shards") or {}
+    listed = {name: [entry[0] for entry in shards.get(name, [])] for name in (SOURCE_STATE_NAME, STUDY_STATE_NAME)}
+    expected = [(relative, size) for entries in shards.values() for relative, size in entries]
+    if expected:
+        matched = FileSystems.match([FileSystems.join(folder, relative) for relative, _ in expected])
+        for (relative, size), result in zip(expected, matched):
+            found = result.metadata_list[0].size_in_bytes if result.metadata_list else None
+            if found != size:
+                state = "missing" if found is None else f"{found} bytes instead of {size}"
+                raise StateError(f"--since {folder}: its state is truncated or damaged ({relative}: {state}): {redo}")
+    changed = _differences(document.get("conversion") or {}, conversion_options(settings, config))
+    return Previous(folder, tuple(FileSystems.join(folder, r) for r in listed[SOURCE_STATE_NAME]),
+                    tuple(FileSystems.join(folder, r) for r in listed[STUDY_STATE_NAME]),
+                    reuse_studies=not changed, changed_options=tuple(changed))
