@@ -1,0 +1,262 @@
+"""Nightly runs (``--since``): a run started from the previous run's output reads only new and changed
+files, rebuilds only changed studies, writes the same snapshot a full run writes (byte for byte) and
+what changed to ``_delta/``; a state it cannot trust is refused in one line.
+
+Each scenario: run A over an archive, change the archive, run B ``--since A``, and a full run C of
+the changed archive: B's files must equal C's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from helpers import pydicom_file, read_ndjson, run_pipeline
+from make_archive import make_archive
+
+from beam_pipeline.codes import sha256_id
+from beam_pipeline.fhir.config import DEFAULT_STUDY_ID_SYSTEM
+
+VOLATILE = {"_report/summary.json", "manifest.json"}  # the run's time
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    """Every file of a run's output but its delta, by relative path."""
+    found = {}
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out).as_posix()
+        if path.is_file() and not relative.startswith("_delta/"):
+            found[relative] = path.read_bytes()
+    return found
+
+
+def assert_same_snapshot(incremental: Path, full: Path) -> None:
+    mine, theirs = files_of(incremental), files_of(full)
+    assert sorted(mine) == sorted(theirs)
+    for relative in sorted(set(mine) - VOLATILE):
+        assert mine[relative] == theirs[relative], f"{relative} differs from the full run's"
+    manifests = [json.loads(mine["manifest.json"]), json.loads(theirs["manifest.json"])]
+    for manifest in manifests:
+        manifest.pop("transactionTime"), manifest.pop("request")  # when, and the command line
+    assert manifests[0] == manifests[1]
+    summaries = [json.loads(mine["_report/summary.json"]), json.loads(theirs["_report/summary.json"])]
+    for summary in summaries:
+        for key in ("seconds", "instances_per_second", "incremental"):
+            summary.pop(key, None)
+    assert summaries[0] == summaries[1]
+
+
+def study_key(uid: str) -> str:
+    return "ImagingStudy/" + sha256_id(DEFAULT_STUDY_ID_SYSTEM, uid)
+
+
+def deletions(out: Path) -> list[str]:
+    bundle = json.loads((out / "_delta" / "deletions.json").read_text())
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    return [entry["request"]["url"] for entry in bundle.get("entry", [])]
+
+
+def delta_keys(out: Path, resource_type: str) -> list[str]:
+    return sorted(f"{r['resourceType']}/{r['id']}" for r in read_ndjson(out, "_delta/" + resource_type))
+
+
+@pytest.fixture
+def archive(tmp_path) -> dict:
+    """6 studies x 2 series x 4 instances, a study of its own scanner, a file that is not DICOM."""
+    root = tmp_path / "archive"
+    made = make_archive(root / "main", studies=6, series=2, instances=4)
+    lonely = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    lonely.DeviceSerialNumber = "ONLY-IN-THIS-STUDY"
+    lonely.StudyInstanceUID, lonely.SeriesInstanceUID = "1.2.826.0.1.99.1", "1.2.826.0.1.99.1.1"
+    (root / "lonely").mkdir()
+    lonely.save_as(root / "lonely" / "ct.dcm", enforce_file_format=False)
+    (root / "notes.txt").write_text("not DICOM\n")
+    return {"root": root, "made": made, "lonely_uid": "1.2.826.0.1.99.1"}
+
+
+def run(archive_root: Path, out: Path, *options: str) -> dict:
+    return run_pipeline(archive_root, out, "--quiet", *options)
+
+
+def touch_later(path: Path) -> None:
+    """A rewritten file's modification time moves on even on a coarse clock."""
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 2_000_000_000))
+
+
+def add_series(archive: dict) -> list[str]:
+    """Two new instances in a new series of the first study (as a PACS adds a late series)."""
+    first = sorted((archive["root"] / "main").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".77"
+    added = []
+    for number in (1, 2):
+        ds.SOPInstanceUID = ds.SeriesInstanceUID + f".{number}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number
+        target = first.parent.parent / "late-series" / f"{number}.dcm"
+        target.parent.mkdir(exist_ok=True)
+        ds.save_as(target, enforce_file_format=False)
+        added.append(str(target))
+    return [ds.StudyInstanceUID]
+
+
+def new_study(archive: dict) -> list[str]:
+    made = make_archive(archive["root"] / "new", studies=1, series=1, instances=3, seed=7)
+    return made["study_uids"]
+
+
+def changed_file(archive: dict) -> list[str]:
+    """A corrected description in the first instance of a series (which the series takes it from)."""
+    path = sorted((archive["root"] / "main").rglob("*.dcm"))[4]
+    ds = pydicom.dcmread(path)
+    ds.SeriesDescription = "corrected description"
+    ds.save_as(path, enforce_file_format=False)
+    touch_later(path)
+    return [ds.StudyInstanceUID]
+
+
+def deleted_file(archive: dict) -> list[str]:
+    path = sorted((archive["root"] / "main").rglob("*.dcm"))[9]
+    uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    path.unlink()
+    return [uid]
+
+
+SCENARIOS = {"new-study": new_study, "added-series": add_series, "changed-file": changed_file,
+             "deleted-file": deleted_file}
+
+
+def test_nothing_changed_reads_no_file_rebuilds_no_study_and_writes_the_same_snapshot(archive, tmp_path):
+    first = run(archive["root"], tmp_path / "a")
+    again = run(archive["root"], tmp_path / "b", "--since", str(tmp_path / "a"))
+    assert again["incremental"] == {"files_reused": first["files_matched"], "studies_reused": 7}
+    assert_same_snapshot(tmp_path / "b", tmp_path / "a")
+    assert deletions(tmp_path / "b") == []
+    assert not list((tmp_path / "b" / "_delta").glob("*.ndjson"))
+
+
+@pytest.mark.parametrize("change", sorted(SCENARIOS))
+def test_a_change_is_read_alone_and_gives_the_full_runs_snapshot(change, archive, tmp_path):
+    first = run(archive["root"], tmp_path / "a")
+    touched = SCENARIOS[change](archive)
+    incremental = run(archive["root"], tmp_path / "b", "--since", str(tmp_path / "a"))
+    full = run(archive["root"], tmp_path / "c")
+    assert_same_snapshot(tmp_path / "b", tmp_path / "c")
+    done = incremental["incremental"]
+    read = full["files_matched"] - done.get("files_reused", 0)
+    expected_read = {"new-study": 3, "added-series": 2, "changed-file": 1, "deleted-file": 0}[change]
+    assert read == done.get("files_read", 0) == expected_read
+    assert done.get("files_gone", 0) == (1 if change == "deleted-file" else 0)
+    assert done.get("studies_rebuilt") == 1 and done["studies_reused"] == (7 if change == "new-study" else 6)
+    assert delta_keys(tmp_path / "b", "ImagingStudy") == [study_key(uid) for uid in touched]
+    assert deletions(tmp_path / "b") == []
+    assert not read_ndjson(tmp_path / "b", "_delta/Device")  # the same scanners
+    assert first["studies"]["written"] + (change == "new-study") == incremental["studies"]["written"]
+
+
+def test_a_deleted_study_and_its_lonely_device_are_deleted(archive, tmp_path):
+    run(archive["root"], tmp_path / "a")
+    lonely = read_ndjson(tmp_path / "a", "ImagingStudy")
+    device_refs = {ref["reference"] for study in lonely if study["id"] == study_key(archive["lonely_uid"]).split("/")[1]
+                   for series in study["series"] for ref in [p["actor"] for p in series.get("performer", [])]}
+    assert len(device_refs) == 1
+    shutil.rmtree(archive["root"] / "lonely")
+    incremental = run(archive["root"], tmp_path / "b", "--since", str(tmp_path / "a"))
+    run(archive["root"], tmp_path / "c")
+    assert_same_snapshot(tmp_path / "b", tmp_path / "c")
+    assert incremental["incremental"]["studies_deleted"] == 1
+    assert incremental["incremental"]["files_gone"] == 1
+    assert "studies_rebuilt" not in incremental["incremental"]
+    assert deletions(tmp_path / "b") == sorted([study_key(archive["lonely_uid"]), *device_refs])
+    assert not list((tmp_path / "b" / "_delta").glob("*.ndjson"))
+
+
+def test_a_chain_of_nightly_runs_stays_equal_to_full_runs(archive, tmp_path):
+    """Each night starts from the night before: A, then B --since A, then C --since B."""
+    run(archive["root"], tmp_path / "night1")
+    new_study(archive)
+    run(archive["root"], tmp_path / "night2", "--since", str(tmp_path / "night1"))
+    deleted_file(archive)
+    changed_file(archive)
+    third = run(archive["root"], tmp_path / "night3", "--since", str(tmp_path / "night2"))
+    run(archive["root"], tmp_path / "full")
+    assert_same_snapshot(tmp_path / "night3", tmp_path / "full")
+    assert third["incremental"]["files_read"] == 1 and third["incremental"]["files_gone"] == 1
+
+
+def test_other_conversion_options_rebuild_every_study_from_the_kept_records(archive, tmp_path):
+    run(archive["root"], tmp_path / "a")
+    changed = run(archive["root"], tmp_path / "b", "--since", str(tmp_path / "a"), "--no-instances")
+    run(archive["root"], tmp_path / "c", "--no-instances")
+    assert_same_snapshot(tmp_path / "b", tmp_path / "c")
+    assert changed["incremental"].get("files_read", 0) == 0
+    assert changed["incremental"]["studies_rebuilt"] == 7 and "studies_reused" not in changed["incremental"]
+    assert len(delta_keys(tmp_path / "b", "ImagingStudy")) == 7
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "beam_pipeline", "--quiet", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(done: subprocess.CompletedProcess, code: int) -> str:
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_reading_options_input_and_folders_that_do_not_match_are_refused_in_one_line(archive, tmp_path):
+    run(archive["root"], tmp_path / "a")
+    root, previous = archive["root"], tmp_path / "a"
+    assert "--max-header-mib" not in one_error_line(
+        cli("--input", root, "--output", tmp_path / "b", "--since", previous, "--max-header-mib", "8"), 2)
+    refused = one_error_line(cli("--input", root, "--output", tmp_path / "b", "--since", previous, "--pydicom-only"), 2)
+    assert "other options (fast_reader differ)" in refused
+    other_input = one_error_line(cli("--input", root / "main", "--output", tmp_path / "b", "--since", previous), 2)
+    assert "another input" in other_input
+    same = one_error_line(cli("--input", root, "--output", previous, "--since", previous), 2)
+    assert "not --output" in same
+    nothing = one_error_line(cli("--input", root, "--output", tmp_path / "b", "--since", tmp_path / "nowhere"), 2)
+    assert "state.json is missing" in nothing
+    assert not (tmp_path / "b" / "_report" / "summary.json").exists()
+
+
+def test_a_truncated_or_damaged_state_is_refused_in_one_line(archive, tmp_path):
+    run(archive["root"], tmp_path / "a")
+    shard = next((tmp_path / "a" / "_state").glob("sources-*.jsonl"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "a", damaged)
+    text = (damaged / "_state" / shard.name).read_bytes()
+    at = text.index(b'"stamp":"') + len(b'"stamp":"')
+    flipped = text[:at] + (b"9" if text[at:at + 1] != b"9" else b"8") + text[at + 1:]  # same size, other stamp
+    (damaged / "_state" / shard.name).write_bytes(flipped)
+    line = one_error_line(cli("--input", archive["root"], "--output", tmp_path / "b", "--since", damaged), 2)
+    assert "damaged (checksum)" in line and "run once without --since" in line
+    assert not (tmp_path / "b" / "_report" / "summary.json").exists()
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "a", truncated)
+    (truncated / "_state" / shard.name).write_bytes(text[: len(text) // 2])
+    line = one_error_line(cli("--input", archive["root"], "--output", tmp_path / "c", "--since", truncated), 2)
+    assert "truncated or damaged" in line and shard.name in line
+
+    (truncated / "_state" / "state.json").write_text("{not json")
+    line = one_error_line(cli("--input", archive["root"], "--output", tmp_path / "c", "--since", truncated), 2)
+    assert "state.json is not valid JSON" in line
+
+
+def test_a_state_written_by_other_code_is_refused(archive, tmp_path):
+    run(archive["root"], tmp_path / "a")
+    header = tmp_path / "a" / "_state" / "state.json"
+    document = json.loads(header.read_text())
+    document["converter"] = "0.0.1+000000000000"
+    header.write_text(json.dumps(document))
+    line = one_error_line(cli("--input", archive["root"], "--output", tmp_path / "b", "--since", tmp_path / "a"), 2)
+    assert "another version of the converter (0.0.1+000000000000" in line
