@@ -163,3 +163,29 @@ def test_missing_credentials_stop_the_cli_within_30_s(gcs_emulator, tmp_path):
     assert result.returncode == 2
     lines = _problem_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: no Google Cloud credentials found"), lines
+
+
+def test_a_nightly_run_on_gs_reads_only_the_new_object_and_writes_the_full_runs_files(archive, gcs_client):
+    """State and delta on gs:// too: the state is read by the pipeline from the bucket, stamps are
+    generations, and the snapshot equals a full run's, file by file."""
+    prefix = "nightly"
+    uploaded = upload_tree(gcs_client, archive, BUCKET, f"{prefix}/in")
+    first = _cli("--input", f"gs://{BUCKET}/{prefix}/in/", "--output", f"gs://{BUCKET}/{prefix}/night1/", "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    blob = gcs_client.bucket(BUCKET).blob(f"{prefix}/in/added/CT_small.dcm")
+    blob.upload_from_filename(os.path.join(TEST_FILES, "CT_small.dcm"))
+    since = _cli("--input", f"gs://{BUCKET}/{prefix}/in/", "--output", f"gs://{BUCKET}/{prefix}/night2/", "--quiet",
+                 "--since", f"gs://{BUCKET}/{prefix}/night1/")
+    assert since.returncode == 0, since.stderr[-3000:]
+    full = _cli("--input", f"gs://{BUCKET}/{prefix}/in/", "--output", f"gs://{BUCKET}/{prefix}/full/", "--quiet")
+    assert full.returncode == 0, full.stderr[-3000:]
+    night2, whole = _gs_files(gcs_client, f"{prefix}/night2/"), _gs_files(gcs_client, f"{prefix}/full/")
+    summary = json.loads(night2["_report/summary.json"])
+    assert summary["incremental"]["files_read"] == 1
+    assert summary["incremental"]["files_reused"] == len(uploaded)
+    assert summary["files_matched"] == len(uploaded) + 1
+    snapshot = {name for name in night2 if not name.startswith("_delta/")}
+    assert snapshot == set(whole)
+    for name in sorted(snapshot - {"_report/summary.json", "manifest.json"}):
+        assert night2[name] == whole[name], name
+    assert json.loads(night2["_delta/deletions.json"]) == {"resourceType": "Bundle", "type": "transaction"}

@@ -176,3 +176,27 @@ def test_the_cli_exits_0_when_only_permanent_faults_remain(uploaded, gcs_emulato
     summary = json.loads((tmp_path / "out/_report/summary.json").read_text())
     assert "unavailable" not in summary["errors_by_reason"]
     assert summary["errors_by_reason"]["unreadable"] >= 1
+
+
+def test_a_nightly_run_reads_again_only_the_files_that_were_unavailable(uploaded, gcs_emulator, tmp_path):
+    """--since a run that exited 4: the objects still unread then are read now (and only they: the
+    others are unchanged, by gs:// generation), and the snapshot is that of a run without faults."""
+    names = _names(uploaded)
+    faults = ObjectFaults(unavailable=names[1:4])
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, fault=faults) as proxy:
+        failed = _cli("--input", f"gs://{BUCKET}/faults/", "--output", str(tmp_path / "night1"), "--quiet",
+                      "--retry-deadline", "1", env={"STORAGE_EMULATOR_HOST": proxy.url})
+    assert failed.returncode == 4, failed.stderr[-3000:]
+    env = {"STORAGE_EMULATOR_HOST": gcs_emulator.url}
+    again = _cli("--input", f"gs://{BUCKET}/faults/", "--output", str(tmp_path / "night2"), "--quiet",
+                 "--since", str(tmp_path / "night1"), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    full = _cli("--input", f"gs://{BUCKET}/faults/", "--output", str(tmp_path / "full"), "--quiet", env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    summary = json.loads((tmp_path / "night2/_report/summary.json").read_text())
+    assert summary["incremental"]["files_read"] == 3
+    assert summary["incremental"]["files_reused"] == len(uploaded) - 3
+    assert "unavailable" not in summary["errors_by_reason"]
+    for name in ("ImagingStudy-00000-of-00001.ndjson", "Device-00000-of-00001.ndjson",
+                 "_report/errors-00000-of-00001.jsonl"):
+        assert (tmp_path / "night2" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
