@@ -44,7 +44,7 @@ def _lines_by_kind(files: dict[str, str], *replacements: tuple[str, str]) -> dic
     too. OperationOutcome ids (hashes of the error, its path included) are left out."""
     lines: dict[str, list[str]] = {}
     for name, text in files.items():
-        if name.endswith((".ndjson", ".jsonl")):
+        if name.endswith((".ndjson", ".jsonl")) and not name.startswith("_state/"):  # stamps: storage's own
             kind = re.sub(r"-\d+-of-\d+", "", name)
             for old, new in replacements:
                 text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])

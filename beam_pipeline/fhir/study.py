@@ -10,6 +10,8 @@ import hashlib
 import pickle
 from dataclasses import dataclass, field
 
+import orjson
+
 from beam_pipeline.codes import Reason
 
 CONFLICTING_PATIENT_ID = Reason.CONFLICTING_PATIENT_ID
@@ -22,21 +24,24 @@ _NO_NUMBER = float("inf")
 _DIGEST_MODULUS = 1 << 256
 
 
-def _canonical(value):
-    """A form of a record value whose ``repr`` does not depend on dict insertion order."""
-    if isinstance(value, dict):
-        return tuple(sorted((key, _canonical(item)) for key, item in value.items()))
-    if isinstance(value, (tuple, list)):
-        return type(value).__name__, tuple(_canonical(item) for item in value)
+def _tagged(value):
+    """orjson's fallback for record values it does not write itself: a tuple subclass (the dose
+    report tuples) with its type's name, sets sorted, bytes as hex."""
+    if isinstance(value, tuple):
+        return [type(value).__name__, *value]
     if isinstance(value, (set, frozenset)):
-        return "set", tuple(sorted(repr(_canonical(item)) for item in value))
-    return value
+        return sorted(repr(item) for item in value)
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not a record value")
 
 
 def record_digest(record: dict) -> int:
-    """A record's content as a number; a study sums those of its records, so its digest does not
-    depend on the order its files arrive in (an incremental run compares it with the last run's)."""
-    return int.from_bytes(hashlib.sha256(repr(_canonical(record)).encode("utf-8")).digest(), "big")
+    """A record's content as a number (keys sorted: it does not depend on the reader's order); a
+    study sums those of its records, so its digest does not depend on the order its files arrive
+    in (an incremental run compares it with the last run's)."""
+    text = orjson.dumps(record, default=_tagged, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    return int.from_bytes(hashlib.sha256(text).digest(), "big")
 
 
 def patient_issuer(record: dict) -> tuple[str, str]:

@@ -52,7 +52,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         if previous is None:
             partials, file_errors, read_counts, source_state = batches | "ReadHeaders" >> read_headers
         else:
-            before = pipeline | "PreviousSources" >> transforms.ReadState(previous.sources, state.read_source_line)
+            before = pipeline | "PreviousSources" >> transforms.ReadState(
+                previous.sources, state.read_source_line, lambda entry: transforms.join_bucket(entry.key))
             partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> transforms.ReadChangedHeaders(
                 before, read_headers, settings.group_by, root)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)

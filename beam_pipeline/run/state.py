@@ -36,6 +36,7 @@ from beam_pipeline.run import core
 from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
+from beam_pipeline.sources.dicomweb import safe_url
 
 FORMAT = 1
 _BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
@@ -201,7 +202,7 @@ def source_of(settings: Settings) -> str:
     """The input the state describes: the input's root pattern, or the DICOMweb base and query."""
     if settings.dicomweb is not None:
         query = dataclasses.asdict(settings.dicomweb.query)
-        return f"dicomweb:{settings.dicomweb.connection.base_url}|{json.dumps(query, sort_keys=True)}"
+        return f"dicomweb:{safe_url(settings.dicomweb.connection.url)}|{json.dumps(query, sort_keys=True)}"
     return inputs.resolve_pattern(settings.input) if not inputs.is_remote(settings.input) else settings.input.rstrip("/")
 
 

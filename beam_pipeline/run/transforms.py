@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import typing
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -266,46 +267,70 @@ class ReadHeaders(beam.PTransform):
 # 1+2 starting from a previous run (--since): read only the files that changed
 
 
-class ReadState(beam.PTransform):
-    """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the workers."""
+# Listed files and the previous run's source lines meet in groups: a folder's files in up to
+# FOLDER_SPLIT groups (a listed batch, which is one part of the listing, so becomes a few shuffled
+# elements, not one per file, and a folder of a million objects is still split), folded into
+# JOIN_BUCKETS (so a million small folders do not make a million groups).
+FOLDER_SPLIT = 16
+JOIN_BUCKETS = 4096
 
-    def __init__(self, shards, parse):
+
+def join_bucket(key: str) -> int:
+    folder, _, name = key.rpartition("/")
+    split = zlib.crc32(name.encode("utf-8", "surrogatepass")) % FOLDER_SPLIT
+    return zlib.crc32(f"{folder}|{split}".encode("utf-8", "surrogatepass")) % JOIN_BUCKETS
+
+
+class ReadState(beam.PTransform):
+    """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the
+    workers; ``key_of`` chooses the key (default: the entry's own)."""
+
+    def __init__(self, shards, parse, key_of=None):
         super().__init__()
         self.shards = list(shards)
         self.parse = parse
+        self.key_of = key_of or (lambda entry: entry.key)
 
     def expand(self, pbegin):
-        parse = self.parse
+        parse, key_of = self.parse, self.key_of
         if not self.shards:
-            return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[str, typing.Any])
+            return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
                 | "Shards" >> beam.Create(self.shards)
                 | "Lines" >> beam.io.ReadAllFromText()
-                | "Parse" >> beam.Map(lambda line: (lambda entry: (entry.key, entry))(parse(line))))
+                | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
 
 
 class ChooseSourcesDoFn(beam.DoFn):
-    """(key, listed now, previous entry) -> the listed item to read (main output), or the previous
-    entry to reuse (``reused``): a file is read again when it is new, its stamp differs or is
-    unknown, or it failed for a transient reason; a file no longer listed is gone."""
+    """(bucket, listed batches now, previous entries) -> batches of listed items to read (main
+    output), or of previous entries to reuse (``reused``): a file is read again when it is new,
+    its stamp differs or is unknown, or it failed for a transient reason; a file no longer listed
+    is gone."""
 
     REUSED = "reused"
 
+    def __init__(self, batch_size: int = PATHS_PER_BATCH):
+        self.batch_size = batch_size
+
     def process(self, item):
         _, joined = item
-        listed, before = list(joined["now"]), list(joined["before"])
-        entry = before[0] if before else None
-        if not listed:
-            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_gone": 1}))
-            return
-        listed_item = listed[0]
-        if entry is not None and entry.reusable(inputs.stamp(*listed_item)):
-            yield beam.pvalue.TaggedOutput(self.REUSED, entry)
-            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": 1}))
-            return
-        kind = "new" if entry is None else "changed_or_retried"
-        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_read": 1, f"incremental:files_{kind}": 1}))
-        yield listed_item
+        previous = {entry.key: entry for entry in joined["before"]}
+        to_read, reused, counts = [], [], Counter()
+        for listed_item in (listed for batch in joined["now"] for listed in batch):
+            entry = previous.pop(state.source_key(listed_item[0]), None)
+            if entry is not None and entry.reusable(inputs.stamp(*listed_item)):
+                reused.append(entry)
+                continue
+            counts["incremental:files_read"] += 1
+            counts["incremental:files_new" if entry is None else "incremental:files_changed_or_retried"] += 1
+            to_read.append(listed_item)
+        counts["incremental:files_reused"] += len(reused)
+        counts["incremental:files_gone"] += len(previous)
+        for start in range(0, len(to_read), self.batch_size):
+            yield to_read[start:start + self.batch_size]
+        for start in range(0, len(reused), 10 * self.batch_size):
+            yield beam.pvalue.TaggedOutput(self.REUSED, reused[start:start + 10 * self.batch_size])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
@@ -352,16 +377,19 @@ class ReadChangedHeaders(beam.PTransform):
         self.batch_size = batch_size
 
     def expand(self, batches):
-        listed = batches | "PerFile" >> beam.FlatMap(lambda batch: [(state.source_key(item[0]), item) for item in batch])
-        chosen = ({"now": listed, "before": self.previous_sources}
+        def by_bucket(batch):
+            buckets: dict[int, list] = {}
+            for item in batch:
+                buckets.setdefault(join_bucket(state.source_key(item[0])), []).append(item)
+            return sorted(buckets.items())
+
+        chosen = ({"now": batches | "ByBucket" >> beam.FlatMap(by_bucket), "before": self.previous_sources}
                   | "JoinState" >> beam.CoGroupByKey()
-                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn()).with_outputs(ChooseSourcesDoFn.REUSED, COUNTS, main="read"))
-        to_read = (chosen.read
-                   | "BatchToRead" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-                   | "SpreadToRead" >> beam.Reshuffle())
+                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn(self.batch_size)).with_outputs(
+                      ChooseSourcesDoFn.REUSED, COUNTS, main="read"))
+        to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
         partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
         reused = (chosen[ChooseSourcesDoFn.REUSED]
-                  | "BatchReused" >> beam.BatchElements(min_batch_size=1, max_batch_size=10 * self.batch_size)
                   | "Reuse" >> beam.ParDo(ReuseSourcesDoFn(self.group_by, self.root)).with_outputs(
                       ERRORS, COUNTS, STATE, main="partials"))
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
