@@ -216,3 +216,15 @@ def test_a_state_written_by_other_code_is_refused(archive, tmp_path):
     header.write_text(json.dumps(document))
     line = one_error_line(cli("--input", archive["root"], "--output", tmp_path / "b", "--since", tmp_path / "a"), 2)
     assert "another version of the converter (0.0.1+000000000000" in line
+
+
+def test_an_unreachable_since_bucket_stops_the_run_at_once_in_one_line(archive, tmp_path):
+    """--since is checked like --input before the run (Beam's own client would retry for minutes)."""
+    from gcs_emulator import closed_loopback_address
+
+    done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--quiet", "--input", str(archive["root"]),
+                           "--output", str(tmp_path / "b"), "--since", "gs://nightly-bucket/night1"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "STORAGE_EMULATOR_HOST": "http://" + closed_loopback_address()})
+    line = one_error_line(done, 2)
+    assert line.startswith("error: --since gs://nightly-bucket/night1: cannot connect to")

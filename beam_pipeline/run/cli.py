@@ -312,7 +312,8 @@ def run(argv=None) -> dict:
     """Parse options once, run the pipeline, print the summary."""
     settings, beam_args = parse_args(argv)
     # permanent problems in seconds; transient answers (an outage at start-up) retried up to the deadline
-    gcs.check_access(settings.input, settings.output, policy=gcs.RetryPolicy(deadline=settings.retry_deadline))
+    gcs.check_access(settings.input, settings.output, policy=gcs.RetryPolicy(deadline=settings.retry_deadline),
+                     since_path=settings.since)
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
     summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)

@@ -409,10 +409,11 @@ def fixed_prefix(path: str) -> str:
     return name
 
 
-def check_input(path: str, policy: RetryPolicy | None = None) -> None:
+def check_input(path: str, policy: RetryPolicy | None = None, option: str = "--input") -> None:
     """Raise GcsAccessError unless objects under ``path`` (a gs:// prefix or glob) can be listed;
-    transient answers (an outage at start-up) are retried under the policy, permanent ones are not."""
-    what = f"--input {path}"
+    transient answers (an outage at start-up) are retried under the policy, permanent ones are not.
+    ``option`` names the path in the message (``--since`` is read like an input)."""
+    what = f"{option} {path}"
     bucket, _ = split_path(path)
     probe = _probe_session(policy)
     url = f"{probe.base_url}/storage/v1/b/{quote(bucket, safe='')}/o"
@@ -443,11 +444,15 @@ def check_output(path: str, policy: RetryPolicy | None = None) -> None:
 
 
 def check_access(input_path: str | None, output_path: str | None, deadline: float | None = None,
-                 policy: RetryPolicy | None = None) -> None:
+                 policy: RetryPolicy | None = None, since_path: str | None = None) -> None:
     """Check whichever of input and output are on gs://; raises GcsAccessError on the first problem,
     or when the checks together take longer than ``deadline`` seconds (a credential lookup or token
     refresh retrying against an unreachable server must not hold the run)."""
-    checks = [(check, path) for check, path in ((check_input, input_path), (check_output, output_path))
+    def check_since(path, retry_policy):
+        check_input(path, retry_policy, "--since")
+
+    checks = [(check, path) for check, path in ((check_input, input_path), (check_since, since_path),
+                                                (check_output, output_path))
               if path and path.startswith("gs://")]
     if not checks:
         return
@@ -468,6 +473,6 @@ def check_access(input_path: str | None, output_path: str | None, deadline: floa
     worker.join(deadline)
     if worker.is_alive():
         raise GcsAccessError(f"no answer from Google Cloud Storage ({endpoint()}) within {deadline:.0f} s "
-                             "while checking --input/--output access")
+                             "while checking --input/--since/--output access")
     if failure:
         raise failure[0]
