@@ -31,6 +31,7 @@ from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.keywords import header_spec
 from beam_pipeline.run import cli, transforms
 from beam_pipeline.run.pipeline import execute
+from beam_pipeline.run.state import StateError
 from beam_pipeline.sources import dicomweb
 from beam_pipeline.sources.retry import RetryPolicy
 
@@ -274,9 +275,9 @@ def test_study_deleted_between_listing_and_fetching_is_an_error_line(orthanc, te
     source = dicomweb.Source(conn)
     with BeamTestPipeline(runner=FnApiRunner(), options=PipelineOptions([])) as pipeline:
         fetched = (pipeline
-                   | beam.Create([listed_uids])
+                   | beam.Create([[(uid, None) for uid in listed_uids]])
                    | beam.ParDo(transforms.FetchStudiesDoFn(source)).with_outputs(
-                       transforms.ERRORS, transforms.COUNTS, main="partials"))
+                       transforms.ERRORS, transforms.COUNTS, transforms.STATE, main="partials"))
         assert_that(fetched[transforms.ERRORS], equal_to([{
             "reason": "study-not-found", "study_uid": gone, "status": 404,
             "detail": "the study was listed but is no longer on the server"}]), label="error")
@@ -502,3 +503,79 @@ def test_dicomweb_rejects_unknown_issuers_by_default(orthanc, issuers, credentia
     assert summary["studies"] == {"written": 1, "rejected": 3}
     assert summary["errors_by_reason"] == {Reason.UNKNOWN_PATIENT_ID_ISSUER: 3}
     assert {e["study_uid"] for e in read_ndjson(tmp_path / "web", "errors")} == {uids[0], uids[1], uids[3]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Nightly runs (--since): fetch only the studies whose listing changed
+
+
+def test_a_study_stamp_follows_its_counts_and_study_attributes():
+    listed = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00201206": {"vr": "IS", "Value": [2]},
+              "00201208": {"vr": "IS", "Value": [7]}, "00080050": {"vr": "SH", "Value": ["ACC1"]}}
+    stamp = dicomweb.study_stamp(listed)
+    assert stamp.startswith("2:7:")
+    assert "ACC1" not in stamp  # a digest, not the values
+    more = {**listed, "00201208": {"vr": "IS", "Value": [8]}}
+    corrected = {**listed, "00080050": {"vr": "SH", "Value": ["ACC2"]}}
+    assert len({stamp, dicomweb.study_stamp(more), dicomweb.study_stamp(corrected)}) == 3
+    assert dicomweb.study_stamp({**listed, "00201206": {"vr": "IS"}}) is None  # no counts: always fetched
+    assert dicomweb.study_stamp({**listed, "00201208": {"vr": "IS", "Value": ["x"]}}) is None
+
+
+def late_series(path: str, folder) -> list[str]:
+    """Two new instances in a new series of the study of ``path``."""
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".77"
+    made = []
+    for number in (1, 2):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SeriesInstanceUID + f".{number}"
+        ds.InstanceNumber = number
+        target = os.path.join(folder, f"late-{number}.dcm")
+        ds.save_as(target, enforce_file_format=False)
+        made.append(target)
+    return made
+
+
+def test_a_nightly_run_fetches_only_changed_studies_and_gives_the_full_runs_snapshot(orthanc, credentials, tmp_path):
+    from nightly_changes import assert_same_snapshot, deletions, delta_keys, study_key
+
+    made = make_archive(tmp_path / "night1", studies=4, series=2, instances=2, patients=2)
+    first_files = sorted(glob.glob(str(tmp_path / "night1" / "**" / "*.dcm"), recursive=True))
+    orthanc.clear()
+    orthanc.loaded = None  # this test changes the archive
+    assert len(orthanc.upload_all(first_files)) == len(first_files)
+    url = orthanc.dicomweb_url
+    run_dicomweb(url, tmp_path / "a", "--quiet")
+
+    extended, deleted = made["study_uids"][0], made["study_uids"][3]
+    in_extended = next(p for p in first_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == extended)
+    os.makedirs(tmp_path / "late")
+    assert orthanc.upload_all(late_series(in_extended, tmp_path / "late"))
+    new = make_archive(tmp_path / "night2", studies=1, series=1, instances=3, seed=7)
+    assert orthanc.upload_all(sorted(glob.glob(str(tmp_path / "night2" / "**" / "*.dcm"), recursive=True)))
+    orthanc.delete_study(deleted)
+
+    nightly = run_dicomweb(url, tmp_path / "b", "--quiet", "--since", str(tmp_path / "a"))
+    full = run_dicomweb(url, tmp_path / "c", "--quiet")
+    assert_same_snapshot(tmp_path / "b", tmp_path / "c")
+    assert nightly["incremental"] == {
+        "studies_fetched": 2, "studies_new": 1, "studies_changed_or_retried": 1, "studies_not_fetched": 2,
+        "studies_gone": 1, "studies_rebuilt": 2, "studies_reused": 2, "studies_deleted": 1}
+    assert full["dicomweb"]["studies_fetched"] == nightly["dicomweb"]["studies_fetched"] == 4
+    assert delta_keys(tmp_path / "b", "ImagingStudy") == sorted(study_key(uid) for uid in (extended, *new["study_uids"]))
+    assert study_key(deleted) in deletions(tmp_path / "b")
+
+    again = run_dicomweb(url, tmp_path / "d", "--quiet", "--since", str(tmp_path / "c"))
+    assert again["incremental"] == {"studies_not_fetched": 4, "studies_reused": 4}
+    assert_same_snapshot(tmp_path / "d", tmp_path / "c")
+    assert deletions(tmp_path / "d") == []
+
+
+def test_a_nightly_run_refuses_the_state_of_another_query_or_of_files(orthanc, credentials, generated, tmp_path, capsys):
+    load(orthanc, "generated", generated[0])
+    run_dicomweb(orthanc.dicomweb_url, tmp_path / "a", "--quiet", "--modality", "CT")
+    for options in (["--modality", "MR"], []):
+        with pytest.raises(StateError, match="its state is of another input"):
+            run_dicomweb(orthanc.dicomweb_url, tmp_path / "b", "--quiet", "--since", str(tmp_path / "a"), *options)
+    with pytest.raises(StateError, match="its state is of another input"):
+        run_files(generated[0][:2], tmp_path / "f", "--quiet", "--since", str(tmp_path / "a"))

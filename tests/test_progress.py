@@ -62,3 +62,17 @@ def test_progress_on_the_portable_path(archive, tmp_path):
     parsed = [LINE.fullmatch(line) for line in done.stderr.splitlines() if line.startswith("progress")]
     assert parsed and all(parsed)
     assert max(numbers(m)[0] for m in parsed) > 0  # files read, as counted by the pool's workers
+
+
+def test_a_nightly_runs_line_counts_what_it_reads_not_what_it_reuses():
+    from collections import Counter
+
+    from beam_pipeline.run.progress import describe
+
+    files = describe(Counter(files_listed=16_160, listing_parts=1, parts_listed=1, unchanged=16_000,
+                             files_read=80, instances_read=80), 10.0, None)
+    assert files.startswith("progress (10 s): 80 of 160 files read, 16,000 unchanged, 80 instances")
+    assert "about 10 s left" in files  # 80 more at 8 files/s, not 16,080 more
+    studies = describe(Counter(studies_listed=40, listing_done=1, unchanged=30, studies_fetched=5), 5.0, None)
+    assert studies.startswith("progress (5 s): 5 of 10 studies fetched, 30 unchanged")
+    assert "about 5 s left" in studies

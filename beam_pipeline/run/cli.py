@@ -65,7 +65,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output directory (local or gs://)")
     parser.add_argument("--since", metavar="PREVIOUS_OUTPUT",
                         help="the output folder of an earlier run over the same input: read only new and changed "
-                             "files, rebuild only changed studies, and write what changed to OUTPUT/_delta/")
+                             "files (with --dicomweb: fetch only studies whose series or instance counts or "
+                             "study attributes changed), rebuild only changed studies, and write what changed "
+                             "to OUTPUT/_delta/")
     parser.add_argument("--group-by", choices=("study", "directory"), default="study",
                         help="study: one study across any folders (default); directory: each first-level "
                              "folder under --input is one study, folders with several studies are rejected")
@@ -275,8 +277,6 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         if base.username or base.password or base.query or base.fragment:
             parser.error("--manifest-base-url must not carry credentials, a query or a fragment "
                          "(the manifest's file URLs are built under it; sign them separately)")
-    if args.since is not None and args.dicomweb is not None:
-        parser.error("--since needs --input for now (a DICOMweb source is always read whole)")
     if args.since is not None and same_folder(args.since, args.output):
         parser.error("--since must name the previous run's output folder, not --output: write each run to a new folder")
     if args.input is not None and same_folder(args.input, args.output):

@@ -39,9 +39,10 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     temp = output.temp_dir(settings)
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
-        partials, file_errors, read_counts = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
-            settings.dicomweb, progress)
-        source_state = None
+        before = None if previous is None else (
+            pipeline | "PreviousSources" >> transforms.ReadState(previous.sources, state.read_source_line))
+        partials, file_errors, read_counts, source_state = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
+            settings.dicomweb, progress, previous_sources=before)
     else:
         batches, listed_counts, listing_errors = pipeline | "ListFiles" >> transforms.ListInputFiles(
             settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
@@ -55,7 +56,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             before = pipeline | "PreviousSources" >> transforms.ReadState(
                 previous.sources, state.read_source_line, lambda entry: transforms.join_bucket(entry.key))
             partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> transforms.ReadChangedHeaders(
-                before, read_headers, settings.group_by, root)
+                before, read_headers, settings.group_by, root, progress=progress)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> transforms.ReadState(previous.studies, state.read_study_line))
@@ -66,7 +67,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
-    small = [shared, error_lines, study_state] + ([source_state] if source_state is not None else [])
+    small = [shared, error_lines, study_state, source_state]
     if changes is not None:
         small.append(changes[0])
     written = [written_studies]

@@ -104,14 +104,17 @@ def listing_complete(counts: Counter) -> bool:
 def describe(counts: Counter, elapsed: float, previous: tuple[float, int] | None) -> str:
     """One line: what is done, how fast, and (once listing is complete) about how long is left."""
     read, listed = counts.get("files_read", 0), counts.get("files_listed", 0)
+    unchanged = counts.get("unchanged", 0)  # a --since run's files (studies) not read again
     listing_done = listing_complete(counts)
-    parts = [f"{read:,} of {listed:,}{'' if listing_done else '+'} files read"]
+    parts = [f"{read:,} of {listed - unchanged:,}{'' if listing_done else '+'} files read"]
     if counts.get("studies_listed"):
-        parts = [f"{counts.get('studies_fetched', 0):,} of {counts['studies_listed']:,} studies fetched"]
+        parts = [f"{counts.get('studies_fetched', 0):,} of {counts['studies_listed'] - unchanged:,} studies fetched"]
+    if unchanged:
+        parts.append(f"{unchanged:,} unchanged")
     parts.append(f"{counts.get('instances_read', 0):,} instances")
     parts.append(f"{counts.get('studies_written', 0):,} studies written")
     done = counts.get("studies_fetched", 0) if counts.get("studies_listed") else read
-    total = counts.get("studies_listed") or listed
+    total = (counts.get("studies_listed") or listed) - unchanged
     rate = done / elapsed if elapsed > 0 else 0.0
     if previous is not None and elapsed > previous[0]:
         rate = max(0.0, (done - previous[1]) / (elapsed - previous[0]))

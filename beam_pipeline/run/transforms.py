@@ -309,8 +309,15 @@ class ChooseSourcesDoFn(beam.DoFn):
 
     REUSED = "reused"
 
-    def __init__(self, batch_size: int = PATHS_PER_BATCH):
+    def __init__(self, batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
         self.batch_size = batch_size
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
     def process(self, item):
         _, joined = item
@@ -326,6 +333,7 @@ class ChooseSourcesDoFn(beam.DoFn):
             to_read.append(listed_item)
         counts["incremental:files_reused"] += len(reused)
         counts["incremental:files_gone"] += len(previous)
+        self.progress.add({"unchanged": len(reused)})  # not to be read: the progress line's total
         for start in range(0, len(to_read), self.batch_size):
             yield to_read[start:start + self.batch_size]
         for start in range(0, len(reused), 10 * self.batch_size):
@@ -368,8 +376,9 @@ class ReadChangedHeaders(beam.PTransform):
     only new, changed and transiently failed files; the others' records come from the state."""
 
     def __init__(self, previous_sources, read_headers: "ReadHeaders", group_by: str = "study", root: str = "",
-                 batch_size: int = PATHS_PER_BATCH):
+                 batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
         super().__init__()
+        self.progress = progress
         self.previous_sources = previous_sources
         self.read_headers = read_headers
         self.group_by = group_by
@@ -385,7 +394,7 @@ class ReadChangedHeaders(beam.PTransform):
 
         chosen = ({"now": batches | "ByBucket" >> beam.FlatMap(by_bucket), "before": self.previous_sources}
                   | "JoinState" >> beam.CoGroupByKey()
-                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn(self.batch_size)).with_outputs(
+                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn(self.batch_size, self.progress)).with_outputs(
                       ChooseSourcesDoFn.REUSED, COUNTS, main="read"))
         to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
         partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
@@ -405,7 +414,8 @@ STUDIES_PER_BATCH = 16  # studies fetched per element after the reshuffle (concu
 
 
 class ListStudiesDoFn(beam.DoFn):
-    """The source -> every matching StudyInstanceUID (QIDO-RS, paged); their count as data.
+    """The source -> (StudyInstanceUID, stamp) of every matching study (QIDO-RS, paged); their
+    count as data.
 
     A listing that fails part-way fails the run: a silently partial listing would skip studies.
     """
@@ -423,12 +433,12 @@ class ListStudiesDoFn(beam.DoFn):
         from beam_pipeline.sources import dicomweb
 
         count = 0
-        for uid in dicomweb.list_studies(self.source.connection, self.source.query):
+        for listed in dicomweb.list_stamped_studies(self.source.connection, self.source.query):
             count += 1
             if count % 100 == 0:
                 self.listed.inc(100)
                 self.progress.add({"studies_listed": 100})
-            yield uid
+            yield listed
         self.listed.inc(count % 100)
         self.progress.add({"studies_listed": count % 100, "listing_done": 1}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({"dicomweb:studies_listed": count}))
@@ -466,19 +476,23 @@ class FetchStudiesDoFn(beam.DoFn):
         if pool is not None:
             pool.shutdown(wait=True)
 
-    def _fetch(self, uid: str):
+    def _fetch(self, listed: tuple[str, str | None]):
         from beam_pipeline.sources import dicomweb
 
         client = getattr(self.clients, "client", None)
         if client is None:
             client = self.clients.client = self.source.connection.client(self.budget)
-        return core.process_fetched_study(dicomweb.fetch_study(client, uid), self.spec)
+        return core.process_fetched_study(dicomweb.fetch_study(client, listed[0]), self.spec)
 
-    def process(self, uids):
+    def process(self, batch):
+        """``batch``: (StudyInstanceUID, stamp) pairs as listed; each study's source state line
+        keeps the stamp taken at listing, so a study changed since is fetched again next time."""
         counts = Counter()
         partials: dict[str, dict] = {}
-        for read in self.pool.map(self._fetch, uids):
+        for (uid, stamp), read in zip(batch, self.pool.map(self._fetch, batch)):
             counts.update(read.counts)
+            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, state.source_line(
+                uid, stamp, read.records, read.errors, read.counts)))
             for error in read.errors:
                 yield beam.pvalue.TaggedOutput(ERRORS, error)
             for record in read.records:
@@ -497,28 +511,90 @@ class FetchStudiesDoFn(beam.DoFn):
         self.progress.flush()
 
 
-class ReadDicomWeb(beam.PTransform):
-    """A DICOMweb source -> (study uid, serialized partial groups), errors, counts: the same
-    outputs as ``ListInputFiles`` + ``ReadHeaders``, so grouping, building and writing are shared."""
+def listed_once(stamps) -> str | None:
+    """The stamp of a study listed more than once (the archive changed while paging): unknown
+    (None) unless every listing agrees, so the next run fetches it again."""
+    distinct = set(stamps)
+    return distinct.pop() if len(distinct) == 1 else None
 
-    def __init__(self, source, progress: ProgressSettings | None = None, batch_size: int = STUDIES_PER_BATCH):
+
+class ChooseStudiesDoFn(beam.DoFn):
+    """(uid, {"now": [stamp], "before": [previous source entry]}) -> (uid, stamp) to fetch (main),
+    or the entry to reuse (``reused``): a study is fetched again when it is new, its stamp
+    differs or is unknown, or it failed for a transient reason; a study no longer listed is gone."""
+
+    def __init__(self, progress: ProgressSettings | None = None):
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+    def process(self, item):
+        uid, joined = item
+        now, before = list(joined["now"]), list(joined["before"])
+        previous = before[0] if before else None
+        if not now:
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_gone": 1}))
+            return
+        stamp = now[0]
+        if previous is not None and previous.reusable(stamp):
+            self.progress.add({"unchanged": 1})
+            yield beam.pvalue.TaggedOutput(ChooseSourcesDoFn.REUSED, previous)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_not_fetched": 1}))
+            return
+        yield uid, stamp
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({
+            "incremental:studies_fetched": 1,
+            "incremental:studies_new" if previous is None else "incremental:studies_changed_or_retried": 1}))
+
+
+class ReadDicomWeb(beam.PTransform):
+    """A DICOMweb source -> (study uid, serialized partial groups), errors, counts, source state
+    lines: the same outputs as ``ListInputFiles`` + ``ReadHeaders``, so grouping, building and
+    writing are shared. With the previous run's source entries (one per study), only studies whose
+    stamp (series and instance counts, study attributes) changed are fetched."""
+
+    def __init__(self, source, progress: ProgressSettings | None = None, batch_size: int = STUDIES_PER_BATCH,
+                 previous_sources=None):
         super().__init__()
         self.source = source
         self.progress = progress
         self.batch_size = batch_size
+        self.previous_sources = previous_sources
 
     def expand(self, pbegin):
         listed = (pbegin
                   | "Query" >> beam.Create([None])
                   | "ListStudies" >> beam.ParDo(ListStudiesDoFn(self.source, self.progress)).with_outputs(COUNTS, main="uids"))
-        fetched = (listed.uids
-                   | "Once" >> beam.Distinct()  # a study listed twice (archive changed while paging)
+        once = listed.uids | "Once" >> beam.CombinePerKey(listed_once)
+        counts, errors, partials, state_lines = [listed[COUNTS]], [], [], []
+        if self.previous_sources is not None:
+            chosen = ({"now": once, "before": self.previous_sources}
+                      | "JoinState" >> beam.CoGroupByKey()
+                      | "Choose" >> beam.ParDo(ChooseStudiesDoFn(self.progress)).with_outputs(
+                          ChooseSourcesDoFn.REUSED, COUNTS, main="fetch"))
+            once = chosen.fetch
+            reused = (chosen[ChooseSourcesDoFn.REUSED]
+                      | "BatchReused" >> beam.BatchElements(min_batch_size=1, max_batch_size=10 * PATHS_PER_BATCH)
+                      | "Reuse" >> beam.ParDo(ReuseSourcesDoFn()).with_outputs(ERRORS, COUNTS, STATE, main="partials"))
+            counts += [chosen[COUNTS], reused[COUNTS]]
+            errors.append(reused[ERRORS])
+            partials.append(reused.partials)
+            state_lines.append(reused[STATE])
+        fetched = (once
                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
                    | "Spread" >> beam.Reshuffle()
                    | "Fetch" >> beam.ParDo(FetchStudiesDoFn(self.source, self.progress)).with_outputs(
-                       ERRORS, COUNTS, main="partials"))
-        counts = (listed[COUNTS], fetched[COUNTS]) | "SourceCounts" >> beam.Flatten()
-        return fetched.partials, fetched[ERRORS], counts
+                       ERRORS, COUNTS, STATE, main="partials"))
+        counts.append(fetched[COUNTS])
+        errors.append(fetched[ERRORS])
+        partials.append(fetched.partials)
+        state_lines.append(fetched[STATE])
+        return (partials | "AllPartials" >> beam.Flatten(), errors | "AllErrors" >> beam.Flatten(),
+                counts | "SourceCounts" >> beam.Flatten(), state_lines | "AllSourceState" >> beam.Flatten())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Credentials come from environment variables only and never appear in messages or
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import re
 import struct
@@ -211,10 +213,40 @@ def _status_message(status: int, url: str) -> str:
     return f"DICOMweb server {safe_url(url)} answered HTTP {status} to a study search"
 
 
+# What a listed study's stamp is made of (a later run fetches a study again when it differs):
+# its series and instance counts, which a generic PACS keeps and QIDO returns (an added series, an
+# added or deleted instance), and the study-level attributes a correction usually touches.
+# An instance corrected in place under the same UIDs changes neither: QIDO offers no sound
+# criterion for that, so a run without --since is the way to pick such corrections up.
+_COUNT_TAGS = ("00201206", "00201208")  # NumberOfStudyRelatedSeries, NumberOfStudyRelatedInstances
+_STAMP_TAGS = _COUNT_TAGS + (
+    "00080020", "00080030", "00080050", "00080061", "00080090", "00081030",  # date, time, accession,
+    "00100010", "00100020", "00100021", "00100030", "00100040", "00200010")  # modalities, physician,
+# description; the patient's name, id, issuer, birth date, sex; the study id
+_LISTED_FIELDS = ["StudyInstanceUID", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+                  "NumberOfStudyRelatedInstances", "StudyDate", "StudyTime", "AccessionNumber",
+                  "ReferringPhysicianName", "StudyDescription", "PatientName", "PatientID",
+                  "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyID"]
+
+
+def study_stamp(dataset: dict) -> str | None:
+    """A listed study's stamp: its counts and a digest of its study-level attributes (no patient
+    data in clear), or None when the server returns no counts (then the study is always fetched)."""
+    counts = []
+    for tag in _COUNT_TAGS:
+        values = (dataset.get(tag) or {}).get("Value") or ()
+        if not values or not str(values[0]).strip().isdigit():
+            return None
+        counts.append(str(values[0]).strip())
+    attributes = {tag: (dataset.get(tag) or {}).get("Value") for tag in _STAMP_TAGS}
+    digest = hashlib.sha256(json.dumps(attributes, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+    return f"{counts[0]}:{counts[1]}:{digest}"
+
+
 def _search(client, url: str, filters: dict, limit: int, offset: int) -> list[dict]:
     try:
         page = client.search_for_studies(search_filters=dict(filters), limit=limit, offset=offset,
-                                         fields=["StudyInstanceUID", "ModalitiesInStudy"])
+                                         fields=_LISTED_FIELDS)
     except requests.HTTPError as exc:
         raise DicomWebError(_status_message(exc.response.status_code, url)) from None
     except requests.exceptions.SSLError as exc:
@@ -258,7 +290,12 @@ def check_server(connection: Connection, query: StudyQuery) -> None:
 
 
 def list_studies(connection: Connection, query: StudyQuery, client=None) -> Iterator[str]:
-    """Every matching StudyInstanceUID, page by page (limit/offset) until an empty page.
+    """Every matching StudyInstanceUID (see ``list_stamped_studies``)."""
+    return (uid for uid, _ in list_stamped_studies(connection, query, client))
+
+
+def list_stamped_studies(connection: Connection, query: StudyQuery, client=None) -> Iterator[tuple[str, str | None]]:
+    """(StudyInstanceUID, stamp) of every matching study, page by page (limit/offset) until an empty page.
 
     A page shorter than asked is not taken as the end: servers cap results per request (Orthanc's
     LimitFindResults, dcm4chee's max results), so only an empty page ends the listing.
@@ -279,7 +316,7 @@ def list_studies(connection: Connection, query: StudyQuery, client=None) -> Iter
             for dataset in page:
                 uid = _uid_of(dataset)
                 if uid and query.matches(dataset):
-                    yield uid
+                    yield uid, study_stamp(dataset)
             offset += len(page)
 
 
