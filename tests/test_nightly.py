@@ -70,6 +70,15 @@ def test_a_change_is_read_alone_and_gives_the_full_runs_snapshot(change, archive
     assert deletions(tmp_path / "b") == []
     assert not read_ndjson(tmp_path / "b", "_delta/Device")  # the same scanners
     assert first["studies"]["written"] + (change == "new-study") == incremental["studies"]["written"]
+    manifest = json.loads((tmp_path / "b" / "_delta" / "manifest.json").read_text())  # for a bulk import
+    listed = {entry["url"]: (entry["type"], entry["count"]) for entry in manifest["output"]}
+    written = {path.relative_to(tmp_path / "b").as_posix(): path for path in (tmp_path / "b" / "_delta").glob("*.ndjson")}
+    assert sorted(listed) == sorted(written) and listed
+    for url, (resource_type, count) in listed.items():
+        assert url.startswith(f"_delta/{resource_type}-")
+        assert count == len(written[url].read_text().splitlines())
+    assert manifest["extension"]["deletions"] == [{"type": "Bundle", "url": "_delta/deletions.json", "count": 0}]
+    assert not (tmp_path / "c" / "_delta" / "manifest.json").exists()  # a full run has no delta
 
 
 def test_a_deleted_study_and_its_lonely_device_are_deleted(archive, tmp_path):

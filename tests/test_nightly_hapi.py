@@ -52,15 +52,32 @@ def nights(tmp_path_factory) -> dict:
     return {"night1": root / "night1", "night2": root / "night2", "full": root / "full"}
 
 
-def put_all(hapi: HapiServer, output_dir: Path, prefix: str = "") -> int:
-    """PUT every resource line of the snapshot (or, with prefix ``_delta/``, of the delta) by id."""
+def put_all(hapi: HapiServer, output_dir: Path) -> int:
+    """PUT every resource line of the snapshot by id."""
     count = 0
     for resource_type in LOAD_ORDER:
-        for resource in read_ndjson(output_dir, prefix + resource_type):
+        for resource in read_ndjson(output_dir, resource_type):
             status, _, body = request("PUT", f"{hapi.base}/{resource_type}/{resource['id']}", resource)
             assert status in (200, 201), body
             count += 1
     return count
+
+
+def put_delta(hapi: HapiServer, output_dir: Path) -> tuple[int, dict]:
+    """PUT what ``_delta/manifest.json`` lists (referenced types first), as a loader would; returns
+    the count and the deletions Bundle the manifest names."""
+    manifest = json.loads((output_dir / "_delta" / "manifest.json").read_text())
+    count = 0
+    for entry in sorted(manifest["output"], key=lambda entry: LOAD_ORDER.index(entry["type"])):
+        lines = (output_dir / entry["url"]).read_text().splitlines()
+        assert len(lines) == entry["count"]
+        for resource in map(json.loads, lines):
+            assert resource["resourceType"] == entry["type"]
+            status, _, body = request("PUT", f"{hapi.base}/{entry['type']}/{resource['id']}", resource)
+            assert status in (200, 201), body
+            count += 1
+    (deletions,) = manifest["extension"]["deletions"]
+    return count, json.loads((output_dir / deletions["url"]).read_text())
 
 
 def content(hapi: HapiServer) -> dict[str, dict]:
@@ -77,8 +94,8 @@ def content(hapi: HapiServer) -> dict[str, dict]:
 def test_previous_snapshot_plus_delta_equals_the_full_snapshot_on_a_fhir_server(hapi, nights):
     hapi.expunge_everything()
     loaded = put_all(hapi, nights["night1"])
-    changed = put_all(hapi, nights["night2"], "_delta/")
-    deletions = json.loads((nights["night2"] / "_delta" / "deletions.json").read_text())
+    changed, deletions = put_delta(hapi, nights["night2"])
+    assert changed == sum(len(read_ndjson(nights["night2"], "_delta/" + resource_type)) for resource_type in LOAD_ORDER)
     status, _, body = request("POST", hapi.base, deletions)
     assert status == 200, body
     incremental = content(hapi)

@@ -112,6 +112,25 @@ def folder_manifest(settings: Settings, started: float, files) -> dict:
     return body
 
 
+def delta_manifest(settings: Settings, started: float, files) -> dict:
+    """The Bulk Data manifest of a ``--since`` run's ``_delta/``: its changed resources as
+    ``output`` (for the same bulk import as the snapshot), and the transaction Bundle of DELETEs
+    to post after them as the extension ``deletions``."""
+    changed = [(name[len(DELTA_PREFIX):], path, count) for name, path, count in files
+               if name.startswith(DELTA_PREFIX) and name != DELETIONS_NAME]
+    deletions = [(BUNDLE_NAME, path, count) for name, path, count in files if name == DELETIONS_NAME]
+    body = bulk_data.manifest(
+        transaction_time=bulk_data.transaction_time(datetime.fromtimestamp(started, timezone.utc)),
+        request=settings.request, requires_access_token=is_remote(settings.output),
+        outputs=[entry for entry in changed if entry[0] != BUNDLE_NAME], errors=[],
+        base_url=settings.manifest_base_url)
+    body["extension"] = {"deletions": bulk_data.output_entries(deletions, settings.manifest_base_url)}
+    bundles = [entry for entry in changed if entry[0] == BUNDLE_NAME]
+    if bundles:
+        body["extension"]["transactionBundles"] = bulk_data.output_entries(bundles, settings.manifest_base_url)
+    return body
+
+
 def check_local_output(output_dir: str) -> None:
     """Fail before any input is read when the folder cannot be created or written."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):

@@ -871,6 +871,8 @@ class WriteSummaryDoFn(beam.DoFn):
         output.remove_temp_dir(self.settings)
         state.write_header(output_dir, state.header(self.settings, self.config, state.shard_sizes(output_dir, files)))
         output.write_json(output_dir, layout.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
+        if self.settings.since is not None:
+            output.write_json(output_dir, layout.DELTA_MANIFEST_NAME, output.delta_manifest(self.settings, self.started, files))
         summary = summarize(counts, time.time() - self.started)
         write_summary(output_dir, summary)
         yield summary
