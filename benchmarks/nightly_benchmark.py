@@ -9,14 +9,22 @@
    be identical, file by file.
 4. Listing alone (``files.list_files``), timed in this process: what an incremental run cannot skip.
 
-Figures: files read by each run (from summary.json, as data), wall time, and the ratios.
+With ``--gcs`` the archive is read from gs:// instead: a GCS emulator on loopback behind the
+latency proxy (``--delay-ms`` per request, default 20, as a cloud store; requests counted), the
+night's new files uploaded as the night adds them; the output stays on local disk.
+
+Figures: files read by each run (from summary.json, as data), requests (with --gcs), wall time,
+and the ratios.
 
     python -m benchmarks.nightly_benchmark --instances 16000
+    python -m benchmarks.nightly_benchmark --instances 16000 --gcs
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,10 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def run_cli(archive: Path, out: Path, *options: str) -> tuple[float, dict]:
+def run_cli(archive, out: Path, *options: str, env: dict | None = None) -> tuple[float, dict]:
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(archive), "--output", str(out),
-                           "--quiet", *options], capture_output=True, text=True, cwd=ROOT)
+                           "--quiet", *options], capture_output=True, text=True, cwd=ROOT,
+                          env=None if env is None else {**os.environ, **env})
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"the run into {out} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -59,10 +68,63 @@ def snapshot(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(out).as_posix() not in skip and not p.relative_to(out).as_posix().startswith("_delta/")}
 
 
+class LocalArchive:
+    """The archive as the runs see it: the local folder itself."""
+
+    def __init__(self, root: Path):
+        self.root, self.uri, self.env = root, str(root), None
+
+    def sync(self) -> None:
+        pass
+
+    def requests(self, reset: bool = False) -> int | None:
+        return None
+
+
+class GcsArchive:
+    """The archive uploaded to an emulator behind the latency proxy; ``sync`` uploads new files."""
+
+    BUCKET = "bench"
+
+    def __init__(self, root: Path, stack: contextlib.ExitStack, delay_ms: float):
+        from gcs_emulator import anonymous_client, offline_environment, patched_environ
+
+        from benchmarks.gcs_case import _emulator, _start
+
+        self.root = root
+        emulator = stack.enter_context(_emulator())
+        stack.enter_context(patched_environ(offline_environment(emulator.url)))
+        emulator.create_bucket(self.BUCKET)
+        self.bucket = anonymous_client().bucket(self.BUCKET)
+        self.uploaded: set[Path] = set()
+        proxy, self.proxy_url = _start([sys.executable, "-m", "benchmarks.latency_proxy", "--upstream", emulator.url,
+                                        "--delay-ms", str(delay_ms), "--upstream-slots", str(emulator.upstream_slots)])
+        stack.callback(lambda: (proxy.terminate(), proxy.wait()))
+        self.uri = f"gs://{self.BUCKET}/archive/"
+        self.env = {**offline_environment(emulator.url), "STORAGE_EMULATOR_HOST": self.proxy_url}
+        self.emulator_name = emulator.name
+
+    def sync(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        new = sorted(p for p in self.root.rglob("*") if p.is_file() and p not in self.uploaded)
+        with ThreadPoolExecutor(4) as uploads:  # straight to the emulator, not through the proxy
+            list(uploads.map(lambda p: self.bucket.blob("archive/" + p.relative_to(self.root).as_posix())
+                             .upload_from_filename(str(p)), new))
+        self.uploaded.update(new)
+
+    def requests(self, reset: bool = False) -> int | None:
+        from benchmarks.gcs_case import _proxy_counts
+
+        return _proxy_counts(self.proxy_url, reset=reset)["requests"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=16_000)
     parser.add_argument("--new-percent", type=float, default=1.0)
+    parser.add_argument("--gcs", action="store_true", help="read the archive from gs:// (emulator + latency proxy)")
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="with --gcs: latency added to every request")
     args = parser.parse_args(argv)
     from make_archive import make_archive
 
@@ -71,16 +133,33 @@ def main(argv=None) -> int:
     series_instances = 100
     studies = max(1, args.instances // (4 * series_instances))
     new = max(2, round(args.instances * args.new_percent / 100))
-    with tempfile.TemporaryDirectory(prefix="nightly-bench-") as tmp:
+    requests = {}
+    with tempfile.TemporaryDirectory(prefix="nightly-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        archive = work / "archive"
-        made = make_archive(archive / "main", studies=studies, series=4, instances=series_instances)
-        night1_seconds, night1 = run_cli(archive, work / "night1")
-        add_instances(archive, new)
-        night2_seconds, night2 = run_cli(archive, work / "night2", "--since", str(work / "night1"))
-        full_seconds, full = run_cli(archive, work / "full")
+        root = work / "archive"
+        made = make_archive(root / "main", studies=studies, series=4, instances=series_instances)
+        archive = GcsArchive(root, stack, args.delay_ms) if args.gcs else LocalArchive(root)
+        archive.sync()
+
+        def timed(name: str, out: Path, *options: str) -> tuple[float, dict]:
+            archive.requests(reset=True)
+            result = run_cli(archive.uri, out, *options, env=archive.env)
+            requests[name] = archive.requests()
+            return result
+
+        night1_seconds, night1 = timed("night1", work / "night1")
+        add_instances(root, new)
+        archive.sync()
+        night2_seconds, night2 = timed("night2", work / "night2", "--since", str(work / "night1"))
+        full_seconds, full = timed("full", work / "full")
         started = time.monotonic()
-        listed = sum(1 for _ in files.list_files(files.resolve_pattern(str(archive))))
+        if args.gcs:
+            from gcs_emulator import patched_environ
+
+            with patched_environ({"STORAGE_EMULATOR_HOST": archive.proxy_url}):
+                listed = sum(1 for _ in files.list_files(files.resolve_pattern(archive.uri)))
+        else:
+            listed = sum(1 for _ in files.list_files(files.resolve_pattern(archive.uri)))
         listing_seconds = time.monotonic() - started
         same = snapshot(work / "night2") == snapshot(work / "full")
         delta_lines = sum(len(p.read_text().splitlines()) for p in (work / "night2" / "_delta").glob("*.ndjson"))
@@ -88,12 +167,20 @@ def main(argv=None) -> int:
     done = night2["incremental"]
     read_full = full["files_matched"]
     read_night = done.get("files_read", 0)
-    print(f"archive: {made['files']} instances in {studies} studies; the night adds {new} "
+    where = (f"gs:// ({archive.emulator_name} behind a +{args.delay_ms:.0f} ms proxy)" if args.gcs
+             else "local disk")
+    print(f"archive on {where}: {made['files']} instances in {studies} studies; the night adds {new} "
           f"({new // 2} in a new study, {new - new // 2} in an existing series)")
-    print(f"{'run':<34}{'files read':>12}{'wall s':>10}{'x full':>9}")
-    print(f"{'night 1 (full)':<34}{night1['files_matched']:>12}{night1_seconds:>10.2f}{'':>9}")
-    print(f"{'night 2, full run (baseline)':<34}{read_full:>12}{full_seconds:>10.2f}{1:>9.2f}")
-    print(f"{'night 2, --since night 1':<34}{read_night:>12}{night2_seconds:>10.2f}{night2_seconds / full_seconds:>9.2f}")
+    extra = f"{'requests':>10}" if args.gcs else ""
+    print(f"{'run':<34}{'files read':>12}{'wall s':>10}{'x full':>9}{extra}")
+
+    def row(label, files_read, seconds, ratio, name):
+        counted = f"{requests[name]:>10}" if args.gcs else ""
+        print(f"{label:<34}{files_read:>12}{seconds:>10.2f}{ratio:>9}{counted}")
+
+    row("night 1 (full)", night1["files_matched"], night1_seconds, "", "night1")
+    row("night 2, full run (baseline)", read_full, full_seconds, "1.00", "full")
+    row("night 2, --since night 1", read_night, night2_seconds, f"{night2_seconds / full_seconds:.2f}", "night2")
     print(f"files read: {read_night} of {read_full} = {100 * read_night / read_full:.2f}% (target <= 2%); "
           f"reused {done.get('files_reused', 0)}, studies rebuilt {done.get('studies_rebuilt', 0)}, "
           f"reused {done.get('studies_reused', 0)}; delta lines {delta_lines}")
