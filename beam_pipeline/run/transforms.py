@@ -69,7 +69,23 @@ PARTS = "parts"
 
 
 @beam.typehints.with_output_types(typing.List[typing.Any])
-class ListFilesDoFn(beam.DoFn):
+class ProgressDoFn(beam.DoFn):
+    """A DoFn that feeds the progress line: its beacon made once per instance in ``setup``, what
+    it holds sent at the end of every bundle. Subclasses call ``super().__init__(progress)`` and
+    ``super().setup()``."""
+
+    def __init__(self, progress: ProgressSettings | None = None):
+        super().__init__()
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+
+class ListFilesDoFn(ProgressDoFn):
     """The input pattern (``top``), or one of its parts -> batches of (path, size, version), one per
     file; the count as data; with ``top``, the parts to list next (to the ``parts`` output).
 
@@ -84,13 +100,10 @@ class ListFilesDoFn(beam.DoFn):
         self.exclude = exclude
         self.retry_deadline = retry_deadline
         self.batch_size = batch_size
-        self.progress_settings = progress
+        super().__init__(progress)
         self.top = top
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
         self.parts = Metrics.counter(NAMESPACE, "listing_parts_done")
-
-    def setup(self):
-        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, element):
         if self.top:
@@ -180,7 +193,7 @@ class SharedReading:
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
-class ReadHeaderDoFn(beam.DoFn):
+class ReadHeaderDoFn(ProgressDoFn):
     """Reads the headers of a batch of files and pre-aggregates its instances per study.
 
     Emits one (group key, serialized partial) per study found in the batch instead of one element
@@ -195,7 +208,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.retry_deadline = retry_deadline
         self.group_by = group_by
         self.root = root
-        self.progress_settings = progress
+        super().__init__(progress)
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
@@ -209,7 +222,7 @@ class ReadHeaderDoFn(beam.DoFn):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline, self.reading.limit),
                                       self.max_header_bytes)
         self.pool = self.reading.pool
-        self.progress = ProgressBeacon(self.progress_settings)
+        super().setup()
         self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
 
@@ -234,9 +247,6 @@ class ReadHeaderDoFn(beam.DoFn):
         for key in sorted(partials):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
-
-    def finish_bundle(self):
-        self.progress.flush()
 
     def teardown(self):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
@@ -301,7 +311,7 @@ class ReadState(beam.PTransform):
                 | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
 
 
-class ChooseSourcesDoFn(beam.DoFn):
+class ChooseSourcesDoFn(ProgressDoFn):
     """(bucket, listed batches now, previous entries) -> batches of listed items to read (main
     output), or of previous entries to reuse (``reused``): a file is read again when it is new,
     its stamp differs or is unknown, or it failed for a transient reason; a file no longer listed
@@ -311,13 +321,7 @@ class ChooseSourcesDoFn(beam.DoFn):
 
     def __init__(self, batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
         self.batch_size = batch_size
-        self.progress_settings = progress
-
-    def setup(self):
-        self.progress = ProgressBeacon(self.progress_settings)
-
-    def finish_bundle(self):
-        self.progress.flush()
+        super().__init__(progress)
 
     def process(self, item):
         _, joined = item
@@ -413,7 +417,7 @@ class ReadChangedHeaders(beam.PTransform):
 STUDIES_PER_BATCH = 16  # studies fetched per element after the reshuffle (concurrently, bounded)
 
 
-class ListStudiesDoFn(beam.DoFn):
+class ListStudiesDoFn(ProgressDoFn):
     """The source -> (StudyInstanceUID, stamp) of every matching study (QIDO-RS, paged); their
     count as data.
 
@@ -422,12 +426,12 @@ class ListStudiesDoFn(beam.DoFn):
 
     def __init__(self, source, progress: ProgressSettings | None = None):
         self.source = source
-        self.progress_settings = progress
+        super().__init__(progress)
         self.listed = Metrics.counter(NAMESPACE, "studies_listed")
 
     def setup(self):
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
-        self.progress = ProgressBeacon(self.progress_settings)
+        super().setup()
 
     def process(self, _):
         from beam_pipeline.sources import dicomweb
@@ -445,13 +449,13 @@ class ListStudiesDoFn(beam.DoFn):
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
-class FetchStudiesDoFn(beam.DoFn):
+class FetchStudiesDoFn(ProgressDoFn):
     """Fetches the metadata of a batch of studies (at most ``max_in_flight`` requests at once per
     DoFn instance) and emits each study's instances as partial groups, as ``ReadHeaderDoFn`` does."""
 
     def __init__(self, source, progress: ProgressSettings | None = None):
         self.source = source
-        self.progress_settings = progress
+        super().__init__(progress)
         self.fetched = Metrics.counter(NAMESPACE, "studies_fetched")
         self.failed = Metrics.counter(NAMESPACE, "studies_failed")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
@@ -467,7 +471,7 @@ class FetchStudiesDoFn(beam.DoFn):
         self.clients = threading.local()  # a requests.Session per thread
         self.budget = RetryBudget(self.source.connection.retry.budget)  # retry sleeps of all its threads
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
-        self.progress = ProgressBeacon(self.progress_settings)
+        super().setup()
         core.quiet_pydicom()
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
@@ -507,9 +511,6 @@ class FetchStudiesDoFn(beam.DoFn):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
-    def finish_bundle(self):
-        self.progress.flush()
-
 
 def listed_once(stamps) -> str | None:
     """The stamp of a study listed more than once (the archive changed while paging): unknown
@@ -518,19 +519,13 @@ def listed_once(stamps) -> str | None:
     return distinct.pop() if len(distinct) == 1 else None
 
 
-class ChooseStudiesDoFn(beam.DoFn):
+class ChooseStudiesDoFn(ProgressDoFn):
     """(uid, {"now": [stamp], "before": [previous source entry]}) -> (uid, stamp) to fetch (main),
     or the entry to reuse (``reused``): a study is fetched again when it is new, its stamp
     differs or is unknown, or it failed for a transient reason; a study no longer listed is gone."""
 
     def __init__(self, progress: ProgressSettings | None = None):
-        self.progress_settings = progress
-
-    def setup(self):
-        self.progress = ProgressBeacon(self.progress_settings)
-
-    def finish_bundle(self):
-        self.progress.flush()
+        super().__init__(progress)
 
     def process(self, item):
         uid, joined = item
@@ -681,7 +676,7 @@ class GroupStudies(beam.PTransform):
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
-class BuildStudyDoFn(beam.DoFn):
+class BuildStudyDoFn(ProgressDoFn):
     """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}) -> (resource type, NDJSON
     line); shared resources (Device, Patient, Encounter), rejections and the study's state line to
     their own outputs. A study whose records are those of the previous run is not rebuilt: its
@@ -693,7 +688,7 @@ class BuildStudyDoFn(beam.DoFn):
                  incremental: bool = False, reuse_studies: bool = True):
         self.config = config
         self.validate = validate
-        self.progress_settings = progress
+        super().__init__(progress)
         self.incremental = incremental
         self.reuse_studies = reuse_studies
         self.written = Metrics.counter(NAMESPACE, "studies_written")
@@ -706,7 +701,7 @@ class BuildStudyDoFn(beam.DoFn):
 
         self.terms = Terminologies.load()
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
-        self.progress = ProgressBeacon(self.progress_settings)
+        super().setup()
 
     def process(self, item):
         uid, joined = item
@@ -743,9 +738,6 @@ class BuildStudyDoFn(beam.DoFn):
                 yield resource_type, resource_line
         for shared in outcome.shared:
             yield beam.pvalue.TaggedOutput(self.SHARED, shared)
-
-    def finish_bundle(self):
-        self.progress.flush()
 
 
 def shared_delta(item):
