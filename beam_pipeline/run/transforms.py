@@ -69,23 +69,7 @@ PARTS = "parts"
 
 
 @beam.typehints.with_output_types(typing.List[typing.Any])
-class ProgressDoFn(beam.DoFn):
-    """A DoFn that feeds the progress line: its beacon made once per instance in ``setup``, what
-    it holds sent at the end of every bundle. Subclasses call ``super().__init__(progress)`` and
-    ``super().setup()``."""
-
-    def __init__(self, progress: ProgressSettings | None = None):
-        super().__init__()
-        self.progress_settings = progress
-
-    def setup(self):
-        self.progress = ProgressBeacon(self.progress_settings)
-
-    def finish_bundle(self):
-        self.progress.flush()
-
-
-class ListFilesDoFn(ProgressDoFn):
+class ListFilesDoFn(beam.DoFn):
     """The input pattern (``top``), or one of its parts -> batches of (path, size, version), one per
     file; the count as data; with ``top``, the parts to list next (to the ``parts`` output).
 
@@ -100,10 +84,13 @@ class ListFilesDoFn(ProgressDoFn):
         self.exclude = exclude
         self.retry_deadline = retry_deadline
         self.batch_size = batch_size
-        super().__init__(progress)
+        self.progress_settings = progress
         self.top = top
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
         self.parts = Metrics.counter(NAMESPACE, "listing_parts_done")
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, element):
         if self.top:
@@ -193,7 +180,7 @@ class SharedReading:
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
-class ReadHeaderDoFn(ProgressDoFn):
+class ReadHeaderDoFn(beam.DoFn):
     """Reads the headers of a batch of files and pre-aggregates its instances per study.
 
     Emits one (group key, serialized partial) per study found in the batch instead of one element
@@ -208,7 +195,7 @@ class ReadHeaderDoFn(ProgressDoFn):
         self.retry_deadline = retry_deadline
         self.group_by = group_by
         self.root = root
-        super().__init__(progress)
+        self.progress_settings = progress
         self.read_concurrency = read_concurrency
         self.files = Metrics.counter(NAMESPACE, "files_read")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
@@ -222,7 +209,7 @@ class ReadHeaderDoFn(ProgressDoFn):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline, self.reading.limit),
                                       self.max_header_bytes)
         self.pool = self.reading.pool
-        super().setup()
+        self.progress = ProgressBeacon(self.progress_settings)
         self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
 
@@ -247,6 +234,9 @@ class ReadHeaderDoFn(ProgressDoFn):
         for key in sorted(partials):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
     def teardown(self):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
@@ -311,7 +301,7 @@ class ReadState(beam.PTransform):
                 | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
 
 
-class ChooseSourcesDoFn(ProgressDoFn):
+class ChooseSourcesDoFn(beam.DoFn):
     """(bucket, listed batches now, previous entries) -> batches of listed items to read (main
     output), or of previous entries to reuse (``reused``): a file is read again when it is new,
     its stamp differs or is unknown, or it failed for a transient reason; a file no longer listed
@@ -321,7 +311,13 @@ class ChooseSourcesDoFn(ProgressDoFn):
 
     def __init__(self, batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
         self.batch_size = batch_size
-        super().__init__(progress)
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
     def process(self, item):
         _, joined = item
@@ -417,7 +413,7 @@ class ReadChangedHeaders(beam.PTransform):
 STUDIES_PER_BATCH = 16  # studies fetched per element after the reshuffle (concurrently, bounded)
 
 
-class ListStudiesDoFn(ProgressDoFn):
+class ListStudiesDoFn(beam.DoFn):
     """The source -> (StudyInstanceUID, stamp) of every matching study (QIDO-RS, paged); their
     count as data.
 
@@ -426,12 +422,12 @@ class ListStudiesDoFn(ProgressDoFn):
 
     def __init__(self, source, progress: ProgressSettings | None = None):
         self.source = source
-        super().__init__(progress)
+        self.progress_settings = progress
         self.listed = Metrics.counter(NAMESPACE, "studies_listed")
 
     def setup(self):
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
-        super().setup()
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, _):
         from beam_pipeline.sources import dicomweb
@@ -449,13 +445,13 @@ class ListStudiesDoFn(ProgressDoFn):
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
-class FetchStudiesDoFn(ProgressDoFn):
+class FetchStudiesDoFn(beam.DoFn):
     """Fetches the metadata of a batch of studies (at most ``max_in_flight`` requests at once per
     DoFn instance) and emits each study's instances as partial groups, as ``ReadHeaderDoFn`` does."""
 
     def __init__(self, source, progress: ProgressSettings | None = None):
         self.source = source
-        super().__init__(progress)
+        self.progress_settings = progress
         self.fetched = Metrics.counter(NAMESPACE, "studies_fetched")
         self.failed = Metrics.counter(NAMESPACE, "studies_failed")
         self.instances = Metrics.counter(NAMESPACE, "instances_read")
@@ -471,7 +467,7 @@ class FetchStudiesDoFn(ProgressDoFn):
         self.clients = threading.local()  # a requests.Session per thread
         self.budget = RetryBudget(self.source.connection.retry.budget)  # retry sleeps of all its threads
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.source.connection.max_in_flight))
-        super().setup()
+        self.progress = ProgressBeacon(self.progress_settings)
         core.quiet_pydicom()
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
@@ -511,6 +507,9 @@ class FetchStudiesDoFn(ProgressDoFn):
             yield key, study.dump_groups(partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
+    def finish_bundle(self):
+        self.progress.flush()
+
 
 def listed_once(stamps) -> str | None:
     """The stamp of a study listed more than once (the archive changed while paging): unknown
@@ -519,13 +518,19 @@ def listed_once(stamps) -> str | None:
     return distinct.pop() if len(distinct) == 1 else None
 
 
-class ChooseStudiesDoFn(ProgressDoFn):
+class ChooseStudiesDoFn(beam.DoFn):
     """(uid, {"now": [stamp], "before": [previous source entry]}) -> (uid, stamp) to fetch (main),
     or the entry to reuse (``reused``): a study is fetched again when it is new, its stamp
     differs or is unknown, or it failed for a transient reason; a study no longer listed is gone."""
 
     def __init__(self, progress: ProgressSettings | None = None):
-        super().__init__(progress)
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
     def process(self, item):
         uid, joined = item
@@ -676,7 +681,7 @@ class GroupStudies(beam.PTransform):
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
-class BuildStudyDoFn(ProgressDoFn):
+class BuildStudyDoFn(beam.DoFn):
     """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}) -> (resource type, NDJSON
     line); shared resources (Device, Patient, Encounter), rejections and the study's state line to
     their own outputs. A study whose records are those of the previous run is not rebuilt: its
@@ -688,7 +693,7 @@ class BuildStudyDoFn(ProgressDoFn):
                  incremental: bool = False, reuse_studies: bool = True):
         self.config = config
         self.validate = validate
-        super().__init__(progress)
+        self.progress_settings = progress
         self.incremental = incremental
         self.reuse_studies = reuse_studies
         self.written = Metrics.counter(NAMESPACE, "studies_written")
@@ -701,7 +706,7 @@ class BuildStudyDoFn(ProgressDoFn):
 
         self.terms = Terminologies.load()
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
-        super().setup()
+        self.progress = ProgressBeacon(self.progress_settings)
 
     def process(self, item):
         uid, joined = item
@@ -738,6 +743,9 @@ class BuildStudyDoFn(ProgressDoFn):
                 yield resource_type, resource_line
         for shared in outcome.shared:
             yield beam.pvalue.TaggedOutput(self.SHARED, shared)
+
+    def finish_bundle(self):
+        self.progress.flush()
 
 
 def shared_delta(item):
