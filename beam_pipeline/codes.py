@@ -1,6 +1,6 @@
 """Every code a user reads in the output, and the FHIR/DICOM constants, in one place.
 
-Reason codes go into the errors output and ``summary.json["errors_by_reason"]``; the README's
+Reason codes go into the errors output and ``summary.json["errors_by_reason"]``; docs/output.md's
 table mirrors :class:`Reason`. Outcomes partition the input files: each file gets exactly one.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Every install is idempotent and lands in the engine cache (``$DICOM_FHIR_ENGINES
 ``~/.cache/dicom-fhir-engines``); jars come through Maven (``~/.m2``), Prism through the Go module
 cache. The tests (tests/test_runners.py, tests/test_engines.py) use these same functions.
 
-Versions are pinned here and named in the README: Prism and the job servers match the installed
+Versions are pinned here and named in docs/engines.md: Prism and the job servers match the installed
 apache-beam, so SDK and engine speak the same protocol version. Flink and Spark are never installed
 into the project's venv: their PyPI packages pin an old apache-beam.
 """

@@ -11,10 +11,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     || { echo "python3 cannot create a virtualenv (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-if ! "$VENV/bin/python" -c "import beam_pipeline, terminologies, apache_beam, pydicom, fhir.resources, dicomweb_client, pytest, importlinter" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import beam_pipeline, terminologies, apache_beam, pydicom, fhir.resources, dicomweb_client, pytest, importlinter, mkdocs" 2>/dev/null \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.installed" ] || [ "$ROOT/setup.py" -nt "$VENV/.installed" ] \
    || [ "$ROOT/beam_pipeline/dicom/_walk.c" -nt "$VENV/.installed" ]; then  # (re)builds the compiled loop
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,docs]"
   touch "$VENV/.installed"
 fi
 PY="$VENV/bin/python"

@@ -27,7 +27,7 @@ from terminologies import Terminologies
 
 PROFILE = os.path.join(os.path.dirname(__file__), "mii_profiles",
                        "StructureDefinition-mii-pr-bildgebung-bildgebungsstudie.json")
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+README = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "mapping.md")
 WADO = "https://pacs.example.org/dicom-web"
 ACCESSION_SYSTEM = "https://ris.example.org/fhir/sid/accession"
 EMPTY_ISSUER_SYSTEM = "https://hosp-c.example/fhir/sid/patient-id"
@@ -236,7 +236,7 @@ def test_every_must_support_element_of_the_profile_is_written_or_documented(full
     study = by_uid(full_run[0])[uids[0]]  # the study with an AdmissionID (encounter) and issuers
     ImagingStudy.model_validate(study)
     missing = {name for name in must if name not in study}
-    assert missing == {"procedureReference", "reasonReference"}  # left to other pipelines, see README
+    assert missing == {"procedureReference", "reasonReference"}  # left to other pipelines, see docs/mapping.md
     assert set(study["meta"]) == {"source", "profile"}
     with open(README, encoding="utf-8") as handle:
         readme = handle.read()

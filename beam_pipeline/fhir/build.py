@@ -1,6 +1,6 @@
 """DICOM study → FHIR R4 ImagingStudy, Device (and Observation) dicts: pure functions, no Beam.
 
-Identifier and reference rules follow the converter we grow from (see README): ids are sha256 hex
+Identifier and reference rules follow the converter we grow from (see docs/mapping.md): ids are sha256 hex
 digests of ``"<system>|<value>"``, so the same study always gets the same ids.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The output folder: where each kind of line goes, its checks and clean-up before and after a run.
 
-Layout (the README's "Output"): resource files ``<Type>-SSSSS-of-NNNNN.ndjson`` and ``manifest.json``
+Layout (docs/output.md): resource files ``<Type>-SSSSS-of-NNNNN.ndjson`` and ``manifest.json``
 at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/``; the report
 (``summary.json``, errors as plain JSON lines and as OperationOutcome NDJSON) in ``_report/``.
 """
