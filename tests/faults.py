@@ -20,6 +20,7 @@ class Faults:
         self.only = only  # faults only for requests whose target holds this (e.g. "/metadata")
         self.first = None
         self.injected = 0
+        self.denied = 0  # 403s answered
 
     def __call__(self, method, target):
         if self.only is not None and self.only not in target:
@@ -28,6 +29,7 @@ class Faults:
             now = time.monotonic()
             self.first = self.first or now
             if any(name in target for name in self.forbidden):
+                self.denied += 1
                 return 403
             if self.outage:
                 start, length, period = self.outage

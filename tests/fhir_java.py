@@ -134,6 +134,7 @@ class HapiServer:
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process = None
+        self.loaded: str | None = None  # what a test module loaded since the last expunge (its own label)
 
     def start(self) -> "HapiServer":
         command = ["java", JAVA_HEAP, "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
@@ -188,6 +189,7 @@ class HapiServer:
 
     def expunge_everything(self) -> None:
         """Removes every resource and its history (system ``$expunge``), so each way of loading starts empty."""
+        self.loaded = None
         status, _, body = request("POST", self.base + "/$expunge", {"resourceType": "Parameters", "parameter": [
             {"name": "expungeEverything", "valueBoolean": True}]})
         assert status == 200, body

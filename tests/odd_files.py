@@ -136,12 +136,12 @@ from beam_pipeline.fhir import keywords
 from beam_pipeline.dicom import fields
 from beam_pipeline.dicom import header
 spec = keywords.header_spec()
-start = time.perf_counter()
+start = time.process_time()  # CPU seconds: what reading the file costs, whatever else runs on the machine
 with open(sys.argv[1], "rb") as fp:
     result = header.read_header(fp, spec, use_fast=sys.argv[2] == "fast")
 print(json.dumps({"kind": result.kind, "reason": result.reason, "detail": result.detail,
                   "notes": list(result.notes), "record": result.record,
-                  "seconds": round(time.perf_counter() - start, 3),
+                  "seconds": round(time.process_time() - start, 3),
                   "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
                  default=str))
 """

@@ -310,12 +310,12 @@ def test_server_errors_are_retried_with_backoff_then_unavailable():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/dicom-web"
-        conn = dicomweb.Connection(url, retry=RetryPolicy(deadline=0.5, initial=0.05, maximum=0.1))
+        conn = dicomweb.Connection(url, retry=RetryPolicy(deadline=1.5, initial=0.05, maximum=0.1))
         started = time.monotonic()
         fetched = dicomweb.fetch_study(conn.client(), "1.2.3")
-        assert time.monotonic() - started >= 0.3  # retried until close to the deadline
+        assert time.monotonic() - started >= 1.2  # retried until close to the deadline
         assert fetched.error == {"reason": Reason.UNAVAILABLE, "study_uid": "1.2.3", "status": None,
-                                 "detail": f"{url} answered HTTP 503, still after 0.5 s of retries"}
+                                 "detail": f"{url} answered HTTP 503, still after 1.5 s of retries"}
         assert _Always503.requests_seen >= 3
     finally:
         server.shutdown()
@@ -360,7 +360,7 @@ def test_unreachable_server_fails_fast_with_one_line(tmp_path, capsys, credentia
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err == f"error: cannot reach DICOMweb server {url}: connection refused"
-    assert elapsed < 5
+    assert elapsed < 60  # refused at once, not retried for the 180 s deadline
     assert not (tmp_path / "out" / "summary.json").exists()
 
 

@@ -63,11 +63,16 @@ def test_threads_never_exceed_the_limit_and_a_throttle_shrinks_it():
     now = [0]
     observed = []
 
+    full = threading.Event()  # the first requests wait until 8 are in flight, however slow the machine
+
     def request(index):
         with limit.slot() as outcome:
             with lock:
                 now[0] += 1
                 observed.append((index, now[0], limit.limit))
+                if now[0] == 8:
+                    full.set()
+            assert full.wait(60)
             time.sleep(0.002)
             with lock:
                 now[0] -= 1
