@@ -62,3 +62,44 @@ def gcs_client(gcs_emulator):
     from gcs_emulator import anonymous_client
 
     return anonymous_client()
+
+
+# --- The closing line: what was skipped, and what to install for it -------------------------------
+
+_JAR_VARIABLE = {"flink": "BEAM_FLINK_JOB_SERVER_JAR", "spark": "BEAM_SPARK_JOB_SERVER_JAR"}
+
+
+def skipped_component(reason: str) -> str:
+    """The component a skip reason names, with what brings it here (for the suite's last line)."""
+    import re
+
+    if "Orthanc" in reason:
+        return "Orthanc (as root: apt-get install orthanc orthanc-dicomweb)"
+    built = re.search(r"(validator|fhir-server)/ is not built", reason)
+    if built:
+        return (f"{built.group(1)}/ (needs java and mvn: apt-get install maven openjdk-17-jdk-headless; "
+                "./run_tests.sh then builds it)")
+    jar = re.search(r"does not serve (org\.apache\.beam:beam-runners-(\w+)[^ ]*)", reason)
+    if jar:
+        return (f"{jar.group(2).capitalize()} job server jar {jar.group(1)} (not served by the Maven registry: "
+                f"bring it, {_JAR_VARIABLE.get(jar.group(2), 'BEAM_..._JOB_SERVER_JAR')}=/path/to.jar)")
+    if "Go" in reason and ("no Go" in reason or "needs Go" in reason):
+        return "Prism (needs Go: apt-get install golang-go)"
+    reason = reason.removeprefix("Skipped: ")
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One closing line listing every skipped component (counted in tests) and how to get it."""
+    from collections import Counter
+
+    counts = Counter()
+    for report in terminalreporter.stats.get("skipped", ()):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        counts[skipped_component(reason)] += 1
+    if not counts:
+        terminalreporter.write_line("skipped: nothing (every component the tests use is here)")
+        return
+    parts = [f"{count} x {component}" for component, count in sorted(counts.items(), key=lambda item: -item[1])]
+    terminalreporter.write_line(f"skipped {sum(counts.values())} tests: " + "; ".join(parts))
