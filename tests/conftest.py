@@ -66,6 +66,7 @@ def gcs_client(gcs_emulator):
 
 # --- The closing line: what was skipped, and what to install for it -------------------------------
 
+_CLOSING_LINE = pytest.StashKey[str]()
 _JAR_VARIABLE = {"flink": "BEAM_FLINK_JOB_SERVER_JAR", "spark": "BEAM_SPARK_JOB_SERVER_JAR"}
 
 
@@ -89,8 +90,9 @@ def skipped_component(reason: str) -> str:
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def pytest_terminal_summary(terminalreporter):
-    """One closing line listing every skipped component (counted in tests) and how to get it."""
+def pytest_terminal_summary(terminalreporter, config):
+    """One closing line listing every skipped component (counted in tests) and how to get it; written
+    at the very end (pytest_unconfigure), after pytest's own summary."""
     from collections import Counter
 
     counts = Counter()
@@ -99,7 +101,14 @@ def pytest_terminal_summary(terminalreporter):
         reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
         counts[skipped_component(reason)] += 1
     if not counts:
-        terminalreporter.write_line("skipped: nothing (every component the tests use is here)")
+        config.stash[_CLOSING_LINE] = "skipped: nothing (every component the tests use is here)"
         return
     parts = [f"{count} x {component}" for component, count in sorted(counts.items(), key=lambda item: -item[1])]
-    terminalreporter.write_line(f"skipped {sum(counts.values())} tests: " + "; ".join(parts))
+    config.stash[_CLOSING_LINE] = f"skipped {sum(counts.values())} tests: " + "; ".join(parts)
+
+
+def pytest_unconfigure(config):
+    line = config.stash.get(_CLOSING_LINE, None)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None:
+        reporter.write_line(line)
