@@ -10,6 +10,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREPARE_LOG="${VENV:-$ROOT/.venv}/prepare-tests.log"
 : > "$PREPARE_LOG"
 
+install_engine() {
+  "$PY" "$ROOT/scripts/engines.py" install "$1" >"$PREPARE_LOG.$1" 2>&1 \
+    || echo "($1: not installed here, the tests that need it are skipped: $(tail -n 1 "$PREPARE_LOG.$1" | cut -c1-160))"
+}
+# Prism (Go; minutes from an empty Go cache) installs while Maven builds; Flink and Spark fetch
+# their jars with Maven, so they come after the builds (one Maven at a time on ~/.m2)
+install_engine prism & prism_pid=$!
+
 if command -v java >/dev/null && command -v mvn >/dev/null; then
   for project in validator fhir-server; do
     stamp="$ROOT/$project/target/.built"
@@ -26,7 +34,6 @@ if command -v java >/dev/null && command -v mvn >/dev/null; then
   done
 fi
 
-for engine in prism flink spark; do
-  "$PY" "$ROOT/scripts/engines.py" install "$engine" >>"$PREPARE_LOG" 2>&1 \
-    || echo "($engine: not installed here, the tests that need it are skipped: $(tail -n 1 "$PREPARE_LOG" | cut -c1-160))"
-done
+install_engine flink
+install_engine spark
+wait "$prism_pid" || true
