@@ -96,6 +96,13 @@ def java_env() -> dict:
     return env
 
 
+def require_java() -> None:
+    """Flink and Spark run on Java 17: ``EngineUnavailable`` (one line naming the package) without it."""
+    if shutil.which("java", path=java_env()["PATH"]) is None:
+        raise EngineUnavailable("Flink and Spark need Java 17: `java` is not on PATH "
+                                "(apt-get install openjdk-17-jdk-headless)")
+
+
 # --- installs ----------------------------------------------------------------------------------
 
 def install_prism() -> Path:
@@ -303,6 +310,7 @@ class FlinkCluster:
         wait_until(ready, f"Flink with {count} TaskManagers", [self.jobmanager], timeout)
 
     def __enter__(self):
+        require_java()
         self.jobmanager = self._daemon("jobmanager.sh", "jobmanager.out")
         for _ in range(self._wanted):
             self.add_taskmanager()
@@ -329,6 +337,7 @@ class SparkCluster:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self):
+        require_java()
         spark_class = str(self.spark_home / "bin" / "spark-class")
         self.processes.append(start([spark_class, "org.apache.spark.deploy.master.Master", "--host", LOOPBACK,
                                      "--port", str(self.port), "--webui-port", str(self.ui_port)],

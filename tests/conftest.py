@@ -84,6 +84,8 @@ def skipped_component(reason: str) -> str:
     if jar:
         return (f"{jar.group(2).capitalize()} job server jar {jar.group(1)} (not served by the Maven registry: "
                 f"bring it, {_JAR_VARIABLE.get(jar.group(2), 'BEAM_..._JOB_SERVER_JAR')}=/path/to.jar)")
+    if "need Java 17" in reason:
+        return "Java 17 for Flink and Spark (apt-get install openjdk-17-jdk-headless)"
     if "Go" in reason and ("no Go" in reason or "needs Go" in reason):
         return "Prism (needs Go: apt-get install golang-go)"
     reason = reason.removeprefix("Skipped: ")

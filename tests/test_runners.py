@@ -203,6 +203,7 @@ def test_killed_sdk_workers_fail_the_prism_run_with_one_line_and_no_summary(big_
 
 @pytest.fixture(scope="module")
 def flink_home():
+    engine_or_skip(engines.require_java)
     jar = engine_or_skip(lambda: engines.install_job_server("flink"))
     return engines.install_flink(), jar
 
@@ -263,6 +264,7 @@ def test_a_killed_taskmanager_without_restarts_fails_with_one_line_and_no_summar
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["study", "directory"])
 def test_a_spark_cluster_writes_the_same_lines_and_summary(archives, baselines, tmp_path, mode):
+    engine_or_skip(engines.require_java)
     engine_or_skip(lambda: engines.install_job_server("spark"))
     with engines.SparkCluster(engines.install_spark(), tmp_path / "spark") as cluster, \
             engines.worker_pool(tmp_path / "pool") as (address, _):
