@@ -5,7 +5,9 @@
 # prints what moved, installs it into .venv and runs ./run_tests.sh. The new lock is kept only if the
 # suite passes; otherwise the old one is put back. Commit locks/ (and docs/testing.md's versions) then.
 #
-#   scripts/refresh_lock.sh                                  everything to the newest allowed version
+#   scripts/refresh_lock.sh                                  keep every pin that still fits pyproject.toml
+#                                                            (after a dependency was added or its range changed)
+#   scripts/refresh_lock.sh --upgrade                        everything to the newest allowed version
 #   scripts/refresh_lock.sh --upgrade-package apache-beam    only that package (and what it needs)
 #   scripts/refresh_lock.sh --upgrade-package apache-beam==2.78.0 -- -x tests/test_runners.py
 #       (arguments after -- go to ./run_tests.sh, i.e. to pytest)
@@ -16,11 +18,11 @@ moves=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --upgrade-package) moves+=(--upgrade-package "$2"); shift 2 ;;
+    --upgrade) moves+=(--upgrade); shift ;;
     --) shift; break ;;
-    *) echo "usage: $0 [--upgrade-package NAME[==VERSION]]... [-- pytest arguments]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--upgrade | --upgrade-package NAME[==VERSION]...] [-- pytest arguments]" >&2; exit 2 ;;
   esac
 done
-[ ${#moves[@]} -gt 0 ] || moves=(--upgrade)
 
 TOOLS="$ROOT/.venv-lock"  # uv, from PyPI's wheel, kept out of the project's venv
 if [ ! -x "$TOOLS/bin/uv" ]; then
@@ -33,7 +35,7 @@ compile() {  # the same flags every time: Python 3.11 and newer, any platform, p
 
 previous="$(mktemp -d)"
 cp locks/all.txt locks/workers.txt "$previous/"
-compile --extra test --extra bench --extra docs --extra dask --generate-hashes -o locks/all.txt "${moves[@]}"
+compile --extra test --extra bench --extra docs --extra dask --generate-hashes -o locks/all.txt ${moves[@]+"${moves[@]}"}
 compile --extra dask --no-annotate -c locks/all.txt -o locks/workers.txt
 
 python3 - "$previous/all.txt" locks/all.txt <<'PY'
