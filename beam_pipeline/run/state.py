@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.dicom import records as record_types
 from beam_pipeline.run import core
-from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME
+from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME, SUMMARY_NAME
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
@@ -236,11 +236,6 @@ def shard_sizes(output_dir: str, files) -> dict:
     return sizes
 
 
-def write_header(output_dir: str, document: dict) -> None:
-    with FileSystems.create(FileSystems.join(output_dir, STATE_HEADER_NAME), mime_type="application/json") as out:
-        out.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
-
-
 @dataclass(frozen=True)
 class Previous:
     """A previous run's usable state: its shards, and whether its studies can be reused."""
@@ -263,6 +258,9 @@ def check_previous(folder: str, settings: Settings, config) -> Previous:
     if not FileSystems.exists(path):
         raise StateError(f"--since {folder}: no state ({STATE_HEADER_NAME} is missing: not an output folder of "
                          f"this converter, or its run did not finish): {redo}")
+    if not FileSystems.exists(FileSystems.join(folder, SUMMARY_NAME)):
+        raise StateError(f"--since {folder}: its run did not finish ({SUMMARY_NAME} is missing): start from the "
+                         f"last complete output, or {redo}")
     try:
         with FileSystems.open(path) as handle:
             document = json.loads(handle.read())

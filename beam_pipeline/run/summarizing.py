@@ -10,12 +10,16 @@ from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import layout, output, state
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.run.steps import SumCounts
-from beam_pipeline.run.summary import summarize, write_summary
+from beam_pipeline.run.summary import summarize
 
 
 class WriteSummaryDoFn(beam.DoFn):
     """Moves the written files into place, then writes the state's header, manifest.json and
-    summary.json, once every shard is written (their side inputs are complete only then)."""
+    summary.json last, once every shard is written (their side inputs are complete only then).
+
+    Each document is written beside the files and renamed into place, so a run killed at any moment
+    leaves either every file and its summary.json, or no summary.json (``output.prepare`` removed
+    the previous one first)."""
 
     def __init__(self, settings: Settings, started: float, config: ConversionConfig):
         self.settings = settings
@@ -23,15 +27,18 @@ class WriteSummaryDoFn(beam.DoFn):
         self.config = config
 
     def process(self, _, counts, files):
-        output_dir = self.settings.output
-        output.publish(self.settings, files)
-        output.remove_temp_dir(self.settings)
-        state.write_header(output_dir, state.header(self.settings, self.config, state.shard_sizes(output_dir, files)))
-        output.write_json(output_dir, layout.MANIFEST_NAME, output.folder_manifest(self.settings, self.started, files))
-        if self.settings.since is not None:
-            output.write_json(output_dir, layout.DELTA_MANIFEST_NAME, output.delta_manifest(self.settings, self.started, files))
+        settings = self.settings
+        output.publish(settings, files)
+        header = state.header(settings, self.config, state.shard_sizes(settings.output, files))
+        output.place_document(settings, layout.STATE_HEADER_NAME, output.json_bytes(header, sort_keys=True))
+        output.place_document(settings, layout.MANIFEST_NAME,
+                              output.json_bytes(output.folder_manifest(settings, self.started, files)))
+        if settings.since is not None:
+            output.place_document(settings, layout.DELTA_MANIFEST_NAME,
+                                  output.json_bytes(output.delta_manifest(settings, self.started, files)))
         summary = summarize(counts, time.time() - self.started)
-        write_summary(output_dir, summary)
+        output.place_document(settings, layout.SUMMARY_NAME, output.json_bytes(summary))
+        output.remove_temp_dir(settings)
         yield summary
 
 
