@@ -60,7 +60,7 @@ def disk_full(exc: BaseException) -> bool:
     return False
 
 
-# Bytes per output file: a file's lines are sorted in memory before it is written.
+# Characters (and newlines) per output file.
 SHARD_BYTES = 128 * 1024 * 1024
 
 
@@ -89,22 +89,9 @@ def shard_count(total_bytes: int) -> int:
     return max(1, -(-total_bytes // SHARD_BYTES))
 
 
-def shard_of(line: str, total_shards: int) -> int:
-    """The file a line goes into: a hash of its content (stable across processes, unlike ``hash``)."""
-    return zlib.crc32(line.encode("utf-8")) % total_shards if total_shards > 1 else 0
-
-
-def write_shard(temp_dir: str, name: str, shard_index: int, total_shards: int, lines) -> tuple[str, str, int]:
-    """Writes one file into the run's temp folder, its lines sorted (the same bytes whatever order
-    the runner delivered them in; a retried bundle rewrites the same file); returns (name, path
-    relative to the output folder, line count). ``publish`` moves the files to their places."""
-    relative = shard_name(name, shard_index, total_shards)
-    ordered = sorted(lines)
-    mime = "application/fhir+ndjson" if relative.endswith(".ndjson") else "application/jsonl"
-    with FileSystems.create(FileSystems.join(temp_dir, relative.replace("/", "--")), mime_type=mime) as out:
-        for start in range(0, len(ordered), 10_000):
-            out.write("".join(line + "\n" for line in ordered[start:start + 10_000]).encode("utf-8"))
-    return name, relative, len(ordered)
+def shard_of(line: bytes, total_shards: int) -> int:
+    """The file a line (UTF-8) goes into: a hash of its content (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(line) % total_shards if total_shards > 1 else 0
 
 
 def json_bytes(document: dict, sort_keys: bool = False) -> bytes:
@@ -232,10 +219,13 @@ def publish(settings, files) -> None:
 
 
 def remove_temp_dir(settings) -> None:
-    """This run's temp folder (object stores have no folders)."""
+    """This run's temp folder (on an object store: the objects under its prefix)."""
     path = temp_dir(settings)
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(Exception):  # nothing left to delete, or a store refusing: not the run's result
+        FileSystems.delete([path.rstrip("/") + "/"])
 
 
 def remove_stale_dirs(output_dir: str, keep_under: str | None = None) -> None:
