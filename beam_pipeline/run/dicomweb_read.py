@@ -10,9 +10,9 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.fhir import keywords, study
 from beam_pipeline.run import core, layout, state
-from beam_pipeline.run.nightly import ChooseSourcesDoFn, ReuseSourcesDoFn
+from beam_pipeline.run.nightly import ReuseSourcesDoFn
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE
+from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, REUSED, STATE
 from beam_pipeline.sources.retry import RetryBudget
 
 
@@ -148,7 +148,7 @@ class ChooseStudiesDoFn(beam.DoFn):
         stamp = now[0]
         if previous is not None and previous.reusable(stamp):
             self.progress.add({"unchanged": 1})
-            yield beam.pvalue.TaggedOutput(ChooseSourcesDoFn.REUSED, previous)
+            yield beam.pvalue.TaggedOutput(REUSED, previous)
             yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_not_fetched": 1}))
             return
         yield uid, stamp
@@ -181,9 +181,9 @@ class ReadDicomWeb(beam.PTransform):
             chosen = ({"now": once, "before": self.previous_sources}
                       | "JoinState" >> beam.CoGroupByKey()
                       | "Choose" >> beam.ParDo(ChooseStudiesDoFn(self.progress)).with_outputs(
-                          ChooseSourcesDoFn.REUSED, COUNTS, main="fetch"))
+                          REUSED, COUNTS, main="fetch"))
             once = chosen.fetch
-            reused = (chosen[ChooseSourcesDoFn.REUSED]
+            reused = (chosen[REUSED]
                       | "BatchReused" >> beam.BatchElements(min_batch_size=1, max_batch_size=10 * PATHS_PER_BATCH)
                       | "Reuse" >> beam.ParDo(ReuseSourcesDoFn()).with_outputs(ERRORS, COUNTS, STATE, main="partials"))
             counts += [chosen[COUNTS], reused[COUNTS]]

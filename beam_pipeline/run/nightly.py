@@ -3,32 +3,18 @@ the others' records from the previous run's state."""
 from __future__ import annotations
 
 import typing
-import zlib
 from collections import Counter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipeline.fhir import keywords, study
-from beam_pipeline.run import layout, state
+from beam_pipeline.run import folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.run.reading import ReadHeaders, add_partial
-from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE
+from beam_pipeline.run.reading import ReadHeaders, add_partial, unit_items
+from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
 from beam_pipeline.sources import files as inputs
-
-
-# Listed files and the previous run's source lines meet in groups: a folder's files in up to
-# FOLDER_SPLIT groups (a listed batch, which is one part of the listing, so becomes a few shuffled
-# elements, not one per file, and a folder of a million objects is still split), folded into
-# JOIN_BUCKETS (so a million small folders do not make a million groups).
-FOLDER_SPLIT = 16
-JOIN_BUCKETS = 4096
-
-
-def join_bucket(key: str) -> int:
-    folder, _, name = key.rpartition("/")
-    split = zlib.crc32(name.encode("utf-8", "surrogatepass")) % FOLDER_SPLIT
-    return zlib.crc32(f"{folder}|{split}".encode("utf-8", "surrogatepass")) % JOIN_BUCKETS
 
 
 class ReadState(beam.PTransform):
@@ -51,16 +37,13 @@ class ReadState(beam.PTransform):
                 | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
 
 
-class ChooseSourcesDoFn(beam.DoFn):
-    """(bucket, listed batches now, previous entries) -> batches of listed items to read (main
-    output), or of previous entries to reuse (``reused``): a file is read again when it is new,
-    its stamp differs or is unknown, or it failed for a transient reason; a file no longer listed
-    is gone."""
+class ChooseUnitsDoFn(beam.DoFn):
+    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``]}) -> the unit whole to
+    reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
+    entries to reuse): a file is read again when it is new, its stamp differs or is unknown, or it
+    failed for a transient reason; a file no longer listed is gone."""
 
-    REUSED = "reused"
-
-    def __init__(self, batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
-        self.batch_size = batch_size
+    def __init__(self, progress: ProgressSettings | None = None):
         self.progress_settings = progress
 
     def setup(self):
@@ -70,25 +53,62 @@ class ChooseSourcesDoFn(beam.DoFn):
         self.progress.flush()
 
     def process(self, item):
-        _, joined = item
-        previous = {entry.key: entry for entry in joined["before"]}
-        to_read, reused, counts = [], [], Counter()
-        for listed_item in (listed for batch in joined["now"] for listed in batch):
-            entry = previous.pop(state.source_key(listed_item[0]), None)
-            if entry is not None and entry.reusable(inputs.stamp(*listed_item)):
+        unit, joined = item
+        listed = [listed for part in joined["now"] for listed in part]
+        before = list(joined["before"])
+        previous = before[0] if before else None
+        counts = Counter()
+        if not listed:
+            counts["incremental:files_gone"] += previous.files
+            yield beam.pvalue.TaggedOutput(COUNTS, counts)
+            return
+        stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
+        if (previous is not None and not previous.retry and previous.digest is not None
+                and folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped) == previous.digest):
+            self.progress.add({"unchanged": len(listed)})  # not to be read: the progress line's total
+            yield beam.pvalue.TaggedOutput(REUSED, previous)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
+            return
+        entries = {entry.key: entry for entry in previous.entries()} if previous is not None else {}
+        to_read, reused = [], []
+        for key, stamp, listed_item in stamped:
+            entry = entries.pop(key, None)
+            if entry is not None and entry.reusable(stamp):
                 reused.append(entry)
                 continue
             counts["incremental:files_read"] += 1
             counts["incremental:files_new" if entry is None else "incremental:files_changed_or_retried"] += 1
             to_read.append(listed_item)
         counts["incremental:files_reused"] += len(reused)
-        counts["incremental:files_gone"] += len(previous)
-        self.progress.add({"unchanged": len(reused)})  # not to be read: the progress line's total
-        for start in range(0, len(to_read), self.batch_size):
-            yield to_read[start:start + self.batch_size]
-        for start in range(0, len(reused), 10 * self.batch_size):
-            yield beam.pvalue.TaggedOutput(self.REUSED, reused[start:start + 10 * self.batch_size])
+        counts["incremental:files_gone"] += len(entries)
+        self.progress.add({"unchanged": len(reused)})
+        yield unit, to_read, reused
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+class ReuseUnitsDoFn(beam.DoFn):
+    """Unchanged units -> what reading them gave (partial groups, error lines, counts) and their
+    state lines, unchanged: the same outputs as ``ReadHeaderDoFn``, without a look at their files."""
+
+    def __init__(self):
+        self.reused = Metrics.counter(NAMESPACE, "files_reused")
+
+    def start_bundle(self):
+        self.partials: dict[str, dict] = {}
+
+    def process(self, unit):
+        partials, errors, counts, files = unit.whole()
+        yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, unit.line))
+        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+        self.reused.inc(files)
+        for key, groups in partials.items():
+            self.partials[key] = study.merge_directories([self.partials.get(key, {}), groups])
+
+    def finish_bundle(self):
+        for key in sorted(self.partials):
+            yield GlobalWindows.windowed_value((key, study.dump_groups(self.partials[key])))
+        self.partials = {}
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
@@ -122,35 +142,23 @@ class ReuseSourcesDoFn(beam.DoFn):
 
 
 class ReadChangedHeaders(beam.PTransform):
-    """Listed batches + the previous run's source entries -> the outputs of ``ReadHeaders``, reading
-    only new, changed and transiently failed files; the others' records come from the state."""
+    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders``, reusing unchanged
+    units whole and reading only new, changed and transiently failed files of the others."""
 
-    def __init__(self, previous_sources, read_headers: "ReadHeaders", group_by: str = "study", root: str = "",
-                 batch_size: int = PATHS_PER_BATCH, progress: ProgressSettings | None = None):
+    def __init__(self, previous_units, read_headers: ReadHeaders, progress: ProgressSettings | None = None):
         super().__init__()
         self.progress = progress
-        self.previous_sources = previous_sources
+        self.previous_units = previous_units
         self.read_headers = read_headers
-        self.group_by = group_by
-        self.root = root
-        self.batch_size = batch_size
 
     def expand(self, batches):
-        def by_bucket(batch):
-            buckets: dict[int, list] = {}
-            for item in batch:
-                buckets.setdefault(join_bucket(state.source_key(item[0])), []).append(item)
-            return sorted(buckets.items())
-
-        chosen = ({"now": batches | "ByBucket" >> beam.FlatMap(by_bucket), "before": self.previous_sources}
+        chosen = ({"now": batches | "ByUnit" >> beam.FlatMap(unit_items), "before": self.previous_units}
                   | "JoinState" >> beam.CoGroupByKey()
-                  | "Choose" >> beam.ParDo(ChooseSourcesDoFn(self.batch_size, self.progress)).with_outputs(
-                      ChooseSourcesDoFn.REUSED, COUNTS, main="read"))
+                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(REUSED, COUNTS, main="read"))
         to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
         partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
-        reused = (chosen[ChooseSourcesDoFn.REUSED]
-                  | "Reuse" >> beam.ParDo(ReuseSourcesDoFn(self.group_by, self.root)).with_outputs(
-                      ERRORS, COUNTS, STATE, main="partials"))
+        reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
+            ERRORS, COUNTS, STATE, main="partials")
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
                 (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),

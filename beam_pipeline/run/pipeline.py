@@ -15,6 +15,7 @@ from beam_pipeline.run import (
     building,
     core,
     dicomweb_read,
+    folder_state,
     grouping,
     listing,
     nightly,
@@ -64,12 +65,12 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             settings.use_fast_reader, settings.group_by, root, progress,
             settings.read_concurrency, settings.max_header_bytes, settings.retry_deadline)
         if previous is None:
-            partials, file_errors, read_counts, source_state = batches | "ReadHeaders" >> read_headers
+            partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
+                                                                | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> nightly.ReadState(
-                previous.sources, state.read_source_line, lambda entry: nightly.join_bucket(entry.key))
+            before = pipeline | "PreviousSources" >> nightly.ReadState(previous.sources, folder_state.read_unit_line)
             partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                before, read_headers, settings.group_by, root, progress=progress)
+                before, read_headers, progress=progress)
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))

@@ -7,14 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
 from beam_pipeline.fhir import keywords, study
-from beam_pipeline.run import core, layout, state
+from beam_pipeline.run import core, folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY
-from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, STATE
+from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.retry import AdaptiveLimit
 
@@ -62,26 +63,39 @@ class ReadHeaderDoFn(beam.DoFn):
         self.instance_keys = keywords.instance_keys()
         core.quiet_pydicom()
 
-    def process(self, batch):
-        partials: dict[str, dict] = {}
+    def process(self, jobs):
+        """``jobs``: (unit, listed items to read, ``FileEntry`` of its files not to read again)."""
         counts = Counter()
-        remote = any(isinstance(path, str) and inputs.is_remote(path) for path, *_ in batch)
-        stamps = [inputs.stamp(*item) for item in batch]  # before reading: a later change is seen
-        outcomes = core.process_files(batch, self.reader, self.pool if remote else None)
-        for (path, *_), stamp, outcome in zip(batch, stamps, outcomes):
-            counts.update(outcome.counts)
-            records = [] if outcome.error is not None or outcome.result.record is None else [outcome.result.record]
-            errors = [] if outcome.error is None else [outcome.error]
-            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, state.source_line(
-                state.source_key(path), stamp, records, errors, outcome.counts)))
-            yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
-            for record in records:
-                add_partial(partials, record, path, self.group_by, self.root, self.instance_keys)
-        self.files.inc(len(batch))
-        self.instances.inc(counts["instances_read"])
-        self.progress.add({"files_read": len(batch), "instances_read": counts["instances_read"]})
-        for key in sorted(partials):
-            yield key, study.dump_groups(partials[key])
+        items = [item for _, to_read, _ in jobs for item in to_read]
+        remote = any(isinstance(path, str) and inputs.is_remote(path) for path, *_ in items)
+        stamps = [inputs.stamp(*item) for item in items]  # before reading: a later change is seen
+        outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None)))
+        batch_partials: dict[str, dict] = {}
+        read_instances = 0
+        for unit, to_read, reused in jobs:
+            entries = list(reused)
+            for (path, *_), stamp, outcome in (next(outcomes) for _ in to_read):
+                record = None if outcome.error is not None else outcome.result.record
+                read_instances += outcome.counts["instances_read"]
+                entries.append(folder_state.FileEntry(state.source_key(path), stamp, record,
+                                                      () if outcome.error is None else (outcome.error,),
+                                                      {k: v for k, v in sorted(outcome.counts.items()) if v}))
+            entries.sort(key=lambda entry: entry.key)
+            partials: dict[str, dict] = {}
+            for entry in entries:
+                counts.update(entry.counts)
+                yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in entry.errors)
+                if entry.record is not None:
+                    add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
+                                self.instance_keys)
+            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, folder_state.unit_line(unit, entries, partials)))
+            for key, groups in partials.items():
+                batch_partials[key] = study.merge_directories([batch_partials.get(key, {}), groups])
+        self.files.inc(len(items))
+        self.instances.inc(read_instances)
+        self.progress.add({"files_read": len(items), "instances_read": read_instances})
+        for key in sorted(batch_partials):
+            yield key, study.dump_groups(batch_partials[key])
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
     def finish_bundle(self):
@@ -97,8 +111,49 @@ def add_partial(partials: dict, record: dict, path, group_by: str, root: str, in
     study.add_to_directory(partials.setdefault(key, {}), record, instance_keys)
 
 
+class BatchJobsDoFn(beam.DoFn):
+    """Unit jobs -> lists of jobs of about ``batch_size`` files to read each (so that a worker's
+    reading pool has enough files in flight), flushed at the bundle's end."""
+
+    def __init__(self, batch_size: int = PATHS_PER_BATCH):
+        self.batch_size = batch_size
+
+    def start_bundle(self):
+        self.jobs, self.files = [], 0
+
+    def process(self, job):
+        self.jobs.append(job)
+        self.files += max(1, len(job[1]))
+        if self.files >= self.batch_size:
+            yield self.jobs
+            self.start_bundle()
+
+    def finish_bundle(self):
+        if self.jobs:
+            yield GlobalWindows.windowed_value(self.jobs)
+        self.start_bundle()
+
+
+def unit_items(batch) -> list[tuple[str, list]]:
+    """A listed batch -> (unit, its items in the batch) pairs."""
+    units: dict[str, list] = {}
+    for item in batch:
+        units.setdefault(folder_state.unit_of(state.source_key(item[0])), []).append(item)
+    return sorted(units.items())
+
+
+class ListedUnits(beam.PTransform):
+    """Listed batches -> one job per unit (unit, its files to read, nothing reused): a full run."""
+
+    def expand(self, batches):
+        return (batches
+                | "ByUnit" >> beam.FlatMap(unit_items)
+                | "Units" >> beam.GroupByKey()
+                | "Job" >> beam.MapTuple(lambda unit, parts: (unit, [item for part in parts for item in part], ())))
+
+
 class ReadHeaders(beam.PTransform):
-    """Batches of paths -> (group key, serialized partial groups), file errors, counts, state lines."""
+    """Unit jobs -> (group key, serialized partial groups), file errors, counts, state lines (one per unit)."""
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
                  progress: ProgressSettings | None = None, read_concurrency: int = DEFAULT_READ_CONCURRENCY,
@@ -107,6 +162,8 @@ class ReadHeaders(beam.PTransform):
         self.dofn = ReadHeaderDoFn(use_fast_reader, group_by, root, progress, read_concurrency, max_header_bytes,
                                    retry_deadline)
 
-    def expand(self, batches):
-        results = batches | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, STATE, main="partials")
+    def expand(self, jobs):
+        results = (jobs
+                   | "Batch" >> beam.ParDo(BatchJobsDoFn())
+                   | "ReadHeader" >> beam.ParDo(self.dofn).with_outputs(ERRORS, COUNTS, STATE, main="partials"))
         return results.partials, results[ERRORS], results[COUNTS], results[STATE]

@@ -19,10 +19,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import pickle
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -38,7 +36,7 @@ from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
 
-FORMAT = 1
+FORMAT = 2  # 1: records pickled (refused); 2: records as plain JSON values (docs/state.md)
 _BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
 
 
@@ -61,53 +59,83 @@ def key_path(key: str) -> inputs.Path:
     return base64.b64decode(key[len(_BYTES_KEY):]) if key.startswith(_BYTES_KEY) else key
 
 
-class _RecordUnpickler(pickle.Unpickler):
-    """Loads instance records only: plain values and the dose report tuples, never other classes
-    (the state lies beside the output, where anyone who can write it must not run code)."""
-
-    _ALLOWED = {("beam_pipeline.dicom.records", "DoseReport"), ("beam_pipeline.dicom.records", "DoseItem"),
-                ("builtins", "set"), ("builtins", "frozenset")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of an instance record")
-        return getattr(record_types, name) if module.startswith("beam_pipeline") else {"set": set, "frozenset": frozenset}[name]
+# Record values JSON has no type for, as a one-key object {tag: value}: the dose report's named
+# tuples (their fields as an array), sets (sorted), bytes (hex). Plain tuples are arrays, read back
+# as tuples (records hold no lists: the study's duplicate checks compare tuples).
+_TYPES = {"DoseReport": record_types.DoseReport, "DoseItem": record_types.DoseItem}
+_TAG = "\u0000"  # no DICOM keyword starts with NUL
 
 
-def encode_record(record: dict) -> str:
-    """An instance record exactly as the reader gave it (tuples stay tuples, as the study's
-    duplicate checks compare them), as text."""
-    return base64.b64encode(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+def _plain(value):
+    if isinstance(value, tuple) and type(value).__name__ in _TYPES:
+        return {_TAG + type(value).__name__: list(value)}
+    if isinstance(value, (set, frozenset)):
+        return {_TAG + type(value).__name__: sorted(value, key=repr)}
+    if isinstance(value, bytes):
+        return {_TAG + "bytes": value.hex()}
+    raise TypeError(f"{type(value).__name__} is not a record value")
 
 
-def decode_record(text: str) -> dict:
-    return _RecordUnpickler(io.BytesIO(base64.b64decode(text))).load()
+def _typed(value):
+    if isinstance(value, list):
+        return tuple(_typed(item) for item in value)
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if key.startswith(_TAG):
+                kind = key[1:]
+                if kind in _TYPES:
+                    return _TYPES[kind](*(_typed(item) for item in inner))
+                if kind in ("set", "frozenset"):
+                    return (set if kind == "set" else frozenset)(_typed(item) for item in inner)
+                if kind == "bytes":
+                    return bytes.fromhex(inner)
+        return {key: _typed(item) for key, item in value.items()}
+    return value
+
+
+def decode_record(plain) -> dict:
+    """An instance record from its plain JSON values (written with ``_plain``): equal to the
+    reader's, tuples as tuples."""
+    return _typed(plain)
 
 
 # ---------------------------------------------------------------------------------------------
 # Lines, each with its checksum
 
 
-def _checksum(body: dict) -> str:
-    return hashlib.sha256(orjson.dumps(body)).hexdigest()[:16]
+_CHECK = b',"check":"'
+_CHECK_TAIL = len(_CHECK) + 16 + 2  # ,"check":"<16 hex digits>"}
 
 
-def _seal(body: dict) -> str:
-    """The body as one line, its checksum last. Keys keep their order (resources are written back
-    exactly as built), and orjson reads and writes a line it wrote byte for byte alike."""
-    return orjson.dumps({**body, "check": _checksum(body)}).decode("utf-8")
+def _checksum(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def _seal(body: dict, default=None) -> str:
+    """The body as one JSON line, the checksum of its bytes as its last member. Keys keep their
+    order (resources are written back exactly as built)."""
+    data = orjson.dumps(body, default=default)
+    return (data[:-1] + _CHECK + _checksum(data).encode("ascii") + b'"}').decode("utf-8")
 
 
 def _unseal(line: str, what: str) -> dict:
-    try:
-        body = orjson.loads(line)
-        check = body.pop("check")
-    except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
+    """The body of a line, its checksum checked on the bytes (not re-serialized)."""
+    data = line.encode("utf-8")
+    if len(data) <= _CHECK_TAIL or data[-_CHECK_TAIL:-18] != _CHECK or not data.endswith(b'"}'):
         raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
-                         "run once without --since") from None
-    if check != _checksum(body):
+                         "run once without --since")
+    body = data[:-_CHECK_TAIL] + b"}"
+    if data[-18:-2].decode("ascii", "replace") != _checksum(body):
         raise StateError(f"a {what} line of the previous state is damaged (checksum): run once without --since")
-    return body
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
+                         "run once without --since")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -116,7 +144,7 @@ class SourceEntry:
 
     key: str
     stamp: str | None
-    records: tuple[str, ...]  # encoded records (decoded only where reused)
+    records: tuple  # records as plain values (decoded only where reused)
     errors: tuple[dict, ...]
     counts: dict
     line: str
@@ -132,8 +160,8 @@ class SourceEntry:
 
 
 def source_line(key: str, stamp: str | None, records, errors, counts) -> str:
-    return _seal({"key": key, "stamp": stamp, "records": [encode_record(r) for r in records],
-                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}})
+    return _seal({"key": key, "stamp": stamp, "records": list(records),
+                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}}, default=_plain)
 
 
 def read_source_line(line: str) -> SourceEntry:

@@ -18,16 +18,8 @@ from beam_pipeline.run.dicomweb_read import (
 )
 from beam_pipeline.run.grouping import DirectoryGuardDoFn, GroupStudies, MergeGroupsFn, merge_partials
 from beam_pipeline.run.listing import PARTS, ListFilesDoFn, ListInputFiles
-from beam_pipeline.run.nightly import (
-    FOLDER_SPLIT,
-    JOIN_BUCKETS,
-    ChooseSourcesDoFn,
-    ReadChangedHeaders,
-    ReadState,
-    ReuseSourcesDoFn,
-    join_bucket,
-)
-from beam_pipeline.run.reading import ReadHeaderDoFn, ReadHeaders, SharedReading, add_partial
+from beam_pipeline.run.nightly import ChooseUnitsDoFn, ReadChangedHeaders, ReadState, ReuseSourcesDoFn, ReuseUnitsDoFn
+from beam_pipeline.run.reading import BatchJobsDoFn, ListedUnits, ReadHeaderDoFn, ReadHeaders, SharedReading, add_partial
 from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE, SumCounts
 from beam_pipeline.run.summarizing import Summarize, WriteSummaryDoFn
 from beam_pipeline.run.writing import WriteDeletions, WriteNdjson
@@ -37,9 +29,8 @@ __all__ = [
     "STUDIES_PER_BATCH", "ChooseStudiesDoFn", "FetchStudiesDoFn", "ListStudiesDoFn", "ReadDicomWeb", "listed_once",
     "DirectoryGuardDoFn", "GroupStudies", "MergeGroupsFn", "merge_partials",
     "PARTS", "ListFilesDoFn", "ListInputFiles",
-    "FOLDER_SPLIT", "JOIN_BUCKETS", "ChooseSourcesDoFn", "ReadChangedHeaders", "ReadState", "ReuseSourcesDoFn",
-    "join_bucket",
-    "ReadHeaderDoFn", "ReadHeaders", "SharedReading", "add_partial",
+    "ChooseUnitsDoFn", "ReadChangedHeaders", "ReadState", "ReuseSourcesDoFn", "ReuseUnitsDoFn",
+    "BatchJobsDoFn", "ListedUnits", "ReadHeaderDoFn", "ReadHeaders", "SharedReading", "add_partial",
     "COUNTS", "DELETED", "DELTA", "ERRORS", "NAMESPACE", "PATHS_PER_BATCH", "STATE", "SumCounts",
     "Summarize", "WriteSummaryDoFn",
     "WriteDeletions", "WriteNdjson",
