@@ -77,21 +77,25 @@ def _plain(value):
 
 
 def _typed(value):
-    if isinstance(value, list):
-        return tuple(_typed(item) for item in value)
-    if isinstance(value, dict):
-        if len(value) == 1:
-            (key, inner), = value.items()
-            if key.startswith(_TAG):
-                kind = key[1:]
-                if kind in _TYPES:
-                    return _TYPES[kind](*(_typed(item) for item in inner))
-                if kind in ("set", "frozenset"):
-                    return (set if kind == "set" else frozenset)(_typed(item) for item in inner)
-                if kind == "bytes":
-                    return bytes.fromhex(inner)
-        return {key: _typed(item) for key, item in value.items()}
-    return value
+    kind = type(value)
+    if kind is list:
+        return tuple([_typed(item) for item in value])
+    if kind is not dict:
+        return value
+    if len(value) == 1:
+        (key, inner), = value.items()
+        if key.startswith(_TAG):
+            tag = key[1:]
+            if tag in _TYPES:
+                return _TYPES[tag](*[_typed(item) for item in inner])
+            if tag in ("set", "frozenset"):
+                return (set if tag == "set" else frozenset)([_typed(item) for item in inner])
+            if tag == "bytes":
+                return bytes.fromhex(inner)
+    return {key: item if type(item) in _PLAIN else _typed(item) for key, item in value.items()}
+
+
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def decode_record(plain) -> dict:
