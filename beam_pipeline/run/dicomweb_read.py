@@ -10,7 +10,6 @@ from apache_beam.metrics import Metrics
 
 from beam_pipeline.fhir import keywords, study
 from beam_pipeline.run import core, layout, state
-from beam_pipeline.run.nightly import ReuseSourcesDoFn
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, REUSED, STATE
 from beam_pipeline.sources.retry import RetryBudget
@@ -155,6 +154,34 @@ class ChooseStudiesDoFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(COUNTS, Counter({
             "incremental:studies_fetched": 1,
             "incremental:studies_new" if previous is None else "incremental:studies_changed_or_retried": 1}))
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, bytes])
+class ReuseSourcesDoFn(beam.DoFn):
+    """Batches of previous source entries (one per study) -> what fetching them gave (partial
+    groups, error lines, counts) and their state lines, unchanged: the same outputs as
+    ``FetchStudiesDoFn``."""
+
+    def __init__(self):
+        self.reused = Metrics.counter(NAMESPACE, "studies_reused")
+
+    def setup(self):
+        self.instance_keys = keywords.instance_keys()
+
+    def process(self, entries):
+        partials: dict[str, dict] = {}
+        counts = Counter()
+        for entry in entries:
+            records, errors, file_counts = entry.outcome()
+            counts.update(file_counts)
+            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, entry.line))
+            yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
+            for record in records:
+                study.add_to_directory(partials.setdefault(record["StudyInstanceUID"], {}), record, self.instance_keys)
+        self.reused.inc(len(entries))
+        for key in sorted(partials):
+            yield key, study.dump_groups(partials[key])
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
 
 class ReadDicomWeb(beam.PTransform):

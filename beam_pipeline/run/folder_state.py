@@ -18,14 +18,14 @@ import orjson
 
 from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.fhir.study import StudyGroup
-from beam_pipeline.run.state import _BYTES_KEY, _plain, _seal, _typed, _unseal
+from beam_pipeline.run.state import BYTES_KEY, StateError, plain_value, seal, typed_value, unseal
 
 FOLDER_SPLIT = 4  # units per folder: a folder of a million files is not one line
 
 
 def unit_of(key: str) -> str:
     """The unit of a source key: its folder and a hash of its name."""
-    folder, _, name = ("", "", key) if key.startswith(_BYTES_KEY) else key.rpartition("/")
+    folder, _, name = ("", "", key) if key.startswith(BYTES_KEY) else key.rpartition("/")
     return f"{folder}|{zlib.crc32(name.encode('utf-8', 'surrogatepass')) % FOLDER_SPLIT}"
 
 
@@ -66,7 +66,7 @@ def _group_plain(group: StudyGroup) -> dict:
 
 
 def _group_typed(body: dict) -> StudyGroup:
-    values = _typed(body)
+    values = typed_value(body)
     values["content"] = int(body["content"], 16)
     representative = values.pop("representative")
     group = StudyGroup(**values)
@@ -91,13 +91,13 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         diff = {k: v for k, v in entry.record.items() if k not in base or base[k] != v}
         dropped = [k for k in base if k not in entry.record]
         files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
-    return _seal({
+    return seal({
         "unit": unit,
         "digest": listing_digest((entry.key, entry.stamp) for entry in entries),
         "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors),
         "groups": [[key, uid, _group_plain(group)] for key, uid, group in groups],
         "files": files,
-    }, default=_plain)
+    }, default=plain_value)
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,13 @@ class Unit:
             record = None
             if at is not None:
                 record = {k: v for k, v in bases[at].items() if k not in dropped}
-                record.update(_typed(diff))
+                record.update(typed_value(diff))
             entries.append(FileEntry(key, stamp, record, tuple(errors), counts))
         return entries
 
 
 def read_unit_line(line: str) -> Unit:
-    body = _unseal(line, "source")
+    body = unseal(line, "source")
     if "unit" not in body:
-        from beam_pipeline.run.state import StateError
-
         raise StateError("a source line of the previous state is not a folder unit: run once without --since")
     return Unit(body["unit"], body["digest"], body["retry"], len(body["files"]), line)

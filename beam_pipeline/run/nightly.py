@@ -9,10 +9,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from beam_pipeline.fhir import keywords, study
+from beam_pipeline.fhir import study
 from beam_pipeline.run import folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.run.reading import ReadHeaders, add_partial, unit_items
+from beam_pipeline.run.reading import ReadHeaders, unit_items
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
 from beam_pipeline.sources import files as inputs
 
@@ -109,36 +109,6 @@ class ReuseUnitsDoFn(beam.DoFn):
         for key in sorted(self.partials):
             yield GlobalWindows.windowed_value((key, study.dump_groups(self.partials[key])))
         self.partials = {}
-
-
-@beam.typehints.with_output_types(typing.Tuple[str, bytes])
-class ReuseSourcesDoFn(beam.DoFn):
-    """Batches of previous source entries -> what reading them gave (partial groups, error lines,
-    counts) and their state lines, unchanged: the same outputs as ``ReadHeaderDoFn``."""
-
-    def __init__(self, group_by: str = "study", root: str = ""):
-        self.group_by = group_by
-        self.root = root
-        self.reused = Metrics.counter(NAMESPACE, "files_reused")
-
-    def setup(self):
-        self.instance_keys = keywords.instance_keys()
-
-    def process(self, entries):
-        partials: dict[str, dict] = {}
-        counts = Counter()
-        for entry in entries:
-            records, errors, file_counts = entry.outcome()
-            counts.update(file_counts)
-            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, entry.line))
-            yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
-            path = state.key_path(entry.key)
-            for record in records:
-                add_partial(partials, record, path, self.group_by, self.root, self.instance_keys)
-        self.reused.inc(len(entries))
-        for key in sorted(partials):
-            yield key, study.dump_groups(partials[key])
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
 
 class ReadChangedHeaders(beam.PTransform):

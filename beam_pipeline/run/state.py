@@ -1,18 +1,21 @@
 """A run's state in ``_state/``: what a later run started ``--since`` it needs to read only what changed.
 
-The transforms route these lines; the encoding and every check live here. Three parts:
+The transforms route these lines; the encoding and every check live here (format: docs/state.md).
+Three parts:
 
-* source lines (``_state/sources-*.jsonl``), one per input file (or DICOMweb study): its key, its
-  stamp (size and modification time, or gs:// generation), the instance records its header gave,
-  its error lines and its counts: everything reading it produced, so an unchanged file is not read;
+* source lines (``_state/sources-*.jsonl``): of a file input one per folder unit (``folder_state``:
+  its listing digest, partial study groups, per file its stamp, record, errors and counts), of a
+  DICOMweb input one per study (``source_line``): everything reading produced, so an unchanged
+  unit is reused whole and an unchanged file or study is not read;
 * study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, and
   its resource lines, shared resources, error and counts: an unchanged study is not rebuilt;
 * the header ``_state/state.json``: format, converter version, input root, the options the lines
   depend on, and the size of every shard.
 
-Every line carries a checksum; a later run refuses a state that is missing, truncated, written by
-another version, for another input or with other reading options, in one line, before it reads
-anything. Other conversion options only mean that every study is rebuilt from the kept records.
+Records are plain JSON values (no pickle). Every line carries a checksum of its bytes; a later run
+refuses a state that is missing, truncated, of another format, written by another version, for
+another input or with other reading options, in one line, before it reads anything. Other
+conversion options only mean that every study is rebuilt from the kept records.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
 
 FORMAT = 2  # 1: records pickled (refused); 2: records as plain JSON values (docs/state.md)
-_BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
+BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
 
 
 class StateError(Exception):
@@ -51,12 +54,12 @@ class StateError(Exception):
 def source_key(path: inputs.Path) -> str:
     """A source line's key: the path, or for an undecodable local name its bytes in base64."""
     if isinstance(path, bytes):
-        return _BYTES_KEY + base64.b64encode(path).decode("ascii")
+        return BYTES_KEY + base64.b64encode(path).decode("ascii")
     return path
 
 
 def key_path(key: str) -> inputs.Path:
-    return base64.b64decode(key[len(_BYTES_KEY):]) if key.startswith(_BYTES_KEY) else key
+    return base64.b64decode(key[len(BYTES_KEY):]) if key.startswith(BYTES_KEY) else key
 
 
 # Record values JSON has no type for, as a one-key object {tag: value}: the dose report's named
@@ -66,7 +69,7 @@ _TYPES = {"DoseReport": record_types.DoseReport, "DoseItem": record_types.DoseIt
 _TAG = "\u0000"  # no DICOM keyword starts with NUL
 
 
-def _plain(value):
+def plain_value(value):
     if isinstance(value, tuple) and type(value).__name__ in _TYPES:
         return {_TAG + type(value).__name__: list(value)}
     if isinstance(value, (set, frozenset)):
@@ -76,10 +79,10 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not a record value")
 
 
-def _typed(value):
+def typed_value(value):
     kind = type(value)
     if kind is list:
-        return tuple([_typed(item) for item in value])
+        return tuple([typed_value(item) for item in value])
     if kind is not dict:
         return value
     if len(value) == 1:
@@ -87,21 +90,21 @@ def _typed(value):
         if key.startswith(_TAG):
             tag = key[1:]
             if tag in _TYPES:
-                return _TYPES[tag](*[_typed(item) for item in inner])
+                return _TYPES[tag](*[typed_value(item) for item in inner])
             if tag in ("set", "frozenset"):
-                return (set if tag == "set" else frozenset)([_typed(item) for item in inner])
+                return (set if tag == "set" else frozenset)([typed_value(item) for item in inner])
             if tag == "bytes":
                 return bytes.fromhex(inner)
-    return {key: item if type(item) in _PLAIN else _typed(item) for key, item in value.items()}
+    return {key: item if type(item) in _PLAIN else typed_value(item) for key, item in value.items()}
 
 
 _PLAIN = (str, int, float, bool, type(None))
 
 
 def decode_record(plain) -> dict:
-    """An instance record from its plain JSON values (written with ``_plain``): equal to the
+    """An instance record from its plain JSON values (written with ``plain_value``): equal to the
     reader's, tuples as tuples."""
-    return _typed(plain)
+    return typed_value(plain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +119,14 @@ def _checksum(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()[:16]
 
 
-def _seal(body: dict, default=None) -> str:
+def seal(body: dict, default=None) -> str:
     """The body as one JSON line, the checksum of its bytes as its last member. Keys keep their
     order (resources are written back exactly as built)."""
     data = orjson.dumps(body, default=default)
     return (data[:-1] + _CHECK + _checksum(data).encode("ascii") + b'"}').decode("utf-8")
 
 
-def _unseal(line: str, what: str) -> dict:
+def unseal(line: str, what: str) -> dict:
     """The body of a line, its checksum checked on the bytes (not re-serialized)."""
     data = line.encode("utf-8")
     if len(data) <= _CHECK_TAIL or data[-_CHECK_TAIL:-18] != _CHECK or not data.endswith(b'"}'):
@@ -164,12 +167,12 @@ class SourceEntry:
 
 
 def source_line(key: str, stamp: str | None, records, errors, counts) -> str:
-    return _seal({"key": key, "stamp": stamp, "records": list(records),
-                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}}, default=_plain)
+    return seal({"key": key, "stamp": stamp, "records": list(records),
+                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}}, default=plain_value)
 
 
 def read_source_line(line: str) -> SourceEntry:
-    body = _unseal(line, "source")
+    body = unseal(line, "source")
     return SourceEntry(body["key"], body["stamp"], tuple(body["records"]), tuple(body["errors"]),
                        body["counts"], line)
 
@@ -184,7 +187,7 @@ class StudyEntry:
 
 def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
     """A built study: its lines kept as parsed JSON (orjson writes them back byte for byte)."""
-    return _seal({
+    return seal({
         "key": key, "digest": digest, "error": outcome.error,
         "lines": {name: [orjson.loads(line) for line in lines] for name, lines in sorted(outcome.lines.items())},
         "shared": [[shared_key, orjson.loads(line)] for shared_key, line in outcome.shared],
@@ -193,7 +196,7 @@ def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
 
 
 def read_study_line(line: str) -> StudyEntry:
-    body = _unseal(line, "study")
+    body = unseal(line, "study")
     outcome = core.StudyOutcome(
         lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
         shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],

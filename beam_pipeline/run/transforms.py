@@ -14,11 +14,12 @@ from beam_pipeline.run.dicomweb_read import (
     FetchStudiesDoFn,
     ListStudiesDoFn,
     ReadDicomWeb,
+    ReuseSourcesDoFn,
     listed_once,
 )
 from beam_pipeline.run.grouping import DirectoryGuardDoFn, GroupStudies, MergeGroupsFn, merge_partials
 from beam_pipeline.run.listing import PARTS, ListFilesDoFn, ListInputFiles
-from beam_pipeline.run.nightly import ChooseUnitsDoFn, ReadChangedHeaders, ReadState, ReuseSourcesDoFn, ReuseUnitsDoFn
+from beam_pipeline.run.nightly import ChooseUnitsDoFn, ReadChangedHeaders, ReadState, ReuseUnitsDoFn
 from beam_pipeline.run.reading import BatchJobsDoFn, ListedUnits, ReadHeaderDoFn, ReadHeaders, SharedReading, add_partial
 from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE, SumCounts
 from beam_pipeline.run.summarizing import Summarize, WriteSummaryDoFn
