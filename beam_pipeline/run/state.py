@@ -179,10 +179,20 @@ def read_source_line(line: str) -> SourceEntry:
 
 @dataclass(frozen=True)
 class StudyEntry:
+    """A previous run's study line: its key and digest, and the line (its outcome parsed only where
+    it is used: a reused or changed study, not on its way through the shuffle)."""
+
     key: str
     digest: str
-    outcome: core.StudyOutcome
     line: str
+
+    @property
+    def outcome(self) -> core.StudyOutcome:
+        body = orjson.loads(self.line)  # checked when read (``read_study_line``)
+        return core.StudyOutcome(
+            lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
+            shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
+            error=body["error"], counts=Counter(body["counts"]))
 
 
 def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
@@ -197,11 +207,7 @@ def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
 
 def read_study_line(line: str) -> StudyEntry:
     body = unseal(line, "study")
-    outcome = core.StudyOutcome(
-        lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
-        shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
-        error=body["error"], counts=Counter(body["counts"]))
-    return StudyEntry(body["key"], body["digest"], outcome, line)
+    return StudyEntry(body["key"], body["digest"], line)
 
 
 # ---------------------------------------------------------------------------------------------
