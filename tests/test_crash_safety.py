@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import small_disk
 from make_archive import make_archive
 
 WRAPPER = r'''
@@ -160,14 +161,9 @@ def test_a_run_killed_at_any_moment_leaves_a_complete_output_or_no_summary(compl
 def test_a_disk_that_fills_up_over_a_complete_output_leaves_no_summary(tmp_path):
     """A complete output on a small disk; the next run into it fills the disk: exit 3, one line
     naming the output folder, no summary.json (the old one went first), no temp folder left."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        make_archive(tmp_path / "small", studies=1, series=1, instances=2)
-        make_archive(tmp_path / "big", studies=6, series=2, instances=50)
+    make_archive(tmp_path / "small", studies=1, series=1, instances=2)
+    make_archive(tmp_path / "big", studies=6, series=2, instances=50)
+    with small_disk(tmp_path / "disk", "1m") as disk:
         out = disk / "out"
         assert cli("--input", tmp_path / "small", "--output", out).returncode == 0
         assert (out / "_report" / "summary.json").exists()
@@ -177,5 +173,3 @@ def test_a_disk_that_fills_up_over_a_complete_output_leaves_no_summary(tmp_path)
         assert len(lines) == 1 and lines[0].startswith(f"error: the run failed: no space left on the device of --output {out} ")
         assert not (out / "_report" / "summary.json").exists()
         assert not [name for name in os.listdir(out) if name.startswith(".")]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
