@@ -122,7 +122,7 @@ class BuildResources(beam.PTransform):
         changes = None
         if incremental:
             before = (self.previous_studies
-                      | "PreviousShared" >> beam.FlatMap(lambda item: item[1].outcome.shared)
+                      | "PreviousShared" >> beam.FlatMap(lambda item: item[1].shared)
                       | "PreviousSharedOnce" >> beam.CombinePerKey(core.pick_shared))
             shared_changes = ({"now": picks, "before": before}
                               | "JoinShared" >> beam.CoGroupByKey()

@@ -194,6 +194,11 @@ class StudyEntry:
             shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
             error=body["error"], counts=Counter(body["counts"]))
 
+    @property
+    def shared(self) -> list[tuple[str, str]]:
+        """The shared resources the study built (its other lines left as they are)."""
+        return [(shared_key, core.dumps(resource)) for shared_key, resource in orjson.loads(self.line)["shared"]]
+
 
 def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
     """A built study: its lines kept as parsed JSON (orjson writes them back byte for byte)."""
