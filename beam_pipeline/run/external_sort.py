@@ -18,6 +18,7 @@ import orjson
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.run import output
+from beam_pipeline.run.layout import DELETIONS_NAME
 from beam_pipeline.sources.files import is_remote
 
 RUN_BYTES = 32 * 1024 * 1024  # line bytes a writer holds before it writes a run
@@ -134,8 +135,6 @@ def write_deletions(temp_dir: str, runs: list[Run]) -> tuple[str, str, int]:
     """The deleted keys' runs -> ``_delta/deletions.json``, one transaction Bundle of DELETEs, keys
     sorted and once each, written as it is merged: the bytes of ``orjson.dumps(delta.deletions_bundle(keys),
     option=OPT_INDENT_2)`` and a newline, without holding the keys."""
-    from beam_pipeline.run.layout import DELETIONS_NAME
-
     path = FileSystems.join(temp_dir, _file_name(DELETIONS_NAME))
     count, previous = 0, None
     with FileSystems.create(path, mime_type="application/fhir+json") as out:

@@ -31,10 +31,11 @@ class SharedReading:
 
 @beam.typehints.with_output_types(typing.Tuple[str, bytes])
 class ReadHeaderDoFn(beam.DoFn):
-    """Reads the headers of a batch of files and pre-aggregates its instances per study.
+    """Reads the headers of a batch of unit jobs and pre-aggregates their instances per study.
 
     Emits one (group key, serialized partial) per study found in the batch instead of one element
-    per instance, so the shuffle carries few, compact elements.
+    per instance, so the shuffle carries few, compact elements; and one state line per unit (its
+    files read now and those reused from the previous run, ``folder_state``).
     """
 
     def __init__(self, use_fast_reader: bool = True, group_by: str = "study", root: str = "",
