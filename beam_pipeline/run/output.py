@@ -210,10 +210,10 @@ def publish(settings, files) -> None:
     """Moves the written files (name, relative path, lines) from the temp folder to their places.
     A retried step finds some already moved: those are left where they are."""
     temp = temp_dir(settings)
-    waiting = {m.path for result in FileSystems.match([FileSystems.join(temp, "*")]) for m in result.metadata_list}
+    waiting = {m.path.rstrip("/").rsplit("/", 1)[-1]
+               for result in FileSystems.match([FileSystems.join(temp, "*")]) for m in result.metadata_list}
     moves = [(FileSystems.join(temp, relative.replace("/", "--")), FileSystems.join(settings.output, relative))
-             for relative in sorted(relative for _, relative, _ in files)]
-    moves = [(source, target) for source, target in moves if source in waiting]
+             for relative in sorted(relative for _, relative, _ in files) if relative.replace("/", "--") in waiting]
     if moves:
         FileSystems.rename([source for source, _ in moves], [target for _, target in moves])
 
