@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,12 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+CPU_SECONDS: dict[Path, float] = {}  # output folder -> CPU seconds (user + system) of its run
+
+
 def run_cli(archive, out: Path, *options: str, env: dict | None = None) -> tuple[float, dict]:
     started = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--input", str(archive), "--output", str(out),
                            "--quiet", *options], capture_output=True, text=True, cwd=ROOT,
                           env=None if env is None else {**os.environ, **env})
     seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[out] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"the run into {out} failed ({done.returncode}): {done.stderr[-2000:]}")
     return seconds, json.loads((out / "_report" / "summary.json").read_text())
@@ -181,6 +188,9 @@ def main(argv=None) -> int:
     row("night 1 (full)", night1["files_matched"], night1_seconds, "", "night1")
     row("night 2, full run (baseline)", read_full, full_seconds, "1.00", "full")
     row("night 2, --since night 1", read_night, night2_seconds, f"{night2_seconds / full_seconds:.2f}", "night2")
+    cpu_full, cpu_night = CPU_SECONDS[work / "full"], CPU_SECONDS[work / "night2"]
+    print(f"CPU seconds (user + system, robust on a shared machine): full {cpu_full:.2f}, --since "
+          f"{cpu_night:.2f} = {cpu_night / cpu_full:.2f}x")
     print(f"files read: {read_night} of {read_full} = {100 * read_night / read_full:.2f}% (target <= 2%); "
           f"reused {done.get('files_reused', 0)}, studies rebuilt {done.get('studies_rebuilt', 0)}, "
           f"reused {done.get('studies_reused', 0)}; delta lines {delta_lines}")

@@ -1,10 +1,12 @@
 """Test helpers: real DICOM files from pydicom, and a real Beam run of the whole pipeline."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import subprocess
 
 import pydicom
 import pydicom.data
@@ -79,3 +81,19 @@ def references(value) -> list[str]:
     if isinstance(value, list):
         return [r for item in value for r in references(item)]
     return []
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str):
+    """A tmpfs of ``size`` (e.g. "64k") mounted on ``folder`` while the block runs (the test is
+    skipped where mounting needs root and it is not)."""
+    import pytest
+
+    os.makedirs(folder, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -21,6 +21,7 @@ from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.fhir.bulk_data import request_line
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import output, progress
+from beam_pipeline.run.layout import SUMMARY_NAME
 from beam_pipeline.run.pipeline import execute, local_runner
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.state import StateError
@@ -316,7 +317,13 @@ def run(argv=None) -> dict:
                      since_path=settings.since)
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
-    summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)
+    try:
+        summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)
+    except Exception as exc:
+        if output.disk_full(exc):
+            raise output.OutputFull(f"no space left on the device of --output {settings.output} ({first_line(exc)}): "
+                                    f"the output is incomplete, no {SUMMARY_NAME} was written") from exc
+        raise
     print(describe(summary), flush=True)
     return summary
 
@@ -356,6 +363,9 @@ def main(argv=None) -> int:
     except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except output.OutputFull as exc:
+        print(f"error: the run failed: {exc}", file=sys.stderr)
+        return 3
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks
         print(f"error: the run failed: {first_line(exc)}", file=sys.stderr)
         return 3

@@ -1,6 +1,6 @@
 """One file in, one outcome out; one study in, its lines out: the steps both paths share.
 
-The Beam DoFns (``transforms``) and the in-process ``convert.convert_files`` call these pure
+The Beam DoFns (the step modules) and the in-process ``convert.convert_files`` call these pure
 functions and only route what they return, so the two paths cannot drift. Each step returns the
 counts it adds to ``summary.json`` (as data, not Beam metrics): every input file ends in exactly
 one ``outcome:`` count.

@@ -7,6 +7,7 @@ at the top, which is what a bulk loader takes; transaction Bundles in ``bundles/
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -42,7 +43,24 @@ class OutputError(Exception):
     """The output folder cannot be written; the message says why, in one line."""
 
 
-# Bytes per output file: a file's lines are sorted in memory before it is written.
+class OutputFull(Exception):
+    """The output's disk (or quota) filled up during the run; the output is incomplete."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed run's error, or any error it wraps, is a full disk or quota (Beam wraps a
+    worker's error, on some runners as text)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                text in str(exc) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# Characters (and newlines) per output file.
 SHARD_BYTES = 128 * 1024 * 1024
 
 
@@ -71,28 +89,23 @@ def shard_count(total_bytes: int) -> int:
     return max(1, -(-total_bytes // SHARD_BYTES))
 
 
-def shard_of(line: str, total_shards: int) -> int:
-    """The file a line goes into: a hash of its content (stable across processes, unlike ``hash``)."""
-    return zlib.crc32(line.encode("utf-8")) % total_shards if total_shards > 1 else 0
+def shard_of(line: bytes, total_shards: int) -> int:
+    """The file a line (UTF-8) goes into: a hash of its content (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(line) % total_shards if total_shards > 1 else 0
 
 
-def write_shard(temp_dir: str, name: str, shard_index: int, total_shards: int, lines) -> tuple[str, str, int]:
-    """Writes one file into the run's temp folder, its lines sorted (the same bytes whatever order
-    the runner delivered them in; a retried bundle rewrites the same file); returns (name, path
-    relative to the output folder, line count). ``publish`` moves the files to their places."""
-    relative = shard_name(name, shard_index, total_shards)
-    ordered = sorted(lines)
-    mime = "application/fhir+ndjson" if relative.endswith(".ndjson") else "application/jsonl"
-    with FileSystems.create(FileSystems.join(temp_dir, relative.replace("/", "--")), mime_type=mime) as out:
-        for start in range(0, len(ordered), 10_000):
-            out.write("".join(line + "\n" for line in ordered[start:start + 10_000]).encode("utf-8"))
-    return name, relative, len(ordered)
+def json_bytes(document: dict, sort_keys: bool = False) -> bytes:
+    return json.dumps(document, indent=2, sort_keys=sort_keys).encode("utf-8") + b"\n"
 
 
-def write_json(output_dir: str, name: str, document: dict) -> str:
-    path = FileSystems.join(output_dir, name)
-    with FileSystems.create(path) as out:
-        out.write(json.dumps(document, indent=2).encode("utf-8") + b"\n")
+def place_document(settings, name: str, data: bytes) -> str:
+    """Writes one document (``manifest.json``, ``_report/summary.json``, ...) into the run's temp
+    folder, then renames it into place: a run killed while writing it leaves no partial file."""
+    temp = FileSystems.join(temp_dir(settings), name.replace("/", "--"))
+    with FileSystems.create(temp, mime_type="application/json") as out:
+        out.write(data)
+    path = FileSystems.join(settings.output, name)
+    FileSystems.rename([temp], [path])
     return path
 
 
@@ -137,7 +150,7 @@ def check_local_output(output_dir: str) -> None:
         raise OutputError(f"--output {output_dir} is a file, not a folder")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write-probe-{uuid.uuid4().hex}")
+        probe = os.path.join(output_dir, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         with open(probe, "wb") as handle:
             handle.write(b"probe\n")
         os.remove(probe)
@@ -153,10 +166,16 @@ def prepare(output_dir: str, input_path: str | None = None) -> None:
         remove_stale_dirs(output_dir, input_path)
         for folder in SUBFOLDERS:  # created once here, not by every shard writer
             os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
+    # The summary first: a run killed while the rest goes leaves no summary beside partial files.
+    _delete_matching([FileSystems.join(output_dir, name) for name in (SUMMARY_NAME, "summary.json")])
     names = (*RESOURCE_TYPES, *PLACES, *(DELTA_PREFIX + name for name in RESOURCE_TYPES))
     patterns = [shard_pattern(output_dir, name) for name in dict.fromkeys(names)]
     patterns += [FileSystems.join(output_dir, name) for name in (
         SUMMARY_NAME, MANIFEST_NAME, STATE_HEADER_NAME, DELETIONS_NAME, DELTA_MANIFEST_NAME, *LEGACY_NAMES)]
+    _delete_matching(patterns)
+
+
+def _delete_matching(patterns: list[str]) -> None:
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
@@ -172,6 +191,8 @@ def remove_empty_subfolders(output_dir: str) -> None:
 
 
 TEMP_PREFIX = ".temp-dicom2fhir-"
+PROBE_PREFIX = ".write-probe-"
+_PROBE = re.compile(rf"{re.escape(PROBE_PREFIX)}[0-9a-f]{{32}}")  # a probe file a killed run left
 # Hidden folders a run of this tool makes in the output folder (and Beam's fileio default name):
 # only folders whose whole name matches are ever removed, so a user's ".templates" stays.
 _OUR_HIDDEN_FOLDERS = re.compile(
@@ -186,27 +207,38 @@ def temp_dir(settings) -> str:
 
 
 def publish(settings, files) -> None:
-    """Moves the written files (name, relative path, lines) from the temp folder to their places."""
-    relatives = sorted(relative for _, relative, _ in files)
+    """Moves the written files (name, relative path, lines) from the temp folder to their places.
+    A retried step finds some already moved: those are left where they are."""
     temp = temp_dir(settings)
-    FileSystems.rename([FileSystems.join(temp, relative.replace("/", "--")) for relative in relatives],
-                       [FileSystems.join(settings.output, relative) for relative in relatives])
+    waiting = {m.path.rstrip("/").rsplit("/", 1)[-1]
+               for result in FileSystems.match([FileSystems.join(temp, "*")]) for m in result.metadata_list}
+    moves = [(FileSystems.join(temp, relative.replace("/", "--")), FileSystems.join(settings.output, relative))
+             for relative in sorted(relative for _, relative, _ in files) if relative.replace("/", "--") in waiting]
+    if moves:
+        FileSystems.rename([source for source, _ in moves], [target for _, target in moves])
 
 
 def remove_temp_dir(settings) -> None:
-    """This run's temp folder (object stores have no folders)."""
+    """This run's temp folder (on an object store: the objects under its prefix)."""
     path = temp_dir(settings)
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(Exception):  # nothing left to delete, or a store refusing: not the run's result
+        FileSystems.delete([path.rstrip("/") + "/"])
 
 
 def remove_stale_dirs(output_dir: str, keep_under: str | None = None) -> None:
-    """Temp and progress folders that interrupted earlier runs left behind; never one that holds
-    ``keep_under`` (the input)."""
+    """Temp and progress folders (and write probes) that interrupted earlier runs left behind; never
+    a folder that holds ``keep_under`` (the input)."""
     if is_remote(output_dir) or not os.path.isdir(output_dir):
         return
     keep = os.path.realpath(keep_under) + os.sep if keep_under and not is_remote(keep_under) else None
     for entry in os.scandir(output_dir):
+        if _PROBE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
+            continue
         if not (_OUR_HIDDEN_FOLDERS.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
             continue
         if keep and keep.startswith(os.path.realpath(entry.path) + os.sep):

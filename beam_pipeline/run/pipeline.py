@@ -1,4 +1,5 @@
-"""Wires the steps of ``transforms`` into one pipeline, and runs it to completion."""
+"""Wires the steps (``listing``, ``reading``, ``nightly``, ``dicomweb_read``, ``grouping``, ``building``,
+``writing``, ``summarizing``) into one pipeline, and runs it to completion."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,20 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import core, output, state, transforms
+from beam_pipeline.run import (
+    building,
+    core,
+    dicomweb_read,
+    folder_state,
+    grouping,
+    listing,
+    nightly,
+    output,
+    reading,
+    state,
+    summarizing,
+    writing,
+)
 from beam_pipeline.run.progress import ProgressReporter
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.run.summary import read_summary
@@ -40,29 +54,29 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         before = None if previous is None else (
-            pipeline | "PreviousSources" >> transforms.ReadState(previous.sources, state.read_source_line))
-        partials, file_errors, read_counts, source_state = pipeline | "ReadDicomWeb" >> transforms.ReadDicomWeb(
+            pipeline | "PreviousSources" >> nightly.ReadState(previous.sources, state.read_source_line))
+        partials, file_errors, read_counts, source_state = pipeline | "ReadDicomWeb" >> dicomweb_read.ReadDicomWeb(
             settings.dicomweb, progress, previous_sources=before)
     else:
-        batches, listed_counts, listing_errors = pipeline | "ListFiles" >> transforms.ListInputFiles(
+        batches, listed_counts, listing_errors = pipeline | "ListFiles" >> listing.ListInputFiles(
             settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
         root = inputs.group_root(settings.input)
-        read_headers = transforms.ReadHeaders(
+        read_headers = reading.ReadHeaders(
             settings.use_fast_reader, settings.group_by, root, progress,
             settings.read_concurrency, settings.max_header_bytes, settings.retry_deadline)
         if previous is None:
-            partials, file_errors, read_counts, source_state = batches | "ReadHeaders" >> read_headers
+            partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
+                                                                | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> transforms.ReadState(
-                previous.sources, state.read_source_line, lambda entry: transforms.join_bucket(entry.key))
-            partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> transforms.ReadChangedHeaders(
-                before, read_headers, settings.group_by, root, progress=progress)
-    groups, folder_errors, folder_counts = partials | "GroupStudies" >> transforms.GroupStudies(settings.group_by)
+            before = pipeline | "PreviousSources" >> nightly.ReadState(previous.sources, folder_state.read_unit_line)
+            partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
+                before, read_headers, progress=progress)
+    groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
-        pipeline | "PreviousStudies" >> transforms.ReadState(previous.studies, state.read_study_line))
-    studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> transforms.BuildResources(
+        pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
+    studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
-    written_studies = studies | "WriteStudies" >> transforms.WriteNdjson(temp)
+    written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
@@ -71,12 +85,12 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     if changes is not None:
         small.append(changes[0])
     written = [written_studies]
-    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> transforms.WriteNdjson(temp))
+    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp))
     if changes is not None:
-        written.append(changes[1] | "WriteDeletions" >> transforms.WriteDeletions(temp))
+        written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
               | "AllCounts" >> beam.Flatten())
-    (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> transforms.Summarize(settings, started, config)
+    (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> summarizing.Summarize(settings, started, config)
 
 
 def local_runner(options):

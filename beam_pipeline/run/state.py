@@ -1,28 +1,29 @@
 """A run's state in ``_state/``: what a later run started ``--since`` it needs to read only what changed.
 
-The transforms route these lines; the encoding and every check live here. Three parts:
+The transforms route these lines; the encoding and every check live here (format: docs/state.md).
+Three parts:
 
-* source lines (``_state/sources-*.jsonl``), one per input file (or DICOMweb study): its key, its
-  stamp (size and modification time, or gs:// generation), the instance records its header gave,
-  its error lines and its counts: everything reading it produced, so an unchanged file is not read;
+* source lines (``_state/sources-*.jsonl``): of a file input one per folder unit (``folder_state``:
+  its listing digest, partial study groups, per file its stamp, record, errors and counts), of a
+  DICOMweb input one per study (``source_line``): everything reading produced, so an unchanged
+  unit is reused whole and an unchanged file or study is not read;
 * study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, and
   its resource lines, shared resources, error and counts: an unchanged study is not rebuilt;
 * the header ``_state/state.json``: format, converter version, input root, the options the lines
   depend on, and the size of every shard.
 
-Every line carries a checksum; a later run refuses a state that is missing, truncated, written by
-another version, for another input or with other reading options, in one line, before it reads
-anything. Other conversion options only mean that every study is rebuilt from the kept records.
+Records are plain JSON values (no pickle). Every line carries a checksum of its bytes; a later run
+refuses a state that is missing, truncated, of another format, written by another version, for
+another input or with other reading options, in one line, before it reads anything. Other
+conversion options only mean that every study is rebuilt from the kept records.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import pickle
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,13 +34,13 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.dicom import records as record_types
 from beam_pipeline.run import core
-from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME
+from beam_pipeline.run.layout import SOURCE_STATE_NAME, STATE_HEADER_NAME, STUDY_STATE_NAME, SUMMARY_NAME
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
 
-FORMAT = 1
-_BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
+FORMAT = 2  # 1: records pickled (refused); 2: records as plain JSON values (docs/state.md)
+BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
 
 
 class StateError(Exception):
@@ -53,61 +54,95 @@ class StateError(Exception):
 def source_key(path: inputs.Path) -> str:
     """A source line's key: the path, or for an undecodable local name its bytes in base64."""
     if isinstance(path, bytes):
-        return _BYTES_KEY + base64.b64encode(path).decode("ascii")
+        return BYTES_KEY + base64.b64encode(path).decode("ascii")
     return path
 
 
 def key_path(key: str) -> inputs.Path:
-    return base64.b64decode(key[len(_BYTES_KEY):]) if key.startswith(_BYTES_KEY) else key
+    return base64.b64decode(key[len(BYTES_KEY):]) if key.startswith(BYTES_KEY) else key
 
 
-class _RecordUnpickler(pickle.Unpickler):
-    """Loads instance records only: plain values and the dose report tuples, never other classes
-    (the state lies beside the output, where anyone who can write it must not run code)."""
-
-    _ALLOWED = {("beam_pipeline.dicom.records", "DoseReport"), ("beam_pipeline.dicom.records", "DoseItem"),
-                ("builtins", "set"), ("builtins", "frozenset")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of an instance record")
-        return getattr(record_types, name) if module.startswith("beam_pipeline") else {"set": set, "frozenset": frozenset}[name]
+# Record values JSON has no type for, as a one-key object {tag: value}: the dose report's named
+# tuples (their fields as an array), sets (sorted), bytes (hex). Plain tuples are arrays, read back
+# as tuples (records hold no lists: the study's duplicate checks compare tuples).
+_TYPES = {"DoseReport": record_types.DoseReport, "DoseItem": record_types.DoseItem}
+_TAG = "\u0000"  # no DICOM keyword starts with NUL
 
 
-def encode_record(record: dict) -> str:
-    """An instance record exactly as the reader gave it (tuples stay tuples, as the study's
-    duplicate checks compare them), as text."""
-    return base64.b64encode(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+def plain_value(value):
+    if isinstance(value, tuple) and type(value).__name__ in _TYPES:
+        return {_TAG + type(value).__name__: list(value)}
+    if isinstance(value, (set, frozenset)):
+        return {_TAG + type(value).__name__: sorted(value, key=repr)}
+    if isinstance(value, bytes):
+        return {_TAG + "bytes": value.hex()}
+    raise TypeError(f"{type(value).__name__} is not a record value")
 
 
-def decode_record(text: str) -> dict:
-    return _RecordUnpickler(io.BytesIO(base64.b64decode(text))).load()
+def typed_value(value):
+    kind = type(value)
+    if kind is list:
+        return tuple([typed_value(item) for item in value])
+    if kind is not dict:
+        return value
+    if len(value) == 1:
+        (key, inner), = value.items()
+        if key.startswith(_TAG):
+            tag = key[1:]
+            if tag in _TYPES:
+                return _TYPES[tag](*[typed_value(item) for item in inner])
+            if tag in ("set", "frozenset"):
+                return (set if tag == "set" else frozenset)([typed_value(item) for item in inner])
+            if tag == "bytes":
+                return bytes.fromhex(inner)
+    return {key: item if type(item) in _PLAIN else typed_value(item) for key, item in value.items()}
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def decode_record(plain) -> dict:
+    """An instance record from its plain JSON values (written with ``plain_value``): equal to the
+    reader's, tuples as tuples."""
+    return typed_value(plain)
 
 
 # ---------------------------------------------------------------------------------------------
 # Lines, each with its checksum
 
 
-def _checksum(body: dict) -> str:
-    return hashlib.sha256(orjson.dumps(body)).hexdigest()[:16]
+_CHECK = b',"check":"'
+_CHECK_TAIL = len(_CHECK) + 16 + 2  # ,"check":"<16 hex digits>"}
 
 
-def _seal(body: dict) -> str:
-    """The body as one line, its checksum last. Keys keep their order (resources are written back
-    exactly as built), and orjson reads and writes a line it wrote byte for byte alike."""
-    return orjson.dumps({**body, "check": _checksum(body)}).decode("utf-8")
+def _checksum(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:16]
 
 
-def _unseal(line: str, what: str) -> dict:
-    try:
-        body = orjson.loads(line)
-        check = body.pop("check")
-    except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
+def seal(body: dict, default=None) -> str:
+    """The body as one JSON line, the checksum of its bytes as its last member. Keys keep their
+    order (resources are written back exactly as built)."""
+    data = orjson.dumps(body, default=default)
+    return (data[:-1] + _CHECK + _checksum(data).encode("ascii") + b'"}').decode("utf-8")
+
+
+def unseal(line: str, what: str) -> dict:
+    """The body of a line, its checksum checked on the bytes (not re-serialized)."""
+    data = line.encode("utf-8")
+    if len(data) <= _CHECK_TAIL or data[-_CHECK_TAIL:-18] != _CHECK or not data.endswith(b'"}'):
         raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
-                         "run once without --since") from None
-    if check != _checksum(body):
+                         "run once without --since")
+    body = data[:-_CHECK_TAIL] + b"}"
+    if data[-18:-2].decode("ascii", "replace") != _checksum(body):
         raise StateError(f"a {what} line of the previous state is damaged (checksum): run once without --since")
-    return body
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
+                         "run once without --since")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -116,7 +151,7 @@ class SourceEntry:
 
     key: str
     stamp: str | None
-    records: tuple[str, ...]  # encoded records (decoded only where reused)
+    records: tuple  # records as plain values (decoded only where reused)
     errors: tuple[dict, ...]
     counts: dict
     line: str
@@ -132,27 +167,42 @@ class SourceEntry:
 
 
 def source_line(key: str, stamp: str | None, records, errors, counts) -> str:
-    return _seal({"key": key, "stamp": stamp, "records": [encode_record(r) for r in records],
-                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}})
+    return seal({"key": key, "stamp": stamp, "records": list(records),
+                  "errors": list(errors), "counts": {k: v for k, v in sorted(counts.items()) if v}}, default=plain_value)
 
 
 def read_source_line(line: str) -> SourceEntry:
-    body = _unseal(line, "source")
+    body = unseal(line, "source")
     return SourceEntry(body["key"], body["stamp"], tuple(body["records"]), tuple(body["errors"]),
                        body["counts"], line)
 
 
 @dataclass(frozen=True)
 class StudyEntry:
+    """A previous run's study line: its key and digest, and the line (its outcome parsed only where
+    it is used: a reused or changed study, not on its way through the shuffle)."""
+
     key: str
     digest: str
-    outcome: core.StudyOutcome
     line: str
+
+    @property
+    def outcome(self) -> core.StudyOutcome:
+        body = orjson.loads(self.line)  # checked when read (``read_study_line``)
+        return core.StudyOutcome(
+            lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
+            shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
+            error=body["error"], counts=Counter(body["counts"]))
+
+    @property
+    def shared(self) -> list[tuple[str, str]]:
+        """The shared resources the study built (its other lines left as they are)."""
+        return [(shared_key, core.dumps(resource)) for shared_key, resource in orjson.loads(self.line)["shared"]]
 
 
 def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
     """A built study: its lines kept as parsed JSON (orjson writes them back byte for byte)."""
-    return _seal({
+    return seal({
         "key": key, "digest": digest, "error": outcome.error,
         "lines": {name: [orjson.loads(line) for line in lines] for name, lines in sorted(outcome.lines.items())},
         "shared": [[shared_key, orjson.loads(line)] for shared_key, line in outcome.shared],
@@ -161,12 +211,8 @@ def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
 
 
 def read_study_line(line: str) -> StudyEntry:
-    body = _unseal(line, "study")
-    outcome = core.StudyOutcome(
-        lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
-        shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
-        error=body["error"], counts=Counter(body["counts"]))
-    return StudyEntry(body["key"], body["digest"], outcome, line)
+    body = unseal(line, "study")
+    return StudyEntry(body["key"], body["digest"], line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +282,6 @@ def shard_sizes(output_dir: str, files) -> dict:
     return sizes
 
 
-def write_header(output_dir: str, document: dict) -> None:
-    with FileSystems.create(FileSystems.join(output_dir, STATE_HEADER_NAME), mime_type="application/json") as out:
-        out.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
-
-
 @dataclass(frozen=True)
 class Previous:
     """A previous run's usable state: its shards, and whether its studies can be reused."""
@@ -263,6 +304,9 @@ def check_previous(folder: str, settings: Settings, config) -> Previous:
     if not FileSystems.exists(path):
         raise StateError(f"--since {folder}: no state ({STATE_HEADER_NAME} is missing: not an output folder of "
                          f"this converter, or its run did not finish): {redo}")
+    if not FileSystems.exists(FileSystems.join(folder, SUMMARY_NAME)):
+        raise StateError(f"--since {folder}: its run did not finish ({SUMMARY_NAME} is missing): start from the "
+                         f"last complete output, or {redo}")
     try:
         with FileSystems.open(path) as handle:
             document = json.loads(handle.read())

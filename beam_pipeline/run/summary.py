@@ -45,13 +45,6 @@ def accounted(summary: dict) -> bool:
     return sum(summary["outcomes"].values()) == summary["files_matched"]
 
 
-def write_summary(output_dir: str, summary: dict) -> str:
-    path = FileSystems.join(output_dir, SUMMARY_NAME)
-    with FileSystems.create(path) as out:
-        out.write(json.dumps(summary, indent=2).encode("utf-8") + b"\n")
-    return path
-
-
 def read_summary(output_dir: str) -> dict:
     with FileSystems.open(FileSystems.join(output_dir, SUMMARY_NAME)) as handle:
         return json.loads(handle.read())

@@ -1,0 +1,132 @@
+"""Step 4: build each study's resources (or reuse them from the previous run's state), shared
+resources once per run, and with a previous run what changed."""
+from __future__ import annotations
+
+import typing
+from collections import Counter
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.run import core, delta, layout, state
+from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
+from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, ERRORS, NAMESPACE, STATE
+
+
+@beam.typehints.with_output_types(typing.Tuple[str, str])
+class BuildStudyDoFn(beam.DoFn):
+    """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}) -> (resource type, NDJSON
+    line); shared resources (Device, Patient, Encounter), rejections and the study's state line to
+    their own outputs. A study whose records are those of the previous run is not rebuilt: its
+    lines come from the state. With a previous run, what changed goes to ``delta``/``deleted``."""
+
+    SHARED = "shared"
+
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None,
+                 incremental: bool = False, reuse_studies: bool = True):
+        self.config = config
+        self.validate = validate
+        self.progress_settings = progress
+        self.incremental = incremental
+        self.reuse_studies = reuse_studies
+        self.written = Metrics.counter(NAMESPACE, "studies_written")
+        self.rejected = Metrics.counter(NAMESPACE, "studies_rejected")
+        self.reused = Metrics.counter(NAMESPACE, "studies_reused")
+
+    def setup(self):
+        from beam_pipeline.fhir import build as fhir_build
+        from terminologies import Terminologies
+
+        self.terms = Terminologies.load()
+        self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def process(self, item):
+        uid, joined = item
+        now, before = list(joined["now"]), list(joined["before"])
+        previous = before[0] if before else None
+        if not now:  # every file of the study is gone (or no longer a valid instance)
+            _, deleted = delta.study_changes(previous.outcome, None)
+            yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_deleted": 1}))
+            return
+        group = now[0]
+        digest = group.digest()
+        if previous is not None and self.reuse_studies and previous.digest == digest:
+            outcome, line = previous.outcome, previous.line
+            self.reused.inc()
+            extra = Counter({"incremental:studies_reused": 1})
+        else:
+            outcome = core.process_study(group, self.config, self.terms, self.validator)
+            line = state.study_line(uid, digest, outcome)
+            extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
+            if self.incremental:
+                changed, deleted = delta.study_changes(previous.outcome if previous else None, outcome)
+                yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
+                yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+        yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
+        yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts + extra)
+        self.written.inc(outcome.counts["studies_written"])
+        self.rejected.inc(outcome.counts["studies_rejected"])
+        self.progress.add({"studies_written": outcome.counts["studies_written"]})
+        if outcome.error is not None:
+            yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
+        for resource_type, lines in outcome.lines.items():
+            for resource_line in lines:
+                yield resource_type, resource_line
+        for shared in outcome.shared:
+            yield beam.pvalue.TaggedOutput(self.SHARED, shared)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+
+def shared_delta(item):
+    """(key, {"now": [line], "before": [line]}) -> tagged delta lines and deleted keys."""
+    key, joined = item
+    changed, deleted = delta.shared_change(key, list(joined["before"]), list(joined["now"]))
+    yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
+    yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+
+
+class BuildResources(beam.PTransform):
+    """StudyGroups (+ the previous run's study entries) -> study lines, shared lines (each
+    Device/Patient/Encounter once per run), errors, counts, study state lines, and with a previous
+    run its delta lines and deleted keys."""
+
+    def __init__(self, config: ConversionConfig, validate: str = "sampled", progress: ProgressSettings | None = None,
+                 previous_studies=None, reuse_studies: bool = True):
+        super().__init__()
+        self.config = config
+        self.validate = validate
+        self.progress = progress
+        self.previous_studies = previous_studies
+        self.reuse_studies = reuse_studies
+
+    def expand(self, groups):
+        incremental = self.previous_studies is not None
+        keyed = groups | "ByStudy" >> beam.Map(lambda group: (group.study_uid, group))
+        if incremental:
+            joined = {"now": keyed, "before": self.previous_studies} | "JoinState" >> beam.CoGroupByKey()
+        else:
+            joined = keyed | "Alone" >> beam.MapTuple(lambda uid, group: (uid, {"now": [group], "before": []}))
+        built = joined | "Build" >> beam.ParDo(BuildStudyDoFn(
+            self.config, self.validate, self.progress, incremental, self.reuse_studies)).with_outputs(
+            ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, main="resources")
+        picks = built[BuildStudyDoFn.SHARED] | "SharedOnce" >> beam.CombinePerKey(core.pick_shared)
+        shared = picks | "SharedLine" >> beam.Map(lambda item: (core.shared_type(item[0]), item[1]))
+        shared_counts = shared | "CountShared" >> beam.Map(lambda item: Counter({f"lines:{item[0]}": 1}))
+        counts = (built[COUNTS], shared_counts) | "BuildCounts" >> beam.Flatten()
+        changes = None
+        if incremental:
+            before = (self.previous_studies
+                      | "PreviousShared" >> beam.FlatMap(lambda item: item[1].shared)
+                      | "PreviousSharedOnce" >> beam.CombinePerKey(core.pick_shared))
+            shared_changes = ({"now": picks, "before": before}
+                              | "JoinShared" >> beam.CoGroupByKey()
+                              | "SharedDelta" >> beam.FlatMap(shared_delta).with_outputs(DELTA, DELETED))
+            changes = ((built[DELTA], shared_changes[DELTA]) | "AllDelta" >> beam.Flatten(),
+                       (built[DELETED], shared_changes[DELETED]) | "AllDeleted" >> beam.Flatten())
+        return built.resources, shared, built[ERRORS], counts, built[STATE], changes

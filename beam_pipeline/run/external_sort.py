@@ -1,0 +1,150 @@
+"""The writer's external sort: sorted run files, then their streaming merge into the output's shards.
+
+A writer holds at most ``RUN_BYTES`` of lines, sorts them and writes them as a *run* file into the
+run's temp folder, named by its name and a hash of its content (a retried bundle writes the same
+file again, under the same name, whole or not at all). The runs' descriptions travel on as
+elements, so only runs of committed bundles are merged. The merge reads its runs line by line
+(``heapq.merge``), which gives exactly the lines ``sorted`` would, and sends each line to its shard
+(``output.shard_of``): the files are those an in-memory sort writes, byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import uuid
+from dataclasses import dataclass
+
+import orjson
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.run import output
+from beam_pipeline.run.layout import DELETIONS_NAME
+from beam_pipeline.sources.files import is_remote
+
+RUN_BYTES = 32 * 1024 * 1024  # line bytes a writer holds before it writes a run
+RUNS_DIR = "runs"
+# Runs merged at once: each open run holds a read buffer (16 MiB for gs://), so more runs are
+# merged in rounds.
+FAN_IN = 64
+REMOTE_FAN_IN = 8
+WRITE_LINES = 4096  # lines per write call
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run file: its name (``manifest.json``'s, e.g. ``ImagingStudy``), path, lines, and the
+    size its lines count for in the shard count (characters + newline, as ``output.shard_count``)."""
+
+    name: str
+    path: str
+    lines: int
+    size: int
+
+
+def _file_name(name: str) -> str:
+    return name.replace("/", "--")
+
+
+def write_run(temp_dir: str, name: str, lines: list[bytes], size: int) -> Run:
+    """Sorts ``lines`` (UTF-8, no newline) and writes them as one run file; returns its description."""
+    lines.sort()
+    data = b"\n".join(lines) + b"\n"
+    path = FileSystems.join(temp_dir, RUNS_DIR, f"{_file_name(name)}-{hashlib.sha256(data).hexdigest()[:32]}.run")
+    _write_whole(path, data)
+    return Run(name, path, len(lines), size)
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """Written under a unique name, then renamed: a reader never sees a partial run, whichever
+    attempt of a bundle wrote it last."""
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    with FileSystems.create(partial, mime_type="application/octet-stream") as out:
+        out.write(data)
+    FileSystems.rename([partial], [path])
+
+
+def _lines(path: str):
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        for line in handle:
+            yield line[:-1] if line.endswith(b"\n") else line
+
+
+def merged(temp_dir: str, runs: list[Run]):
+    """The lines of ``runs`` in sorted order, read line by line (in rounds when there are many)."""
+    paths = [run.path for run in runs]
+    fan_in = REMOTE_FAN_IN if is_remote(temp_dir) else FAN_IN
+    while len(paths) > fan_in:
+        grouped = [paths[start:start + fan_in] for start in range(0, len(paths), fan_in)]
+        paths = [_merge_to_run(temp_dir, group) for group in grouped]
+    return heapq.merge(*(_lines(path) for path in paths))
+
+
+def _merge_to_run(temp_dir: str, paths: list[str]) -> str:
+    path = FileSystems.join(temp_dir, RUNS_DIR, f"merged-{uuid.uuid4().hex}.run")
+    with FileSystems.create(path, mime_type="application/octet-stream") as out:
+        _write_lines(out, heapq.merge(*(_lines(source) for source in paths)))
+    return path
+
+
+def _write_lines(out, lines) -> int:
+    count, chunk = 0, []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == WRITE_LINES:
+            out.write(b"\n".join(chunk) + b"\n")
+            count += len(chunk)
+            chunk = []
+    if chunk:
+        out.write(b"\n".join(chunk) + b"\n")
+    return count + len(chunk)
+
+
+def merge_into_shards(temp_dir: str, name: str, runs: list[Run]) -> list[tuple[str, str, int]]:
+    """Merges a name's runs into its shard files (every shard, empty ones too) in the temp folder;
+    returns (name, path relative to the output folder, line count) of each."""
+    total = output.shard_count(sum(run.size for run in runs))
+    relatives = [output.shard_name(name, index, total) for index in range(total)]
+    mime = "application/fhir+ndjson" if relatives[0].endswith(".ndjson") else "application/jsonl"
+    outs = [FileSystems.create(FileSystems.join(temp_dir, _file_name(relative)), mime_type=mime)
+            for relative in relatives]
+    counts = [0] * total
+    try:
+        if total == 1:
+            counts[0] = _write_lines(outs[0], merged(temp_dir, runs))
+        else:
+            chunks = [[] for _ in range(total)]
+            for line in merged(temp_dir, runs):
+                shard = output.shard_of(line, total)
+                chunk = chunks[shard]
+                chunk.append(line)
+                if len(chunk) == WRITE_LINES:
+                    outs[shard].write(b"\n".join(chunk) + b"\n")
+                    counts[shard] += len(chunk)
+                    chunk.clear()
+            for shard, chunk in enumerate(chunks):
+                if chunk:
+                    outs[shard].write(b"\n".join(chunk) + b"\n")
+                    counts[shard] += len(chunk)
+    finally:
+        for out in outs:
+            out.close()
+    return [(name, relative, count) for relative, count in zip(relatives, counts)]
+
+
+def write_deletions(temp_dir: str, runs: list[Run]) -> tuple[str, str, int]:
+    """The deleted keys' runs -> ``_delta/deletions.json``, one transaction Bundle of DELETEs, keys
+    sorted and once each, written as it is merged: the bytes of ``orjson.dumps(delta.deletions_bundle(keys),
+    option=OPT_INDENT_2)`` and a newline, without holding the keys."""
+    path = FileSystems.join(temp_dir, _file_name(DELETIONS_NAME))
+    count, previous = 0, None
+    with FileSystems.create(path, mime_type="application/fhir+json") as out:
+        out.write(b'{\n  "resourceType": "Bundle",\n  "type": "transaction"')
+        for key in merged(temp_dir, runs) if runs else ():
+            if key == previous:
+                continue
+            entry = orjson.dumps({"request": {"method": "DELETE", "url": key.decode("utf-8")}},
+                                 option=orjson.OPT_INDENT_2)
+            out.write((b',\n  "entry": [\n' if count == 0 else b",\n") + b"    " + entry.replace(b"\n", b"\n    "))
+            count, previous = count + 1, key
+        out.write(b"\n  ]\n}\n" if count else b"\n}\n")
+    return DELETIONS_NAME, DELETIONS_NAME, count

@@ -1,0 +1,146 @@
+"""The source lines of a file input (``_state/sources-*.jsonl``): one per *unit*, a folder's files
+whose names hash to one of ``FOLDER_SPLIT`` parts (docs/state.md).
+
+A unit line holds the digest of its listing (names and stamps), the unit's partial study groups
+(what reading it adds to each study, series- and study-level values once) and per file its stamp,
+its record as the difference from its series' representative, its error lines and counts. A later
+run reuses a unit whose listing digest is unchanged without looking at its files; in a changed
+unit it reads only the files whose stamp changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import orjson
+
+from beam_pipeline.codes import TRANSIENT_REASONS
+from beam_pipeline.fhir.study import StudyGroup
+from beam_pipeline.run.state import BYTES_KEY, StateError, plain_value, seal, typed_value, unseal
+
+FOLDER_SPLIT = 4  # units per folder: a folder of a million files is not one line
+
+
+def unit_of(key: str) -> str:
+    """The unit of a source key: its folder and a hash of its name."""
+    folder, _, name = ("", "", key) if key.startswith(BYTES_KEY) else key.rpartition("/")
+    return f"{folder}|{zlib.crc32(name.encode('utf-8', 'surrogatepass')) % FOLDER_SPLIT}"
+
+
+def listing_digest(stamped) -> str | None:
+    """(key, stamp) pairs of a unit's files -> their digest; None when a stamp is unknown (the unit
+    is then never reused whole)."""
+    pairs = sorted(stamped)
+    if any(stamp is None for _, stamp in pairs):
+        return None
+    digest = hashlib.sha256()
+    for key, stamp in pairs:
+        digest.update(key.encode("utf-8", "surrogatepass") + b"\0" + stamp.encode("ascii") + b"\n")
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """What reading one file gave: its record (None when not an instance), error lines, counts."""
+
+    key: str
+    stamp: str | None
+    record: dict | None
+    errors: tuple
+    counts: dict
+
+    def reusable(self, stamp: str | None) -> bool:
+        """Unchanged (same known stamp) and not failed for a transient reason (tried again)."""
+        return (stamp is not None and stamp == self.stamp
+                and not any(error.get("reason") in TRANSIENT_REASONS for error in self.errors))
+
+
+def _group_plain(group: StudyGroup) -> dict:
+    body = {f.name: getattr(group, f.name) for f in fields(StudyGroup)}
+    representative = body.pop("representative")
+    body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
+    body["content"] = f"{group.content:x}"
+    return body
+
+
+def _group_typed(body: dict) -> StudyGroup:
+    values = typed_value(body)
+    values["content"] = int(body["content"], 16)
+    representative = values.pop("representative")
+    group = StudyGroup(**values)
+    group.representative = None if representative is None else group.series[representative]
+    return group
+
+
+def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]]) -> str:
+    """The unit's line; ``partials`` are its entries' records grouped (key -> study uid -> group)."""
+    groups = [(key, uid, partials[key][uid]) for key in sorted(partials) for uid in sorted(partials[key])]
+    series = {(uid, series_uid): index for index, (uid, series_uid) in
+              enumerate((uid, series_uid) for _, uid, group in groups for series_uid in sorted(group.series))}
+    representatives = {(uid, series_uid): group.series[series_uid]
+                       for _, uid, group in groups for series_uid in group.series}
+    files = []
+    for entry in entries:
+        if entry.record is None:
+            files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
+            continue
+        at = (entry.record["StudyInstanceUID"], entry.record["SeriesInstanceUID"])
+        base = representatives[at]
+        diff = {k: v for k, v in entry.record.items() if k not in base or base[k] != v}
+        dropped = [k for k in base if k not in entry.record]
+        files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
+    return seal({
+        "unit": unit,
+        "digest": listing_digest((entry.key, entry.stamp) for entry in entries),
+        "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors),
+        "groups": [[key, uid, _group_plain(group)] for key, uid, group in groups],
+        "files": files,
+    }, default=plain_value)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A previous run's unit line, read: its key, listing digest, and the line itself (parsed further
+    only where needed)."""
+
+    key: str
+    digest: str | None
+    retry: bool
+    files: int
+    line: str
+
+    def whole(self) -> tuple[dict, list, Counter, int]:
+        """(partials as ``study.dump_groups`` takes them, error lines, counts, files) of the whole
+        unit, its records not decoded."""
+        body = orjson.loads(self.line)  # checked when read (``read_unit_line``)
+        partials: dict[str, dict] = {}
+        for key, uid, group in body["groups"]:
+            partials.setdefault(key, {})[uid] = _group_typed(group)
+        errors, counts = [], Counter()
+        for file in body["files"]:
+            errors.extend(file[5])
+            counts.update(file[6])
+        return partials, errors, counts, len(body["files"])
+
+    def entries(self) -> list[FileEntry]:
+        """Every file of the unit with its record rebuilt."""
+        body = orjson.loads(self.line)
+        bases = [group.series[series_uid] for _, _, plain in body["groups"]
+                 for group in [_group_typed(plain)] for series_uid in sorted(group.series)]
+        entries = []
+        for key, stamp, at, diff, dropped, errors, counts in body["files"]:
+            record = None
+            if at is not None:
+                record = {k: v for k, v in bases[at].items() if k not in dropped}
+                record.update(typed_value(diff))
+            entries.append(FileEntry(key, stamp, record, tuple(errors), counts))
+        return entries
+
+
+def read_unit_line(line: str) -> Unit:
+    body = unseal(line, "source")
+    if "unit" not in body:
+        raise StateError("a source line of the previous state is not a folder unit: run once without --since")
+    return Unit(body["unit"], body["digest"], body["retry"], len(body["files"]), line)

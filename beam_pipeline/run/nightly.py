@@ -1,0 +1,135 @@
+"""Steps 1+2 starting from a previous run (``--since``): read only the files that changed, reuse
+the others' records from the previous run's state."""
+from __future__ import annotations
+
+import typing
+from collections import Counter
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from beam_pipeline.fhir import study
+from beam_pipeline.run import folder_state, layout, state
+from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
+from beam_pipeline.run.reading import ReadHeaders, unit_items
+from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
+from beam_pipeline.sources import files as inputs
+
+
+class ReadState(beam.PTransform):
+    """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the
+    workers; ``key_of`` chooses the key (default: the entry's own)."""
+
+    def __init__(self, shards, parse, key_of=None):
+        super().__init__()
+        self.shards = list(shards)
+        self.parse = parse
+        self.key_of = key_of or (lambda entry: entry.key)
+
+    def expand(self, pbegin):
+        parse, key_of = self.parse, self.key_of
+        if not self.shards:
+            return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
+        return (pbegin
+                | "Shards" >> beam.Create(self.shards)
+                | "Lines" >> beam.io.ReadAllFromText()
+                | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
+
+
+class ChooseUnitsDoFn(beam.DoFn):
+    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``]}) -> the unit whole to
+    reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
+    entries to reuse): a file is read again when it is new, its stamp differs or is unknown, or it
+    failed for a transient reason; a file no longer listed is gone."""
+
+    def __init__(self, progress: ProgressSettings | None = None):
+        self.progress_settings = progress
+
+    def setup(self):
+        self.progress = ProgressBeacon(self.progress_settings)
+
+    def finish_bundle(self):
+        self.progress.flush()
+
+    def process(self, item):
+        unit, joined = item
+        listed = [listed for part in joined["now"] for listed in part]
+        before = list(joined["before"])
+        previous = before[0] if before else None
+        counts = Counter()
+        if not listed:
+            counts["incremental:files_gone"] += previous.files
+            yield beam.pvalue.TaggedOutput(COUNTS, counts)
+            return
+        stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
+        if (previous is not None and not previous.retry and previous.digest is not None
+                and folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped) == previous.digest):
+            self.progress.add({"unchanged": len(listed)})  # not to be read: the progress line's total
+            yield beam.pvalue.TaggedOutput(REUSED, previous)
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
+            return
+        entries = {entry.key: entry for entry in previous.entries()} if previous is not None else {}
+        to_read, reused = [], []
+        for key, stamp, listed_item in stamped:
+            entry = entries.pop(key, None)
+            if entry is not None and entry.reusable(stamp):
+                reused.append(entry)
+                continue
+            counts["incremental:files_read"] += 1
+            counts["incremental:files_new" if entry is None else "incremental:files_changed_or_retried"] += 1
+            to_read.append(listed_item)
+        counts["incremental:files_reused"] += len(reused)
+        counts["incremental:files_gone"] += len(entries)
+        self.progress.add({"unchanged": len(reused)})
+        yield unit, to_read, reused
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+class ReuseUnitsDoFn(beam.DoFn):
+    """Unchanged units -> what reading them gave (partial groups, error lines, counts) and their
+    state lines, unchanged: the same outputs as ``ReadHeaderDoFn``, without a look at their files."""
+
+    def __init__(self):
+        self.reused = Metrics.counter(NAMESPACE, "files_reused")
+
+    def start_bundle(self):
+        self.partials: dict[str, dict] = {}
+
+    def process(self, unit):
+        partials, errors, counts, files = unit.whole()
+        yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, unit.line))
+        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+        self.reused.inc(files)
+        for key, groups in partials.items():
+            self.partials[key] = study.merge_directories([self.partials.get(key, {}), groups])
+
+    def finish_bundle(self):
+        for key in sorted(self.partials):
+            yield GlobalWindows.windowed_value((key, study.dump_groups(self.partials[key])))
+        self.partials = {}
+
+
+class ReadChangedHeaders(beam.PTransform):
+    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders``, reusing unchanged
+    units whole and reading only new, changed and transiently failed files of the others."""
+
+    def __init__(self, previous_units, read_headers: ReadHeaders, progress: ProgressSettings | None = None):
+        super().__init__()
+        self.progress = progress
+        self.previous_units = previous_units
+        self.read_headers = read_headers
+
+    def expand(self, batches):
+        chosen = ({"now": batches | "ByUnit" >> beam.FlatMap(unit_items), "before": self.previous_units}
+                  | "JoinState" >> beam.CoGroupByKey()
+                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(REUSED, COUNTS, main="read"))
+        to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
+        partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
+        reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
+            ERRORS, COUNTS, STATE, main="partials")
+        return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
+                (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
+                (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
+                (state_lines, reused[STATE]) | "AllSourceState" >> beam.Flatten())
