@@ -17,8 +17,6 @@ from __future__ import annotations
 import types
 import typing
 
-from pydantic import TypeAdapter, ValidationError
-
 MAX_SHAPES = 4096     # structures kept per worker (cleared when full: correctness does not depend on it)
 MAX_VALUES = 1 << 16  # checked primitive values kept per worker
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
@@ -58,8 +56,10 @@ class ShapeVerdicts:
     """Per worker: the structures pydantic accepted, and the primitive values already checked."""
 
     def __init__(self):
-        from fhir_core.types import FhirBase, FhirElementOrResourceBase
+        from fhir_core.types import FhirBase, FhirElementOrResourceBase  # imported by workers, not the launcher
+        from pydantic import TypeAdapter, ValidationError
 
+        self._type_adapter, self._invalid = TypeAdapter, (ValidationError, ValueError, TypeError)
         self._fhir_base, self._polymorphic = FhirBase, FhirElementOrResourceBase
         self.accepted: set = set()
         self.values: dict = {}
@@ -100,7 +100,7 @@ class ShapeVerdicts:
                     return False
         return True
 
-    def _value_ok(self, adapter: TypeAdapter, value) -> bool:
+    def _value_ok(self, adapter, value) -> bool:
         try:
             key = (id(adapter), type(value), value)
             known = self.values.get(key)
@@ -110,7 +110,7 @@ class ShapeVerdicts:
             try:
                 adapter.validate_python(value)
                 known = True
-            except (ValidationError, ValueError, TypeError):
+            except self._invalid:
                 known = False
             if len(self.values) >= MAX_VALUES:
                 self.values.clear()
@@ -131,11 +131,11 @@ class ShapeVerdicts:
             fields[info.alias or name] = spec
         return fields
 
-    def _adapter(self, annotation) -> TypeAdapter:
+    def _adapter(self, annotation):
         try:
             adapter = self.adapters.get(annotation)
         except TypeError:
-            return TypeAdapter(annotation)
+            return self._type_adapter(annotation)
         if adapter is None:
-            adapter = self.adapters[annotation] = TypeAdapter(annotation)
+            adapter = self.adapters[annotation] = self._type_adapter(annotation)
         return adapter
