@@ -66,39 +66,70 @@ class ShapeVerdicts:
         self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
 
-    def vouches(self, model, resource_type: str, resource: dict) -> tuple[bool, tuple]:
-        """(whether the resource is valid without asking pydantic, its key for ``accept``)."""
-        key = (resource_type, shape(resource, {}))
-        return key in self.accepted and self._check(model, resource), key
+    def vouches(self, model, resource_type: str, resource: dict) -> tuple[bool, tuple | None]:
+        """(whether the resource is valid without asking pydantic, its key for ``accept``; None when
+        it has parts this walk cannot vouch for)."""
+        values: list = []
+        walked = self._walk(model, resource, values, {})
+        if walked is None:
+            return False, None
+        key = (resource_type, walked)
+        return key in self.accepted and all(self._value_ok(adapter, value) for adapter, value in values), key
 
-    def accept(self, key: tuple) -> None:
+    def accept(self, key: tuple | None) -> None:
+        if key is None:
+            return
         if len(self.accepted) >= MAX_SHAPES:
             self.accepted.clear()
         self.accepted.add(key)
 
-    def _check(self, model, data: dict) -> bool:
+    def _walk(self, model, data: dict, values: list, memo: dict):
+        """The shape of ``data`` (as ``shape`` gives it) while collecting (type adapter, value) of
+        its primitives; None for a part the model does not declare plainly. A list already walked
+        in this call (the instances of a series share their detail extensions) is walked once."""
         fields = self.fields.get(model)
         if fields is None:
             fields = self.fields[model] = self._fields_of(model)
+        parts = []
         for key, value in data.items():
-            if key == "resourceType":  # part of the shape
+            if key == "resourceType":
+                parts.append((key, value))
                 continue
             spec = fields.get(key)
             if spec is None:
-                return False
+                return None
             kind, target, many = spec
-            if many and type(value) is not list:
-                return False
-            for item in (value if many else (value,)):
-                if kind is _MODEL:
-                    if type(item) is not dict or not self._check(target, item):
-                        return False
-                elif kind is _PRIMITIVE:
-                    if not self._value_ok(target, item):
-                        return False
-                else:
-                    return False
-        return True
+            if many:
+                if type(value) is not list:
+                    return None
+                found = memo.get(id(value))
+                if found is None:
+                    found = self._items(kind, target, value, values, memo)
+                    if found is None:
+                        return None
+                    memo[id(value)] = found
+                parts.append((key, found))
+            else:
+                found = self._items(kind, target, (value,), values, memo)
+                if found is None:
+                    return None
+                parts.append((key, found[0]))
+        return tuple(parts)
+
+    def _items(self, kind, target, items, values: list, memo: dict):
+        shapes = []
+        for item in items:
+            if kind is _PRIMITIVE:
+                values.append((target, item))
+                shapes.append(type(item))
+            elif kind is _MODEL and type(item) is dict:
+                found = self._walk(target, item, values, memo)
+                if found is None:
+                    return None
+                shapes.append(found)
+            else:
+                return None
+        return tuple(shapes)
 
     def _value_ok(self, adapter, value) -> bool:
         try:
