@@ -18,7 +18,7 @@ import types
 import typing
 
 MAX_SHAPES = 4096     # structures kept per worker (cleared when full: correctness does not depend on it)
-MAX_VALUES = 1 << 16  # checked primitive values kept per worker
+MAX_VALUES = 1 << 14  # checked primitive values kept per worker (a few MB at most)
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 
 
