@@ -99,36 +99,38 @@ class ShapeVerdicts:
             if spec is None:
                 return None
             kind, target, many = spec
-            if many:
-                if type(value) is not list:
+            if not many:
+                if kind is _PRIMITIVE:
+                    values.append((target, value))
+                    parts.append((key, type(value)))
+                    continue
+                if kind is not _MODEL or type(value) is not dict:
                     return None
-                found = memo.get(id(value))
-                if found is None:
-                    found = self._items(kind, target, value, values, memo)
-                    if found is None:
-                        return None
-                    memo[id(value)] = found
-                parts.append((key, found))
+                found = self._walk(target, value, values, memo)
+            elif type(value) is not list:
+                return None
             else:
-                found = self._items(kind, target, (value,), values, memo)
+                seen = (id(value), target)
+                found = memo.get(seen)
                 if found is None:
-                    return None
-                parts.append((key, found[0]))
+                    found = memo[seen] = self._items(kind, target, value, values, memo)
+            if found is None:
+                return None
+            parts.append((key, found))
         return tuple(parts)
 
-    def _items(self, kind, target, items, values: list, memo: dict):
+    def _items(self, kind, target, items: list, values: list, memo: dict):
+        if kind is _PRIMITIVE:
+            values.extend((target, item) for item in items)
+            return tuple([type(item) for item in items])
+        if kind is not _MODEL:
+            return None
         shapes = []
         for item in items:
-            if kind is _PRIMITIVE:
-                values.append((target, item))
-                shapes.append(type(item))
-            elif kind is _MODEL and type(item) is dict:
-                found = self._walk(target, item, values, memo)
-                if found is None:
-                    return None
-                shapes.append(found)
-            else:
+            found = self._walk(target, item, values, memo) if type(item) is dict else None
+            if found is None:
                 return None
+            shapes.append(found)
         return tuple(shapes)
 
     def _value_ok(self, adapter, value) -> bool:
