@@ -183,3 +183,66 @@ def test_one_dicom_date_parser_serves_both_fhir_datetimes_and_arithmetic():
     assert parse_datetime("20240719120330+0200", "") == datetime(2024, 7, 19, 12, 3, 30)  # a DT
     assert parse_datetime("20240719", "") is None and parse_datetime("20241399", "12") is None
     assert parse_datetime("2024.07.19", "25") is None
+
+
+BAD_VALUES = ["", " padded", "two  spaces", "line\x0bfeed", "2021-02-30", "2021-13-01T00:00:00Z", "not a date",
+              "urn:oid:01.2", -1, 2**31, 1.5, float("nan"), True, None, "a" * 65, "ünïcode id", "x" * 3]
+
+
+def _leaves(value, path=()):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key != "resourceType":
+                yield from _leaves(item, path + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, path + (index,))
+    else:
+        yield path
+
+
+def _replaced(resource, path, value):
+    import copy
+
+    changed = copy.deepcopy(resource)
+    target = changed
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return changed
+
+
+def test_a_structure_validated_once_vouches_only_for_values_that_pass_their_type(terms):
+    """The per-worker verdicts by structure give pydantic's verdict, and its message, on every
+    resource: one bad primitive value anywhere in a study or a Device (each of a structure accepted
+    before) is found as the model would find it."""
+    from pydantic import ValidationError
+
+    records = [record(f"1.2.3.1.{i}", number=i, StudyDescription="Chest", SeriesDescription="AX",
+                      StudyDate="20210104", StudyTime="073000", AccessionNumber="ACC1", BodyPartExamined="CHEST",
+                      DeviceSerialNumber="SN1", Manufacturer="ACME", ManufacturerModelName="M1",
+                      PixelSpacing=(0.5, 0.5), ImageType=("ORIGINAL", "PRIMARY")) for i in range(1, 4)]
+    built = build_study(_group(records), ConversionConfig(), terms)
+    validator = fhir_build.Validator()
+    assert validator.problem(built.resources) is None  # accepts both structures
+    rng = random.Random(7)
+    checked = 0
+    for resource_type, resource in built.resources:
+        model = validator.models[resource_type]
+        view = fhir_build.validation_view(resource) if resource_type == "ImagingStudy" else resource
+        for path in _leaves(view):
+            for bad in rng.sample(BAD_VALUES, 4):
+                if "instance" in path and path[-1] in ("uid", "code") and not isinstance(bad, str):
+                    continue  # built from strings only: instance_id_problem reads them as such
+                changed = _replaced(view, path, bad)
+                try:
+                    model.model_validate(changed)
+                    expected = None
+                except ValidationError as exc:
+                    expected = exc.errors(include_input=False, include_url=False)[0]["msg"]
+                got = validator.problem([(resource_type, changed)])
+                assert (got is None) == (expected is None), (resource_type, path, bad, got, expected)
+                assert got is None or expected in got[1] or "not a valid FHIR" in got[1]  # uid and sopClass: own check
+                checked += 1
+    assert checked > 100
+    assert validator.verdicts.accepted  # the structures were kept, not validated anew each time

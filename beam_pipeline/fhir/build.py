@@ -22,7 +22,7 @@ from beam_pipeline.codes import (
     sha256_id,
 )
 from beam_pipeline.dicom.dates import combine, parse_date, parse_time
-from beam_pipeline.fhir import dose, mii, references
+from beam_pipeline.fhir import dose, mii, references, validation
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.referenced import service_request
 from beam_pipeline.fhir.study import StudyGroup, rank
@@ -329,23 +329,6 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _FHIR_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
 
 
-def _shape(value, memo: dict):
-    """The structure of a JSON value without its values: instances built alike share one shape.
-
-    ``memo`` maps id() of lists already seen in this study to their shape: the instances of a series
-    share their detail extension list (``_instance_details``), so each list is walked once.
-    """
-    kind = type(value)
-    if kind is dict:
-        return tuple([(key, _shape(item, memo)) for key, item in value.items()])
-    if kind is list:
-        shape = memo.get(id(value))
-        if shape is None:
-            shape = memo[id(value)] = tuple([_shape(item, memo) for item in value])
-        return shape
-    return kind
-
-
 def validation_view(study: dict) -> dict:
     """The ImagingStudy with, per series, only instances of a shape not seen before in the study.
 
@@ -360,7 +343,7 @@ def validation_view(study: dict) -> dict:
     for series in study.get("series", ()):
         kept = []
         for instance in series.get("instance", ()):
-            shape = _shape(instance, memo)
+            shape = validation.shape(instance, memo)
             if shape not in seen:
                 seen.add(shape)
                 kept.append(instance)
@@ -384,7 +367,9 @@ class Validator:
     """Checks resources against the fhir.resources R4B models (FHIR R4-compatible); built once per worker.
 
     ``full=False`` (default) validates every resource, with the instance level of an ImagingStudy
-    reduced to one instance per distinct shape (see ``validation_view``).
+    reduced to one instance per distinct shape (see ``validation_view``), and a structure pydantic
+    has accepted before only value by value (see ``validation``): the same verdicts, once per
+    structure instead of once per study.
     """
 
     def __init__(self, full: bool = False):
@@ -397,6 +382,7 @@ class Validator:
         self.full = full
         self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation,
                        "Endpoint": Endpoint, "ServiceRequest": ServiceRequest}
+        self.verdicts = None if full else validation.ShapeVerdicts()
 
     def problem(self, resources) -> tuple[str, str] | None:
         """(Reason.INVALID_FHIR, where and what) for the first invalid resource; values are not quoted."""
@@ -408,10 +394,17 @@ class Validator:
                 if bad_uid:
                     return Reason.INVALID_FHIR, f"ImagingStudy: {bad_uid}"
                 resource = validation_view(resource)
+            model = self.models[resource_type]
+            if self.verdicts is not None:
+                vouched, shape = self.verdicts.vouches(model, resource_type, resource)
+                if vouched:
+                    continue
             try:
-                self.models[resource_type].model_validate(resource)
+                model.model_validate(resource)
             except ValidationError as exc:
                 errors = exc.errors(include_input=False, include_url=False)
                 where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
                 return Reason.INVALID_FHIR, f"{resource_type}: {where}"
+            if self.verdicts is not None:
+                self.verdicts.accept(shape)
         return None

@@ -251,9 +251,12 @@ def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[st
     except OSError:
         return None, []
     files, folders = [], []
+    excluded_name = os.path.basename(excluded) if excluded else None
     for entry in scanned:
         if _followed(entry, root_real):
-            if not (excluded and os.path.realpath(entry.path) == excluded):
+            # Only a link, or a folder of the excluded folder's name, can be it: no realpath per folder.
+            if not (excluded and (entry.name == excluded_name or entry.is_symlink())
+                    and os.path.realpath(entry.path) == excluded):
                 folders.append(entry.path)
             continue
         try:

@@ -1,0 +1,174 @@
+"""Validation by shape: pydantic checks each resource structure once per worker, then only values.
+
+The fhir.resources models decide a resource's validity from its structure (which elements are
+present, nested how, as lists of which length, with leaf values of which Python type, and the
+``resourceType`` of each resource) and from each primitive value checked by its own FHIR type
+(id, code, dateTime...). Their model-level checks (required elements, one of many ``value[x]``,
+no null in a list of complex elements) look at presence only. So once pydantic has accepted one
+resource of a structure, another of the same structure is valid if each of its primitive values
+passes the validator of its field's type, which costs microseconds instead of a model walk.
+
+Anything this walk cannot vouch for (a key the model lacks, a polymorphic ``Resource`` field, a
+value that fails its type) goes to pydantic itself, so the verdict and its message are pydantic's.
+Small studies of alike scanners repeat a handful of structures: each is modelled once per worker.
+"""
+from __future__ import annotations
+
+import types
+import typing
+
+MAX_SHAPES = 4096     # structures kept per worker (cleared when full: correctness does not depend on it)
+MAX_VALUES = 1 << 14  # checked primitive values kept per worker (a few MB at most)
+_MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
+
+
+def shape(value, memo: dict):
+    """The structure of a JSON value without its values, but with each ``resourceType``.
+
+    ``memo`` maps id() of lists already seen to their shape: the instances of a series share their
+    detail extension list, so each list is walked once (valid while the caller holds the value).
+    """
+    kind = type(value)
+    if kind is dict:
+        return tuple([(key, item if key == "resourceType" else shape(item, memo)) for key, item in value.items()])
+    if kind is list:
+        found = memo.get(id(value))
+        if found is None:
+            found = memo[id(value)] = tuple([shape(item, memo) for item in value])
+        return found
+    return kind
+
+
+def _field_type(annotation):
+    """(list or not, the element's annotation) without the Optional around it."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) != 1:
+            return False, None
+        annotation = args[0]
+    if typing.get_origin(annotation) in (list, typing.List):
+        (item,) = typing.get_args(annotation)
+        return True, item
+    return False, annotation
+
+
+class ShapeVerdicts:
+    """Per worker: the structures pydantic accepted, and the primitive values already checked."""
+
+    def __init__(self):
+        from fhir_core.types import FhirBase, FhirElementOrResourceBase  # imported by workers, not the launcher
+        from pydantic import TypeAdapter, ValidationError
+
+        self._type_adapter, self._invalid = TypeAdapter, (ValidationError, ValueError, TypeError)
+        self._fhir_base, self._polymorphic = FhirBase, FhirElementOrResourceBase
+        self.accepted: set = set()
+        self.values: dict = {}
+        self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
+        self.adapters: dict = {}  # primitive annotation -> TypeAdapter
+
+    def vouches(self, model, resource_type: str, resource: dict) -> tuple[bool, tuple | None]:
+        """(whether the resource is valid without asking pydantic, its key for ``accept``; None when
+        it has parts this walk cannot vouch for)."""
+        values: list = []
+        walked = self._walk(model, resource, values, {})
+        if walked is None:
+            return False, None
+        key = (resource_type, walked)
+        return key in self.accepted and all(self._value_ok(adapter, value) for adapter, value in values), key
+
+    def accept(self, key: tuple | None) -> None:
+        if key is None:
+            return
+        if len(self.accepted) >= MAX_SHAPES:
+            self.accepted.clear()
+        self.accepted.add(key)
+
+    def _walk(self, model, data: dict, values: list, memo: dict):
+        """The shape of ``data`` (as ``shape`` gives it) while collecting (type adapter, value) of
+        its primitives; None for a part the model does not declare plainly. A list already walked
+        in this call (the instances of a series share their detail extensions) is walked once."""
+        fields = self.fields.get(model)
+        if fields is None:
+            fields = self.fields[model] = self._fields_of(model)
+        parts = []
+        for key, value in data.items():
+            if key == "resourceType":
+                parts.append((key, value))
+                continue
+            spec = fields.get(key)
+            if spec is None:
+                return None
+            kind, target, many = spec
+            if not many:
+                if kind is _PRIMITIVE:
+                    values.append((target, value))
+                    parts.append((key, type(value)))
+                    continue
+                if kind is not _MODEL or type(value) is not dict:
+                    return None
+                found = self._walk(target, value, values, memo)
+            elif type(value) is not list:
+                return None
+            else:
+                seen = (id(value), target)
+                found = memo.get(seen)
+                if found is None:
+                    found = memo[seen] = self._items(kind, target, value, values, memo)
+            if found is None:
+                return None
+            parts.append((key, found))
+        return tuple(parts)
+
+    def _items(self, kind, target, items: list, values: list, memo: dict):
+        if kind is _PRIMITIVE:
+            values.extend((target, item) for item in items)
+            return tuple([type(item) for item in items])
+        if kind is not _MODEL:
+            return None
+        shapes = []
+        for item in items:
+            found = self._walk(target, item, values, memo) if type(item) is dict else None
+            if found is None:
+                return None
+            shapes.append(found)
+        return tuple(shapes)
+
+    def _value_ok(self, adapter, value) -> bool:
+        try:
+            key = (id(adapter), type(value), value)
+            known = self.values.get(key)
+        except TypeError:  # not hashable: not a primitive value
+            return False
+        if known is None:
+            try:
+                adapter.validate_python(value)
+                known = True
+            except self._invalid:
+                known = False
+            if len(self.values) >= MAX_VALUES:
+                self.values.clear()
+            self.values[key] = known
+        return known
+
+    def _fields_of(self, model) -> dict:
+        fields = {}
+        for name, info in model.model_fields.items():
+            many, item = _field_type(info.annotation)
+            if item is None:
+                spec = (_UNKNOWN, None, many)
+            elif isinstance(item, type) and issubclass(item, self._fhir_base):
+                polymorphic = issubclass(item, self._polymorphic)
+                spec = (_UNKNOWN, None, many) if polymorphic else (_MODEL, item.get_model_klass(), many)
+            else:
+                spec = (_PRIMITIVE, self._adapter(item), many)
+            fields[info.alias or name] = spec
+        return fields
+
+    def _adapter(self, annotation):
+        try:
+            adapter = self.adapters.get(annotation)
+        except TypeError:
+            return self._type_adapter(annotation)
+        if adapter is None:
+            adapter = self.adapters[annotation] = self._type_adapter(annotation)
+        return adapter
