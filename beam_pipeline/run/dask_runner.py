@@ -45,6 +45,7 @@ from apache_beam import pvalue
 from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import PipelineVisitor
+from apache_beam.runners.dask.dask_runner import DaskOptions
 from apache_beam.runners.common import DoFnRunner, Receiver
 from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
 from apache_beam.transforms.core import CombineFn, Windowing
@@ -59,21 +60,17 @@ NO_WORKER_GRACE = 30.0          # seconds a cluster may have no worker before th
 PARTITIONS_PER_THREAD = 2       # default partitions after a shuffle, per worker thread
 
 
-class DaskRunnerOptions(PipelineOptions):
-    """Where the cluster is, or how to start a local one; how many partitions a shuffle makes."""
+class DaskClusterOptions(PipelineOptions):
+    """How to start a local cluster when no ``--dask_client_address`` is given (Beam's
+    ``DaskOptions`` has the address, ``--dask_npartitions`` and the connection options)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--dask_client_address", default=None,
-                            help="address of a running Dask scheduler (tcp://HOST:PORT); default: start a local "
-                                 "cluster of worker processes for the run")
         parser.add_argument("--dask_workers", type=int, default=None,
                             help="worker processes of the local cluster (default: one per core)")
         parser.add_argument("--dask_worker_memory", default=None,
                             help="memory limit per worker of the local cluster, e.g. 2GiB (default: the "
                                  "machine's memory shared out); a worker near it spills to disk")
-        parser.add_argument("--dask_npartitions", type=int, default=None,
-                            help=f"partitions after each shuffle (default {PARTITIONS_PER_THREAD} per worker thread)")
 
 
 def wanted(runner_name: str | None) -> bool:
@@ -459,13 +456,26 @@ class DaskRunnerError(RuntimeError):
     """The cluster failed the run (no worker left, the scheduler lost); one line."""
 
 
-def local_cluster(options: DaskRunnerOptions):
+def local_cluster(options: DaskClusterOptions):
     from distributed import LocalCluster
 
     workers = options.dask_workers or os.cpu_count() or 1
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                         dashboard_address=None, memory_limit=options.dask_worker_memory or "auto",
                         silence_logs=logging.CRITICAL)
+
+
+def connect(options):
+    """(client, local cluster or None): the cluster of ``--dask_client_address`` (or
+    ``--dask_scheduler_file``), else a local one started for this run."""
+    from distributed import Client
+
+    dask = options.view_as(DaskOptions)
+    timeout = dask.timeout if isinstance(dask.timeout, int) else 30
+    if dask.address or dask.scheduler_file:
+        return Client(dask.address, scheduler_file=dask.scheduler_file, timeout=timeout, set_as_default=False), None
+    cluster = local_cluster(options.view_as(DaskClusterOptions))
+    return Client(cluster, set_as_default=False), cluster
 
 
 class DaskRunnerResult(PipelineResult):
@@ -542,19 +552,12 @@ class DaskRunner(PipelineRunner):
         return False
 
     def run_pipeline(self, pipeline, options):
-        from distributed import Client
-
         logging.getLogger("distributed").setLevel(logging.CRITICAL)  # the run's error is one line
-        dask_options = options.view_as(DaskRunnerOptions)
-        cluster = None
-        if dask_options.dask_client_address:
-            client = Client(dask_options.dask_client_address, timeout=30, set_as_default=False)
-        else:
-            cluster = local_cluster(dask_options)
-            client = Client(cluster, set_as_default=False)
+        client, cluster = connect(options)
         try:
             threads = sum(client.nthreads().values()) or 1
-            graph, leaves = translate(pipeline, dask_options.dask_npartitions or PARTITIONS_PER_THREAD * threads)
+            partitions = options.view_as(DaskOptions).npartitions or PARTITIONS_PER_THREAD * threads
+            graph, leaves = translate(pipeline, partitions)
             futures = client.get(graph, leaves, sync=False)
         except BaseException:
             DaskRunnerResult(client, cluster, []).close()
