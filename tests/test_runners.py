@@ -270,3 +270,91 @@ def test_a_spark_cluster_writes_the_same_lines_and_summary(archives, baselines, 
         got = results(out, convert(archives[mode], out, engines.spark_options(cluster.master, address),
                                    "--group-by", mode, *LOADABLE))
     assert_same_as_baseline(got, baselines(mode), "spark_cluster")
+
+
+# --- Dask (this project's runner, run/dask_runner.py): a local cluster the run starts, and a
+# cluster of separate scheduler and worker processes (scripts/engines.py) -----------------------
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    with engines.DaskCluster(tmp_path_factory.mktemp("dask-cluster"), workers=2, memory_limit="2GiB") as cluster:
+        yield cluster
+
+
+def dask_runs(cluster, request) -> list[str]:
+    if cluster == "local":
+        return engines.dask_options(workers=2)
+    return engines.dask_options(request.getfixturevalue("dask_cluster").address)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["study", "directory"])
+@pytest.mark.parametrize("cluster", ["local", "external"])
+def test_dask_writes_the_same_lines_and_summary(archives, baselines, request, tmp_path, mode, cluster):
+    out = tmp_path / "out"
+    got = results(out, convert(archives[mode], out, dask_runs(cluster, request), "--group-by", mode, *LOADABLE))
+    assert_same_as_baseline(got, baselines(mode), f"dask_{cluster}")
+
+
+@pytest.mark.slow
+def test_a_nightly_run_on_dask_writes_the_in_process_runs_snapshot_and_delta(dask_cluster, tmp_path):
+    from nightly_changes import assert_same_snapshot, changed_file, deleted_file, new_study
+
+    archive = {"root": tmp_path / "archive"}
+    make_archive(archive["root"] / "main", studies=6, series=2, instances=4)
+    convert(archive["root"], tmp_path / "a", RUNNERS["in_memory_1"], *LOADABLE)
+    for change in (new_study, changed_file, deleted_file):
+        change(archive)
+    since = ("--since", str(tmp_path / "a"), *LOADABLE)
+    on_dask = convert(archive["root"], tmp_path / "dask", engines.dask_options(dask_cluster.address), *since)
+    in_process = convert(archive["root"], tmp_path / "in-process", RUNNERS["in_memory_1"], *since)
+    assert on_dask == in_process and on_dask["incremental"]["files_read"] >= 4
+    assert_same_snapshot(tmp_path / "dask", tmp_path / "in-process")
+    delta = [sorted(p.relative_to(root).as_posix() for p in (root / "_delta").rglob("*") if p.is_file())
+             for root in (tmp_path / "dask", tmp_path / "in-process")]
+    assert delta[0] == delta[1] and "_delta/deletions.json" in delta[0]
+    for name in delta[0]:
+        if name != "_delta/manifest.json":  # the run's time
+            assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "in-process" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_dask_reads_a_pacs_over_dicomweb_as_the_in_process_runner_does(archives, tmp_path, monkeypatch):
+    import orthanc as orthanc_harness
+
+    binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
+    if binary is None or plugin is None:
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc with its DICOMweb plugin is not installed")
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian orthanc, orthanc-dicomweb)")
+    from beam_pipeline.sources import dicomweb
+    monkeypatch.setenv(dicomweb.USER_ENV, orthanc_harness.USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, orthanc_harness.PASSWORD)
+    monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+    server = orthanc_harness.Orthanc(str(tmp_path / "orthanc"), binary, plugin).start()
+    try:
+        generated = archives["study"] / "generated"
+        assert server.upload_all(sorted(str(p) for p in generated.rglob("*.dcm") if "faults" not in p.parts))
+        seen = {}
+        for name, options in (("in_process", RUNNERS["in_memory_1"]), ("dask", engines.dask_options(workers=2))):
+            out = tmp_path / name
+            seen[name] = results(out, convert_dicomweb(server.dicomweb_url, out, options, *LOADABLE))
+            again = tmp_path / f"{name}-since"  # nothing changed: every study reused
+            seen[name + "-since"] = results(again, convert_dicomweb(server.dicomweb_url, again, options,
+                                                                    "--since", str(out), *LOADABLE))
+    finally:
+        server.stop()
+    assert seen["in_process"]["summary"]["studies"]["written"] >= 4
+    assert seen["in_process-since"]["summary"]["incremental"]["studies_reused"] >= 4
+    for name in ("dask", "dask-since"):
+        assert_same_as_baseline(seen[name], seen[name.replace("dask", "in_process")], name)
+
+
+def convert_dicomweb(url, out, options, *extra) -> dict:
+    done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--dicomweb", url, "--output", str(out), "--quiet",
+                           *extra, *options], capture_output=True, text=True, timeout=600, env=venv_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    del summary["seconds"], summary["instances_per_second"]
+    return summary
