@@ -358,3 +358,46 @@ def convert_dicomweb(url, out, options, *extra) -> dict:
         summary = json.load(handle)
     del summary["seconds"], summary["instances_per_second"]
     return summary
+
+
+# --- Dask faults: a cluster of its own per test (workers are killed) -------------------------------
+
+def busiest_worker(cluster) -> subprocess.Popen:
+    """The worker process group running or holding the most of the run's tasks right now."""
+    from distributed import Client
+
+    with Client(cluster.address, set_as_default=False) as client:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        processing, held = client.processing(), client.has_what()
+        address = max(info, key=lambda a: (len(processing.get(a, ())), len(held.get(a, ()))))
+        return cluster.workers[int(info[address]["name"].rsplit("-", 1)[1])]
+
+
+@pytest.mark.slow
+def test_a_killed_dask_worker_with_a_spare_changes_nothing(big_archive, tmp_path):
+    reference = tmp_path / "reference"
+    baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
+    with engines.DaskCluster(tmp_path / "dask", workers=3, memory_limit="2GiB") as cluster:  # two and a spare
+        killed = []
+        out = tmp_path / "out"
+        done = run_and_kill(big_archive, out, engines.dask_options(cluster.address),
+                            kill=lambda: killed.append(os.killpg(busiest_worker(cluster).pid, signal.SIGKILL)))
+    assert killed and done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
+        summary = {k: v for k, v in json.load(handle).items() if k not in ("seconds", "instances_per_second")}
+    assert results(out, summary) == baseline  # nothing duplicated, nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victims", ["every worker", "the scheduler"])
+def test_a_dask_cluster_without_workers_or_scheduler_fails_with_one_line_and_no_summary(big_archive, tmp_path,
+                                                                                          victims):
+    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="2GiB") as cluster:
+        processes = cluster.workers if victims == "every worker" else [cluster.scheduler]
+        done = run_and_kill(big_archive, tmp_path / "out", engines.dask_options(cluster.address),
+                            kill=lambda: [os.killpg(p.pid, signal.SIGKILL) for p in processes])
+    assert done.returncode == 3, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
+    assert len(said) == 1 and said[0].startswith("error: the run failed: DaskRunnerError: "), said
+    assert ("no Dask worker left" if victims == "every worker" else "lost the Dask scheduler") in said[0]
+    assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")  # its absence marks the run incomplete

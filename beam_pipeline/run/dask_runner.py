@@ -56,7 +56,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 _LOG = logging.getLogger(__name__)
 
 NAMES = ("dask", "daskrunner")  # --runner values (any case) that choose this runner
-NO_WORKER_GRACE = 30.0          # seconds a cluster may have no worker before the run fails
+NO_WORKER_GRACE = 30.0          # seconds a cluster may be without workers or scheduler before the run fails
 PARTITIONS_PER_THREAD = 2       # default partitions after a shuffle, per worker thread
 
 
@@ -478,6 +478,14 @@ def connect(options):
     return Client(cluster, set_as_default=False), cluster
 
 
+def quiet_dask() -> None:
+    """The run's error is one line: the client's own logs of a lost scheduler or worker (which
+    distributed's logging config sets per module) stay off the console."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 class DaskRunnerResult(PipelineResult):
     def __init__(self, client, cluster, futures):
         super().__init__(PipelineState.RUNNING)
@@ -495,8 +503,11 @@ class DaskRunnerResult(PipelineResult):
         return self._state
 
     def _wait(self):
+        """Until every leaf is done; the first failed task's exception is raised. A cluster that
+        cannot go on (no worker, or no scheduler, for ``NO_WORKER_GRACE`` s) fails the run; a
+        worker lost meanwhile is the scheduler's to recover from (it recomputes what was lost)."""
         pending = list(self.futures)
-        without_workers = None
+        unhealthy_since, problem = None, None
         while pending:
             time.sleep(0.2)
             done = [future for future in pending if future.status != "pending"]
@@ -506,24 +517,24 @@ class DaskRunnerResult(PipelineResult):
                     raise future.exception()
                 if future.status == "cancelled":
                     raise DaskRunnerError("the Dask scheduler cancelled the run (lost connection to it?)")
-            if self.client.status not in ("running", "connecting"):
-                raise DaskRunnerError(f"lost the Dask scheduler (client {self.client.status})")
-            if pending:
-                workers = self._workers()
-                if workers:
-                    without_workers = None
-                elif without_workers is None:
-                    without_workers = time.monotonic()
-                elif time.monotonic() - without_workers > NO_WORKER_GRACE:
-                    raise DaskRunnerError(f"no Dask worker left for {NO_WORKER_GRACE:.0f} s")
+            if not pending:
+                break
+            problem = self._problem()
+            if problem is None:
+                unhealthy_since = None
+            elif unhealthy_since is None:
+                unhealthy_since = time.monotonic()
+            elif time.monotonic() - unhealthy_since > NO_WORKER_GRACE:
+                raise DaskRunnerError(f"{problem} for {NO_WORKER_GRACE:.0f} s")
 
-    def _workers(self) -> int:
+    def _problem(self) -> str | None:
+        if self.client.status != "running":
+            return "lost the Dask scheduler"
         try:
-            return len(self.client.scheduler_info(n_workers=-1)["workers"])
-        except (OSError, TypeError):
-            return len(self.client.scheduler_info()["workers"])
-        except Exception as exc:  # noqa: BLE001 - the scheduler is gone
-            raise DaskRunnerError(f"lost the Dask scheduler: {type(exc).__name__}") from None
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:  # noqa: BLE001 - the scheduler is going away
+            return "lost the Dask scheduler"
+        return None if workers else "no Dask worker left"
 
     def close(self):
         import contextlib
@@ -552,8 +563,8 @@ class DaskRunner(PipelineRunner):
         return False
 
     def run_pipeline(self, pipeline, options):
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # the run's error is one line
         client, cluster = connect(options)
+        quiet_dask()
         try:
             threads = sum(client.nthreads().values()) or 1
             partitions = options.view_as(DaskOptions).npartitions or PARTITIONS_PER_THREAD * threads
