@@ -470,6 +470,7 @@ def connect(options):
     ``--dask_scheduler_file``), else a local one started for this run."""
     from distributed import Client
 
+    quiet_dask()
     dask = options.view_as(DaskOptions)
     timeout = dask.timeout if isinstance(dask.timeout, int) else 30
     if dask.address or dask.scheduler_file:
@@ -564,7 +565,6 @@ class DaskRunner(PipelineRunner):
 
     def run_pipeline(self, pipeline, options):
         client, cluster = connect(options)
-        quiet_dask()
         try:
             threads = sum(client.nthreads().values()) or 1
             partitions = options.view_as(DaskOptions).npartitions or PARTITIONS_PER_THREAD * threads
