@@ -354,8 +354,15 @@ class DaskCluster:
     its worker process) with a memory limit; ``address`` is what ``--dask_client_address`` takes.
     Workers spill to their local directory as they near the limit."""
 
-    def __init__(self, work: Path, workers: int = 2, memory_limit: str = "2GiB", threads: int = 1):
+    def __init__(self, work: Path, workers: int = 2, memory_limit: str = "2GiB", threads: int = 1,
+                 spill_at: float | None = None):
+        """``spill_at``: the fraction of ``memory_limit`` the worker's data may fill before it moves
+        data to disk (Dask's default 0.6; further limits on the whole process: 0.7 spill, 0.8
+        pause, 0.95 restart)."""
         self.work, self.memory_limit, self.threads = Path(work), memory_limit, threads
+        self.env = python_env()
+        if spill_at is not None:
+            self.env["DASK_DISTRIBUTED__WORKER__MEMORY__TARGET"] = str(spill_at)
         self.port = free_port()
         self.address = f"tcp://{LOOPBACK}:{self.port}"
         self.scheduler = None
@@ -367,7 +374,7 @@ class DaskCluster:
         process = start([sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--host", LOOPBACK,
                          "--nthreads", str(self.threads), "--memory-limit", self.memory_limit, "--no-dashboard",
                          "--name", f"worker-{number}", "--local-directory", str(self.work / f"worker-{number}")],
-                        _log(self.work, f"worker-{number}.log"), python_env())
+                        _log(self.work, f"worker-{number}.log"), self.env)
         self.workers.append(process)
         return process
 

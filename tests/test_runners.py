@@ -401,3 +401,20 @@ def test_a_dask_cluster_without_workers_or_scheduler_fails_with_one_line_and_no_
     assert len(said) == 1 and said[0].startswith("error: the run failed: DaskRunnerError: "), said
     assert ("no Dask worker left" if victims == "every worker" else "lost the Dask scheduler") in said[0]
     assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")  # its absence marks the run incomplete
+
+
+@pytest.mark.slow
+def test_dask_workers_that_must_spill_to_disk_write_the_same_lines(big_archive, tmp_path):
+    """600 MiB per worker, and a worker's data may fill only 5% of it before going to disk: the
+    24,000-instance run's data (partials, study groups, lines) is far more than that."""
+    from distributed import Client
+
+    reference = tmp_path / "reference"
+    baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
+    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="600MiB", spill_at=0.05) as cluster:
+        out = tmp_path / "out"
+        summary = convert(big_archive, out, engines.dask_options(cluster.address))
+        with Client(cluster.address, set_as_default=False) as client:
+            spilled = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "bytes"), 0))
+    assert sum(spilled.values()) > 100 << 20, spilled  # both workers' spills, in bytes
+    assert results(out, summary) == baseline
