@@ -250,3 +250,18 @@ def test_a_window_other_than_the_global_one_is_refused_when_translated():
     pipeline | beam.Create([1]) | beam.WindowInto(window.FixedWindows(60)) | beam.Map(lambda x: x)
     with pytest.raises(NotImplementedError, match="global window only"):
         translate(pipeline, 2)
+
+
+def test_workers_must_run_the_launchers_versions():
+    from beam_pipeline.run.dask_runner import DaskRunnerError, check_versions, versions
+
+    class Client:  # what client.run(versions) answers: one worker with another Beam
+        def __init__(self, beam):
+            self.beam = beam
+
+        def run(self, function):
+            return {"tcp://127.0.0.1:1": {**function(), "apache-beam": self.beam}}
+
+    check_versions(Client(versions()["apache-beam"]))
+    with pytest.raises(DaskRunnerError, match=r"apache-beam 2\.0\.0 \(here "):
+        check_versions(Client("2.0.0"))

@@ -479,6 +479,28 @@ def connect(options):
     return Client(cluster, set_as_default=False), cluster
 
 
+def versions() -> dict:
+    """What must be the same on the launcher and every worker: the graph holds pickled DoFns."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("apache-beam", "dask", "distributed", "dicom-fhir-beam"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def check_versions(client) -> None:
+    mine = versions()
+    for worker, theirs in client.run(versions).items():
+        if theirs != mine:
+            different = ", ".join(f"{name} {theirs[name]} (here {mine[name]})" for name in mine if theirs.get(name) != mine[name])
+            raise DaskRunnerError(f"Dask worker {worker} runs other versions than the launcher: {different}")
+
+
 def quiet_dask() -> None:
     """The run's error is one line: the client's own logs of a lost scheduler or worker (which
     distributed's logging config sets per module) stay off the console."""
@@ -566,6 +588,7 @@ class DaskRunner(PipelineRunner):
     def run_pipeline(self, pipeline, options):
         client, cluster = connect(options)
         try:
+            check_versions(client)
             threads = sum(client.nthreads().values()) or 1
             partitions = options.view_as(DaskOptions).npartitions or PARTITIONS_PER_THREAD * threads
             graph, leaves = translate(pipeline, partitions)
