@@ -57,7 +57,7 @@ _LOG = logging.getLogger(__name__)
 
 NAMES = ("dask", "daskrunner")  # --runner values (any case) that choose this runner
 NO_WORKER_GRACE = 30.0          # seconds a cluster may be without workers or scheduler before the run fails
-PARTITIONS_PER_THREAD = 2       # default partitions after a shuffle, per worker thread
+PARTITIONS_PER_THREAD = 4       # default partitions after a shuffle, per worker thread
 
 
 class DaskClusterOptions(PipelineOptions):
