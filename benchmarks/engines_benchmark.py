@@ -64,6 +64,12 @@ class ProcessSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        # CPU the service processes (a cluster started before this run) spent before it is not its
+        self.before = {}
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                self.before[(process.pid, process.create_time())] = times.user + times.system
         self._thread.start()
         return self
 
@@ -72,7 +78,7 @@ class ProcessSampler:
         self._thread.join()
 
     def cpu_seconds(self) -> float:
-        return sum(self.cpu.values())
+        return sum(cpu - self.before.get(key, 0.0) for key, cpu in self.cpu.items())
 
 
 def run_cli(archive: Path, out: Path, options: list[str], services: list[int]) -> dict:

@@ -87,10 +87,14 @@ def test_each_output_of_a_multi_output_pardo_gets_only_its_own_elements(cluster,
 
 # --- a Reshuffle that redistributes ------------------------------------------------------------
 
-def spread(pipeline, out):
-    record = recorder(out)
+def spread(pipeline, out, setups):
+    record, record_setup = recorder(out), recorder(setups)
 
     class Bundles(beam.DoFn):
+        def setup(self):
+            import os
+            record_setup(os.getpid())
+
         def start_bundle(self):
             import uuid
             self.bundle = uuid.uuid4().hex
@@ -105,16 +109,19 @@ def spread(pipeline, out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["stock", "ours"])
-def test_a_reshuffle_spreads_the_elements_of_one_partition_over_the_partitions(cluster, tmp_path, name):
-    out = tmp_path / "bundles.jsonl"
-    run(lambda p: spread(p, out), RUNNERS[name](), cluster)
+def test_a_reshuffle_spreads_one_partition_over_the_partitions_each_worker_setting_its_dofn_up_once(
+        cluster, tmp_path, name):
+    out, setups = tmp_path / "bundles.jsonl", tmp_path / "setups.jsonl"
+    run(lambda p: spread(p, out, setups), RUNNERS[name](), cluster)
     seen = recorded(out)
     assert sorted(x for _, x in seen) == list(range(8))
     bundles = Counter(bundle for bundle, _ in seen)
-    if name == "stock":  # a no-op: all eight elements stay in the one bundle they were made in
-        assert len(bundles) == 1
-    else:                # dealt round-robin: two per partition
+    pids = recorded(setups)
+    if name == "stock":  # a no-op: all eight elements stay in the one bundle they were made in,
+        assert len(bundles) == 1 and len(pids) == 1  # whose DoFn is set up for that bundle
+    else:                # dealt round-robin: two per partition; at most one setup per worker
         assert sorted(bundles.values()) == [2] * PARTITIONS
+        assert len(pids) == len(set(pids)) <= 2
 
 
 # --- side inputs materialised once, before their consumers -------------------------------------
@@ -202,35 +209,6 @@ def test_a_failing_step_fails_the_run_with_its_own_exception(cluster, tmp_path, 
         return
     with pytest.raises(ValueError, match="boom 1"):
         run(lambda p: failing_branch(p, out), DaskRunner(), cluster)
-
-
-# --- a DoFn set up once per worker thread, not per partition -----------------------------------
-
-def setups(pipeline, out):
-    record = recorder(out)
-
-    class Counted(beam.DoFn):
-        def setup(self):
-            import os
-            record(os.getpid())
-
-        def process(self, x):
-            yield x
-
-    (pipeline | beam.Create([None]) | beam.FlatMap(lambda _: range(16)) | beam.Reshuffle()
-     | beam.ParDo(Counted()))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["stock", "ours"])
-def test_a_dofn_is_set_up_once_per_worker_not_once_per_partition(cluster, tmp_path, name):
-    out = tmp_path / "setups.jsonl"
-    run(lambda p: setups(p, out), RUNNERS[name](), cluster)
-    pids = recorded(out)
-    if name == "stock":
-        assert len(pids) >= 1  # once per partition (one here: its Reshuffle makes no partitions)
-    else:
-        assert len(pids) == len(set(pids)) <= 2  # PARTITIONS bundles, at most one setup per worker
 
 
 # --- pieces --------------------------------------------------------------------------------------
