@@ -1,18 +1,7 @@
 """``python -m beam_pipeline --input PATH --output DIR [options] [Beam options]``."""
 import gc
-import logging
 import sys
 
-
-class _KnownHarmless(logging.Filter):
-    """Drops the one warning every ``import apache_beam`` prints without apitools installed (it
-    concerns BigQuery, which this tool never uses); every other record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and record.getMessage().startswith("apitools not found"))
-
-
-logging.getLogger().addFilter(_KnownHarmless())  # before apache_beam is first imported (by cli)
 
 # Importing Beam creates some 200,000 long-lived objects; the cyclic collector would walk them
 # again and again while they load and during the run (about 0.25 s of a 3 s run). Load them with

@@ -6,6 +6,7 @@
     python scripts/engines.py flink-cluster [--taskmanagers 2 --slots 2]   # runs until Ctrl-C
     python scripts/engines.py spark-cluster          # a master and a worker, until Ctrl-C
     python scripts/engines.py worker-pool            # Python SDK workers for --environment_type EXTERNAL
+    python scripts/engines.py dask-cluster [--workers 2 --memory-limit 2GiB]   # for --runner dask
 
 Every install is idempotent and lands in the engine cache (``$DICOM_FHIR_ENGINES``, default
 ``~/.cache/dicom-fhir-engines``); jars come through Maven (``~/.m2``), Prism through the Go module
@@ -357,6 +358,62 @@ class SparkCluster:
         stop(list(reversed(self.processes)))
 
 
+class DaskCluster:
+    """A Dask scheduler and N workers on loopback, each worker its own process group (a nanny and
+    its worker process) with a memory limit; ``address`` is what ``--dask_client_address`` takes.
+    Workers spill to their local directory as they near the limit."""
+
+    def __init__(self, work: Path, workers: int = 2, memory_limit: str = "2GiB", threads: int = 1,
+                 spill_at: float | None = None):
+        """``spill_at``: the fraction of ``memory_limit`` the worker's data may fill before it moves
+        data to disk (Dask's default 0.6; further limits on the whole process: 0.7 spill, 0.8
+        pause, 0.95 restart)."""
+        self.work, self.memory_limit, self.threads = Path(work), memory_limit, threads
+        self.env = python_env()
+        if spill_at is not None:
+            self.env["DASK_DISTRIBUTED__WORKER__MEMORY__TARGET"] = str(spill_at)
+        self.port = free_port()
+        self.address = f"tcp://{LOOPBACK}:{self.port}"
+        self.scheduler = None
+        self.workers: list[subprocess.Popen] = []
+        self._wanted = workers
+
+    def add_worker(self) -> subprocess.Popen:
+        number = len(self.workers)
+        process = start([sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--host", LOOPBACK,
+                         "--nthreads", str(self.threads), "--memory-limit", self.memory_limit, "--no-dashboard",
+                         "--name", f"worker-{number}", "--local-directory", str(self.work / f"worker-{number}")],
+                        _log(self.work, f"worker-{number}.log"), self.env)
+        self.workers.append(process)
+        return process
+
+    def wait_for_workers(self, count: int, timeout: float = 120) -> None:
+        """Until exactly ``count`` workers are registered with the scheduler."""
+        from distributed import Client
+
+        with Client(self.address, timeout=timeout, set_as_default=False) as client:
+            wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == count,
+                       f"Dask with {count} workers", [self.scheduler], timeout)
+
+    def __enter__(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.scheduler = start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", LOOPBACK,
+                                "--port", str(self.port), "--no-dashboard"],
+                               _log(self.work, "scheduler.log"), python_env())
+        try:
+            wait_until(lambda: port_open(self.port), "Dask scheduler", [self.scheduler], timeout=60)
+            for _ in range(self._wanted):
+                self.add_worker()
+            self.wait_for_workers(self._wanted)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        stop([*self.workers, self.scheduler])
+
+
 # --- Beam options per engine -------------------------------------------------------------------
 
 def prism_options(worker_pool_address: str | None = None) -> list[str]:
@@ -379,9 +436,22 @@ def spark_options(master: str, worker_pool_address: str) -> list[str]:
             "--environment_type", "EXTERNAL", "--environment_config", worker_pool_address]
 
 
+def dask_options(address: str | None = None, workers: int | None = None) -> list[str]:
+    """This project's Dask runner: on the cluster at ``address``, else on a local cluster of
+    ``workers`` processes (default: one per core) started for the run."""
+    options = ["--runner", "dask"]
+    if address:
+        options += ["--dask_client_address", address]
+    if workers:
+        options += ["--dask_workers", str(workers)]
+    return options
+
+
 def _serve(context) -> None:
     with context as running:
-        print(json.dumps(running if isinstance(running, dict) else {"master": running.master}), flush=True)
+        said = running if isinstance(running, dict) else (
+            {"dask_client_address": running.address} if isinstance(running, DaskCluster) else {"master": running.master})
+        print(json.dumps(said), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
 
@@ -397,6 +467,10 @@ def main(argv=None) -> int:
     flink.add_argument("--restart-attempts", type=int, default=0)
     commands.add_parser("spark-cluster", help="start a Spark master and worker until Ctrl-C")
     commands.add_parser("worker-pool", help="start a Python SDK worker pool until Ctrl-C")
+    dask = commands.add_parser("dask-cluster", help="start a Dask scheduler and workers until Ctrl-C")
+    dask.add_argument("--workers", type=int, default=2)
+    dask.add_argument("--threads", type=int, default=1, help="threads per worker (default 1)")
+    dask.add_argument("--memory-limit", default="2GiB", help="per worker, e.g. 2GiB (default %(default)s)")
     args = parser.parse_args(argv)
     work = None if args.command == "install" else Path(tempfile.mkdtemp(prefix=f"{args.command}-", dir=cache_dir()))
     try:
@@ -408,6 +482,8 @@ def main(argv=None) -> int:
                 print(path)
         elif args.command == "flink-cluster":
             _serve(FlinkCluster(install_flink(), work, args.taskmanagers, args.slots, args.restart_attempts))
+        elif args.command == "dask-cluster":
+            _serve(DaskCluster(work, args.workers, args.memory_limit, args.threads))
         elif args.command == "spark-cluster":
             _serve(SparkCluster(install_spark(), work))
         else:

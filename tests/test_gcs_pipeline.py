@@ -83,9 +83,12 @@ def archive(tmp_path_factory) -> Path:
 
 
 def engine_options(engine: str) -> list[str]:
-    """The in-process runner, or Prism (Beam's Go runner) with its SDK workers in the launcher."""
+    """The in-process runner, Prism (Beam's Go runner) with its SDK workers in the launcher, or a
+    local Dask cluster of two worker processes (which inherit the emulator's environment)."""
     if engine == "in_process":
         return []
+    if engine == "dask":
+        return engines.dask_options(workers=2)
     try:
         return engines.prism_options()
     except engines.EngineUnavailable as missing:
@@ -94,7 +97,7 @@ def engine_options(engine: str) -> list[str]:
         pytest.skip(str(missing))
 
 
-@pytest.mark.parametrize("engine", ["in_process", "prism"])
+@pytest.mark.parametrize("engine", ["in_process", "prism", "dask"])
 def test_gs_to_gs_writes_the_same_lines_as_a_local_run(archive, gcs_client, tmp_path, engine):
     uploaded = upload_tree(gcs_client, archive, BUCKET, f"e2e-{engine}/in")
     local_out = tmp_path / "local-out"

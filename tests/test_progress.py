@@ -64,6 +64,18 @@ def test_progress_on_the_portable_path(archive, tmp_path):
     assert max(numbers(m)[0] for m in parsed) > 0  # files read, as counted by the pool's workers
 
 
+@pytest.mark.slow
+def test_progress_on_a_dask_cluster(archive, tmp_path):
+    """Dask's workers are processes of their own (a local cluster here): the same beacons."""
+    done = run(archive[0], tmp_path / "out", "--progress-interval", "0.1", "--runner", "dask", "--dask_workers", "2")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("progress")]
+    parsed = [LINE.fullmatch(line) for line in lines]
+    assert parsed and all(parsed), lines
+    assert max(numbers(m)[0] for m in parsed) > 0  # files read, as counted by the Dask workers
+    assert [line for line in done.stderr.splitlines() if not line.startswith("progress")] == []  # no worker noise
+    assert not list((tmp_path / "out").glob(".progress-*"))
+
+
 def test_a_nightly_runs_line_counts_what_it_reads_not_what_it_reuses():
     from collections import Counter
 

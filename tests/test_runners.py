@@ -272,3 +272,151 @@ def test_a_spark_cluster_writes_the_same_lines_and_summary(archives, baselines, 
         got = results(out, convert(archives[mode], out, engines.spark_options(cluster.master, address),
                                    "--group-by", mode, *LOADABLE))
     assert_same_as_baseline(got, baselines(mode), "spark_cluster")
+
+
+# --- Dask (this project's runner, run/dask_runner.py): a local cluster the run starts, and a
+# cluster of separate scheduler and worker processes (scripts/engines.py) -----------------------
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    with engines.DaskCluster(tmp_path_factory.mktemp("dask-cluster"), workers=2, memory_limit="2GiB") as cluster:
+        yield cluster
+
+
+def dask_runs(cluster, request) -> list[str]:
+    if cluster == "local":
+        return engines.dask_options(workers=2)
+    return engines.dask_options(request.getfixturevalue("dask_cluster").address)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["study", "directory"])
+@pytest.mark.parametrize("cluster", ["local", "external"])
+def test_dask_writes_the_same_lines_and_summary(archives, baselines, request, tmp_path, mode, cluster):
+    out = tmp_path / "out"
+    got = results(out, convert(archives[mode], out, dask_runs(cluster, request), "--group-by", mode, *LOADABLE))
+    assert_same_as_baseline(got, baselines(mode), f"dask_{cluster}")
+
+
+@pytest.mark.slow
+def test_a_nightly_run_on_dask_writes_the_in_process_runs_snapshot_and_delta(dask_cluster, tmp_path):
+    from nightly_changes import assert_same_snapshot, changed_file, deleted_file, new_study
+
+    archive = {"root": tmp_path / "archive"}
+    make_archive(archive["root"] / "main", studies=6, series=2, instances=4)
+    convert(archive["root"], tmp_path / "a", RUNNERS["in_memory_1"], *LOADABLE)
+    for change in (new_study, changed_file, deleted_file):
+        change(archive)
+    since = ("--since", str(tmp_path / "a"), *LOADABLE)
+    on_dask = convert(archive["root"], tmp_path / "dask", engines.dask_options(dask_cluster.address), *since)
+    in_process = convert(archive["root"], tmp_path / "in-process", RUNNERS["in_memory_1"], *since)
+    assert on_dask == in_process and on_dask["incremental"]["files_read"] >= 4
+    assert_same_snapshot(tmp_path / "dask", tmp_path / "in-process")
+    delta = [sorted(p.relative_to(root).as_posix() for p in (root / "_delta").rglob("*") if p.is_file())
+             for root in (tmp_path / "dask", tmp_path / "in-process")]
+    assert delta[0] == delta[1] and "_delta/deletions.json" in delta[0]
+    for name in delta[0]:
+        if name != "_delta/manifest.json":  # the run's time
+            assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "in-process" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_dask_reads_a_pacs_over_dicomweb_as_the_in_process_runner_does(archives, tmp_path, monkeypatch):
+    import orthanc as orthanc_harness
+
+    binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
+    if binary is None or plugin is None:
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc with its DICOMweb plugin is not installed")
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian orthanc, orthanc-dicomweb)")
+    from beam_pipeline.sources import dicomweb
+    monkeypatch.setenv(dicomweb.USER_ENV, orthanc_harness.USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, orthanc_harness.PASSWORD)
+    monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+    server = orthanc_harness.Orthanc(str(tmp_path / "orthanc"), binary, plugin).start()
+    try:
+        generated = archives["study"] / "generated"
+        assert server.upload_all(sorted(str(p) for p in generated.rglob("*.dcm") if "faults" not in p.parts))
+        seen = {}
+        for name, options in (("in_process", RUNNERS["in_memory_1"]), ("dask", engines.dask_options(workers=2))):
+            out = tmp_path / name
+            seen[name] = results(out, convert_dicomweb(server.dicomweb_url, out, options, *LOADABLE))
+            again = tmp_path / f"{name}-since"  # nothing changed: every study reused
+            seen[name + "-since"] = results(again, convert_dicomweb(server.dicomweb_url, again, options,
+                                                                    "--since", str(out), *LOADABLE))
+    finally:
+        server.stop()
+    assert seen["in_process"]["summary"]["studies"]["written"] >= 4
+    assert seen["in_process-since"]["summary"]["incremental"]["studies_reused"] >= 4
+    for name in ("dask", "dask-since"):
+        assert_same_as_baseline(seen[name], seen[name.replace("dask", "in_process")], name)
+
+
+def convert_dicomweb(url, out, options, *extra) -> dict:
+    done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--dicomweb", url, "--output", str(out), "--quiet",
+                           *extra, *options], capture_output=True, text=True, timeout=600, env=venv_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    del summary["seconds"], summary["instances_per_second"]
+    return summary
+
+
+# --- Dask faults: a cluster of its own per test (workers are killed) -------------------------------
+
+def busiest_worker(cluster) -> subprocess.Popen:
+    """The worker process group running or holding the most of the run's tasks right now."""
+    from distributed import Client
+
+    with Client(cluster.address, set_as_default=False) as client:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        processing, held = client.processing(), client.has_what()
+        address = max(info, key=lambda a: (len(processing.get(a, ())), len(held.get(a, ()))))
+        return cluster.workers[int(info[address]["name"].rsplit("-", 1)[1])]
+
+
+@pytest.mark.slow
+def test_a_killed_dask_worker_with_a_spare_changes_nothing(big_archive, tmp_path):
+    reference = tmp_path / "reference"
+    baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
+    with engines.DaskCluster(tmp_path / "dask", workers=3, memory_limit="2GiB") as cluster:  # two and a spare
+        killed = []
+        out = tmp_path / "out"
+        done = run_and_kill(big_archive, out, engines.dask_options(cluster.address),
+                            kill=lambda: killed.append(os.killpg(busiest_worker(cluster).pid, signal.SIGKILL)))
+    assert killed and done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "_report", "summary.json"), encoding="utf-8") as handle:
+        summary = {k: v for k, v in json.load(handle).items() if k not in ("seconds", "instances_per_second")}
+    assert results(out, summary) == baseline  # nothing duplicated, nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victims", ["every worker", "the scheduler"])
+def test_a_dask_cluster_without_workers_or_scheduler_fails_with_one_line_and_no_summary(big_archive, tmp_path,
+                                                                                          victims):
+    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="2GiB") as cluster:
+        processes = cluster.workers if victims == "every worker" else [cluster.scheduler]
+        done = run_and_kill(big_archive, tmp_path / "out", engines.dask_options(cluster.address),
+                            kill=lambda: [os.killpg(p.pid, signal.SIGKILL) for p in processes])
+    assert done.returncode == 3, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
+    assert len(said) == 1 and said[0].startswith("error: the run failed: DaskRunnerError: "), said
+    assert ("no Dask worker left" if victims == "every worker" else "lost the Dask scheduler") in said[0]
+    assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")  # its absence marks the run incomplete
+
+
+@pytest.mark.slow
+def test_dask_workers_that_must_spill_to_disk_write_the_same_lines(big_archive, tmp_path):
+    """600 MiB per worker, and a worker's data may fill only 5% of it before going to disk: the
+    24,000-instance run's data (partials, study groups, lines) is far more than that."""
+    from distributed import Client
+
+    reference = tmp_path / "reference"
+    baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
+    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="600MiB", spill_at=0.05) as cluster:
+        out = tmp_path / "out"
+        summary = convert(big_archive, out, engines.dask_options(cluster.address))
+        with Client(cluster.address, set_as_default=False) as client:
+            spilled = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "bytes"), 0))
+    assert sum(spilled.values()) > 100 << 20, spilled  # both workers' spills, in bytes
+    assert results(out, summary) == baseline

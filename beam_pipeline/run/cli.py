@@ -249,11 +249,21 @@ def unknown_beam_options(beam_args: list[str]) -> list[str]:
     return [arg for arg in unknown if arg.startswith("-")]
 
 
+def dask_requested(beam_args: list[str]) -> bool:
+    """``--runner dask`` or a ``--dask_*`` option: the Dask runner's options are then known (its
+    module imports dask, which a run on another runner need not load)."""
+    runner = next((value for flag, value in zip(beam_args, beam_args[1:]) if flag == "--runner"), None)
+    runner = runner or next((arg.split("=", 1)[1] for arg in beam_args if arg.startswith("--runner=")), None)
+    return any(arg.startswith("--dask_") for arg in beam_args) or (runner or "").lower() in ("dask", "daskrunner")
+
+
 def parse_args(argv=None) -> tuple[Settings, list[str]]:
     """Our options -> Settings; the rest must be Beam options. Errors exit 2 with one line."""
     parser = argument_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, beam_args = parser.parse_known_args(argv)
+    if dask_requested(beam_args):
+        import beam_pipeline.run.dask_runner  # noqa: F401 - registers the --dask_* options
     unknown = unknown_beam_options(beam_args)
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)} (neither this tool's nor Beam's; see --help)")

@@ -95,8 +95,13 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
 
 def local_runner(options):
     """The in-process FnApiRunner unless a runner was named: Beam 2.77's DirectRunner first tries
-    to download the Prism runner, which an air-gapped machine cannot do."""
+    to download the Prism runner, which an air-gapped machine cannot do. ``--runner dask`` is
+    this project's Dask runner (``run/dask_runner.py``)."""
     runner = options.view_as(StandardOptions).runner
+    if runner is not None and runner.lower() in ("dask", "daskrunner"):  # beam_pipeline.run.dask_runner.NAMES
+        from beam_pipeline.run.dask_runner import DaskRunner
+
+        return DaskRunner()
     if runner in (None, "DirectRunner"):
         from apache_beam.portability.api import beam_provision_api_pb2
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
