@@ -31,6 +31,7 @@ from beam_pipeline.sources.retry import DEFAULT_RETRY_BUDGET, RetryBudget
 COUNTS, ERRORS, STATE = "counts", "errors", "state"
 RETRY_REFUSED_AFTER = 3600.0  # seconds before a refused, unchanged Bundle is sent again
 _UID_SYSTEM = "urn:dicom:uid"
+_COUNTED = {"ok": "written", "refused": "refused", "unavailable": "unavailable"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class PostStudiesDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(STATE, (SINK_STATE_NAME, entry_line(kept)))
         answers = self.shared.pool.map(lambda send: self.shared.client.transaction(send[1].encode("utf-8")), sends)
         for (uid, line, digest, kept), posted in zip(sends, answers):
-            counts[f"fhir_server:studies_{posted.status}"] += 1
+            counts[f"fhir_server:studies_{_COUNTED[posted.status]}"] += 1
             if posted.status == "ok":
                 counts["fhir_server:resources_written"] += entry_count(posted)
             elif posted.status == "refused":
