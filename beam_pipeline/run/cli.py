@@ -414,7 +414,8 @@ def main(argv=None) -> int:
     """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
     line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
     file (a bug), 4 when the run finished but some files failed for a transient reason (storage or
-    server unavailable past the retry deadline: run it again), else 0."""
+    server unavailable past the retry deadline: run it again) or the FHIR server did not answer at
+    start, else 0."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # The in-process runner logs a failing step's traceback before raising it; the cause is
     # printed below in one line, so the page of Beam frames stays off the console.
@@ -424,7 +425,10 @@ def main(argv=None) -> int:
         handler.addFilter(not_repeated_below)
     try:
         summary = run(argv)
-    except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError, FhirServerError, AuthError) as exc:
+    except FhirServerError as exc:  # not answering at start: run again later (4); refusing: 2
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE if exc.transient else 2
+    except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError, AuthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks

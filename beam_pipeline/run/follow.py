@@ -115,7 +115,7 @@ def check_server(settings: Settings) -> None:
     try:
         FhirClient(settings.fhir_server).check()
     except FhirServerError as exc:
-        if "unavailable" not in str(exc):
+        if not exc.transient:
             raise
         _LOG.warning("%s; its studies wait until it answers", exc)
 

@@ -36,7 +36,11 @@ DELETE_ORDER = ("ImagingStudy", "Observation", "Device", "Endpoint", "ServiceReq
 
 class FhirServerError(Exception):
     """The server cannot be used at all (not FHIR, unreachable past the deadline, credentials
-    refused); one line, no secret."""
+    refused); one line, no secret. ``transient``: it did not answer (worth running again later)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -194,10 +198,10 @@ class FhirClient:
         except AuthError as exc:
             raise FhirServerError(str(exc)) from None
         except SourceUnavailable as exc:
-            raise FhirServerError(f"no token: {exc.strerror}") from None
+            raise FhirServerError(f"no token: {exc.strerror}", transient=True) from None
         posted = self._posted("GET", self.config.base + "/metadata", None)
         if posted.status == "unavailable":
-            raise FhirServerError(f"{self.what} is unavailable: {posted.detail}")
+            raise FhirServerError(posted.detail, transient=True)
         if posted.status == "refused":
             raise FhirServerError(f"{self.what} refused /metadata: HTTP {posted.http_status}"
                                   + (" (check the credentials)" if posted.http_status in (401, 403) else ""))
