@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from beam_pipeline.sources.dicomweb import safe_url
 from beam_pipeline.sources.retry import RetryPolicy, requests_attempt, retrying
 
 TOKEN_ENV = "FHIR_SERVER_TOKEN"          # a bearer token
@@ -24,14 +25,6 @@ DEFAULT_LIFETIME = 300.0  # a token answer without expires_in: renewed after thi
 
 class AuthError(Exception):
     """Credentials that cannot be had (a missing file, a refused client); one line, no secret."""
-
-
-def safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 @dataclass(frozen=True)

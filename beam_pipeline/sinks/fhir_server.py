@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 
 from beam_pipeline.codes import SourceUnavailable
-from beam_pipeline.sinks.auth import Auth, AuthError, TokenSource, safe_url
+from beam_pipeline.sinks.auth import Auth, AuthError, TokenSource
+from beam_pipeline.sources.dicomweb import safe_url
 from beam_pipeline.sources.retry import (
     THROTTLE_STATUSES,
     TRANSIENT_STATUSES,
