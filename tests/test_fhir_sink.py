@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from faults import Faults
 from fhir_auth import Tokens, auth_proxy, token_endpoint
@@ -286,6 +287,14 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
         process = start_follow(watched, out, hapi.base, *extra, log=log)
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[3]]), what="the study copied while stopped")
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[2]]), what="the completed partial study")
+        # a late instance of a study already sent: a new version of it, with one instance more
+        sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
+        late = pydicom.dcmread(sorted((watched / studies[0].name).rglob("*.dcm"))[0])
+        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+        late.save_as(watched / studies[0].name / "late.dcm")
+        updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
+            hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
+        assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
         process.send_signal(signal.SIGTERM)
         assert ended(process) == 0
     finally:
@@ -295,6 +304,5 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
     text = (tmp_path / "follow.log").read_text(errors="replace")
     assert "studies_deferred" in text  # a new study waits for --stable-after
     # the first studies were not sent again as new versions after the restart
-    for folder in studies[:2]:
-        assert hapi.read("ImagingStudy", id_of[folder])[2]["meta"]["versionId"] == "1"
+    assert hapi.read("ImagingStudy", id_of[studies[1]])[2]["meta"]["versionId"] == "1"
     assert len(list((out / "cycles").iterdir())) == 1  # only the newest cycle is kept
