@@ -306,3 +306,42 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
     # the first studies were not sent again as new versions after the restart
     assert hapi.read("ImagingStudy", id_of[studies[1]])[2]["meta"]["versionId"] == "1"
     assert len(list((out / "cycles").iterdir())) == 1  # only the newest cycle is kept
+
+
+def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
+    """QIDO-RS polled every cycle: a study stored in the PACS reaches the server, so does one stored later."""
+    import orthanc as orthanc_harness
+
+    binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
+    if binary is None or plugin is None:
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc with its DICOMweb plugin is not installed")
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed")
+    hapi.expunge_everything()
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:2]
+    id_of = {}
+    for folder in studies:
+        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
+        assert code == 0, err[-2000:]
+        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    pacs = orthanc_harness.Orthanc(str(tmp_path / "orthanc"), binary, plugin).start()
+    log = open(tmp_path / "follow.log", "wb")
+    process = None
+    try:
+        pacs.upload_all(sorted(str(p) for p in studies[0].rglob("*.dcm")))
+        command = [sys.executable, "-m", "beam_pipeline", "--follow", "--dicomweb", pacs.dicomweb_url,
+                   "--output", str(tmp_path / "follow"), *BASE_OPTIONS, "--fhir-server", hapi.base,
+                   "--stable-after", "1", "--poll-interval", "0.5"]
+        env = {**os.environ, "DICOMWEB_USER": orthanc_harness.USER, "DICOMWEB_PASSWORD": orthanc_harness.PASSWORD}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[0]]), what="the study in the PACS")
+        pacs.upload_all(sorted(str(p) for p in studies[1].rglob("*.dcm")))
+        poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[1]]), what="the study stored later")
+        process.send_signal(signal.SIGTERM)
+        assert ended(process) == 0
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        log.close()
+        pacs.stop()
+    assert hapi.read("ImagingStudy", id_of[studies[0]])[2]["meta"]["versionId"] == "1"
