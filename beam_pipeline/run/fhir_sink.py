@@ -22,13 +22,14 @@ import orjson
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
-from beam_pipeline.codes import Reason
+from beam_pipeline.codes import SHARED_TYPES, Reason
 from beam_pipeline.run import output
 from beam_pipeline.run.layout import BUNDLE_NAME, SINK_STATE_NAME
 from beam_pipeline.sinks.fhir_server import FhirClient, Posted, ServerConfig, entry_count
 from beam_pipeline.sources.retry import DEFAULT_RETRY_BUDGET, RetryBudget
 
 COUNTS, ERRORS, STATE = "counts", "errors", "state"
+SHARED_PER_BUNDLE = 200      # shared resources per preloading transaction
 RETRY_REFUSED_AFTER = 3600.0  # seconds before a refused, unchanged Bundle is sent again
 _UID_SYSTEM = "urn:dicom:uid"
 _COUNTED = {"ok": "written", "refused": "refused", "unavailable": "unavailable"}
@@ -119,42 +120,81 @@ class SharedClient:
         self.pool = ThreadPoolExecutor(max(config.max_in_flight, 1), "fhir-server")
 
 
-@beam.typehints.with_output_types(int)
-class PostStudiesDoFn(beam.DoFn):
-    """Batches of (uid, {"now": [Bundle line], "before": [entry]}) -> the server's answers: error
-    lines, counts and state lines; the main output counts what was handled (a signal for the
-    deletions to wait for)."""
+class DecideDoFn(beam.DoFn):
+    """(uid, {"now": [Bundle line], "before": [entry]}) -> (uid, line, hash, entry) to send (main
+    output); the state line, counts and repeated refusal of the studies not sent now."""
 
-    def __init__(self, config: ServerConfig, now: float, stable_after: float):
-        self.config = config
+    def __init__(self, now: float, stable_after: float):
         self.now = now
         self.stable_after = stable_after
+
+    def process(self, item):
+        uid, joined = item
+        lines, before = list(joined["now"]), [e for e in joined["before"] if e is not None]
+        if not lines:  # gone or rejected now: the deletions (--since) take care of the server
+            return
+        digest = bundle_hash(lines[0])
+        action, kept = decide(uid, digest, before[0] if before else None, self.now, self.stable_after)
+        if action == "post":
+            yield uid, lines[0], digest, kept
+            return
+        counts = Counter({f"fhir_server:studies_{action.replace('-', '_')}": 1})
+        if action == "refused-before":  # the error stays in every snapshot's errors until sent again
+            counts[f"error:{Reason.FHIR_SERVER_REFUSED}"] += 1
+            yield beam.pvalue.TaggedOutput(ERRORS, refused_error(uid, kept.refused))
+        yield beam.pvalue.TaggedOutput(STATE, (SINK_STATE_NAME, entry_line(kept)))
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+def shared_entries(send) -> list[tuple[str, str]]:
+    """("Type/id", resource JSON) of the shared resources (Devices, Patients, ...) in a Bundle to send."""
+    bundle = orjson.loads(send[1])
+    return [(entry["request"]["url"], orjson.dumps(entry["resource"]).decode("utf-8"))
+            for entry in bundle.get("entry", ()) if entry["request"]["url"].split("/", 1)[0] in SHARED_TYPES]
+
+
+@beam.typehints.with_output_types(int)
+class PreloadSharedDoFn(beam.DoFn):
+    """Batches of shared resources -> one transaction of PUTs each, before the studies' Bundles: many
+    studies creating one new Patient or Device at once make the server refuse all but one (HAPI:
+    409, sent again). Only an optimization: what fails here is sent again inside the studies'
+    Bundles, so it is counted, never an error line."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
         self.shared_client = shared.Shared()
 
     def setup(self):
         self.shared = self.shared_client.acquire(lambda: SharedClient(self.config))
 
     def process(self, batch):
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": orjson.loads(line), "request": {"method": "PUT", "url": key}} for key, line in batch]}
+        posted = self.shared.client.transaction(orjson.dumps(bundle))
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter({f"fhir_server:shared_preloaded{'' if posted.status == 'ok' else '_failed'}": len(batch)}))
+        yield len(batch)
+
+    def teardown(self):
+        self.shared = None
+
+
+@beam.typehints.with_output_types(int)
+class PostStudiesDoFn(beam.DoFn):
+    """Batches of (uid, Bundle line, hash, entry) -> the server's answers: error lines, counts and
+    state lines; the main output counts what was handled (a signal for the deletions to wait for)."""
+
+    def __init__(self, config: ServerConfig, now: float):
+        self.config = config
+        self.now = now
+        self.shared_client = shared.Shared()
+
+    def setup(self):
+        self.shared = self.shared_client.acquire(lambda: SharedClient(self.config))
+
+    def process(self, sends, preloaded=()):
         counts = Counter()
-        sends = []
-        for uid, joined in batch:
-            lines, before = list(joined["now"]), [e for e in joined["before"] if e is not None]
-            previous = before[0] if before else None
-            if not lines:  # gone or rejected now: the deletions (--since) take care of the server
-                continue
-            line = lines[0]
-            digest = bundle_hash(line)
-            action, kept = decide(uid, digest, previous, self.now, self.stable_after)
-            if action == "post":  # counted by its answer below
-                sends.append((uid, line, digest, kept))
-                continue
-            counts[f"fhir_server:studies_{action.replace('-', '_')}"] += 1
-            if action == "refused-before":  # the error stays in every snapshot's errors until sent again
-                counts[f"error:{Reason.FHIR_SERVER_REFUSED}"] += 1
-                yield beam.pvalue.TaggedOutput(ERRORS, refused_error(uid, kept.refused))
-            yield beam.pvalue.TaggedOutput(STATE, (SINK_STATE_NAME, entry_line(kept)))
         answers = self.shared.pool.map(lambda send: self.shared.client.transaction(send[1].encode("utf-8")), sends)
-        for (uid, line, digest, kept), posted in zip(sends, answers):
+        for (uid, _, digest, kept), posted in zip(sends, answers):
             counts[f"fhir_server:studies_{_COUNTED[posted.status]}"] += 1
             if posted.status == "ok":
                 counts["fhir_server:resources_written"] += entry_count(posted)
@@ -167,7 +207,7 @@ class PostStudiesDoFn(beam.DoFn):
                                                         "detail": posted.detail})
             yield beam.pvalue.TaggedOutput(STATE, (SINK_STATE_NAME, entry_line(after_post(kept, digest, posted, self.now))))
         yield beam.pvalue.TaggedOutput(COUNTS, +counts)
-        yield len(batch)
+        yield len(sends)
 
     def teardown(self):
         self.shared = None
@@ -228,12 +268,22 @@ class WriteToFhirServer(beam.PTransform):
         else:
             before = pipeline | "NoPrevious" >> beam.Create([]).with_output_types(
                 typing.Tuple[str, typing.Any])
-        posted = ({"now": bundles, "before": before}
-                  | "Join" >> beam.CoGroupByKey()
+        decided = ({"now": bundles, "before": before}
+                   | "Join" >> beam.CoGroupByKey()
+                   | "Decide" >> beam.ParDo(DecideDoFn(self.now, self.stable_after))
+                   .with_outputs(ERRORS, COUNTS, STATE, main="send"))
+        preloaded = (decided.send
+                     | "SharedEntries" >> beam.FlatMap(shared_entries)
+                     | "SharedOnce" >> beam.CombinePerKey(min)
+                     | "SharedBatches" >> beam.BatchElements(min_batch_size=1, max_batch_size=SHARED_PER_BUNDLE)
+                     | "PreloadShared" >> beam.ParDo(PreloadSharedDoFn(self.config)).with_outputs(COUNTS, main="done"))
+        posted = (decided.send
                   | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=max(8, 4 * self.config.max_in_flight))
-                  | "Post" >> beam.ParDo(PostStudiesDoFn(self.config, self.now, self.stable_after))
+                  | "Post" >> beam.ParDo(PostStudiesDoFn(self.config, self.now),
+                                         preloaded=beam.pvalue.AsList(preloaded.done))
                   .with_outputs(ERRORS, COUNTS, STATE, main="handled"))
-        errors, counts = [posted[ERRORS]], [posted[COUNTS]]
+        errors = [decided[ERRORS], posted[ERRORS]]
+        counts = [decided[COUNTS], preloaded[COUNTS], posted[COUNTS]]
         if self.deleted is not None:
             deleted = (self.deleted
                        | "AllDeleted" >> beam.combiners.ToList()
@@ -242,4 +292,5 @@ class WriteToFhirServer(beam.PTransform):
                        .with_outputs(ERRORS, COUNTS, main="none"))
             errors.append(deleted[ERRORS])
             counts.append(deleted[COUNTS])
-        return (errors | "SinkErrors" >> beam.Flatten(), counts | "SinkCounts" >> beam.Flatten(), posted[STATE])
+        return (errors | "SinkErrors" >> beam.Flatten(), counts | "SinkCounts" >> beam.Flatten(),
+                (decided[STATE], posted[STATE]) | "SinkState" >> beam.Flatten())

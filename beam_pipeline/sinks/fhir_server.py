@@ -26,8 +26,9 @@ from beam_pipeline.sources.retry import (
 )
 
 # HAPI answers 409 when two transactions create the same shared resource (a Device of many
-# studies) at once: the second one succeeds when sent again.
+# studies) at once: the second one succeeds when sent again, and fewer in flight conflict less.
 SINK_TRANSIENT_STATUSES = TRANSIENT_STATUSES | {409}
+SINK_THROTTLE_STATUSES = THROTTLE_STATUSES | {409}
 DEFAULT_REQUESTS = 4       # transactions in flight per worker process
 DETAIL_CHARS = 500         # of the server's diagnostics in an error line
 DELETES_PER_BUNDLE = 500
@@ -137,7 +138,7 @@ class FhirClient:
                     except (requests.ConnectionError, requests.Timeout,
                             requests.exceptions.ChunkedEncodingError) as exc:
                         raise TransientFailure(f"no answer from {self.what} ({type(exc).__name__})") from None
-                    slot["throttled"] = response.status_code in THROTTLE_STATUSES
+                    slot["throttled"] = response.status_code in SINK_THROTTLE_STATUSES
                 if response.status_code == 401 and self.tokens.refused(sent):
                     continue
                 break
