@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
 
 from beam_pipeline.codes import SourceUnavailable
 from beam_pipeline.sinks.auth import Auth, AuthError, TokenSource
@@ -58,7 +62,7 @@ class ServerConfig:
     verify: bool | str = True
 
     def __post_init__(self):
-        parts = _split(self.url)
+        parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FhirServerError(f"--fhir-server must be an http(s) URL of a FHIR base, got {safe_url(self.url)!r}")
         if parts.username or parts.password or parts.query or parts.fragment:
@@ -67,12 +71,6 @@ class ServerConfig:
     @property
     def base(self) -> str:
         return self.url.rstrip("/")
-
-
-def _split(url: str):
-    from urllib.parse import urlsplit
-
-    return urlsplit(url)
 
 
 @dataclass
@@ -102,9 +100,6 @@ class FhirClient:
     retry budget, shared by the worker's threads."""
 
     def __init__(self, config: ServerConfig, budget: RetryBudget | None = None):
-        import requests
-        from requests.adapters import HTTPAdapter
-
         self.config = config
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=0, pool_maxsize=max(config.max_in_flight, 1) + 2)
@@ -118,8 +113,6 @@ class FhirClient:
 
     def _send(self, method: str, url: str, body: bytes | None):
         """One request under the retry policy; a 401 is sent once more with fresh credentials."""
-        import requests
-
         headers = {"Accept": "application/fhir+json"}
         if body is not None:
             headers["Content-Type"] = "application/fhir+json"
