@@ -153,3 +153,37 @@ def test_follow_resumes_from_the_newest_complete_cycle_and_drops_the_others(tmp_
     assert previous == str(newest) and number == 6
     assert sorted(os.listdir(tmp_path)) == ["00000004"]
     assert follow.resume(str(tmp_path / "00000004" / "_state")) == (None, 1)
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--fhir-token-file", "t"], "--fhir-token-file needs --fhir-server"),
+    (["--fhir-server", "http://127.0.0.1:1/fhir", "--fhir-server-requests", "0"], "at least 1"),
+    (["--fhir-server", "http://u:p@127.0.0.1:1/fhir"], "credentials"),
+    (["--fhir-server", "http://127.0.0.1:1/fhir", "--fhir-client-id", "c"], "need --fhir-token-url"),
+    (["--follow", "--since", "x"], "leave out --since"),
+    (["--follow", "--poll-interval", "0"], "--poll-interval"),
+    (["--fhir-server", "http://127.0.0.1:1/fhir", "--stable-after", "-1"], "--stable-after"),
+])
+def test_sink_and_follow_options_are_checked_before_any_work(options, message, tmp_path, capsys):
+    from beam_pipeline.run import cli
+
+    with pytest.raises(SystemExit) as ended:
+        cli.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), *options])
+    assert ended.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_sink_implies_bundles_and_follow_a_stable_window(tmp_path, monkeypatch):
+    from beam_pipeline.run import cli
+
+    monkeypatch.setenv("FHIR_SERVER_TOKEN", "s3cr3t-9f")
+    settings, _ = cli.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                  "--fhir-server", "http://127.0.0.1:1/fhir"])
+    assert settings.conversion.bundles and settings.stable_after == 0 and settings.fhir_server.auth.token == "s3cr3t-9f"
+    followed, _ = cli.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--follow",
+                                  "--fhir-server", "http://127.0.0.1:1/fhir"])
+    assert isinstance(followed, follow.FollowSettings)
+    assert followed.run.stable_after == follow.DEFAULT_STABLE_AFTER
+    assert "s3cr3t-9f" not in repr(followed)
