@@ -187,3 +187,24 @@ def test_the_sink_implies_bundles_and_follow_a_stable_window(tmp_path, monkeypat
     assert isinstance(followed, follow.FollowSettings)
     assert followed.run.stable_after == follow.DEFAULT_STABLE_AFTER
     assert "s3cr3t-9f" not in repr(followed)
+
+
+def test_without_a_server_each_cycle_leaves_its_changes_as_a_window(tmp_path):
+    first = tmp_path / "cycles" / "00000001"
+    first.mkdir(parents=True)
+    (first / "ImagingStudy-00000-of-00001.ndjson").write_text('{"id": "a"}\n')
+    (first / "manifest.json").write_text("{}")
+    (first / "_state").mkdir()
+    window = follow.keep_window(str(first), str(tmp_path), 1)
+    assert sorted(os.listdir(window)) == ["ImagingStudy-00000-of-00001.ndjson", "manifest.json"]
+    second = tmp_path / "cycles" / "00000002"
+    (second / "_delta").mkdir(parents=True)
+    (second / "_delta" / "ImagingStudy-00000-of-00001.ndjson").write_text('{"id": "b"}\n')
+    window = follow.keep_window(str(second), str(tmp_path), 2)
+    assert (tmp_path / "windows" / "00000002" / "_delta" / "ImagingStudy-00000-of-00001.ndjson").read_text() == '{"id": "b"}\n'
+    assert not (second / "_delta").exists()
+    third = tmp_path / "cycles" / "00000003"
+    (third / "_delta").mkdir(parents=True)
+    (third / "_delta" / "deletions.json").write_text('{"resourceType": "Bundle", "type": "transaction"}')
+    assert follow.keep_window(str(third), str(tmp_path), 3) is None  # nothing changed: no window
+    assert sorted(os.listdir(tmp_path / "windows")) == ["00000001", "00000002"]

@@ -10,7 +10,8 @@ The newest complete cycle (its ``summary.json`` written last) is the state: on s
 resumes from it and removes cycles that did not finish (a stop, a crash); their Bundles are sent
 again, which changes nothing on the server (PUT by id). SIGTERM or SIGINT stops the loop after the
 cycle in progress; a second one ends the process at once (the cycle is then discarded on restart).
-``OUTPUT/follow.json`` names the newest cycle and its summary.
+``OUTPUT/follow.json`` names the newest cycle and its summary. Without ``--fhir-server`` each
+cycle's changes are kept as NDJSON per window in ``OUTPUT/windows/NNNNNNNN/``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from beam_pipeline.run import output
-from beam_pipeline.run.layout import STATE_HEADER_NAME, SUMMARY_NAME
+from beam_pipeline.run.layout import DELTA_DIR, MANIFEST_NAME, STATE_HEADER_NAME, SUMMARY_NAME
 from beam_pipeline.run.pipeline import execute
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.run.state import StateError
@@ -39,6 +40,7 @@ _LOG = logging.getLogger(__name__)
 DEFAULT_STABLE_AFTER = 30.0
 DEFAULT_POLL_INTERVAL = 10.0
 CYCLES_DIR = "cycles"
+WINDOWS_DIR = "windows"  # without --fhir-server: what each cycle added or changed, for a loader to take
 STATUS_NAME = "follow.json"
 MAX_FAILED_CYCLES = 5  # cycles failing one after the other (not a transient server fault): stop, exit 3
 
@@ -109,6 +111,42 @@ def cycle_line(number: int, summary: dict) -> str:
     return "; ".join(parts) + f" ({summary['seconds']} s)"
 
 
+def changed(delta: str) -> bool:
+    """A ``_delta/`` with changed resources or deletions."""
+    if any(name.endswith(".ndjson") for name in os.listdir(delta)):
+        return True
+    try:
+        with open(os.path.join(delta, "deletions.json"), encoding="utf-8") as handle:
+            return bool(json.load(handle).get("entry"))
+    except (OSError, ValueError):
+        return False
+
+
+def keep_window(folder: str, root: str, number: int) -> str | None:
+    """Without a FHIR server: what the cycle in ``folder`` changed, kept as
+    ``OUTPUT/windows/NNNNNNNN/`` (a loader takes it and removes it): its ``_delta/`` (changed
+    resources, deletions and their manifest), or for the first cycle its whole snapshot (the
+    resource files and manifest.json, hard-linked); None for a cycle that changed nothing. URLs in
+    the manifests stay valid relative to the window's folder."""
+    window = os.path.join(root, WINDOWS_DIR, f"{number:08d}")
+    delta = os.path.join(folder, DELTA_DIR)
+    if os.path.isdir(delta):
+        if not changed(delta):
+            return None
+        os.makedirs(window, exist_ok=True)
+        os.replace(delta, os.path.join(window, DELTA_DIR))
+        return window
+    os.makedirs(window, exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".ndjson") or name == MANIFEST_NAME:
+            source, target = os.path.join(folder, name), os.path.join(window, name)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    return window
+
+
 def check_server(settings: Settings) -> None:
     """Refused credentials or no FHIR server: stop now (exit 2). A server that is down is only
     warned about: its studies wait in the state until it is back."""
@@ -163,6 +201,8 @@ def follow(settings: FollowSettings, new_pipeline, stop: Stop | None = None, max
                 stop.event.wait(settings.poll_interval)
                 continue
             failures = 0
+            if base.fhir_server is None:
+                keep_window(folder, root, number)
             write_status(root, {"cycle": number, "folder": os.path.relpath(folder, root),
                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary})
             print(cycle_line(number, summary), flush=True)
