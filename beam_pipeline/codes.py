@@ -51,6 +51,8 @@ class Reason(StrEnum):
     # DICOMweb source
     STUDY_NOT_FOUND = "study-not-found"
     FETCH_FAILED = "fetch-failed"
+    # FHIR server sink (--fhir-server): the server refused a study's transaction (or a deletion)
+    FHIR_SERVER_REFUSED = "fhir-server-refused"
     # storage or server still failing after the retry deadline: worth trying again later
     UNAVAILABLE = "unavailable"
 

@@ -40,6 +40,7 @@ ISSUE_TYPES: Mapping[str, str] = {
     Reason.STUDY_IN_REJECTED_DIRECTORY: "business-rule",
     Reason.STUDY_NOT_FOUND: "not-found",
     Reason.FETCH_FAILED: "exception",
+    Reason.FHIR_SERVER_REFUSED: "processing",
 }
 # Where an error happened, named first in ``diagnostics`` (other fields, e.g. a DICOMweb ``status``, follow).
 ERROR_LOCATORS = ("path", "study_uid", "study_uids", "files")

@@ -20,12 +20,14 @@ from beam_pipeline.codes import EXIT_INCOMPLETE, TRANSIENT_REASONS
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.fhir.bulk_data import request_line
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import output, progress
+from beam_pipeline.run import follow, output, progress
 from beam_pipeline.run.layout import SUMMARY_NAME
 from beam_pipeline.run.pipeline import execute, local_runner
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
 from beam_pipeline.run.state import StateError
 from beam_pipeline.run.summary import accounted, describe
+from beam_pipeline.sinks.auth import CLIENT_SECRET_ENV, TOKEN_ENV as FHIR_TOKEN_ENV, Auth, AuthError
+from beam_pipeline.sinks.fhir_server import DEFAULT_REQUESTS, FhirClient, FhirServerError, ServerConfig
 from beam_pipeline.sources import gcs
 from beam_pipeline.sources.dicomweb import (
     PASSWORD_ENV,
@@ -151,7 +153,55 @@ def argument_parser() -> argparse.ArgumentParser:
                      help=f"seconds to wait for one response (default {connection.read_timeout:g})")
     web.add_argument("--dicomweb-ca-bundle", metavar="PATH",
                      help="CA certificates to verify the server's TLS certificate (default: the system's)")
+    sink = parser.add_argument_group("FHIR server (--fhir-server)")
+    sink.add_argument("--fhir-server", metavar="URL",
+                      help="also write every study to this FHIR server (R4 base URL) as one transaction Bundle "
+                           "of PUTs by id (implies --bundles); with --since, only what the server does not have "
+                           "yet, and DELETEs for what is gone")
+    sink.add_argument("--fhir-server-requests", type=int, default=DEFAULT_REQUESTS, metavar="N",
+                      help=f"transactions in flight per worker process (default {DEFAULT_REQUESTS}; fewer when "
+                           "the server answers 429/503)")
+    sink.add_argument("--fhir-token-file", metavar="PATH",
+                      help=f"a bearer token for the server, read again when the file changes (or set {FHIR_TOKEN_ENV})")
+    sink.add_argument("--fhir-token-url", metavar="URL",
+                      help="OAuth2 token endpoint: fetch access tokens with client credentials (SMART Backend "
+                           "Services style), renewed before they expire")
+    sink.add_argument("--fhir-client-id", metavar="ID", help="the OAuth2 client id (with --fhir-token-url)")
+    sink.add_argument("--fhir-client-secret-file", metavar="PATH",
+                      help=f"the OAuth2 client's secret (with --fhir-token-url; or set {CLIENT_SECRET_ENV})")
+    sink.add_argument("--fhir-scope", metavar="SCOPES", help="the scopes to ask for (with --fhir-token-url)")
+    live = parser.add_argument_group("Follow mode (--follow)")
+    live.add_argument("--follow", action="store_true",
+                      help="keep running: convert what is new or changed in the input every --poll-interval "
+                           "seconds (each a --since run into OUTPUT/cycles/); stops on SIGTERM or SIGINT after "
+                           "the cycle in progress")
+    live.add_argument("--stable-after", type=float, default=None, metavar="SECONDS",
+                      help=f"send a study to --fhir-server only once it has not changed for this long (default "
+                           f"{follow.DEFAULT_STABLE_AFTER:g} with --follow, else 0)")
+    live.add_argument("--poll-interval", type=float, default=follow.DEFAULT_POLL_INTERVAL, metavar="SECONDS",
+                      help=f"seconds between the starts of two cycles of --follow (default {follow.DEFAULT_POLL_INTERVAL:g})")
     return parser
+
+
+def fhir_server(args, parser) -> ServerConfig | None:
+    """The sink of --fhir-server and its credentials (from files or the environment)."""
+    given = [name for name in ("fhir_token_file", "fhir_token_url", "fhir_client_id", "fhir_client_secret_file",
+                               "fhir_scope") if getattr(args, name)]
+    if args.fhir_server is None:
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} needs --fhir-server")
+        if args.stable_after and not args.follow:
+            parser.error("--stable-after needs --fhir-server or --follow")
+        return None
+    if args.fhir_server_requests < 1:
+        parser.error("--fhir-server-requests must be at least 1")
+    try:
+        auth = Auth.from_options(args.fhir_token_file, args.fhir_token_url, args.fhir_client_id,
+                                 args.fhir_client_secret_file, args.fhir_scope)
+        return ServerConfig(args.fhir_server, auth, gcs.RetryPolicy(deadline=args.retry_deadline),
+                            args.fhir_server_requests)
+    except (AuthError, FhirServerError) as exc:
+        parser.error(str(exc))
 
 
 _WEB_ONLY = ("study_date_from", "study_date_to", "modality", "study_uid", "dicomweb_ca_bundle")
@@ -304,10 +354,20 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
         patient_id_length=args.patient_id_length, timezone=args.timezone,
         include_instances=not args.no_instances, include_devices=not args.no_devices,
         observations=args.observations, dose_reports=not args.no_dose_reports, patients=args.patients,
-        encounters=args.encounters, bundles=args.bundles,
+        encounters=args.encounters, bundles=args.bundles or args.fhir_server is not None,
         service_requests=args.service_requests, source=meta_source(args, parser),
         wado_rs_base=wado_rs_base(args, parser), patient_id_issuers=patient_id_issuers(args.patient_id_issuers, parser),
         unknown_patient_id_issuer=args.unknown_patient_id_issuer)
+    sink = fhir_server(args, parser)
+    stable_after = args.stable_after if args.stable_after is not None else (
+        follow.DEFAULT_STABLE_AFTER if args.follow else 0.0)
+    if stable_after < 0 or not math.isfinite(stable_after):
+        parser.error("--stable-after must be a number of seconds, 0 or more")
+    if args.follow:
+        if args.since is not None:
+            parser.error("--follow keeps its own state under OUTPUT: leave out --since")
+        if not positive(args.poll_interval):
+            parser.error("--poll-interval must be a positive number of seconds")
     run_id = uuid.uuid4().hex[:12]
     settings = Settings(input=args.input, output=args.output, group_by=args.group_by, run_id=run_id,
                         use_fast_reader=not args.pydicom_only, validate=args.validate, conversion=conversion,
@@ -315,20 +375,25 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
                         read_concurrency=args.read_concurrency, retry_deadline=args.retry_deadline,
                         progress=None if args.quiet else progress.new_settings(args.output, run_id, args.progress_interval),
                         dicomweb=web_source, request=request_line(argv),
-                        manifest_base_url=args.manifest_base_url, since=args.since)
+                        manifest_base_url=args.manifest_base_url, since=args.since,
+                        fhir_server=sink, stable_after=stable_after)
+    if args.follow:
+        settings = follow.FollowSettings(settings, args.poll_interval)
     return settings, beam_args
 
 
 def run(argv=None) -> dict:
     """Parse options once, run the pipeline, print the summary."""
     settings, beam_args = parse_args(argv)
+    if isinstance(settings, follow.FollowSettings):
+        return follow.follow(settings, lambda: new_pipeline(beam_args))
     # permanent problems in seconds; transient answers (an outage at start-up) retried up to the deadline
     gcs.check_access(settings.input, settings.output, policy=gcs.RetryPolicy(deadline=settings.retry_deadline),
                      since_path=settings.since)
-    options = PipelineOptions(beam_args)
-    options.view_as(SetupOptions).save_main_session = False
+    if settings.fhir_server is not None:  # refused credentials, not a FHIR server: one line, no pipeline
+        FhirClient(settings.fhir_server).check()
     try:
-        summary = execute(lambda: beam.Pipeline(runner=local_runner(options), options=options), settings)
+        summary = execute(lambda: new_pipeline(beam_args), settings)
     except Exception as exc:
         if output.disk_full(exc):
             raise output.OutputFull(f"no space left on the device of --output {settings.output} ({first_line(exc)}): "
@@ -336,6 +401,12 @@ def run(argv=None) -> dict:
         raise
     print(describe(summary), flush=True)
     return summary
+
+
+def new_pipeline(beam_args: list[str]) -> beam.Pipeline:
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    return beam.Pipeline(runner=local_runner(options), options=options)
 
 
 def first_line(exc: BaseException) -> str:
@@ -360,7 +431,8 @@ def main(argv=None) -> int:
     """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
     line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
     file (a bug), 4 when the run finished but some files failed for a transient reason (storage or
-    server unavailable past the retry deadline: run it again), else 0."""
+    server unavailable past the retry deadline: run it again) or the FHIR server did not answer at
+    start, else 0."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # The in-process runner logs a failing step's traceback before raising it; the cause is
     # printed below in one line, so the page of Beam frames stays off the console.
@@ -370,7 +442,10 @@ def main(argv=None) -> int:
         handler.addFilter(not_repeated_below)
     try:
         summary = run(argv)
-    except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError) as exc:
+    except FhirServerError as exc:  # not answering at start: run again later (4); refusing: 2
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE if exc.transient else 2
+    except (output.OutputError, DicomWebError, gcs.GcsAccessError, StateError, AuthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except output.OutputFull as exc:
@@ -379,6 +454,8 @@ def main(argv=None) -> int:
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks
         print(f"error: the run failed: {first_line(exc)}", file=sys.stderr)
         return 3
+    if not summary:  # --follow stopped before its first cycle finished
+        return 0
     if not accounted(summary):
         _LOG.error("outcomes do not add up to files matched: %s", summary["outcomes"])
         return 1

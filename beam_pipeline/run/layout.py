@@ -23,6 +23,7 @@ STATE_DIR = "_state"
 STATE_HEADER_NAME = STATE_DIR + "/state.json"  # format, version, options, input root, its shards
 SOURCE_STATE_NAME = "sources"   # one line per input file (or DICOMweb study): stamp, records, outcome
 STUDY_STATE_NAME = "studies"    # one line per study: digest of its records, its lines and counts
+SINK_STATE_NAME = "fhir-server"  # one line per study: what the FHIR server has of it (--fhir-server)
 DELTA_DIR = "_delta"
 DELTA_PREFIX = DELTA_DIR + "/"  # names of delta files: "_delta/<Type>"
 DELETIONS_NAME = DELTA_DIR + "/deletions.json"  # one transaction Bundle of DELETEs
@@ -33,6 +34,7 @@ PLACES = {
     ERRORS_NAME: (REPORT_DIR, ".jsonl"),  # not FHIR: a suffix no ``*.ndjson`` loader takes
     SOURCE_STATE_NAME: (STATE_DIR, ".jsonl"),
     STUDY_STATE_NAME: (STATE_DIR, ".jsonl"),
+    SINK_STATE_NAME: (STATE_DIR, ".jsonl"),
 }
 SUBFOLDERS = tuple(sorted({folder for folder, _ in PLACES.values()} | {DELTA_DIR}))
 # Where earlier versions wrote the report: removed too, or a loader would still find them.

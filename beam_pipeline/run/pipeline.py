@@ -15,6 +15,7 @@ from beam_pipeline.run import (
     building,
     core,
     dicomweb_read,
+    fhir_sink,
     folder_state,
     grouping,
     listing,
@@ -78,17 +79,23 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
     written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
+    sink = None
+    if settings.fhir_server is not None:
+        sink = studies | "FhirServer" >> fhir_sink.WriteToFhirServer(
+            settings.fhir_server, fhir_sink.previous_shards(settings.since), started, settings.stable_after,
+            deleted=changes[1] if changes is not None else None)
+        errors.append(sink[0])
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
-    small = [shared, error_lines, study_state, source_state]
+    small = [shared, error_lines, study_state, source_state] + ([sink[2]] if sink else [])
     if changes is not None:
         small.append(changes[0])
     written = [written_studies]
     written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp))
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
-    counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts) if c is not None]
+    counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts, sink and sink[1]) if c is not None]
               | "AllCounts" >> beam.Flatten())
     (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> summarizing.Summarize(settings, started, config)
 

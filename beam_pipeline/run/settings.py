@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run.progress import ProgressSettings
+from beam_pipeline.sinks.fhir_server import ServerConfig
 from beam_pipeline.sources.dicomweb import Source
 
 # Header reads in flight per worker process on object storage. By Little's law, keeping one core
@@ -36,4 +37,6 @@ class Settings:
     request: str = ""                    # the command line without secrets, for manifest.json
     manifest_base_url: str | None = None  # absolute base of the manifest's file URLs (else relative)
     since: str | None = None             # a previous run's output folder: read only what changed since
+    fhir_server: ServerConfig | None = None  # also write every study's Bundle to this FHIR server
+    stable_after: float = 0.0            # seconds a study's Bundle must be unchanged before it is sent
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names this run's hidden folders

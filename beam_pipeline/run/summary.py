@@ -32,6 +32,9 @@ def summarize(counts: Counter, seconds: float) -> dict:
     sources = prefixed("dicomweb:")
     if sources:
         summary["dicomweb"] = sources
+    sink = prefixed("fhir_server:")
+    if sink:  # --fhir-server: what the server was sent and what it made of it
+        summary["fhir_server"] = sink
     incremental = prefixed("incremental:")
     if incremental:  # a --since run: what it read and rebuilt (the rest of the summary is the snapshot's)
         summary["incremental"] = incremental
@@ -59,7 +62,7 @@ def describe(summary: dict) -> str:
         f"studies written: {summary['studies']['written']}, rejected: {summary['studies']['rejected']}",
         "resources: " + ", ".join(f"{k} {v}" for k, v in summary["resources"].items()),
     ]
-    for section in ("dicomweb", "incremental"):
+    for section in ("dicomweb", "incremental", "fhir_server"):
         if summary.get(section):
             lines.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in summary[section].items()))
     if summary["errors_by_reason"]:
