@@ -6,6 +6,7 @@ import typing
 from collections import Counter
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
@@ -33,8 +34,18 @@ class ReadState(beam.PTransform):
             return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
                 | "Shards" >> beam.Create(self.shards)
-                | "Lines" >> beam.io.ReadAllFromText()
-                | "Parse" >> beam.Map(lambda line: (lambda entry: (key_of(entry), entry))(parse(line))))
+                | "Spread" >> beam.Reshuffle()
+                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of))
+
+
+def shard_entries(path: str, parse, key_of):
+    """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed."""
+    with FileSystems.open(path, mime_type="application/jsonl") as handle:
+        for raw in handle:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line:
+                entry = parse(line)
+                yield key_of(entry), entry
 
 
 class ChooseUnitsDoFn(beam.DoFn):
