@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--instances", type=int, default=4000, help="files in each mix's archive")
     p.add_argument("--rounds", type=int, default=3, help="alternated rounds; the best time of each counts")
     p.add_argument("--min-ratio", type=float, default=2.0, help="fail below this ratio on either mix")
-    p.add_argument("--rss-budget-mib", type=float, default=250.0, help="fail when any run's peak RSS exceeds it")
-    p.add_argument("--growth-budget-kib", type=float, default=16.0,
+    p.add_argument("--rss-budget-mib", type=float, default=300.0, help="fail when any run's peak RSS exceeds it")
+    p.add_argument("--growth-budget-kib", type=float, default=24.0,
                    help="fail when peak RSS grows by more than this per instance over the start-up run")
     p.add_argument("--workdir", help="where archives and outputs go (default: a temp dir, removed)")
     args = p.parse_args(argv)
