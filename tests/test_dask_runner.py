@@ -243,3 +243,22 @@ def test_workers_must_run_the_launchers_versions():
     check_versions(Client(versions()["apache-beam"]))
     with pytest.raises(DaskRunnerError, match=r"apache-beam 2\.0\.0 \(here "):
         check_versions(Client("2.0.0"))
+
+
+def cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "beam_pipeline", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_mistyped_dask_option_is_refused_before_the_run(tmp_path):
+    done = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--runner", "dask", "--dask_workerz", "2")
+    assert done.returncode == 2 and "unknown option(s): --dask_workerz" in done.stderr
+
+
+def test_an_unreachable_scheduler_fails_the_run_in_one_line(tmp_path):
+    done = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--runner", "dask",
+               "--dask_client_address", f"tcp://127.0.0.1:{engines.free_port()}", "--dask_connection_timeout", "3")
+    said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
+    assert done.returncode == 3 and len(said) == 1 and said[0].startswith("error: the run failed: "), said
+    assert not (tmp_path / "out" / "_report" / "summary.json").exists()

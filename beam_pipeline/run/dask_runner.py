@@ -539,7 +539,7 @@ class DaskRunnerResult(PipelineResult):
                 if future.status == "error":
                     raise future.exception()
                 if future.status == "cancelled":
-                    raise DaskRunnerError("the Dask scheduler cancelled the run (lost connection to it?)")
+                    raise DaskRunnerError("lost the Dask scheduler: it cancelled the run's tasks")
             if not pending:
                 break
             problem = self._problem()
