@@ -418,5 +418,7 @@ def test_dask_workers_that_must_spill_to_disk_write_the_same_lines(big_archive, 
         summary = convert(big_archive, out, engines.dask_options(cluster.address))
         with Client(cluster.address, set_as_default=False) as client:
             spilled = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "bytes"), 0))
-    assert sum(spilled.values()) > 100 << 20, spilled  # both workers' spills, in bytes
+    # both workers' spills, in bytes: more than a worker may hold in memory (5% of 600 MiB), so the run
+    # went through the disk (how much more depends on how the scheduler spread the partitions)
+    assert sum(spilled.values()) > 30 << 20, spilled
     assert results(out, summary) == baseline
