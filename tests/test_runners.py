@@ -407,18 +407,20 @@ def test_a_dask_cluster_without_workers_or_scheduler_fails_with_one_line_and_no_
 
 @pytest.mark.slow
 def test_dask_workers_that_must_spill_to_disk_write_the_same_lines(big_archive, tmp_path):
-    """600 MiB per worker, and a worker's data may fill only 5% of it before going to disk: the
-    24,000-instance run's data (partials, study groups, lines) is far more than that."""
+    """600 MiB per worker, and a worker's data may fill only 0.5% of it (3 MiB) before going to disk:
+    the 24,000-instance run's data (partials, study groups, lines) is far more than that, whichever
+    worker the scheduler gives it to."""
     from distributed import Client
 
     reference = tmp_path / "reference"
     baseline = results(reference, convert(big_archive, reference, RUNNERS["in_memory_1"]))
-    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="600MiB", spill_at=0.05) as cluster:
+    with engines.DaskCluster(tmp_path / "dask", workers=2, memory_limit="600MiB", spill_at=0.005) as cluster:
         out = tmp_path / "out"
         summary = convert(big_archive, out, engines.dask_options(cluster.address))
         with Client(cluster.address, set_as_default=False) as client:
             spilled = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "bytes"), 0))
-    # both workers' spills, in bytes: more than a worker may hold in memory (5% of 600 MiB), so the run
-    # went through the disk (how much more depends on how the scheduler spread the partitions)
-    assert sum(spilled.values()) > 30 << 20, spilled
+    # both workers' spills, in bytes: the run went through the disk. How much depends on how the
+    # scheduler spread the partitions and when the worker checked its memory (2 MiB to 98 MiB seen at
+    # a 30 MiB threshold), so only that it did is asserted; the lines must be the same.
+    assert sum(spilled.values()) > 0, spilled
     assert results(out, summary) == baseline
