@@ -7,6 +7,7 @@ from collections import Counter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from beam_pipeline.fhir.config import ConversionConfig
@@ -43,6 +44,9 @@ class BuildStudyDoFn(beam.DoFn):
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
         self.progress = ProgressBeacon(self.progress_settings)
 
+    def start_bundle(self):
+        self.counts = Counter()  # one Counter per bundle crosses to the summary, not one per study
+
     def process(self, item):
         uid, joined = item
         now, before = list(joined["now"]), list(joined["before"])
@@ -50,7 +54,7 @@ class BuildStudyDoFn(beam.DoFn):
         if not now:  # every file of the study is gone (or no longer a valid instance)
             _, deleted = delta.study_changes(previous.outcome, None)
             yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
-            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:studies_deleted": 1}))
+            self.counts["incremental:studies_deleted"] += 1
             return
         group = now[0]
         digest = group.digest()
@@ -67,7 +71,8 @@ class BuildStudyDoFn(beam.DoFn):
                 yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
                 yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
         yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
-        yield beam.pvalue.TaggedOutput(COUNTS, outcome.counts + extra)
+        self.counts.update(outcome.counts)
+        self.counts.update(extra)
         self.written.inc(outcome.counts["studies_written"])
         self.rejected.inc(outcome.counts["studies_rejected"])
         self.progress.add({"studies_written": outcome.counts["studies_written"]})
@@ -81,6 +86,9 @@ class BuildStudyDoFn(beam.DoFn):
 
     def finish_bundle(self):
         self.progress.flush()
+        if self.counts:
+            yield beam.pvalue.TaggedOutput(COUNTS, GlobalWindows.windowed_value(self.counts))
+        self.counts = Counter()
 
 
 def shared_delta(item):

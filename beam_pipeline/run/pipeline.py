@@ -88,10 +88,15 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
-    small = [shared, error_lines, study_state, source_state] + ([sink[2]] if sink else [])
+    # The state lines (about a record's size per instance) are written by writers of their own,
+    # fused with the step that makes them: lines that went through a Flatten of several steps would
+    # be held in memory between the stages by the in-process runner.
+    written = [written_studies,
+               study_state | "WriteStudyState" >> writing.WriteNdjson(temp),
+               source_state | "WriteSourceState" >> writing.WriteNdjson(temp)]
+    small = [shared, error_lines] + ([sink[2]] if sink else [])
     if changes is not None:
         small.append(changes[0])
-    written = [written_studies]
     written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp))
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
