@@ -21,13 +21,14 @@ from beam_pipeline.run import output
 from beam_pipeline.run.layout import DELETIONS_NAME
 from beam_pipeline.sources.files import is_remote
 
-RUN_BYTES = 32 * 1024 * 1024  # line bytes a writer holds before it writes a run
+RUN_BYTES = 8 * 1024 * 1024  # line bytes a writer holds before it writes a run (several writers share a stage)
 RUNS_DIR = "runs"
 # Runs merged at once: each open run holds a read buffer (16 MiB for gs://), so more runs are
 # merged in rounds.
 FAN_IN = 64
 REMOTE_FAN_IN = 8
-WRITE_LINES = 4096  # lines per write call
+WRITE_LINES = 4096  # lines per write call at most
+WRITE_BYTES = 1024 * 1024  # line bytes per write call at most (a large study's line is some 100 KB)
 
 
 @dataclass(frozen=True)
@@ -46,21 +47,21 @@ def _file_name(name: str) -> str:
 
 
 def write_run(temp_dir: str, name: str, lines: list[bytes], size: int) -> Run:
-    """Sorts ``lines`` (UTF-8, no newline) and writes them as one run file; returns its description."""
+    """Sorts ``lines`` (UTF-8, no newline) and writes them as one run file; returns its description.
+
+    Written in chunks, hashed as they go (no copy of the whole run is made), under a unique name,
+    then renamed to its content's name: a reader never sees a partial run, whichever attempt of a
+    bundle wrote it last."""
     lines.sort()
-    data = b"\n".join(lines) + b"\n"
-    path = FileSystems.join(temp_dir, RUNS_DIR, f"{_file_name(name)}-{hashlib.sha256(data).hexdigest()[:32]}.run")
-    _write_whole(path, data)
-    return Run(name, path, len(lines), size)
-
-
-def _write_whole(path: str, data: bytes) -> None:
-    """Written under a unique name, then renamed: a reader never sees a partial run, whichever
-    attempt of a bundle wrote it last."""
-    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    digest = hashlib.sha256()
+    partial = FileSystems.join(temp_dir, RUNS_DIR, f"{_file_name(name)}-{uuid.uuid4().hex}.partial")
     with FileSystems.create(partial, mime_type="application/octet-stream") as out:
-        out.write(data)
+        for chunk, _ in _chunks(lines):
+            digest.update(chunk)
+            out.write(chunk)
+    path = FileSystems.join(temp_dir, RUNS_DIR, f"{_file_name(name)}-{digest.hexdigest()[:32]}.run")
     FileSystems.rename([partial], [path])
+    return Run(name, path, len(lines), size)
 
 
 def _lines(path: str):
@@ -86,17 +87,25 @@ def _merge_to_run(temp_dir: str, paths: list[str]) -> str:
     return path
 
 
-def _write_lines(out, lines) -> int:
-    count, chunk = 0, []
+def _chunks(lines):
+    """(bytes to write, their line count): lines joined by at most WRITE_LINES and WRITE_BYTES."""
+    chunk, held = [], 0
     for line in lines:
         chunk.append(line)
-        if len(chunk) == WRITE_LINES:
-            out.write(b"\n".join(chunk) + b"\n")
-            count += len(chunk)
-            chunk = []
+        held += len(line)
+        if held >= WRITE_BYTES or len(chunk) == WRITE_LINES:
+            yield b"\n".join(chunk) + b"\n", len(chunk)
+            chunk, held = [], 0
     if chunk:
-        out.write(b"\n".join(chunk) + b"\n")
-    return count + len(chunk)
+        yield b"\n".join(chunk) + b"\n", len(chunk)
+
+
+def _write_lines(out, lines) -> int:
+    count = 0
+    for chunk, lines_in_chunk in _chunks(lines):
+        out.write(chunk)
+        count += lines_in_chunk
+    return count
 
 
 def merge_into_shards(temp_dir: str, name: str, runs: list[Run]) -> list[tuple[str, str, int]]:
@@ -113,14 +122,17 @@ def merge_into_shards(temp_dir: str, name: str, runs: list[Run]) -> list[tuple[s
             counts[0] = _write_lines(outs[0], merged(temp_dir, runs))
         else:
             chunks = [[] for _ in range(total)]
+            held = [0] * total  # bytes in each shard's chunk: the shards together hold WRITE_BYTES at most
             for line in merged(temp_dir, runs):
                 shard = output.shard_of(line, total)
                 chunk = chunks[shard]
                 chunk.append(line)
-                if len(chunk) == WRITE_LINES:
+                held[shard] += len(line)
+                if held[shard] * total >= WRITE_BYTES or len(chunk) == WRITE_LINES:
                     outs[shard].write(b"\n".join(chunk) + b"\n")
                     counts[shard] += len(chunk)
                     chunk.clear()
+                    held[shard] = 0
             for shard, chunk in enumerate(chunks):
                 if chunk:
                     outs[shard].write(b"\n".join(chunk) + b"\n")
