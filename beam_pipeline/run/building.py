@@ -115,11 +115,11 @@ class BuildResources(beam.PTransform):
 
     def expand(self, groups):
         incremental = self.previous_studies is not None
-        keyed = groups | "ByStudy" >> beam.Map(lambda group: (group.study_uid, group))
         if incremental:
+            keyed = groups | "ByStudy" >> beam.Map(lambda group: (group.study_uid, group))
             joined = {"now": keyed, "before": self.previous_studies} | "JoinState" >> beam.CoGroupByKey()
         else:
-            joined = keyed | "Alone" >> beam.MapTuple(lambda uid, group: (uid, {"now": [group], "before": []}))
+            joined = groups | "Alone" >> beam.Map(lambda group: (group.study_uid, {"now": [group], "before": []}))
         built = joined | "Build" >> beam.ParDo(BuildStudyDoFn(
             self.config, self.validate, self.progress, incremental, self.reuse_studies)).with_outputs(
             ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, main="resources")

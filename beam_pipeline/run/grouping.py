@@ -73,11 +73,10 @@ class GroupStudies(beam.PTransform):
         self.group_by = group_by
 
     def expand(self, partials):
-        merged = (partials
-                  | "Shuffle" >> beam.GroupByKey()
-                  | "Merge" >> beam.Map(merge_partials))
-        if self.group_by == "study":
-            return merged | "OneStudy" >> beam.FlatMap(lambda item: item[1].values()), None, None
+        shuffled = partials | "Shuffle" >> beam.GroupByKey()
+        if self.group_by == "study":  # one study per key: its merged group, in one step
+            return shuffled | "Merge" >> beam.FlatMap(lambda item: merge_partials(item)[1].values()), None, None
+        merged = shuffled | "Merge" >> beam.Map(merge_partials)
         guarded = merged | "Guard" >> beam.ParDo(DirectoryGuardDoFn()).with_outputs(
             DirectoryGuardDoFn.REJECTED, COUNTS, main="ok")
         groups = (guarded.ok

@@ -77,7 +77,6 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
     studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
-    written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     sink = None
     if settings.fhir_server is not None:
@@ -88,16 +87,17 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     error_lines = (errors
                    | "AllErrors" >> beam.Flatten()
                    | "ErrorLines" >> beam.FlatMap(core.error_lines))
-    # The state lines (about a record's size per instance) are written by writers of their own,
-    # fused with the step that makes them: lines that went through a Flatten of several steps would
-    # be held in memory between the stages by the in-process runner.
-    written = [written_studies,
-               study_state | "WriteStudyState" >> writing.WriteNdjson(temp),
-               source_state | "WriteSourceState" >> writing.WriteNdjson(temp)]
+    # Each source of lines writes its own sorted runs, fused with the step that makes them (lines
+    # that went through a Flatten would be held in memory between stages by the in-process runner);
+    # only the runs' descriptions are brought together, and merged once per name.
     small = [shared, error_lines] + ([sink[2]] if sink else [])
     if changes is not None:
         small.append(changes[0])
-    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp))
+    runs = [studies | "StudyRuns" >> writing.SortedRuns(temp),
+            study_state | "StudyStateRuns" >> writing.SortedRuns(temp),
+            source_state | "SourceStateRuns" >> writing.SortedRuns(temp),
+            small | "SmallOutputs" >> beam.Flatten() | "SmallRuns" >> writing.SortedRuns(temp)]
+    written = [runs | "AllRuns" >> beam.Flatten() | "WriteFiles" >> writing.MergeRuns(temp)]
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts, sink and sink[1]) if c is not None]

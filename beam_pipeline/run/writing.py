@@ -46,6 +46,35 @@ class WriteRunsDoFn(beam.DoFn):
         return runs
 
 
+class SortedRuns(beam.PTransform):
+    """(name, line) -> sorted run files (``external_sort.Run``), written by a DoFn fused with the step
+    that makes the lines: the lines are not held between stages, only the runs' descriptions."""
+
+    def __init__(self, temp_dir: str):
+        super().__init__()
+        self.temp_dir = temp_dir
+
+    def expand(self, named_lines):
+        return named_lines | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(self.temp_dir))
+
+
+class MergeRuns(beam.PTransform):
+    """Runs (of any number of ``SortedRuns``) -> each name's shard files, one merge per name;
+    returns (name, relative path, line count) of every file written."""
+
+    def __init__(self, temp_dir: str):
+        super().__init__()
+        self.temp_dir = temp_dir
+
+    def expand(self, runs):
+        temp_dir = self.temp_dir
+        return (runs
+                | "ByName" >> beam.Map(lambda run: (run.name, run))
+                | "RunsPerName" >> beam.GroupByKey()
+                | "MergeRuns" >> beam.FlatMapTuple(
+                    lambda name, runs: external_sort.merge_into_shards(temp_dir, name, sorted(runs, key=_order))))
+
+
 class WriteNdjson(beam.PTransform):
     """(name, line) -> files named by ``output.shard_name`` (resource types at the top,
     ``bundles/``, ``_report/``, ``_state/``, ``_delta/``); returns (name, relative path, line count)
@@ -54,8 +83,9 @@ class WriteNdjson(beam.PTransform):
     Deterministic, unlike ``fileio.WriteToFiles`` (whose files follow the runner's bundles): a
     name's file count follows from the size of its lines, a line's file from a hash of it, and each
     file is written sorted. So re-runs, engines, worker counts and an incremental run write the
-    same bytes as a full run. Lines go to sorted run files as they come; one merge per name
-    writes its shards.
+    same bytes as a full run. Lines go to sorted run files as they come (``SortedRuns``); one merge
+    per name writes its shards (``MergeRuns``). A pipeline with several sources of lines gives each
+    its own ``SortedRuns`` and merges all their runs at once.
     """
 
     def __init__(self, temp_dir: str):
@@ -63,13 +93,9 @@ class WriteNdjson(beam.PTransform):
         self.temp_dir = temp_dir
 
     def expand(self, named_lines):
-        temp_dir = self.temp_dir
         return (named_lines
-                | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(temp_dir))
-                | "ByName" >> beam.Map(lambda run: (run.name, run))
-                | "RunsPerName" >> beam.GroupByKey()
-                | "MergeRuns" >> beam.FlatMapTuple(
-                    lambda name, runs: external_sort.merge_into_shards(temp_dir, name, sorted(runs, key=_order))))
+                | "Runs" >> SortedRuns(self.temp_dir)
+                | "Merge" >> MergeRuns(self.temp_dir))
 
 
 def _order(run: external_sort.Run) -> tuple:
