@@ -46,25 +46,25 @@ class WriteRunsDoFn(beam.DoFn):
         return runs
 
 
-class SortedRuns(beam.PTransform):
-    """(name, line) -> sorted run files (``external_sort.Run``), written by a DoFn fused with the step
-    that makes the lines: the lines are not held between stages, only the runs' descriptions."""
+class _InTempDir(beam.PTransform):
+    """A writing transform: its files go to the run's temp folder (``output.temp_dir``)."""
 
     def __init__(self, temp_dir: str):
         super().__init__()
         self.temp_dir = temp_dir
+
+
+class SortedRuns(_InTempDir):
+    """(name, line) -> sorted run files (``external_sort.Run``), written by a DoFn fused with the step
+    that makes the lines: the lines are not held between stages, only the runs' descriptions."""
 
     def expand(self, named_lines):
         return named_lines | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(self.temp_dir))
 
 
-class MergeRuns(beam.PTransform):
+class MergeRuns(_InTempDir):
     """Runs (of any number of ``SortedRuns``) -> each name's shard files, one merge per name;
     returns (name, relative path, line count) of every file written."""
-
-    def __init__(self, temp_dir: str):
-        super().__init__()
-        self.temp_dir = temp_dir
 
     def expand(self, runs):
         temp_dir = self.temp_dir
@@ -75,7 +75,7 @@ class MergeRuns(beam.PTransform):
                     lambda name, runs: external_sort.merge_into_shards(temp_dir, name, sorted(runs, key=_order))))
 
 
-class WriteNdjson(beam.PTransform):
+class WriteNdjson(_InTempDir):
     """(name, line) -> files named by ``output.shard_name`` (resource types at the top,
     ``bundles/``, ``_report/``, ``_state/``, ``_delta/``); returns (name, relative path, line count)
     of every file written.
@@ -88,10 +88,6 @@ class WriteNdjson(beam.PTransform):
     its own ``SortedRuns`` and merges all their runs at once.
     """
 
-    def __init__(self, temp_dir: str):
-        super().__init__()
-        self.temp_dir = temp_dir
-
     def expand(self, named_lines):
         return (named_lines
                 | "Runs" >> SortedRuns(self.temp_dir)
@@ -102,13 +98,9 @@ def _order(run: external_sort.Run) -> tuple:
     return run.path, run.lines
 
 
-class WriteDeletions(beam.PTransform):
+class WriteDeletions(_InTempDir):
     """Deleted keys -> ``_delta/deletions.json``, one transaction Bundle (written even when empty,
     so a nightly loader can always post it); returns the written file as ``WriteNdjson`` does."""
-
-    def __init__(self, temp_dir: str):
-        super().__init__()
-        self.temp_dir = temp_dir
 
     def expand(self, keys):
         temp_dir = self.temp_dir
