@@ -42,6 +42,7 @@ DEFAULT_POLL_INTERVAL = 10.0
 CYCLES_DIR = "cycles"
 WINDOWS_DIR = "windows"  # without --fhir-server: what each cycle added or changed, for a loader to take
 STATUS_NAME = "follow.json"
+MODES = ("auto", "stream", "cycles")
 MAX_FAILED_CYCLES = 5  # cycles failing one after the other (not a transient server fault): stop, exit 3
 
 
@@ -51,6 +52,27 @@ class FollowSettings:
 
     run: Settings
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    mode: str = "cycles"  # "stream": run/stream.py's streaming pipeline instead of the loop
+
+
+def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> str:
+    """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink,
+    Dataflow) over files grouped by study, and loops cycles otherwise (the in-process runner is
+    batch only; DICOMweb and ``--group-by directory`` are followed by cycles)."""
+    from beam_pipeline.run.stream import streaming_runner
+
+    streams = streaming_runner(beam_args)
+    fits = settings.dicomweb is None and settings.group_by == "study"
+    if requested == "stream":
+        if not streams:
+            error("--follow-mode stream needs a streaming runner: --runner PrismRunner (FlinkRunner, DataflowRunner)")
+        if not fits:
+            error("--follow-mode stream follows files grouped by study: use --follow-mode cycles for "
+                  "--dicomweb or --group-by directory")
+        return "stream"
+    if requested == "cycles" or not (streams and fits):
+        return "cycles"
+    return "stream"
 
 
 class Stop:
