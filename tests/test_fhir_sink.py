@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -245,7 +246,7 @@ def ended(process, timeout=300) -> int:
 
 
 @pytest.mark.parametrize("runner", ["in_process", "prism"])
-def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, tmp_path, runner):
+def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, archive, tmp_path, runner):
     extra = []
     if runner == "prism":
         try:
@@ -254,7 +255,7 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
             if os.environ.get("CI"):
                 raise
             pytest.skip(str(missing))
-        extra = ["--runner", "PrismRunner", "--prism_location", str(prism)]
+        extra = ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "cycles"]
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
@@ -306,6 +307,98 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
     # the first studies were not sent again as new versions after the restart
     assert hapi.read("ImagingStudy", id_of[studies[1]])[2]["meta"]["versionId"] == "1"
     assert len(list((out / "cycles").iterdir())) == 1  # only the newest cycle is kept
+
+
+def prism_options() -> list[str]:
+    try:
+        prism = engines.install_prism()
+    except engines.EngineUnavailable as missing:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(missing))
+    return ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "stream"]
+
+
+def windows(out: Path) -> list[dict]:
+    """The streaming pipeline's closed windows (their names and counts), from its ledger."""
+    try:
+        return [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines() if line]
+    except OSError:
+        return []
+
+
+def version(hapi, study_id: str) -> str | None:
+    status, _, body = hapi.read("ImagingStudy", study_id)
+    return body["meta"]["versionId"] if status == 200 else None
+
+
+def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_restart(hapi, archive, tmp_path):
+    """The streaming pipeline (a session window per study): studies reach the server once stable,
+    a late instance makes a new version, a partial file is no study until complete, SIGTERM drains
+    (what was listed is written, nothing half), and a restart sends what arrived meanwhile without
+    sending the others again."""
+    extra = prism_options()
+    hapi.expunge_everything()
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
+    watched, out = tmp_path / "watched", tmp_path / "follow"
+    watched.mkdir()
+    id_of = {}
+    for folder in studies[:5]:
+        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
+        assert code == 0, err[-2000:]
+        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    for folder in studies[:2]:
+        shutil.copytree(folder, watched / folder.name)
+    log = open(tmp_path / "follow.log", "wb")
+    process = start_follow(watched, out, hapi.base, *extra, log=log)
+    try:
+        poll(lambda: all(version(hapi, id_of[f]) for f in studies[:2]), what="the first studies")
+        # a partial file of a new study (its header cut off) must not become a study
+        whole = sorted(studies[2].rglob("*.dcm"))[0].read_bytes()
+        partial = watched / studies[2].name / "000001.dcm"
+        partial.parent.mkdir()
+        partial.write_bytes(whole[:200])
+        poll(lambda: any(w["counts"].get("error:truncated") for w in windows(out)), what="the partial file's window")
+        assert version(hapi, id_of[studies[2]]) is None
+        # a late instance of a study already sent: a new version of it, with one instance more
+        sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
+        late = pydicom.dcmread(sorted((watched / studies[0].name).rglob("*.dcm"))[0])
+        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+        late.save_as(watched / studies[0].name / "late.dcm")
+        updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
+            hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
+        assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
+        # SIGTERM right after a study arrived: it is written now, or left for the next start
+        shutil.copytree(studies[3], tmp_path / "staging" / studies[3].name)
+        (tmp_path / "staging" / studies[3].name).rename(watched / studies[3].name)  # whole, as receivers do
+        process.send_signal(signal.SIGTERM)
+        assert ended(process) == 0
+        assert not [p for p in (out / "windows").iterdir() if p.name.startswith(".")]  # nothing half-written
+        assert not list(out.glob("state/*/*/*.tmp"))
+        # restart: the partial file completed meanwhile, and another study arrived
+        partial.write_bytes(whole)
+        shutil.copytree(studies[4], watched / studies[4].name)
+        process = start_follow(watched, out, hapi.base, *extra, log=log)
+        for folder in studies[2:5]:
+            poll(lambda: version(hapi, id_of[folder]), what=f"{folder.name} after the restart")
+        process.send_signal(signal.SIGTERM)
+        assert ended(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    # nothing sent twice: the studies sent before a restart keep their version
+    assert version(hapi, id_of[studies[1]]) == "1"
+    assert version(hapi, id_of[studies[0]]) == "2"
+    for folder in studies[2:5]:
+        assert version(hapi, id_of[folder]) == "1"
+    (completed,) = [hapi.read("ImagingStudy", id_of[studies[2]])[2]]
+    assert completed["numberOfInstances"] == 1  # the one file, complete now
+    counts = Counter()
+    for summary in windows(out):
+        counts.update(summary["counts"])
+    assert counts["fhir_server:studies_written"] == 6  # five studies, one of them twice (the late instance)
+    assert not counts["fhir_server:studies_unavailable"]
 
 
 def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):

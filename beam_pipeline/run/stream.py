@@ -44,7 +44,7 @@ from beam_pipeline.codes import Reason
 from beam_pipeline.fhir import keywords
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run import core
-from beam_pipeline.run.fhir_sink import bundle_hash, refused_error
+from beam_pipeline.run.fhir_sink import COUNTED, bundle_hash, refused_error
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 
@@ -57,6 +57,7 @@ STREAMING_RUNNERS = ("prismrunner", "flinkrunner", "dataflowrunner", "portableru
 _END = 2 ** 62           # the watcher's restriction: polls [0, _END), never all claimed until stopped
 STUDY, FILE = "study", "file"
 WINDOW_ERRORS, WINDOW_SUMMARY = "errors.jsonl", "summary.json"
+LEDGER_NAME = "windows.jsonl"  # one line per closed window: its name and counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +217,19 @@ class Window:
         self.add(WINDOW_ERRORS, plain[1])
         self.add(f"{outcome[0]}.ndjson", outcome[1])
 
+    def summary(self) -> dict:
+        return {"window": self.name, "counts": dict(sorted(self.counts.items()))}
+
+    def record(self, root: str) -> None:
+        """One line in ``OUTPUT/windows.jsonl``, the ledger of closed windows (their counts): a
+        single write in append mode, whole even with other workers appending."""
+        line = orjson.dumps(self.summary(), option=orjson.OPT_SORT_KEYS) + b"\n"
+        descriptor = os.open(os.path.join(root, LEDGER_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
+
     def write(self, root: str) -> str:
         """The window's folder, written whole (a temp folder renamed): never half there."""
         final = os.path.join(root, WINDOWS_DIR, self.name)
@@ -224,9 +238,8 @@ class Window:
         for file_name, lines in sorted(self.lines.items()):
             with open(os.path.join(temp, file_name), "w", encoding="utf-8") as out:
                 out.write("".join(line + "\n" for line in lines))
-        summary = {"window": self.name, "counts": dict(sorted(self.counts.items()))}
         with open(os.path.join(temp, WINDOW_SUMMARY), "wb") as out:
-            out.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+            out.write(orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
         if os.path.isdir(final):  # written before a crash, not committed: this is the same window again
             shutil.rmtree(final)
         os.replace(temp, final)
@@ -300,7 +313,7 @@ class SessionDoFn(beam.DoFn):
             window.error(error)
             window.write(self.root)
         write_whole(state_path(self.root, FILE, name), pickle.dumps({"files": {path: (stamp, None)}}))
-        _LOG.info("window %s: %s", window.name, ", ".join(f"{k} {v}" for k, v in sorted(window.counts.items())))
+        window.record(self.root)
 
     def close_study(self, uid: str, got: list, window: Window) -> bool:
         """Build the study from all its instances, send or write it, commit. True: the server did
@@ -327,7 +340,7 @@ class SessionDoFn(beam.DoFn):
                 window.counts["fhir_server:studies_unchanged"] += 1
             else:
                 posted = self.client.transaction(line.encode("utf-8"))
-                window.counts[f"fhir_server:studies_{posted.status}"] += 1
+                window.counts[f"fhir_server:studies_{COUNTED[posted.status]}"] += 1
                 if posted.status == "ok":
                     entry["sent"] = digest
                 elif posted.status == "refused":
@@ -346,6 +359,7 @@ class SessionDoFn(beam.DoFn):
         if self.client is None or window.lines:
             window.write(self.root)
         write_whole(where, pickle.dumps(entry))
+        window.record(self.root)
         print(f"window {window.name}: study version {entry['version']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(window.counts.items()) if not k.startswith("lines:")),
               flush=True)
