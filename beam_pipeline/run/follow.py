@@ -56,8 +56,8 @@ class FollowSettings:
 
 
 def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> str:
-    """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink,
-    Dataflow) over files grouped by study, and loops cycles otherwise (the in-process runner is
+    """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink)
+    over files grouped by study, and loops cycles otherwise (the in-process runner is
     batch only; DICOMweb and ``--group-by directory`` are followed by cycles)."""
     from beam_pipeline.run.stream import streaming_runner
 
@@ -65,7 +65,8 @@ def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> 
     fits = settings.dicomweb is None and settings.group_by == "study"
     if requested == "stream":
         if not streams:
-            error("--follow-mode stream needs a streaming runner: --runner PrismRunner (FlinkRunner, DataflowRunner)")
+            error("--follow-mode stream needs a streaming runner whose workers share the local --output: "
+                  "--runner PrismRunner (or FlinkRunner); Dataflow follows in cycles")
         if not fits:
             error("--follow-mode stream follows files grouped by study: use --follow-mode cycles for "
                   "--dicomweb or --group-by directory")
