@@ -45,6 +45,9 @@ from beam_pipeline.fhir import keywords
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run import core
 from beam_pipeline.run.fhir_sink import COUNTED, bundle_hash, refused_error
+from beam_pipeline.run.follow import check_server
+from beam_pipeline.run.output import OutputError
+from beam_pipeline.run.pipeline import conversion_config
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 
@@ -258,6 +261,7 @@ class SessionDoFn(beam.DoFn):
     def __init__(self, root: str, settings: Settings, retry_wait: float):
         self.root = root
         self.settings = settings
+        self.conversion = conversion_config(settings)  # meta.source: the input's root, as a batch run
         self.retry_wait = retry_wait
 
     def setup(self):
@@ -325,10 +329,9 @@ class SessionDoFn(beam.DoFn):
         group = StudyGroup(uid)
         for path in sorted(entry["files"], key=os.fsencode):
             group.add(entry["files"][path][1], self.instance_keys)
-        outcome = core.process_study(group, self.settings.conversion, self.terms, self.validator)
+        outcome = core.process_study(group, self.conversion, self.terms, self.validator)
         window.counts.update(outcome.counts)
         window.counts["files"] += len(got)
-        entry["version"] += 1
         entry["pending"] = False
         retry = False
         if outcome.error is not None:
@@ -356,8 +359,10 @@ class SessionDoFn(beam.DoFn):
                     window.add(f"{resource_type}.ndjson", line)
             for key, line in sorted(outcome.shared):
                 window.add(f"{key.split('/', 1)[0]}.ndjson", line)
-        if self.client is None or window.lines:
-            window.write(self.root)
+        if not retry:
+            entry["version"] += 1
+            if self.client is None or window.lines:  # with a server: only windows with error lines
+                window.write(self.root)
         write_whole(where, pickle.dumps(entry))
         window.record(self.root)
         print(f"window {window.name}: study version {entry['version']}, "
@@ -389,6 +394,12 @@ def build(pipeline: beam.Pipeline, settings: Settings, poll_interval: float) -> 
 def run(settings: Settings, poll_interval: float, beam_args: list[str]) -> dict:
     """Run the streaming pipeline until SIGTERM/SIGINT (drained) or it ends; {} (no batch summary)."""
     root = os.path.abspath(settings.output)
+    if settings.input is not None and "://" not in settings.input:
+        inside = os.path.realpath(root) + os.sep
+        if inside.startswith(os.path.realpath(inputs.group_root(settings.input)) + os.sep):
+            raise OutputError("--follow: put --output beside the --input folder, not inside it")
+    if settings.fhir_server is not None:
+        check_server(settings)
     os.makedirs(os.path.join(root, WINDOWS_DIR), exist_ok=True)
     stop_marker = os.path.join(root, STOP_NAME)
     if os.path.exists(stop_marker):
