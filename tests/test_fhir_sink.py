@@ -401,6 +401,81 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
     assert not counts["fhir_server:studies_unavailable"]
 
 
+class Switch:
+    """A fault for the injecting proxy: every request answered 503 while ``down``."""
+
+    def __init__(self, down: bool):
+        self.down = down
+
+    def __call__(self, method, target):
+        return 503 if self.down else None
+
+
+def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hapi, archive, tmp_path):
+    """The server down when follow mode starts (a warning, not an end), down again mid-run (the
+    study is counted unavailable and sent once the server is back), and OAuth2 tokens that
+    expire while it runs (renewed; never in any output)."""
+    extra = prism_options()
+    hapi.expunge_everything()
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:3]
+    id_of = {}
+    for folder in studies:
+        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
+        assert code == 0, err[-2000:]
+        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    watched, staging, out = tmp_path / "watched", tmp_path / "staging", tmp_path / "follow"
+    watched.mkdir()
+    staging.mkdir()
+
+    def arrive(folder):
+        shutil.copytree(folder, staging / folder.name)
+        (staging / folder.name).rename(watched / folder.name)
+
+    def unavailable() -> int:
+        return sum(w["counts"].get("fhir_server:studies_unavailable", 0) for w in windows(out))
+
+    tokens = Tokens(lifetime=4)
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(tokens.secret + "\n")
+    switch = Switch(down=True)
+    log = open(tmp_path / "follow.log", "wb")
+    process = None
+    with LatencyProxy(f"http://127.0.0.1:{hapi.port}", delay_ms=0, fault=switch) as faulty, \
+            token_endpoint(tokens) as token_url, auth_proxy(faulty.url, tokens) as proxy:
+        try:
+            process = start_follow(watched, out, proxy + "/fhir", *extra, "--retry-deadline", "2",
+                                   "--fhir-token-url", token_url, "--fhir-client-id", tokens.client_id,
+                                   "--fhir-client-secret-file", str(secret_file), log=log)
+            arrive(studies[0])
+            poll(lambda: unavailable() >= 1, what="the study counted unavailable while the server is down")
+            assert process.poll() is None  # down at start: not an end
+            switch.down = False
+            poll(lambda: version(hapi, id_of[studies[0]]), what="the study once the server is back")
+            with tokens.lock:
+                first_tokens = dict(tokens.live)
+            poll(lambda: max(first_tokens.values()) < time.time(), what="the tokens issued so far to expire")
+            arrive(studies[1])
+            poll(lambda: version(hapi, id_of[studies[1]]), what="a study sent after its token expired")
+            switch.down = True  # down mid-run
+            before = unavailable()
+            arrive(studies[2])
+            poll(lambda: unavailable() > before, what="the study counted unavailable mid-run")
+            switch.down = False
+            poll(lambda: version(hapi, id_of[studies[2]]), what="the study once the server is back again")
+            process.send_signal(signal.SIGTERM)
+            assert ended(process) == 0
+        finally:
+            if process is not None and process.poll() is None:
+                process.kill()
+            log.close()
+    assert tokens.issued >= 2  # renewed
+    for folder in studies:
+        assert version(hapi, id_of[folder]) == "1"
+    shown = (tmp_path / "follow.log").read_text(errors="replace") + everything_written(out)
+    for secret in (tokens.secret, *tokens.live):
+        assert secret not in shown
+
+
 def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
     """QIDO-RS polled every cycle: a study stored in the PACS reaches the server, so does one stored later."""
     import orthanc as orthanc_harness
