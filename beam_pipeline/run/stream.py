@@ -94,6 +94,12 @@ def load(path: str) -> dict | None:
         return None
 
 
+def difference(new, old) -> dict:
+    """``new - old`` per count, negatives kept (a file that moved from one outcome to another)."""
+    keys = set(new) | set(old)
+    return {key: new.get(key, 0) - old.get(key, 0) for key in sorted(keys) if new.get(key, 0) != old.get(key, 0)}
+
+
 def committed(root: str) -> dict:
     """path -> stamp of every file whose outcome is committed, except the files of studies the
     server did not acknowledge (unavailable): those are read again, so their study is sent again."""
@@ -311,13 +317,23 @@ class SessionDoFn(beam.DoFn):
         path, stamp, _, error, counts = got[-1]
         if inputs.stamp(path) not in (stamp, None) and not inputs.is_remote(name):
             return
-        window.counts.update(counts)
-        window.counts["files"] += 1
+        where = state_path(self.root, FILE, name)
+        window.counts.update(difference(counts, (load(where) or {}).get("counts", {})))
+        window.counts["files_read"] += 1
         if error is not None:
             window.error(error)
             window.write(self.root)
-        write_whole(state_path(self.root, FILE, name), pickle.dumps({"files": {path: (stamp, None)}}))
+        write_whole(where, pickle.dumps({"files": {path: (stamp, None)}, "counts": counts}))
         window.record(self.root)
+
+    def uncommit_file(self, path) -> dict:
+        """The counts a file was committed with as a non-instance (none if it was not); forgotten."""
+        where = state_path(self.root, FILE, os.fsdecode(path))
+        entry = load(where)
+        if entry is None:
+            return {}
+        os.remove(where)
+        return entry.get("counts", {})
 
     def close_study(self, uid: str, got: list, window: Window) -> bool:
         """Build the study from all its instances, send or write it, commit. True: the server did
@@ -330,8 +346,6 @@ class SessionDoFn(beam.DoFn):
         for path in sorted(entry["files"], key=os.fsencode):
             group.add(entry["files"][path][1], self.instance_keys)
         outcome = core.process_study(group, self.conversion, self.terms, self.validator)
-        window.counts.update(outcome.counts)
-        window.counts["files"] += len(got)
         entry["pending"] = False
         retry = False
         if outcome.error is not None:
@@ -359,13 +373,18 @@ class SessionDoFn(beam.DoFn):
                     window.add(f"{resource_type}.ndjson", line)
             for key, line in sorted(outcome.shared):
                 window.add(f"{key.split('/', 1)[0]}.ndjson", line)
-        if not retry:
+        if not retry:  # what changed since the study's last window: the ledger adds up to the current counts
+            window.counts.update(difference(outcome.counts, entry.get("counts", {})))
+            for path, *_ in got:  # a file that was an error (or skipped) before and is an instance now
+                window.counts.update(difference({}, self.uncommit_file(path)))
+            window.counts["files_read"] += len(got)
+            entry["counts"] = dict(outcome.counts)
             entry["version"] += 1
             if self.client is None or window.lines:  # with a server: only windows with error lines
                 window.write(self.root)
         write_whole(where, pickle.dumps(entry))
         window.record(self.root)
-        print(f"window {window.name}: study version {entry['version']}, "
+        print(f"window {window.name}: " + (f"study version {entry['version']}, " if not retry else "to retry, ")
               + ", ".join(f"{k} {v}" for k, v in sorted(window.counts.items()) if not k.startswith("lines:")),
               flush=True)
         return retry
