@@ -175,14 +175,16 @@ def argument_parser() -> argparse.ArgumentParser:
                       help="keep running: convert what is new or changed in the input every --poll-interval "
                            "seconds; stops on SIGTERM or SIGINT once what is in progress is written")
     live.add_argument("--follow-mode", choices=follow.MODES, default="auto",
-                      help="stream: one streaming pipeline (session windows per study; needs a streaming runner: "
-                           "Prism, Flink, Dataflow); cycles: a loop of bounded --since runs into OUTPUT/cycles/ "
+                      help="stream: one streaming pipeline (session windows per study; needs a streaming runner "
+                           "sharing the local --output: Prism, Flink); cycles: a loop of bounded --since runs into OUTPUT/cycles/ "
                            "(any runner, DICOMweb); auto (default): stream on a streaming runner with files, else cycles")
     live.add_argument("--stable-after", type=float, default=None, metavar="SECONDS",
-                      help=f"send a study to --fhir-server only once it has not changed for this long (default "
+                      help=f"write a study (to --fhir-server, or a window) only once no new instance of it came "
+                           f"for this long (default "
                            f"{follow.DEFAULT_STABLE_AFTER:g} with --follow, else 0)")
     live.add_argument("--poll-interval", type=float, default=follow.DEFAULT_POLL_INTERVAL, metavar="SECONDS",
-                      help=f"seconds between the starts of two cycles of --follow (default {follow.DEFAULT_POLL_INTERVAL:g})")
+                      help=f"how often --follow lists the input (stream), or the seconds between the starts of "
+                           f"two cycles (default {follow.DEFAULT_POLL_INTERVAL:g})")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``--follow``: keep converting an archive as it grows, as a loop of bounded Beam runs (cycles).
+"""``--follow``: keep converting an archive as it grows, as a loop of bounded Beam runs (cycles);
+``mode_of`` picks this loop or the streaming pipeline of ``stream.py`` (``--follow-mode``).
 
 Each cycle is an incremental run (``--since`` the previous cycle) into ``OUTPUT/cycles/NNNNNNNN``:
 it lists the input (folder, gs:// prefix, or the DICOMweb server's QIDO-RS search), reads only new
