@@ -175,9 +175,10 @@ def argument_parser() -> argparse.ArgumentParser:
                       help="keep running: convert what is new or changed in the input every --poll-interval "
                            "seconds; stops on SIGTERM or SIGINT once what is in progress is written")
     live.add_argument("--follow-mode", choices=follow.MODES, default="auto",
-                      help="stream: one streaming pipeline (session windows per study; needs a streaming runner "
-                           "sharing the local --output: Prism, Flink); cycles: a loop of bounded --since runs into OUTPUT/cycles/ "
-                           "(any runner, DICOMweb); auto (default): stream on a streaming runner with files, else cycles")
+                      help="stream: one streaming pipeline (session windows per study; needs a streaming "
+                           "runner sharing the local --output: Prism, Flink); cycles: a loop of bounded --since "
+                           "runs into OUTPUT/cycles/ (any runner, DICOMweb); auto (default): stream on a "
+                           "streaming runner with files, else cycles")
     live.add_argument("--stable-after", type=float, default=None, metavar="SECONDS",
                       help=f"write a study (to --fhir-server, or a window) only once no new instance of it came "
                            f"for this long (default "
@@ -383,8 +384,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
                         manifest_base_url=args.manifest_base_url, since=args.since,
                         fhir_server=sink, stable_after=stable_after)
     if args.follow:
-        settings = follow.FollowSettings(settings, args.poll_interval, follow.mode_of(args.follow_mode, settings,
-                                                                                      beam_args, parser.error))
+        mode = follow.mode_of(args.follow_mode, settings, beam_args, parser.error)
+        settings = follow.FollowSettings(settings, args.poll_interval, mode)
     return settings, beam_args
 
 
