@@ -434,7 +434,10 @@ def run(settings: Settings, poll_interval: float, beam_args: list[str]) -> dict:
                      signum)
         with open(stop_marker, "w", encoding="utf-8") as out:
             out.write(f"{time.time()}\n")
-        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+        signal.signal(signum, stop_now)
+
+    def stop_now(signum, frame):  # out through the normal exit, so Beam stops the Prism process it started
+        raise SystemExit(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
