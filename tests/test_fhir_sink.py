@@ -476,9 +476,13 @@ def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hap
         assert secret not in shown
 
 
-def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
-    """QIDO-RS polled every cycle: a study stored in the PACS reaches the server, so does one stored later."""
+@pytest.mark.parametrize("mode", ["cycles", "stream"])
+def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path, mode):
+    """QIDO-RS polled (every cycle, or by the streaming pipeline's watcher on Prism): a study stored
+    in the PACS reaches the server, so does one stored later; the first is not sent again."""
     import orthanc as orthanc_harness
+
+    extra = prism_options() if mode == "stream" else []
 
     binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
     if binary is None or plugin is None:
@@ -499,7 +503,7 @@ def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
         pacs.upload_all(sorted(str(p) for p in studies[0].rglob("*.dcm")))
         command = [sys.executable, "-m", "beam_pipeline", "--follow", "--dicomweb", pacs.dicomweb_url,
                    "--output", str(tmp_path / "follow"), *BASE_OPTIONS, "--fhir-server", hapi.base,
-                   "--stable-after", "1", "--poll-interval", "0.5"]
+                   "--stable-after", "1", "--poll-interval", "0.5", *extra]
         env = {**os.environ, "DICOMWEB_USER": orthanc_harness.USER, "DICOMWEB_PASSWORD": orthanc_harness.PASSWORD}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[0]]), what="the study in the PACS")

@@ -58,19 +58,18 @@ class FollowSettings:
 
 def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> str:
     """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink)
-    over files grouped by study, and loops cycles otherwise (the in-process runner is
-    batch only; DICOMweb and ``--group-by directory`` are followed by cycles)."""
+    grouped by study, and loops cycles otherwise (the in-process runner is batch only;
+    ``--group-by directory`` is followed by cycles)."""
     from beam_pipeline.run.stream import streaming_runner
 
     streams = streaming_runner(beam_args)
-    fits = settings.dicomweb is None and settings.group_by == "study"
+    fits = settings.group_by == "study"
     if requested == "stream":
         if not streams:
             error("--follow-mode stream needs a streaming runner whose workers share the local --output: "
                   "--runner PrismRunner (or FlinkRunner); Dataflow follows in cycles")
         if not fits:
-            error("--follow-mode stream follows files grouped by study: use --follow-mode cycles for "
-                  "--dicomweb or --group-by directory")
+            error("--follow-mode stream groups by study: use --follow-mode cycles for --group-by directory")
         return "stream"
     if requested == "cycles" or not (streams and fits):
         return "cycles"

@@ -59,6 +59,7 @@ STOP_NAME = "stop"       # written on SIGTERM: the watcher stops, open windows c
 STREAMING_RUNNERS = ("prismrunner", "flinkrunner", "portablerunner")  # Dataflow: no shared local --output
 _END = 2 ** 62           # the watcher's restriction: polls [0, _END), never all claimed until stopped
 STUDY, FILE = "study", "file"
+QIDO = "qido:"  # the "path" of a PACS study: its StudyInstanceUID behind this prefix
 WINDOW_ERRORS, WINDOW_SUMMARY = "errors.jsonl", "summary.json"
 LEDGER_NAME = "windows.jsonl"  # one line per closed window: its name and counts
 
@@ -137,23 +138,42 @@ class _Polls(beam.transforms.core.RestrictionProvider):
 
 
 class WatchDoFn(beam.DoFn):
-    """(nothing) -> (path, size, version, stamp) of each new or changed file, its event time the
+    """(nothing) -> (path, size, stamp) of each new or changed file (with ``source``: ("qido:" +
+    StudyInstanceUID, None, stamp) of each new or changed study of the PACS), its event time the
     time it was listed; the watermark follows the listings. Ends (the watermark to the end) once
     ``OUTPUT/stop`` exists."""
 
-    def __init__(self, input_path: str, root: str, poll_interval: float, retry_deadline: float | None = None):
+    def __init__(self, input_path: str | None, root: str, poll_interval: float, retry_deadline: float | None = None,
+                 source=None):
         self.input_path = input_path
         self.root = root
         self.poll_interval = poll_interval
         self.retry_deadline = retry_deadline
+        self.source = source
 
     def setup(self):
         self.seen = committed(self.root)  # a new instance after a restart: what is committed
-        self.pattern = inputs.resolve_pattern(self.input_path)
+        self.pattern = None if self.source is not None else inputs.resolve_pattern(self.input_path)
+
+    def listed(self):
+        """(path, size, stamp) of the input now; a study's stamp (its series and instance counts)
+        may be unknown (None): such a study is fetched once, then again only after a restart."""
+        if self.source is not None:
+            from beam_pipeline.sources import dicomweb
+
+            for uid, stamp in dicomweb.list_stamped_studies(self.source.connection, self.source.query):
+                yield QIDO + uid, None, stamp
+            return
+        for path, size, version in inputs.list_files(self.pattern, retry_deadline=self.retry_deadline):
+            stamp = inputs.stamp(path, size, version)
+            if stamp is not None:  # gone since it was listed, or no regular file
+                yield path, size, stamp
 
     @beam.DoFn.unbounded_per_element()
     def process(self, element, tracker=beam.DoFn.RestrictionParam(_Polls()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())):
+        from beam_pipeline.sources.dicomweb import DicomWebError
+
         position = tracker.current_restriction().start
         if os.path.exists(os.path.join(self.root, STOP_NAME)):
             tracker.try_claim(_END - 1)  # all claimed: the restriction is done, the watermark ends
@@ -162,13 +182,12 @@ class WatchDoFn(beam.DoFn):
             return
         now = Timestamp(time.time())
         try:
-            listed = list(inputs.list_files(self.pattern, retry_deadline=self.retry_deadline))
-        except OSError as exc:  # a listing still failing past the deadline: the next poll tries again
+            listed = list(self.listed())
+        except (OSError, DicomWebError) as exc:  # still failing past the deadline: the next poll tries again
             _LOG.warning("cannot list the input (%s); trying again", type(exc).__name__)
             listed = []
-        for path, size, version in listed:
-            stamp = inputs.stamp(path, size, version)
-            if stamp is None or self.seen.get(path) == stamp:
+        for path, size, stamp in listed:
+            if path in self.seen and self.seen[path] == stamp:
                 continue
             self.seen[path] = stamp
             yield beam.window.TimestampedValue((path, size, stamp), now)
@@ -182,27 +201,45 @@ class WatchDoFn(beam.DoFn):
 
 @beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, str], typing.Any])
 class ReadDoFn(beam.DoFn):
-    """(path, size, stamp) -> ((STUDY, uid) or (FILE, path), (path, stamp, record, error, counts))."""
+    """(path, size, stamp) -> ((STUDY, uid) or (FILE, path), (path, stamp, records, errors, counts)):
+    a file's header by the batch reader, or a PACS study's metadata (WADO-RS) as the batch fetch."""
 
-    def __init__(self, use_fast_reader: bool, max_header_bytes: int, retry_deadline: float | None):
+    def __init__(self, use_fast_reader: bool, max_header_bytes: int, retry_deadline: float | None, source=None):
         self.use_fast_reader = use_fast_reader
         self.max_header_bytes = max_header_bytes
         self.retry_deadline = retry_deadline
+        self.source = source
 
     def setup(self):
         self.reader = core.FileReader(self.use_fast_reader, inputs.InputOpener(self.retry_deadline),
                                       self.max_header_bytes)
+        self.clients = threading.local()
         core.quiet_pydicom()
 
     def process(self, item):
         path, size, stamp = item
+        if self.source is not None:
+            yield from self.fetch(path, stamp)
+            return
         outcome = core.process_file(path, self.reader, size)
         record = outcome.result.record if outcome.error is None else None
         counts = dict(outcome.counts)
         if record is not None and outcome.counts.get("instances_read"):
-            yield (STUDY, record["StudyInstanceUID"]), (path, stamp, record, None, counts)
+            yield (STUDY, record["StudyInstanceUID"]), (path, stamp, [record], [], counts)
         else:
-            yield (FILE, os.fsdecode(path)), (path, stamp, None, outcome.error, counts)
+            yield (FILE, os.fsdecode(path)), (path, stamp, [], [outcome.error] if outcome.error else [], counts)
+
+    def fetch(self, path: str, stamp):
+        from beam_pipeline.sources import dicomweb
+        from beam_pipeline.sources.retry import RetryBudget
+
+        client = getattr(self.clients, "client", None)
+        if client is None:
+            budget = RetryBudget(self.source.connection.retry.budget)
+            client = self.clients.client = self.source.connection.client(budget)
+        uid = path[len(QIDO):]
+        read = core.process_fetched_study(dicomweb.fetch_study(client, uid), self.reader.spec)
+        yield (STUDY, uid), (path, stamp, read.records, read.errors, dict(read.counts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,14 +351,15 @@ class SessionDoFn(beam.DoFn):
     def close_file(self, name: str, got: list, window: Window) -> None:
         """A file that is no instance (an error, a skipped file), unchanged for the gap: its line.
         Changed since it was read (still being written), it waits for its next reading."""
-        path, stamp, _, error, counts = got[-1]
+        path, stamp, _, errors, counts = got[-1]
         if inputs.stamp(path) not in (stamp, None) and not inputs.is_remote(name):
             return
         where = state_path(self.root, FILE, name)
         window.counts.update(difference(counts, (load(where) or {}).get("counts", {})))
         window.counts["files_read"] += 1
-        if error is not None:
+        for error in errors:
             window.error(error)
+        if errors:
             window.write(self.root)
         write_whole(where, pickle.dumps({"files": {path: (stamp, None)}, "counts": counts}))
         window.record(self.root)
@@ -340,11 +378,24 @@ class SessionDoFn(beam.DoFn):
         not answer (try again)."""
         where = state_path(self.root, STUDY, uid)
         entry = load(where) or {"uid": uid, "files": {}, "sent": None, "version": 0}
-        for path, stamp, record, _, _ in got:
-            entry["files"][path] = (stamp, record)
+        fetch_errors = []
+        for path, stamp, records, errors, _ in got:
+            entry["files"][path] = (stamp, records)
+            fetch_errors += errors
         group = StudyGroup(uid)
         for path in sorted(entry["files"], key=os.fsencode):
-            group.add(entry["files"][path][1], self.instance_keys)
+            for record in entry["files"][path][1]:
+                group.add(record, self.instance_keys)
+        for error in fetch_errors:  # a PACS study that could not be fetched (or some of its instances)
+            window.error(error)
+        if not group.files:  # nothing to build: its error lines, and a fetch again on the next start
+            for _, _, _, _, counts in got:
+                window.counts.update(counts)
+            window.write(self.root)
+            entry["pending"] = True
+            write_whole(where, pickle.dumps(entry))
+            window.record(self.root)
+            return False
         outcome = core.process_study(group, self.conversion, self.terms, self.validator)
         entry["pending"] = False
         retry = False
@@ -404,9 +455,11 @@ def build(pipeline: beam.Pipeline, settings: Settings, poll_interval: float) -> 
     retry_wait = max(settings.stable_after, poll_interval, 5.0)
     (pipeline
      | "Start" >> beam.Create([None])
-     | "Watch" >> beam.ParDo(WatchDoFn(settings.input, root, poll_interval, settings.retry_deadline))
+     | "Watch" >> beam.ParDo(WatchDoFn(settings.input, root, poll_interval, settings.retry_deadline,
+                                       settings.dicomweb))
      | "Spread" >> beam.Reshuffle()
-     | "Read" >> beam.ParDo(ReadDoFn(settings.use_fast_reader, settings.max_header_bytes, settings.retry_deadline))
+     | "Read" >> beam.ParDo(ReadDoFn(settings.use_fast_reader, settings.max_header_bytes, settings.retry_deadline,
+                                     settings.dicomweb))
      | "Session" >> beam.ParDo(SessionDoFn(root, settings, retry_wait)))
 
 
