@@ -2,7 +2,8 @@
 
 The watcher (a splittable DoFn) lists the input folder or gs:// prefix every ``--poll-interval``
 and emits the files that are new or changed (size and modification time; gs://: generation),
-stamped with the time it saw them as their event time, and moves the watermark to that time.
+stamped with the time it saw them as their event time, and moves the watermark to that time
+(with ``--dicomweb``: the QIDO-RS search, studies whose series and instance counts changed).
 Each file's header is read with the batch path's reader (``core``), then keyed: an instance by
 its StudyInstanceUID, anything else (an error, a skipped file) by its path. A stateful DoFn per
 key is the session window: every element pushes the key's event-time timer to its time plus
