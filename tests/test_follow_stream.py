@@ -40,7 +40,7 @@ def prism() -> str:
         pytest.skip(str(missing))
 
 
-def start(watched: Path, out: Path, log) -> subprocess.Popen:
+def start(watched, out: Path, log) -> subprocess.Popen:
     command = [sys.executable, "-m", "beam_pipeline", "--follow", "--follow-mode", "stream", "--input", str(watched),
                "--output", str(out), *CONTENT, "--quiet", "--stable-after", "1", "--poll-interval", "0.3",
                "--runner", "PrismRunner", "--prism_location", prism()]
@@ -52,6 +52,13 @@ def ledger(out: Path) -> list[dict]:
         return [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines() if line]
     except OSError:
         return []
+
+
+def heartbeat(out: Path) -> dict:
+    try:
+        return json.loads((out / "watch.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def poll(condition, what: str, timeout: float = 300):
@@ -140,3 +147,42 @@ def test_windows_late_instance_partial_file_drain_and_restart(tmp_path):
     assert totals == {"error:truncated": 0, "outcome:converted": len(list(watched.rglob("*.dcm")))}
     completed = studies_in(out)[2]
     assert completed["numberOfInstances"] == 1 and completed["id"] != written["id"]
+
+
+def test_a_gs_prefix_watched_through_the_emulator(gcs_client, tmp_path):
+    """gs://: objects uploaded under the watched prefix become a window once stable; an object
+    uploaded later (a late instance) makes the study's next window; a restart writes nothing again."""
+    from gcs_emulator import upload_tree
+
+    archive = tmp_path / "archive"
+    make_archive(archive, studies=1, series=2, instances=2)
+    (study,) = [p for p in archive.glob("*/*") if p.is_dir()]
+    prefix = f"follow-{tmp_path.name}"
+    upload_tree(gcs_client, study, "test-bucket", f"{prefix}/{study.name}")
+    watched, out = f"gs://test-bucket/{prefix}/", tmp_path / "follow"
+    log = open(tmp_path / "follow.log", "wb")
+    process = start(watched, out, log)
+    try:
+        poll(lambda: studies_in(out), "the study's window")
+        (written,) = studies_in(out)
+        assert written["numberOfInstances"] == 4
+        late = pydicom.dcmread(sorted(study.rglob("*.dcm"))[0])
+        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+        late.save_as(tmp_path / "late.dcm")
+        gcs_client.bucket("test-bucket").blob(f"{prefix}/{study.name}/late.dcm").upload_from_filename(
+            str(tmp_path / "late.dcm"))
+        poll(lambda: len(studies_in(out)) == 2, "the late object's window")
+        assert studies_in(out)[1]["numberOfInstances"] == 5 and studies_in(out)[1]["id"] == written["id"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 0
+        before, restarted = len(ledger(out)), time.time()
+        process = start(watched, out, log)  # nothing changed: nothing is written again, even by the drain
+        poll(lambda: heartbeat(out).get("at", 0) > restarted, "a listing after the restart")
+        assert heartbeat(out)["listed"] == 5 and heartbeat(out)["new"] == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert len(ledger(out)) == before

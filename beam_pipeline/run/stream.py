@@ -63,6 +63,7 @@ STUDY, FILE = "study", "file"
 QIDO = "qido:"  # the "path" of a PACS study: its StudyInstanceUID behind this prefix
 WINDOW_ERRORS, WINDOW_SUMMARY = "errors.jsonl", "summary.json"
 LEDGER_NAME = "windows.jsonl"  # one line per closed window: its name and counts
+HEARTBEAT_NAME = "watch.json"  # rewritten after every listing: when, how many listed and new (for monitoring)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class WatchDoFn(beam.DoFn):
 
     def setup(self):
         self.seen = committed(self.root)  # a new instance after a restart: what is committed
+        self.polls = 0
         self.pattern = None if self.source is not None else inputs.resolve_pattern(self.input_path)
 
     def listed(self):
@@ -187,12 +189,17 @@ class WatchDoFn(beam.DoFn):
         except (OSError, DicomWebError) as exc:  # still failing past the deadline: the next poll tries again
             _LOG.warning("cannot list the input (%s); trying again", type(exc).__name__)
             listed = []
+        new = 0
         for path, size, stamp in listed:
             if path in self.seen and self.seen[path] == stamp:
                 continue
             self.seen[path] = stamp
+            new += 1
             yield beam.window.TimestampedValue((path, size, stamp), now)
         watermark.set_watermark(now)
+        self.polls += 1
+        write_whole(os.path.join(self.root, HEARTBEAT_NAME), orjson.dumps(
+            {"at": float(now), "polls": self.polls, "listed": len(listed), "new": new}))
         tracker.defer_remainder(Duration(seconds=self.poll_interval))
 
 
