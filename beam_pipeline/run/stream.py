@@ -63,6 +63,7 @@ STUDY, FILE = "study", "file"
 QIDO = "qido:"  # the "path" of a PACS study: its StudyInstanceUID behind this prefix
 WINDOW_ERRORS, WINDOW_SUMMARY = "errors.jsonl", "summary.json"
 LEDGER_NAME = "windows.jsonl"  # one line per closed window: its name and counts
+MAX_RETRY_WAIT = 300.0  # seconds: the longest wait before a study the server did not take is sent again
 HEARTBEAT_NAME = "watch.json"  # rewritten after every listing: when, how many listed and new (for monitoring)
 
 
@@ -308,6 +309,7 @@ class SessionDoFn(beam.DoFn):
     ITEMS = BagStateSpec("items", beam.coders.PickleCoder())
     UNTIL = ReadModifyWriteStateSpec("until", beam.coders.FloatCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
+    ATTEMPTS = ReadModifyWriteStateSpec("attempts", beam.coders.VarIntCoder())
 
     def __init__(self, root: str, settings: Settings, retry_wait: float):
         self.root = root
@@ -339,7 +341,8 @@ class SessionDoFn(beam.DoFn):
 
     @on_timer(CLOSE)
     def closed(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam, items=beam.DoFn.StateParam(ITEMS),
-               until=beam.DoFn.StateParam(UNTIL), close=beam.DoFn.TimerParam(CLOSE)):
+               until=beam.DoFn.StateParam(UNTIL), close=beam.DoFn.TimerParam(CLOSE),
+               attempts=beam.DoFn.StateParam(ATTEMPTS)):
         got = list(items.read())
         items.clear()
         until.clear()
@@ -349,10 +352,16 @@ class SessionDoFn(beam.DoFn):
             self.close_file(name, got, window)
             return
         retry = self.close_study(name, got, window)
-        if retry and not os.path.exists(os.path.join(self.root, STOP_NAME)):
-            for element in got:  # the server did not answer: this window again after a wait
+        if not retry:
+            attempts.clear()
+        elif not os.path.exists(os.path.join(self.root, STOP_NAME)):
+            # the server did not answer: this window again after a wait, doubled each time up to
+            # MAX_RETRY_WAIT, so a long outage costs a line per study every few minutes
+            done = (attempts.read() or 0) + 1
+            attempts.write(done)
+            for element in got:
                 items.add(element)
-            end = float(fired) + self.retry_wait
+            end = float(fired) + min(self.retry_wait * 2 ** (done - 1), max(MAX_RETRY_WAIT, self.retry_wait))
             until.write(end)
             close.set(Timestamp(end))
 
