@@ -72,6 +72,23 @@ def study_ids(output_dir) -> list[str]:
                   for line in path.read_text().splitlines() if line.strip())
 
 
+def ids_of(folders, tmp_path) -> dict:
+    """The ImagingStudy id of each study folder (a batch run of it alone)."""
+    found = {}
+    for folder in folders:
+        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
+        assert code == 0, err[-2000:]
+        (found[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    return found
+
+
+def add_late_instance(study_folder: Path, target: Path) -> None:
+    """A new instance of a study (a copy of its first file with another SOPInstanceUID) at ``target``."""
+    late = pydicom.dcmread(sorted(study_folder.rglob("*.dcm"))[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+    late.save_as(target)
+
+
 def history_total(hapi) -> int:
     status, _, body = request("GET", hapi.base + "/_history?_summary=count", headers={"Cache-Control": "no-cache"})
     assert status == 200, body
@@ -260,11 +277,7 @@ def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, arc
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
     watched.mkdir()
-    id_of = {}  # the ImagingStudy id of each study folder
-    for folder in studies[:4]:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies[:4], tmp_path)
     for folder in studies[:2]:
         shutil.copytree(folder, watched / folder.name)
     log = open(tmp_path / "follow.log", "wb")
@@ -290,9 +303,7 @@ def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, arc
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[2]]), what="the completed partial study")
         # a late instance of a study already sent: a new version of it, with one instance more
         sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
-        late = pydicom.dcmread(sorted((watched / studies[0].name).rglob("*.dcm"))[0])
-        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
-        late.save_as(watched / studies[0].name / "late.dcm")
+        add_late_instance(watched / studies[0].name, watched / studies[0].name / "late.dcm")
         updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
             hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
         assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
@@ -342,11 +353,7 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
     watched.mkdir()
-    id_of = {}
-    for folder in studies[:5]:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies[:5], tmp_path)
     for folder in studies[:2]:
         shutil.copytree(folder, watched / folder.name)
     log = open(tmp_path / "follow.log", "wb")
@@ -362,9 +369,7 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
         assert version(hapi, id_of[studies[2]]) is None
         # a late instance of a study already sent: a new version of it, with one instance more
         sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
-        late = pydicom.dcmread(sorted((watched / studies[0].name).rglob("*.dcm"))[0])
-        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
-        late.save_as(watched / studies[0].name / "late.dcm")
+        add_late_instance(watched / studies[0].name, watched / studies[0].name / "late.dcm")
         updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
             hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
         assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
@@ -418,11 +423,7 @@ def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hap
     extra = prism_options()
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:3]
-    id_of = {}
-    for folder in studies:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies, tmp_path)
     watched, staging, out = tmp_path / "watched", tmp_path / "staging", tmp_path / "follow"
     watched.mkdir()
     staging.mkdir()
@@ -491,11 +492,7 @@ def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path, mode):
         pytest.skip("Orthanc with its DICOMweb plugin is not installed")
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:2]
-    id_of = {}
-    for folder in studies:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies, tmp_path)
     pacs = orthanc_harness.Orthanc(str(tmp_path / "orthanc"), binary, plugin).start()
     log = open(tmp_path / "follow.log", "wb")
     process = None

@@ -90,6 +90,13 @@ def batch_study(folder: Path, out: Path) -> dict:
     return json.loads(line)
 
 
+def add_late_instance(study_folder: Path, target: Path) -> None:
+    """A new instance of a study (a copy of its first file with another SOPInstanceUID) at ``target``."""
+    late = pydicom.dcmread(sorted(study_folder.rglob("*.dcm"))[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+    late.save_as(target)
+
+
 def arrive(source: Path, watched: Path, staging: Path) -> Path:
     """A study copied beside the watched folder and renamed in, as a DICOM receiver does."""
     shutil.copytree(source, staging / source.name)
@@ -118,9 +125,7 @@ def test_windows_late_instance_partial_file_drain_and_restart(tmp_path):
         poll(lambda: any(w["counts"].get("error:truncated") for w in ledger(out)), "the partial file's error")
         assert len(studies_in(out)) == 1
         # a late instance: a new window with the study's next state, the same id
-        late = pydicom.dcmread(sorted((watched / first.name).rglob("*.dcm"))[0])
-        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
-        late.save_as(staging / "late.dcm")
+        add_late_instance(first, staging / "late.dcm")
         (staging / "late.dcm").rename(watched / first.name / "late.dcm")
         poll(lambda: len(studies_in(out)) == 2, "the late instance's window")
         again = studies_in(out)[1]
@@ -166,9 +171,7 @@ def test_a_gs_prefix_watched_through_the_emulator(gcs_client, tmp_path):
         poll(lambda: studies_in(out), "the study's window")
         (written,) = studies_in(out)
         assert written["numberOfInstances"] == 4
-        late = pydicom.dcmread(sorted(study.rglob("*.dcm"))[0])
-        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
-        late.save_as(tmp_path / "late.dcm")
+        add_late_instance(study, tmp_path / "late.dcm")
         gcs_client.bucket("test-bucket").blob(f"{prefix}/{study.name}/late.dcm").upload_from_filename(
             str(tmp_path / "late.dcm"))
         poll(lambda: len(studies_in(out)) == 2, "the late object's window")

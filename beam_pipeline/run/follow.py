@@ -170,6 +170,17 @@ def keep_window(folder: str, root: str, number: int) -> str | None:
     return window
 
 
+def check_folders(settings: Settings) -> None:
+    """The follow folder is local (its state is plain files) and not inside the watched folder."""
+    root = settings.output
+    if "://" in root:
+        raise output.OutputError("--follow keeps its state in a local --output folder (the input may be gs://)")
+    if settings.input is not None and "://" not in settings.input:
+        inside = os.path.realpath(root) + os.sep
+        if inside.startswith(os.path.realpath(inputs.group_root(settings.input)) + os.sep):
+            raise output.OutputError("--follow: put --output beside the --input folder, not inside it")
+
+
 def check_server(settings: Settings) -> None:
     """Refused credentials or no FHIR server: stop now (exit 2). A server that is down is only
     warned about: its studies wait in the state until it is back."""
@@ -185,12 +196,7 @@ def follow(settings: FollowSettings, new_pipeline, stop: Stop | None = None, max
     """Run cycles until stopped (or ``max_cycles``); returns the last cycle's summary."""
     base = settings.run
     root = base.output
-    if "://" in root:
-        raise output.OutputError("--follow keeps its state in a local --output folder (the input may be gs://)")
-    if base.input is not None and "://" not in base.input:
-        inside = os.path.realpath(root) + os.sep
-        if inside.startswith(os.path.realpath(inputs.group_root(base.input)) + os.sep):
-            raise output.OutputError("--follow: put --output beside the --input folder, not inside it")
+    check_folders(base)
     cycles = os.path.join(root, CYCLES_DIR)
     os.makedirs(cycles, exist_ok=True)
     stop = stop or Stop().install()

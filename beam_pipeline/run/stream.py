@@ -46,8 +46,7 @@ from beam_pipeline.fhir import keywords
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run import core
 from beam_pipeline.run.fhir_sink import COUNTED, bundle_hash, refused_error
-from beam_pipeline.run.follow import check_server
-from beam_pipeline.run.output import OutputError
+from beam_pipeline.run.follow import check_folders, check_server
 from beam_pipeline.run.pipeline import conversion_config
 from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
@@ -482,11 +481,8 @@ def build(pipeline: beam.Pipeline, settings: Settings, poll_interval: float) -> 
 
 def run(settings: Settings, poll_interval: float, beam_args: list[str]) -> dict:
     """Run the streaming pipeline until SIGTERM/SIGINT (drained) or it ends; {} (no batch summary)."""
+    check_folders(settings)
     root = os.path.abspath(settings.output)
-    if settings.input is not None and "://" not in settings.input:
-        inside = os.path.realpath(root) + os.sep
-        if inside.startswith(os.path.realpath(inputs.group_root(settings.input)) + os.sep):
-            raise OutputError("--follow: put --output beside the --input folder, not inside it")
     if settings.fhir_server is not None:
         check_server(settings)
     os.makedirs(os.path.join(root, WINDOWS_DIR), exist_ok=True)
