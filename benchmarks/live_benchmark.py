@@ -3,7 +3,8 @@
 1. Latency (``--follow``): studies copied into the watched folder one after another (each copy
    made in a temporary folder beside it and renamed in, as a DICOM receiver does); for each, the
    time from its rename until its ImagingStudy can be read from HAPI. p50 and p95 per
-   ``--stable-after`` value: the floor is ``--stable-after`` plus up to two cycles.
+   ``--stable-after`` value and follow mode (``--modes``: the loop of cycles, the baseline, and the
+   streaming pipeline on Prism, alternated).
 2. Throughput: resources per second written to HAPI, each into an emptied server, alternated
    ``--rounds`` times: the sink (``--fhir-server``: the run's wall time minus that of the same run
    without the sink, measured alternately), Bulk Data ``$import`` of the run's manifest, and the
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 LOCAL = ("--quiet", "--direct_running_mode", "in_memory", "--direct_num_workers", "1")
 CONTENT = ("--patients", "--encounters", "--observations")
@@ -53,36 +55,52 @@ def study_id(folder: Path, work: Path) -> str:
     return json.loads(line)["id"]
 
 
-def latency(hapi, archive: Path, work: Path, stable_after: float, count: int, poll_interval: float) -> list[float]:
+def follow_options(mode: str) -> list[str]:
+    """``cycles``: the loop of bounded runs on the in-process runner (its fastest); ``stream``: the
+    streaming pipeline on Prism."""
+    if mode == "cycles":
+        return [*LOCAL, "--follow-mode", "cycles"]
+    from scripts import engines
+
+    return ["--quiet", "--runner", "PrismRunner", "--prism_location", str(engines.install_prism()),
+            "--follow-mode", "stream"]
+
+
+def latency(hapi, archive: Path, work: Path, stable_after: float, count: int, poll_interval: float,
+            mode: str = "cycles") -> list[float]:
+    """Seconds from each study's rename into the watched folder until HAPI has its ImagingStudy;
+    a first study (not measured) warms the pipeline up."""
     from fhir_java import request
 
     hapi.expunge_everything()
-    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:count]
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:count + 1]
     ids = {folder: study_id(folder, work) for folder in studies}
-    watched, out = work / f"watched-{stable_after:g}", work / f"follow-{stable_after:g}"
+    name = f"{mode}-{stable_after:g}"
+    watched, out = work / f"watched-{name}", work / f"follow-{name}"
     watched.mkdir()
-    log = open(work / f"follow-{stable_after:g}.log", "wb")
+    log = open(work / f"follow-{name}.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "beam_pipeline", "--follow", "--input", str(watched),
-                                "--output", str(out), *LOCAL, *CONTENT, "--fhir-server", hapi.base,
+                                "--output", str(out), *follow_options(mode), *CONTENT, "--fhir-server", hapi.base,
                                 "--stable-after", str(stable_after), "--poll-interval", str(poll_interval)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     seconds = []
     try:
-        while not (out / "follow.json").is_file():  # the first (empty) cycle done: the loop is warm
-            if process.poll() is not None:
-                raise SystemExit(f"--follow ended: {(work / f'follow-{stable_after:g}.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        for folder in studies:
-            staging = work / "staging" / folder.name
+        for index, folder in enumerate(studies):
+            staging = work / "staging" / f"{name}-{folder.name}"
             shutil.copytree(folder, staging)
             os.rename(staging, watched / folder.name)
             arrived = time.monotonic()
             while request("GET", f"{hapi.base}/ImagingStudy/{ids[folder]}")[0] != 200:
+                if process.poll() is not None:
+                    raise SystemExit(f"--follow ended: {(work / f'follow-{name}.log').read_text()[-2000:]}")
                 if time.monotonic() - arrived > 600:
                     raise SystemExit(f"study {folder.name} not on the server after 600 s")
                 time.sleep(0.1)
+            if index == 0:  # the warm-up study
+                continue
             seconds.append(time.monotonic() - arrived)
-            print(f"  stable-after {stable_after:g} s: {folder.name} readable after {seconds[-1]:.1f} s", flush=True)
+            print(f"  {mode}, stable-after {stable_after:g} s: {folder.name} readable after {seconds[-1]:.1f} s",
+                  flush=True)
     finally:
         process.terminate()
         process.wait(timeout=600)
@@ -128,6 +146,9 @@ def main() -> None:
     parser.add_argument("--stable-after", type=float, nargs="+", default=[2.0, 5.0])
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=["cycles", "stream"], default=["cycles", "stream"],
+                        help="follow modes to measure, the first the baseline (cycles: in-process runner; "
+                             "stream: Prism)")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
@@ -139,14 +160,18 @@ def main() -> None:
         hapi = HapiServer(work / "hapi.log").start()
         try:
             if not args.skip_latency:
-                make_archive(work / "latency-archive", studies=args.latency_studies, series=2, instances=3)
+                make_archive(work / "latency-archive", studies=args.latency_studies + 1, series=2, instances=3)
                 for stable_after in args.stable_after:
-                    seconds = latency(hapi, work / "latency-archive", work, stable_after, args.latency_studies,
-                                      args.poll_interval)
-                    print(f"latency, --stable-after {stable_after:g} s, --poll-interval {args.poll_interval:g} s: "
-                          f"p50 {percentile(seconds, 50):.1f} s, p95 {percentile(seconds, 95):.1f} s, "
-                          f"p50 - stable-after {percentile(seconds, 50) - stable_after:.1f} s "
-                          f"({len(seconds)} studies)", flush=True)
+                    p50 = {}
+                    for mode in args.modes:  # alternated, the same studies
+                        seconds = latency(hapi, work / "latency-archive", work, stable_after, args.latency_studies,
+                                          args.poll_interval, mode)
+                        p50[mode] = percentile(seconds, 50)
+                        print(f"latency, {mode}, --stable-after {stable_after:g} s, --poll-interval "
+                              f"{args.poll_interval:g} s: p50 {p50[mode]:.1f} s, p95 {percentile(seconds, 95):.1f} s, "
+                              f"p50 - stable-after {p50[mode] - stable_after:.1f} s ({len(seconds)} studies)"
+                              + (f", p50 {p50[mode] / p50[args.modes[0]]:.2f}x {args.modes[0]}"
+                                 if mode != args.modes[0] else ""), flush=True)
             if not args.skip_throughput:
                 make_archive(work / "archive", studies=args.studies, series=3, instances=3)
                 rates = throughput(hapi, work / "archive", work, args.rounds)

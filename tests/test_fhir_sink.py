@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -69,6 +70,23 @@ def convert(input_path, output_dir, *options, env=None, timeout=900):
 def study_ids(output_dir) -> list[str]:
     return sorted(json.loads(line)["id"] for path in Path(output_dir).glob("ImagingStudy-*.ndjson")
                   for line in path.read_text().splitlines() if line.strip())
+
+
+def ids_of(folders, tmp_path) -> dict:
+    """The ImagingStudy id of each study folder (a batch run of it alone)."""
+    found = {}
+    for folder in folders:
+        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
+        assert code == 0, err[-2000:]
+        (found[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    return found
+
+
+def add_late_instance(study_folder: Path, target: Path) -> None:
+    """A new instance of a study (a copy of its first file with another SOPInstanceUID) at ``target``."""
+    late = pydicom.dcmread(sorted(study_folder.rglob("*.dcm"))[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
+    late.save_as(target)
 
 
 def history_total(hapi) -> int:
@@ -245,7 +263,7 @@ def ended(process, timeout=300) -> int:
 
 
 @pytest.mark.parametrize("runner", ["in_process", "prism"])
-def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, tmp_path, runner):
+def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, archive, tmp_path, runner):
     extra = []
     if runner == "prism":
         try:
@@ -254,16 +272,12 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
             if os.environ.get("CI"):
                 raise
             pytest.skip(str(missing))
-        extra = ["--runner", "PrismRunner", "--prism_location", str(prism)]
+        extra = ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "cycles"]
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
     watched.mkdir()
-    id_of = {}  # the ImagingStudy id of each study folder
-    for folder in studies[:4]:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies[:4], tmp_path)
     for folder in studies[:2]:
         shutil.copytree(folder, watched / folder.name)
     log = open(tmp_path / "follow.log", "wb")
@@ -289,9 +303,7 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[2]]), what="the completed partial study")
         # a late instance of a study already sent: a new version of it, with one instance more
         sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
-        late = pydicom.dcmread(sorted((watched / studies[0].name).rglob("*.dcm"))[0])
-        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".99"
-        late.save_as(watched / studies[0].name / "late.dcm")
+        add_late_instance(watched / studies[0].name, watched / studies[0].name / "late.dcm")
         updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
             hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
         assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
@@ -308,9 +320,170 @@ def test_follow_stable_studies_partial_file_sigterm_and_restart(hapi, archive, t
     assert len(list((out / "cycles").iterdir())) == 1  # only the newest cycle is kept
 
 
-def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
-    """QIDO-RS polled every cycle: a study stored in the PACS reaches the server, so does one stored later."""
+def prism_options() -> list[str]:
+    try:
+        prism = engines.install_prism()
+    except engines.EngineUnavailable as missing:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(missing))
+    return ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "stream"]
+
+
+def windows(out: Path) -> list[dict]:
+    """The streaming pipeline's closed windows (their names and counts), from its ledger."""
+    try:
+        return [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines() if line]
+    except OSError:
+        return []
+
+
+def version(hapi, study_id: str) -> str | None:
+    status, _, body = hapi.read("ImagingStudy", study_id)
+    return body["meta"]["versionId"] if status == 200 else None
+
+
+def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_restart(hapi, archive, tmp_path):
+    """The streaming pipeline (a session window per study): studies reach the server once stable,
+    a late instance makes a new version, a partial file is no study until complete, SIGTERM drains
+    (what was listed is written, nothing half), and a restart sends what arrived meanwhile without
+    sending the others again."""
+    extra = prism_options()
+    hapi.expunge_everything()
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
+    watched, out = tmp_path / "watched", tmp_path / "follow"
+    watched.mkdir()
+    id_of = ids_of(studies[:5], tmp_path)
+    for folder in studies[:2]:
+        shutil.copytree(folder, watched / folder.name)
+    log = open(tmp_path / "follow.log", "wb")
+    process = start_follow(watched, out, hapi.base, *extra, log=log)
+    try:
+        poll(lambda: all(version(hapi, id_of[f]) for f in studies[:2]), what="the first studies")
+        # a partial file of a new study (its header cut off) must not become a study
+        whole = sorted(studies[2].rglob("*.dcm"))[0].read_bytes()
+        partial = watched / studies[2].name / "000001.dcm"
+        partial.parent.mkdir()
+        partial.write_bytes(whole[:200])
+        poll(lambda: any(w["counts"].get("error:truncated") for w in windows(out)), what="the partial file's window")
+        assert version(hapi, id_of[studies[2]]) is None
+        # a late instance of a study already sent: a new version of it, with one instance more
+        sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
+        add_late_instance(watched / studies[0].name, watched / studies[0].name / "late.dcm")
+        updated = poll(lambda: (lambda body: body if body["meta"]["versionId"] == "2" else None)(
+            hapi.read("ImagingStudy", id_of[studies[0]])[2]), what="the late instance's new version")
+        assert updated["numberOfInstances"] == sent["numberOfInstances"] + 1
+        # SIGTERM right after a study arrived: it is written now, or left for the next start
+        shutil.copytree(studies[3], tmp_path / "staging" / studies[3].name)
+        (tmp_path / "staging" / studies[3].name).rename(watched / studies[3].name)  # whole, as receivers do
+        process.send_signal(signal.SIGTERM)
+        assert ended(process) == 0
+        assert not [p for p in (out / "windows").iterdir() if p.name.startswith(".")]  # nothing half-written
+        assert not list(out.glob("state/*/*/*.tmp"))
+        # restart: the partial file completed meanwhile, and another study arrived
+        partial.write_bytes(whole)
+        shutil.copytree(studies[4], watched / studies[4].name)
+        process = start_follow(watched, out, hapi.base, *extra, log=log)
+        for folder in studies[2:5]:
+            poll(lambda: version(hapi, id_of[folder]), what=f"{folder.name} after the restart")
+        process.send_signal(signal.SIGTERM)
+        assert ended(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    # nothing sent twice: the studies sent before a restart keep their version
+    assert version(hapi, id_of[studies[1]]) == "1"
+    assert version(hapi, id_of[studies[0]]) == "2"
+    for folder in studies[2:5]:
+        assert version(hapi, id_of[folder]) == "1"
+    (completed,) = [hapi.read("ImagingStudy", id_of[studies[2]])[2]]
+    assert completed["numberOfInstances"] == 1  # the one file, complete now
+    counts = Counter()
+    for summary in windows(out):
+        counts.update(summary["counts"])
+    assert counts["fhir_server:studies_written"] == 6  # five studies, one of them twice (the late instance)
+    assert not counts["fhir_server:studies_unavailable"]
+
+
+class Switch:
+    """A fault for the injecting proxy: every request answered 503 while ``down``."""
+
+    def __init__(self, down: bool):
+        self.down = down
+
+    def __call__(self, method, target):
+        return 503 if self.down else None
+
+
+def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hapi, archive, tmp_path):
+    """The server down when follow mode starts (a warning, not an end), down again mid-run (the
+    study is counted unavailable and sent once the server is back), and OAuth2 tokens that
+    expire while it runs (renewed; never in any output)."""
+    extra = prism_options()
+    hapi.expunge_everything()
+    studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:3]
+    id_of = ids_of(studies, tmp_path)
+    watched, staging, out = tmp_path / "watched", tmp_path / "staging", tmp_path / "follow"
+    watched.mkdir()
+    staging.mkdir()
+
+    def arrive(folder):
+        shutil.copytree(folder, staging / folder.name)
+        (staging / folder.name).rename(watched / folder.name)
+
+    def unavailable() -> int:
+        return sum(w["counts"].get("fhir_server:studies_unavailable", 0) for w in windows(out))
+
+    tokens = Tokens(lifetime=4)
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(tokens.secret + "\n")
+    switch = Switch(down=True)
+    log = open(tmp_path / "follow.log", "wb")
+    process = None
+    with LatencyProxy(f"http://127.0.0.1:{hapi.port}", delay_ms=0, fault=switch) as faulty, \
+            token_endpoint(tokens) as token_url, auth_proxy(faulty.url, tokens) as proxy:
+        try:
+            process = start_follow(watched, out, proxy + "/fhir", *extra, "--retry-deadline", "2",
+                                   "--fhir-token-url", token_url, "--fhir-client-id", tokens.client_id,
+                                   "--fhir-client-secret-file", str(secret_file), log=log)
+            arrive(studies[0])
+            poll(lambda: unavailable() >= 1, what="the study counted unavailable while the server is down")
+            assert process.poll() is None  # down at start: not an end
+            switch.down = False
+            poll(lambda: version(hapi, id_of[studies[0]]), what="the study once the server is back")
+            with tokens.lock:
+                first_tokens = dict(tokens.live)
+            poll(lambda: max(first_tokens.values()) < time.time(), what="the tokens issued so far to expire")
+            arrive(studies[1])
+            poll(lambda: version(hapi, id_of[studies[1]]), what="a study sent after its token expired")
+            switch.down = True  # down mid-run
+            before = unavailable()
+            arrive(studies[2])
+            poll(lambda: unavailable() > before, what="the study counted unavailable mid-run")
+            switch.down = False
+            poll(lambda: version(hapi, id_of[studies[2]]), what="the study once the server is back again")
+            process.send_signal(signal.SIGTERM)
+            assert ended(process) == 0
+        finally:
+            if process is not None and process.poll() is None:
+                process.kill()
+            log.close()
+    assert tokens.issued >= 2  # renewed
+    for folder in studies:
+        assert version(hapi, id_of[folder]) == "1"
+    shown = (tmp_path / "follow.log").read_text(errors="replace") + everything_written(out)
+    for secret in (tokens.secret, *tokens.live):
+        assert secret not in shown
+
+
+@pytest.mark.parametrize("mode", ["cycles", "stream"])
+def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path, mode):
+    """QIDO-RS polled (every cycle, or by the streaming pipeline's watcher on Prism): a study stored
+    in the PACS reaches the server, so does one stored later; the first is not sent again."""
     import orthanc as orthanc_harness
+
+    extra = prism_options() if mode == "stream" else []
 
     binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
     if binary is None or plugin is None:
@@ -319,11 +492,7 @@ def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
         pytest.skip("Orthanc with its DICOMweb plugin is not installed")
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:2]
-    id_of = {}
-    for folder in studies:
-        code, _, err, _ = convert(folder, tmp_path / "ids" / folder.name)
-        assert code == 0, err[-2000:]
-        (id_of[folder],) = study_ids(tmp_path / "ids" / folder.name)
+    id_of = ids_of(studies, tmp_path)
     pacs = orthanc_harness.Orthanc(str(tmp_path / "orthanc"), binary, plugin).start()
     log = open(tmp_path / "follow.log", "wb")
     process = None
@@ -331,7 +500,7 @@ def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path):
         pacs.upload_all(sorted(str(p) for p in studies[0].rglob("*.dcm")))
         command = [sys.executable, "-m", "beam_pipeline", "--follow", "--dicomweb", pacs.dicomweb_url,
                    "--output", str(tmp_path / "follow"), *BASE_OPTIONS, "--fhir-server", hapi.base,
-                   "--stable-after", "1", "--poll-interval", "0.5"]
+                   "--stable-after", "1", "--poll-interval", "0.5", *extra]
         env = {**os.environ, "DICOMWEB_USER": orthanc_harness.USER, "DICOMWEB_PASSWORD": orthanc_harness.PASSWORD}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         poll(lambda: on_server(hapi, "ImagingStudy", id_of[studies[0]]), what="the study in the PACS")

@@ -20,7 +20,7 @@ from beam_pipeline.codes import EXIT_INCOMPLETE, TRANSIENT_REASONS
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
 from beam_pipeline.fhir.bulk_data import request_line
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import follow, output, progress
+from beam_pipeline.run import follow, output, progress, stream
 from beam_pipeline.run.layout import SUMMARY_NAME
 from beam_pipeline.run.pipeline import execute, local_runner
 from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
@@ -173,13 +173,19 @@ def argument_parser() -> argparse.ArgumentParser:
     live = parser.add_argument_group("Follow mode (--follow)")
     live.add_argument("--follow", action="store_true",
                       help="keep running: convert what is new or changed in the input every --poll-interval "
-                           "seconds (each a --since run into OUTPUT/cycles/); stops on SIGTERM or SIGINT after "
-                           "the cycle in progress")
+                           "seconds; stops on SIGTERM or SIGINT once what is in progress is written")
+    live.add_argument("--follow-mode", choices=follow.MODES, default="auto",
+                      help="stream: one streaming pipeline (session windows per study; needs a streaming "
+                           "runner sharing the local --output: Prism, Flink); cycles: a loop of bounded --since "
+                           "runs into OUTPUT/cycles/ (any runner, DICOMweb); auto (default): stream on a "
+                           "streaming runner with files, else cycles")
     live.add_argument("--stable-after", type=float, default=None, metavar="SECONDS",
-                      help=f"send a study to --fhir-server only once it has not changed for this long (default "
+                      help=f"write a study (to --fhir-server, or a window) only once no new instance of it came "
+                           f"for this long (default "
                            f"{follow.DEFAULT_STABLE_AFTER:g} with --follow, else 0)")
     live.add_argument("--poll-interval", type=float, default=follow.DEFAULT_POLL_INTERVAL, metavar="SECONDS",
-                      help=f"seconds between the starts of two cycles of --follow (default {follow.DEFAULT_POLL_INTERVAL:g})")
+                      help=f"how often --follow lists the input (stream), or the seconds between the starts of "
+                           f"two cycles (default {follow.DEFAULT_POLL_INTERVAL:g})")
     return parser
 
 
@@ -378,7 +384,8 @@ def parse_args(argv=None) -> tuple[Settings, list[str]]:
                         manifest_base_url=args.manifest_base_url, since=args.since,
                         fhir_server=sink, stable_after=stable_after)
     if args.follow:
-        settings = follow.FollowSettings(settings, args.poll_interval)
+        mode = follow.mode_of(args.follow_mode, settings, beam_args, parser.error)
+        settings = follow.FollowSettings(settings, args.poll_interval, mode)
     return settings, beam_args
 
 
@@ -386,6 +393,8 @@ def run(argv=None) -> dict:
     """Parse options once, run the pipeline, print the summary."""
     settings, beam_args = parse_args(argv)
     if isinstance(settings, follow.FollowSettings):
+        if settings.mode == "stream":
+            return stream.run(settings.run, settings.poll_interval, beam_args)
         return follow.follow(settings, lambda: new_pipeline(beam_args))
     # permanent problems in seconds; transient answers (an outage at start-up) retried up to the deadline
     gcs.check_access(settings.input, settings.output, policy=gcs.RetryPolicy(deadline=settings.retry_deadline),

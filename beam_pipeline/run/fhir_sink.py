@@ -32,7 +32,7 @@ COUNTS, ERRORS, STATE = "counts", "errors", "state"
 SHARED_PER_BUNDLE = 200      # shared resources per preloading transaction
 RETRY_REFUSED_AFTER = 3600.0  # seconds before a refused, unchanged Bundle is sent again
 _UID_SYSTEM = "urn:dicom:uid"
-_COUNTED = {"ok": "written", "refused": "refused", "unavailable": "unavailable"}
+COUNTED = {"ok": "written", "refused": "refused", "unavailable": "unavailable"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class PostStudiesDoFn(beam.DoFn):
         counts = Counter()
         answers = self.shared.pool.map(lambda send: self.shared.client.transaction(send[1].encode("utf-8")), sends)
         for (uid, _, digest, kept), posted in zip(sends, answers):
-            counts[f"fhir_server:studies_{_COUNTED[posted.status]}"] += 1
+            counts[f"fhir_server:studies_{COUNTED[posted.status]}"] += 1
             if posted.status == "ok":
                 counts["fhir_server:resources_written"] += entry_count(posted)
             elif posted.status == "refused":

@@ -1,4 +1,5 @@
-"""``--follow``: keep converting an archive as it grows, as a loop of bounded Beam runs (cycles).
+"""``--follow``: keep converting an archive as it grows, as a loop of bounded Beam runs (cycles);
+``mode_of`` picks this loop or the streaming pipeline of ``stream.py`` (``--follow-mode``).
 
 Each cycle is an incremental run (``--since`` the previous cycle) into ``OUTPUT/cycles/NNNNNNNN``:
 it lists the input (folder, gs:// prefix, or the DICOMweb server's QIDO-RS search), reads only new
@@ -42,6 +43,7 @@ DEFAULT_POLL_INTERVAL = 10.0
 CYCLES_DIR = "cycles"
 WINDOWS_DIR = "windows"  # without --fhir-server: what each cycle added or changed, for a loader to take
 STATUS_NAME = "follow.json"
+MODES = ("auto", "stream", "cycles")
 MAX_FAILED_CYCLES = 5  # cycles failing one after the other (not a transient server fault): stop, exit 3
 
 
@@ -51,6 +53,27 @@ class FollowSettings:
 
     run: Settings
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    mode: str = "cycles"  # "stream": run/stream.py's streaming pipeline instead of the loop
+
+
+def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> str:
+    """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink)
+    grouped by study, and loops cycles otherwise (the in-process runner is batch only;
+    ``--group-by directory`` is followed by cycles)."""
+    from beam_pipeline.run.stream import streaming_runner
+
+    streams = streaming_runner(beam_args)
+    fits = settings.group_by == "study"
+    if requested == "stream":
+        if not streams:
+            error("--follow-mode stream needs a streaming runner whose workers share the local --output: "
+                  "--runner PrismRunner (or FlinkRunner); Dataflow follows in cycles")
+        if not fits:
+            error("--follow-mode stream groups by study: use --follow-mode cycles for --group-by directory")
+        return "stream"
+    if requested == "cycles" or not (streams and fits):
+        return "cycles"
+    return "stream"
 
 
 class Stop:
@@ -147,6 +170,17 @@ def keep_window(folder: str, root: str, number: int) -> str | None:
     return window
 
 
+def check_folders(settings: Settings) -> None:
+    """The follow folder is local (its state is plain files) and not inside the watched folder."""
+    root = settings.output
+    if "://" in root:
+        raise output.OutputError("--follow keeps its state in a local --output folder (the input may be gs://)")
+    if settings.input is not None and "://" not in settings.input:
+        inside = os.path.realpath(root) + os.sep
+        if inside.startswith(os.path.realpath(inputs.group_root(settings.input)) + os.sep):
+            raise output.OutputError("--follow: put --output beside the --input folder, not inside it")
+
+
 def check_server(settings: Settings) -> None:
     """Refused credentials or no FHIR server: stop now (exit 2). A server that is down is only
     warned about: its studies wait in the state until it is back."""
@@ -162,12 +196,7 @@ def follow(settings: FollowSettings, new_pipeline, stop: Stop | None = None, max
     """Run cycles until stopped (or ``max_cycles``); returns the last cycle's summary."""
     base = settings.run
     root = base.output
-    if "://" in root:
-        raise output.OutputError("--follow keeps its state in a local --output folder (the input may be gs://)")
-    if base.input is not None and "://" not in base.input:
-        inside = os.path.realpath(root) + os.sep
-        if inside.startswith(os.path.realpath(inputs.group_root(base.input)) + os.sep):
-            raise output.OutputError("--follow: put --output beside the --input folder, not inside it")
+    check_folders(base)
     cycles = os.path.join(root, CYCLES_DIR)
     os.makedirs(cycles, exist_ok=True)
     stop = stop or Stop().install()
