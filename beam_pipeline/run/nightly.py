@@ -3,6 +3,7 @@ the others' records from the previous run's state."""
 from __future__ import annotations
 
 import typing
+import uuid
 from collections import Counter
 
 import apache_beam as beam
@@ -11,7 +12,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipeline.fhir import study
-from beam_pipeline.run import folder_state, layout, state
+from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.reading import ReadHeaders, unit_items
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
@@ -144,3 +145,66 @@ class ReadChangedHeaders(beam.PTransform):
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
                 (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
                 (state_lines, reused[STATE]) | "AllSourceState" >> beam.Flatten())
+
+
+def keep_previous_lines(name: str, folder: str, temp_dir: str, dropped) -> list[external_sort.Run]:
+    """The lines of ``name``'s shards in the previous output ``folder`` but those of ``dropped``
+    ((name, line hash) of the studies rebuilt or gone; each drops one line): one sorted run per
+    shard (a shard is sorted), streamed, for the writer's merge. The reused studies' lines thus
+    reach the output without passing through the pipeline."""
+    drops = Counter(line_hash for dropped_name, line_hash in dropped if dropped_name == name)
+    matched = FileSystems.match([output.shard_pattern(folder, name)])[0].metadata_list
+    runs = []
+    for shard in sorted(m.path for m in matched):
+        path = FileSystems.join(temp_dir, external_sort.RUNS_DIR,
+                                f"kept-{name.replace('/', '--')}-{uuid.uuid4().hex}.run")
+        lines = size = 0
+        with FileSystems.open(shard, mime_type="application/octet-stream") as source, \
+                FileSystems.create(path, mime_type="application/octet-stream") as out:
+            chunk = []
+            for raw in source:
+                line = raw[:-1] if raw.endswith(b"\n") else raw
+                if not line:
+                    continue
+                if drops:
+                    digest = state.line_hash(line)
+                    if drops[digest]:
+                        drops[digest] -= 1
+                        continue
+                chunk.append(line)
+                size += len(line.decode("utf-8")) + 1  # characters, as the writer counts them
+                if len(chunk) == external_sort.WRITE_LINES:
+                    out.write(b"\n".join(chunk) + b"\n")
+                    lines += len(chunk)
+                    chunk = []
+            if chunk:
+                out.write(b"\n".join(chunk) + b"\n")
+                lines += len(chunk)
+        if lines:
+            runs.append(external_sort.Run(name, path, lines, size))
+    return runs
+
+
+class KeepPreviousLines(beam.PTransform):
+    """The previous run's study entries -> sorted runs (``external_sort.Run``) of the lines of the
+    previous output that this output keeps: those of every study not rebuilt, not gone."""
+
+    def __init__(self, folder: str, temp_dir: str, dropped):
+        super().__init__()
+        self.folder = folder
+        self.temp_dir = temp_dir
+        self.dropped = dropped
+
+    def expand(self, previous_studies):
+        folder, temp_dir = self.folder, self.temp_dir
+        return (previous_studies
+                | "Names" >> beam.FlatMap(lambda item: list(item[1].names()))
+                | "Distinct" >> beam.Distinct()
+                | "Keep" >> beam.FlatMap(keep_previous_lines, folder, temp_dir, beam.pvalue.AsList(self.dropped)))
+
+
+def run_lines(run: external_sort.Run):
+    """(name, line) of a run's lines."""
+    with FileSystems.open(run.path, mime_type="application/octet-stream") as handle:
+        for raw in handle:
+            yield run.name, raw.rstrip(b"\n").decode("utf-8")

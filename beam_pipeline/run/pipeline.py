@@ -18,6 +18,7 @@ from beam_pipeline.run import (
     fhir_sink,
     folder_state,
     grouping,
+    layout,
     listing,
     nightly,
     output,
@@ -77,11 +78,18 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
     studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
-    written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp)
+    kept_runs = None
+    if previous is not None and previous.reuse_studies:  # reused studies' lines: from the previous output
+        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, temp, changes[2])
+    written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp, kept_runs)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     sink = None
     if settings.fhir_server is not None:
-        sink = studies | "FhirServer" >> fhir_sink.WriteToFhirServer(
+        sent = studies if kept_runs is None else (
+            (studies, kept_runs | "KeptBundles" >> beam.FlatMap(
+                lambda run: nightly.run_lines(run) if run.name == layout.BUNDLE_NAME else ()))
+            | "AllStudyLines" >> beam.Flatten())
+        sink = sent | "FhirServer" >> fhir_sink.WriteToFhirServer(
             settings.fhir_server, fhir_sink.previous_shards(settings.since), started, settings.stable_after,
             deleted=changes[1] if changes is not None else None)
         errors.append(sink[0])

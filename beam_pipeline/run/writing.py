@@ -58,14 +58,17 @@ class WriteNdjson(beam.PTransform):
     writes its shards.
     """
 
-    def __init__(self, temp_dir: str):
+    def __init__(self, temp_dir: str, kept_runs=None):
         super().__init__()
         self.temp_dir = temp_dir
+        self.kept_runs = kept_runs  # sorted runs of lines kept from a previous output (``--since``)
 
     def expand(self, named_lines):
         temp_dir = self.temp_dir
-        return (named_lines
-                | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(temp_dir))
+        runs = named_lines | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(temp_dir))
+        if self.kept_runs is not None:
+            runs = (runs, self.kept_runs) | "AndKept" >> beam.Flatten()
+        return (runs
                 | "ByName" >> beam.Map(lambda run: (run.name, run))
                 | "RunsPerName" >> beam.GroupByKey()
                 | "MergeRuns" >> beam.FlatMapTuple(
