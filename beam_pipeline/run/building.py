@@ -10,7 +10,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import core, delta, layout, state
+from beam_pipeline.run import core, delta, folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, DROPPED, ERRORS, NAMESPACE, STATE
 
@@ -63,6 +63,7 @@ class BuildStudyDoFn(beam.DoFn):
             self.reused.inc()
             extra = Counter({"incremental:studies_reused": 1})
         else:
+            group = folder_state.load_pending(group)  # the parts of unchanged units, loaded now
             outcome = core.process_study(group, self.config, self.terms, self.validator)
             line = state.study_line(uid, digest, outcome)
             extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})

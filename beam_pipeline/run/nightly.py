@@ -15,7 +15,7 @@ from beam_pipeline.fhir import study
 from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.reading import ReadHeaders, unit_items
-from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
+from beam_pipeline.run.steps import COUNTS, DROPPED, ERRORS, NAMESPACE, REUSED
 from beam_pipeline.sources import files as inputs
 
 
@@ -23,30 +23,33 @@ class ReadState(beam.PTransform):
     """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the
     workers; ``key_of`` chooses the key (default: the entry's own)."""
 
-    def __init__(self, shards, parse, key_of=None):
+    def __init__(self, shards, parse, key_of=None, placed: bool = False):
         super().__init__()
         self.shards = list(shards)
         self.parse = parse
         self.key_of = key_of or (lambda entry: entry.key)
+        self.placed = placed  # ``parse(line, (shard path, byte offset))``
 
     def expand(self, pbegin):
-        parse, key_of = self.parse, self.key_of
+        parse, key_of, placed = self.parse, self.key_of, self.placed
         if not self.shards:
             return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
                 | "Shards" >> beam.Create(self.shards)
                 | "Spread" >> beam.Reshuffle()
-                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of))
+                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of, placed))
 
 
-def shard_entries(path: str, parse, key_of):
+def shard_entries(path: str, parse, key_of, placed: bool = False):
     """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed."""
-    with FileSystems.open(path, mime_type="application/jsonl") as handle:
+    offset = 0
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         for raw in handle:
             line = raw.decode("utf-8").rstrip("\n")
             if line:
-                entry = parse(line)
+                entry = parse(line, (path, offset)) if placed else parse(line)
                 yield key_of(entry), entry
+            offset += len(raw)
 
 
 class ChooseUnitsDoFn(beam.DoFn):
@@ -73,6 +76,7 @@ class ChooseUnitsDoFn(beam.DoFn):
         if not listed:
             counts["incremental:files_gone"] += previous.files
             yield beam.pvalue.TaggedOutput(COUNTS, counts)
+            yield beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, previous.hash))
             return
         stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
         if (previous is not None and not previous.retry and previous.digest is not None
@@ -81,7 +85,10 @@ class ChooseUnitsDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REUSED, previous)
             yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
             return
-        entries = {entry.key: entry for entry in previous.entries()} if previous is not None else {}
+        entries = {}
+        if previous is not None:  # its line is written anew
+            entries = {entry.key: entry for entry in previous.entries()}
+            yield beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, previous.hash))
         to_read, reused = [], []
         for key, stamp, listed_item in stamped:
             entry = entries.pop(key, None)
@@ -99,8 +106,9 @@ class ChooseUnitsDoFn(beam.DoFn):
 
 
 class ReuseUnitsDoFn(beam.DoFn):
-    """Unchanged units -> what reading them gave (partial groups, error lines, counts) and their
-    state lines, unchanged: the same outputs as ``ReadHeaderDoFn``, without a look at their files."""
+    """Unchanged units -> what reading them gave (partial groups, counted but not loaded, error
+    lines, counts): the outputs of ``ReadHeaderDoFn`` but the state line (kept in the state's
+    file), without a look at their files."""
 
     def __init__(self):
         self.reused = Metrics.counter(NAMESPACE, "files_reused")
@@ -109,12 +117,10 @@ class ReuseUnitsDoFn(beam.DoFn):
         self.partials: dict[str, dict] = {}
 
     def process(self, unit):
-        partials, errors, counts, files = unit.whole()
-        yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, unit.line))
-        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
-        self.reused.inc(files)
-        for key, groups in partials.items():
+        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in unit.errors)
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter(unit.counts))
+        self.reused.inc(unit.files)
+        for key, groups in unit.light().items():
             self.partials[key] = study.merge_directories([self.partials.get(key, {}), groups])
 
     def finish_bundle(self):
@@ -124,11 +130,16 @@ class ReuseUnitsDoFn(beam.DoFn):
 
 
 class ReadChangedHeaders(beam.PTransform):
-    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders``, reusing unchanged
-    units whole and reading only new, changed and transiently failed files of the others."""
+    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
+    of the units read) and sorted runs of the unchanged units' lines, kept from the previous state
+    (``external_sort.Run``): unchanged units are reused whole, and of the others only new, changed
+    and transiently failed files are read."""
 
-    def __init__(self, previous_units, read_headers: ReadHeaders, progress: ProgressSettings | None = None):
+    def __init__(self, previous_units, read_headers: ReadHeaders, folder: str, temp_dir: str,
+                 progress: ProgressSettings | None = None):
         super().__init__()
+        self.folder = folder  # the previous output: its unchanged units' lines are kept (``kept``)
+        self.temp_dir = temp_dir
         self.progress = progress
         self.previous_units = previous_units
         self.read_headers = read_headers
@@ -136,15 +147,20 @@ class ReadChangedHeaders(beam.PTransform):
     def expand(self, batches):
         chosen = ({"now": batches | "ByUnit" >> beam.FlatMap(unit_items), "before": self.previous_units}
                   | "JoinState" >> beam.CoGroupByKey()
-                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(REUSED, COUNTS, main="read"))
+                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(
+                      REUSED, COUNTS, DROPPED, main="read"))
         to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
         partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
         reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
-            ERRORS, COUNTS, STATE, main="partials")
+            ERRORS, COUNTS, main="partials")
+        kept = (state_lines.pipeline
+                | "SourceStateName" >> beam.Create([layout.SOURCE_STATE_NAME])
+                | "KeptSourceLines" >> beam.FlatMap(keep_previous_lines, self.folder, self.temp_dir,
+                                                    beam.pvalue.AsList(chosen[DROPPED])))
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
                 (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
-                (state_lines, reused[STATE]) | "AllSourceState" >> beam.Flatten())
+                state_lines, kept)
 
 
 def keep_previous_lines(name: str, folder: str, temp_dir: str, dropped) -> list[external_sort.Run]:

@@ -53,6 +53,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     progress = settings.progress
     config = conversion_config(settings)
     temp = output.temp_dir(settings)
+    kept_sources = None  # --since: the unchanged units' state lines, kept from the previous state
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         before = None if previous is None else (
@@ -70,9 +71,11 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
                                                                 | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> nightly.ReadState(previous.sources, folder_state.read_unit_line)
-            partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                before, read_headers, progress=progress)
+            before = pipeline | "PreviousSources" >> nightly.ReadState(
+                previous.sources, folder_state.read_unit_line, placed=True)
+            partials, file_errors, read_counts, source_state, kept_sources = (
+                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
+                    before, read_headers, previous.folder, temp, progress=progress))
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
@@ -100,7 +103,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     if changes is not None:
         small.append(changes[0])
     written = [written_studies]
-    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp))
+    written.append(small | "SmallOutputs" >> beam.Flatten() | "WriteSmall" >> writing.WriteNdjson(temp, kept_sources))
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
     counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts, sink and sink[1]) if c is not None]
