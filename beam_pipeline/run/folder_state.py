@@ -21,7 +21,8 @@ from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run.state import BYTES_KEY, StateError, line_hash, plain_value, seal, typed_value, unseal
 
-FOLDER_SPLIT = 4  # units per folder: a folder of a million files is not one line
+FOLDER_SPLIT = 4  # units per folder
+PART_FILES = 2000  # files per line at most: a unit of a folder of a million files is many lines
 
 
 def unit_of(key: str) -> str:
@@ -75,8 +76,19 @@ def _group_typed(body: dict) -> StudyGroup:
     return group
 
 
-def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]]) -> str:
-    """The unit's line; ``partials`` are its entries' records grouped (key -> study uid -> group)."""
+def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
+    """A unit's files (sorted by key) in consecutive parts of at most ``PART_FILES``, one line
+    each, and what each line says of the whole unit: its listing digest, whether a file is to be
+    tried again, and which part of how many the line is."""
+    whole = {"digest": listing_digest((entry.key, entry.stamp) for entry in entries),
+             "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors)}
+    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)] or [[]]
+    return [(part, {**whole, "part": [index, len(parts)]}) for index, part in enumerate(parts)]
+
+
+def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict) -> str:
+    """A unit's line (of the part ``entries``); ``partials`` are its entries' records grouped (key ->
+    study uid -> group), ``whole`` from ``unit_parts``."""
     groups = [(key, uid, partials[key][uid]) for key in sorted(partials) for uid in sorted(partials[key])]
     series = {(uid, series_uid): index for index, (uid, series_uid) in
               enumerate((uid, series_uid) for _, uid, group in groups for series_uid in sorted(group.series))}
@@ -94,8 +106,9 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
     return seal({
         "unit": unit,
-        "digest": listing_digest((entry.key, entry.stamp) for entry in entries),
-        "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors),
+        "digest": whole["digest"],
+        "retry": whole["retry"],
+        "part": whole["part"],
         "groups": [[key, uid, _group_plain(group)] for key, uid, group in groups],
         "files": files,
     }, default=plain_value)
@@ -103,7 +116,7 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
 
 @dataclass(frozen=True)
 class Unit:
-    """A previous run's unit line, read: what deciding and reusing the unit needs (its listing
+    """A previous run's unit line (one part of a unit), read: what deciding and reusing the unit needs (its listing
     digest, its files' error lines and counts, and per study what it adds to its digest), and
     where the line is, to load the rest only for a unit or study that changed. The line itself
     does not travel: an unchanged unit's line is kept in the state's file (``hash`` finds it)."""
@@ -111,6 +124,7 @@ class Unit:
     key: str
     digest: str | None
     retry: bool
+    parts: int     # lines of the unit (``unit_parts``)
     files: int
     errors: tuple
     counts: dict
@@ -177,5 +191,5 @@ def read_unit_line(line: str, place: tuple) -> Unit:
         errors.extend(file[5])
         counts.update(file[6])
     groups = tuple((key, uid, group["files"], int(group["content"], 16)) for key, uid, group in body["groups"])
-    return Unit(body["unit"], body["digest"], body["retry"], len(body["files"]), tuple(errors), dict(counts),
+    return Unit(body["unit"], body["digest"], body["retry"], body["part"][1], len(body["files"]), tuple(errors), dict(counts),
                 groups, place, line_hash(line))

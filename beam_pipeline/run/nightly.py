@@ -53,8 +53,8 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
 
 
 class ChooseUnitsDoFn(beam.DoFn):
-    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``]}) -> the unit whole to
-    reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
+    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``, one per line of the
+    unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
     entries to reuse): a file is read again when it is new, its stamp differs or is unknown, or it
     failed for a transient reason; a file no longer listed is gone."""
 
@@ -70,25 +70,24 @@ class ChooseUnitsDoFn(beam.DoFn):
     def process(self, item):
         unit, joined = item
         listed = [listed for part in joined["now"] for listed in part]
-        before = list(joined["before"])
-        previous = before[0] if before else None
+        before = sorted(joined["before"], key=lambda part: part.place)  # the unit's lines (parts)
         counts = Counter()
+        # every line of the unit is written anew unless the unit is reused whole
+        dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash)) for part in before]
         if not listed:
-            counts["incremental:files_gone"] += previous.files
+            counts["incremental:files_gone"] += sum(part.files for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, counts)
-            yield beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, previous.hash))
+            yield from dropped
             return
         stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
-        if (previous is not None and not previous.retry and previous.digest is not None
-                and folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped) == previous.digest):
+        if before and _whole(before) and folder_state.listing_digest(
+                (key, stamp) for key, stamp, _ in stamped) == before[0].digest:
             self.progress.add({"unchanged": len(listed)})  # not to be read: the progress line's total
-            yield beam.pvalue.TaggedOutput(REUSED, previous)
+            yield from (beam.pvalue.TaggedOutput(REUSED, part) for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
             return
-        entries = {}
-        if previous is not None:  # its line is written anew
-            entries = {entry.key: entry for entry in previous.entries()}
-            yield beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, previous.hash))
+        yield from dropped
+        entries = {entry.key: entry for part in before for entry in part.entries()}
         to_read, reused = [], []
         for key, stamp, listed_item in stamped:
             entry = entries.pop(key, None)
@@ -103,6 +102,14 @@ class ChooseUnitsDoFn(beam.DoFn):
         self.progress.add({"unchanged": len(reused)})
         yield unit, to_read, reused
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+def _whole(parts) -> bool:
+    """The lines of a unit may be reused whole: all its parts are there, of one listing, and none
+    holds a file to try again."""
+    first = parts[0]
+    return (first.digest is not None and len(parts) == first.parts
+            and all(part.digest == first.digest and part.parts == first.parts and not part.retry for part in parts))
 
 
 class ReuseUnitsDoFn(beam.DoFn):
