@@ -68,3 +68,16 @@ def test_parts_of_a_unit_are_consecutive_runs_of_its_sorted_files(small_parts):
         [e.key for e in entries[0:3]], [e.key for e in entries[3:6]], [e.key for e in entries[6:7]]]
     assert [whole["part"] for _, whole in parts] == [[0, 3], [1, 3], [2, 3]]
     assert len({whole["digest"] for _, whole in parts}) == 1 and parts[0][1]["digest"] is not None
+
+
+def test_a_kept_shard_is_merged_without_its_skipped_lines_also_in_rounds(tmp_path, monkeypatch):
+    from beam_pipeline.run import external_sort
+
+    monkeypatch.setattr(external_sort, "FAN_IN", 2)
+    (tmp_path / "runs").mkdir()
+    shard = tmp_path / "previous.ndjson"
+    shard.write_bytes(b"a\nc\ne\ng\n")
+    kept = external_sort.Run("X", str(shard), 2, 4, skip=(1, 3))  # without "c" and "g"
+    new = [external_sort.write_run(str(tmp_path), "X", [line], 2) for line in (b"d", b"b", b"f")]
+    assert list(external_sort.merged(str(tmp_path), [kept, *new])) == [b"a", b"b", b"d", b"e", b"f"]
+    assert shard.read_bytes() == b"a\nc\ne\ng\n"  # the previous output is read, never changed

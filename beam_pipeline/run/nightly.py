@@ -3,7 +3,6 @@ the others' records from the previous run's state."""
 from __future__ import annotations
 
 import typing
-import uuid
 from collections import Counter
 
 import apache_beam as beam
@@ -142,11 +141,10 @@ class ReadChangedHeaders(beam.PTransform):
     (``external_sort.Run``): unchanged units are reused whole, and of the others only new, changed
     and transiently failed files are read."""
 
-    def __init__(self, previous_units, read_headers: ReadHeaders, folder: str, temp_dir: str,
+    def __init__(self, previous_units, read_headers: ReadHeaders, folder: str,
                  progress: ProgressSettings | None = None):
         super().__init__()
         self.folder = folder  # the previous output: its unchanged units' lines are kept (``kept``)
-        self.temp_dir = temp_dir
         self.progress = progress
         self.previous_units = previous_units
         self.read_headers = read_headers
@@ -162,7 +160,7 @@ class ReadChangedHeaders(beam.PTransform):
             ERRORS, COUNTS, main="partials")
         kept = (state_lines.pipeline
                 | "SourceStateName" >> beam.Create([layout.SOURCE_STATE_NAME])
-                | "KeptSourceLines" >> beam.FlatMap(keep_previous_lines, self.folder, self.temp_dir,
+                | "KeptSourceLines" >> beam.FlatMap(keep_previous_lines, self.folder,
                                                     beam.pvalue.AsList(chosen[DROPPED])))
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
@@ -170,41 +168,32 @@ class ReadChangedHeaders(beam.PTransform):
                 state_lines, kept)
 
 
-def keep_previous_lines(name: str, folder: str, temp_dir: str, dropped) -> list[external_sort.Run]:
-    """The lines of ``name``'s shards in the previous output ``folder`` but those of ``dropped``
-    ((name, line hash) of the studies rebuilt or gone; each drops one line): one sorted run per
-    shard (a shard is sorted), streamed, for the writer's merge. The reused studies' lines thus
-    reach the output without passing through the pipeline."""
+def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.Run]:
+    """``name``'s shards in the previous output ``folder`` as sorted runs (a shard is sorted) for
+    the writer's merge, less the lines of ``dropped`` ((name, line hash) of the studies rebuilt or
+    gone, or of the units written anew; each drops one line): the merge reads the shard itself,
+    skipping those lines. So what is reused reaches the output without passing through the
+    pipeline, and without a copy."""
     drops = Counter(line_hash for dropped_name, line_hash in dropped if dropped_name == name)
     matched = FileSystems.match([output.shard_pattern(folder, name)])[0].metadata_list
     runs = []
     for shard in sorted(m.path for m in matched):
-        path = FileSystems.join(temp_dir, external_sort.RUNS_DIR,
-                                f"kept-{name.replace('/', '--')}-{uuid.uuid4().hex}.run")
         lines = size = 0
-        with FileSystems.open(shard, mime_type="application/octet-stream") as source, \
-                FileSystems.create(path, mime_type="application/octet-stream") as out:
-            chunk = []
-            for raw in source:
+        skip = []
+        with FileSystems.open(shard, mime_type="application/octet-stream") as source:
+            for index, raw in enumerate(source):
                 line = raw[:-1] if raw.endswith(b"\n") else raw
-                if not line:
-                    continue
                 if drops:
                     digest = state.line_hash(line)
                     if drops[digest]:
                         drops[digest] -= 1
+                        skip.append(index)
                         continue
-                chunk.append(line)
-                size += len(line.decode("utf-8")) + 1  # characters, as the writer counts them
-                if len(chunk) == external_sort.WRITE_LINES:
-                    out.write(b"\n".join(chunk) + b"\n")
-                    lines += len(chunk)
-                    chunk = []
-            if chunk:
-                out.write(b"\n".join(chunk) + b"\n")
-                lines += len(chunk)
+                lines += 1
+                # characters, as the writer counts them
+                size += (len(line) if line.isascii() else len(line.decode("utf-8"))) + 1
         if lines:
-            runs.append(external_sort.Run(name, path, lines, size))
+            runs.append(external_sort.Run(name, shard, lines, size, tuple(skip)))
     return runs
 
 
@@ -212,22 +201,20 @@ class KeepPreviousLines(beam.PTransform):
     """The previous run's study entries -> sorted runs (``external_sort.Run``) of the lines of the
     previous output that this output keeps: those of every study not rebuilt, not gone."""
 
-    def __init__(self, folder: str, temp_dir: str, dropped):
+    def __init__(self, folder: str, dropped):
         super().__init__()
         self.folder = folder
-        self.temp_dir = temp_dir
         self.dropped = dropped
 
     def expand(self, previous_studies):
-        folder, temp_dir = self.folder, self.temp_dir
+        folder = self.folder
         return (previous_studies
                 | "Names" >> beam.FlatMap(lambda item: list(item[1].names()))
                 | "Distinct" >> beam.Distinct()
-                | "Keep" >> beam.FlatMap(keep_previous_lines, folder, temp_dir, beam.pvalue.AsList(self.dropped)))
+                | "Keep" >> beam.FlatMap(keep_previous_lines, folder, beam.pvalue.AsList(self.dropped)))
 
 
 def run_lines(run: external_sort.Run):
     """(name, line) of a run's lines."""
-    with FileSystems.open(run.path, mime_type="application/octet-stream") as handle:
-        for raw in handle:
-            yield run.name, raw.rstrip(b"\n").decode("utf-8")
+    for line in external_sort.run_lines(run):
+        yield run.name, line.decode("utf-8")

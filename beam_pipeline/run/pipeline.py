@@ -75,7 +75,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
                 previous.sources, folder_state.read_unit_line, placed=True)
             partials, file_errors, read_counts, source_state, kept_sources = (
                 batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                    before, read_headers, previous.folder, temp, progress=progress))
+                    before, read_headers, previous.folder, progress=progress))
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
@@ -83,7 +83,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
     kept_runs = None
     if previous is not None and previous.reuse_studies:  # reused studies' lines: from the previous output
-        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, temp, changes[2])
+        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, changes[2])
     written_studies = studies | "WriteStudies" >> writing.WriteNdjson(temp, kept_runs)
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     sink = None
