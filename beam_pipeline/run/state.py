@@ -3,12 +3,13 @@
 The transforms route these lines; the encoding and every check live here (format: docs/state.md).
 Three parts:
 
-* source lines (``_state/sources-*.jsonl``): of a file input one per folder unit (``folder_state``:
-  its listing digest, partial study groups, per file its stamp, record, errors and counts), of a
-  DICOMweb input one per study (``source_line``): everything reading produced, so an unchanged
-  unit is reused whole and an unchanged file or study is not read;
-* study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, and
-  its resource lines, shared resources, error and counts: an unchanged study is not rebuilt;
+* source lines (``_state/sources-*.jsonl``): of a file input one per part of a folder unit
+  (``folder_state``: its listing digest, partial study groups, per file its stamp, record, errors
+  and counts), of a DICOMweb input one per study (``source_line``): everything reading produced,
+  so an unchanged unit is reused whole and an unchanged file or study is not read;
+* study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, the
+  key and hash of each of its lines (the lines are in the output, not held twice), its shared
+  resources, error and counts: an unchanged study is not rebuilt and its lines are kept;
 * the header ``_state/state.json``: format, converter version, input root, the options the lines
   depend on, and the size of every shard.
 
