@@ -191,5 +191,5 @@ def read_unit_line(line: str, place: tuple) -> Unit:
         errors.extend(file[5])
         counts.update(file[6])
     groups = tuple((key, uid, group["files"], int(group["content"], 16)) for key, uid, group in body["groups"])
-    return Unit(body["unit"], body["digest"], body["retry"], body["part"][1], len(body["files"]), tuple(errors), dict(counts),
-                groups, place, line_hash(line))
+    return Unit(body["unit"], body["digest"], body["retry"], body["part"][1], len(body["files"]), tuple(errors),
+                dict(counts), groups, place, line_hash(line))

@@ -53,8 +53,9 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
 
 class ChooseUnitsDoFn(beam.DoFn):
     """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``, one per line of the
-    unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
-    entries to reuse): a file is read again when it is new, its stamp differs or is unknown, or it
+    unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a
+    job (unit, items to read, entries to reuse) and the hashes of its previous lines (``dropped``:
+    written anew): a file is read again when it is new, its stamp differs or is unknown, or it
     failed for a transient reason; a file no longer listed is gone."""
 
     def __init__(self, progress: ProgressSettings | None = None):
