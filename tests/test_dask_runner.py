@@ -256,9 +256,17 @@ def test_a_mistyped_dask_option_is_refused_before_the_run(tmp_path):
     assert done.returncode == 2 and "unknown option(s): --dask_workerz" in done.stderr
 
 
-def test_an_unreachable_scheduler_fails_the_run_in_one_line(tmp_path):
-    done = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--runner", "dask",
-               "--dask_client_address", f"tcp://127.0.0.1:{engines.free_port()}", "--dask_connection_timeout", "3")
+@pytest.mark.parametrize("where", ["address", "scheduler file"])
+def test_an_unreachable_scheduler_fails_the_run_in_one_line_before_the_output_is_made(tmp_path, where):
+    port = engines.free_port()
+    named = (["--dask_client_address", f"tcp://127.0.0.1:{port}"] if where == "address"
+             else ["--dask_scheduler_file", str(tmp_path / "scheduler.json")])  # never written
+    done = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--runner", "dask", *named,
+               "--dask_connection_timeout", "3")
     said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
-    assert done.returncode == 3 and len(said) == 1 and said[0].startswith("error: the run failed: "), said
-    assert not (tmp_path / "out" / "_report" / "summary.json").exists()
+    assert done.returncode == 3 and len(said) == 1, said
+    expected = (f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port} within 3 s" if where == "address"
+                else f"no Dask scheduler file at {tmp_path / 'scheduler.json'} after 3 s")
+    assert said[0] == f"error: the run failed: DaskRunnerError: {expected}" or said[0].startswith(
+        f"error: the run failed: DaskRunnerError: {expected} ("), said
+    assert not (tmp_path / "out").exists()  # checked before the output folder was prepared

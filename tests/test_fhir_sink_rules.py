@@ -208,3 +208,55 @@ def test_without_a_server_each_cycle_leaves_its_changes_as_a_window(tmp_path):
     (third / "_delta" / "deletions.json").write_text('{"resourceType": "Bundle", "type": "transaction"}')
     assert follow.keep_window(str(third), str(tmp_path), 3) is None  # nothing changed: no window
     assert sorted(os.listdir(tmp_path / "windows")) == ["00000001", "00000002"]
+
+
+# --- a server that is down ------------------------------------------------------------------------
+
+class _Flaky:
+    """A loopback server that counts connections and either drops each one unanswered (``down``)
+    or answers it with an empty transaction-response Bundle."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.down, self.connections = True, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/fhir"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        body = b'{"resourceType":"Bundle","type":"transaction-response","entry":[]}'
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with connection:
+                if not self.down:
+                    connection.recv(65536)
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nConnection: close\r\n"
+                                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_a_server_down_past_the_deadline_costs_one_deadline_then_one_attempt_per_study_until_it_answers():
+    from beam_pipeline.sinks.fhir_server import FhirClient
+
+    server = _Flaky()
+    try:
+        client = FhirClient(ServerConfig(server.url, retry=RetryPolicy(deadline=1.0, initial=0.05, maximum=0.1)))
+        first = client.transaction(b"{}")
+        assert first.status == "unavailable" and server.connections >= 3  # retried for the whole deadline
+        for _ in range(5):  # the server is known to be down: one attempt each, no retry sleeps
+            before = server.connections
+            later = client.transaction(b"{}")
+            assert later.status == "unavailable" and server.connections == before + 1
+            assert "one attempt per request until it answers" in later.detail
+        server.down = False
+        assert client.transaction(b"{}").status == "ok"  # back: the next study goes through
+        server.down = True
+        before = server.connections
+        assert client.transaction(b"{}").status == "unavailable" and server.connections >= before + 3  # a deadline again
+    finally:
+        server.listener.close()

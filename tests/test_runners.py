@@ -419,6 +419,8 @@ def test_dask_workers_that_must_spill_to_disk_write_the_same_lines(big_archive, 
         summary = convert(big_archive, out, engines.dask_options(cluster.address))
         with Client(cluster.address, set_as_default=False) as client:
             spilled = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics.get(("disk-write", "bytes"), 0))
+            targets = client.run(lambda dask_worker: dask_worker.memory_manager.memory_target_fraction)
+    assert set(targets.values()) == {0.005}, targets  # the workers took the threshold
     # both workers' spills, in bytes: the run went through the disk. How much depends on how the
     # scheduler spread the partitions and when the worker checked its memory (2 MiB to 98 MiB seen at
     # a 30 MiB threshold), so only that it did is asserted; the lines must be the same.

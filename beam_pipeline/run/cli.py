@@ -392,6 +392,10 @@ def run(argv=None) -> dict:
                      since_path=settings.since)
     if settings.fhir_server is not None:  # refused credentials, not a FHIR server: one line, no pipeline
         FhirClient(settings.fhir_server).check()
+    if dask_requested(beam_args):  # a named Dask cluster that cannot be reached: one line, output untouched
+        from beam_pipeline.run.dask_runner import check_scheduler
+
+        check_scheduler(PipelineOptions(beam_args))
     try:
         summary = execute(lambda: new_pipeline(beam_args), settings)
     except Exception as exc:
@@ -411,8 +415,8 @@ def new_pipeline(beam_args: list[str]) -> beam.Pipeline:
 
 def first_line(exc: BaseException) -> str:
     """The innermost cause's type and the last line of its message (Beam wraps worker errors many
-    times; the last line names the problem)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
+    times; the last line names the problem). An error raised ``from None`` is its own cause."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1][:300] if text else ''}"

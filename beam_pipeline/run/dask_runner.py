@@ -474,9 +474,28 @@ def connect(options):
     dask = options.view_as(DaskOptions)
     timeout = dask.timeout if isinstance(dask.timeout, int) else 30
     if dask.address or dask.scheduler_file:
-        return Client(dask.address, scheduler_file=dask.scheduler_file, timeout=timeout, set_as_default=False), None
+        where = dask.address or f"the scheduler file {dask.scheduler_file}"
+        deadline = time.monotonic() + timeout
+        while not dask.address and not os.path.exists(dask.scheduler_file):  # Dask would wait for ever
+            if time.monotonic() > deadline:
+                raise DaskRunnerError(f"no Dask scheduler file at {dask.scheduler_file} after {timeout} s")
+            time.sleep(0.2)
+        try:
+            return Client(dask.address, scheduler_file=dask.scheduler_file, timeout=timeout, set_as_default=False), None
+        except (OSError, TimeoutError) as exc:  # refused, unknown host, no answer, no scheduler file
+            raise DaskRunnerError(f"cannot reach the Dask scheduler at {where} within {timeout} s "
+                                  f"({type(exc).__name__})") from None
     cluster = local_cluster(options.view_as(DaskClusterOptions))
     return Client(cluster, set_as_default=False), cluster
+
+
+def check_scheduler(options) -> None:
+    """Before the output folder is touched: a named cluster that cannot be reached fails the run
+    in one line (``DaskRunnerError``), not after the output was prepared."""
+    dask = options.view_as(DaskOptions)
+    if dask.address or dask.scheduler_file:
+        client, _ = connect(options)
+        client.close()
 
 
 def versions() -> dict:

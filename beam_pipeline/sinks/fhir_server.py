@@ -8,6 +8,7 @@ concurrent writes of a shared resource, or no answer, still after ``--retry-dead
 """
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -110,6 +111,9 @@ class FhirClient:
         self.limit = AdaptiveLimit(max(config.max_in_flight, 1))
         self.budget = budget
         self.what = f"the FHIR server {safe_url(config.base)}"
+        # A request gave up after a whole --retry-deadline: the server is down. Until it answers
+        # again, each request gets one attempt, so a dead server costs one deadline, not one per study.
+        self.down = False
 
     def _send(self, method: str, url: str, body: bytes | None):
         """One request under the retry policy; a 401 is sent once more with fresh credentials."""
@@ -140,15 +144,23 @@ class FhirClient:
                                        retry_after(response.headers.get("Retry-After")), response.status_code)
             return response
 
+        if self.down:
+            try:
+                return attempt()
+            except TransientFailure as failure:
+                raise SourceUnavailable(errno.EAGAIN, f"{failure.problem}; it gave no usable answer for a whole "
+                                        f"--retry-deadline before, so one attempt per request until it answers") from None
         return retrying(attempt, self.config.retry, self.budget)
 
     def _posted(self, method: str, url: str, body: bytes | None) -> Posted:
         try:
             response = self._send(method, url, body)
         except SourceUnavailable as exc:
+            self.down = True
             return Posted("unavailable", detail=exc.strerror or "FHIR server unavailable")
         except AuthError as exc:
             return Posted("unavailable", detail=str(exc))
+        self.down = False
         try:
             parsed = response.json() if response.content else None
         except ValueError:
