@@ -170,6 +170,9 @@ def main(argv=None) -> int:
         listing_seconds = time.monotonic() - started
         same = snapshot(work / "night2") == snapshot(work / "full")
         delta_lines = sum(len(p.read_text().splitlines()) for p in (work / "night2" / "_delta").glob("*.ndjson"))
+        state_bytes = {kind: sum(p.stat().st_size for p in (work / "night2" / "_state").glob(f"{kind}-*.jsonl"))
+                       for kind in ("sources", "studies")}
+        output_bytes = sum(p.stat().st_size for p in (work / "night2").glob("*.ndjson"))
 
     done = night2["incremental"]
     read_full = full["files_matched"]
@@ -196,6 +199,8 @@ def main(argv=None) -> int:
           f"reused {done.get('studies_reused', 0)}; delta lines {delta_lines}")
     print(f"listing alone: {listed} files in {listing_seconds:.2f} s "
           f"({100 * listing_seconds / night2_seconds:.0f}% of the nightly run's wall time)")
+    print(f"state: sources {state_bytes['sources'] / 1e6:.1f} MB, studies {state_bytes['studies'] / 1e6:.2f} MB "
+          f"(resource files {output_bytes / 1e6:.1f} MB)")
     print(f"snapshot identical to the full run's: {same}")
     ok = same and read_night <= 0.02 * read_full
     print("PASS" if ok else "FAIL")

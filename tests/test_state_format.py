@@ -58,17 +58,19 @@ def test_a_line_is_sealed_by_a_checksum_of_its_bytes():
             state.read_source_line(damaged)
 
 
-def test_a_pickled_state_of_format_1_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("older", [1, 2])
+def test_a_state_of_an_older_format_is_refused_in_one_line(tmp_path, older):
+    """Format 1 pickled the records, format 2 held every study's resources: refused, never misread."""
     make_archive(tmp_path / "archive", studies=1, series=1, instances=2)
     run_pipeline(tmp_path / "archive", tmp_path / "a", "--quiet")
     header = tmp_path / "a" / "_state" / "state.json"
     document = json.loads(header.read_text())
-    assert document["format"] == state.FORMAT == 2
-    document["format"] = 1
+    assert document["format"] == state.FORMAT == 3
+    document["format"] = older
     header.write_text(json.dumps(document))
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--quiet", "--input", str(tmp_path / "archive"),
                            "--output", str(tmp_path / "b"), "--since", str(tmp_path / "a")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "its state has format 1, this converter reads format 2" in lines[0], lines
+    assert len(lines) == 1 and f"its state has format {older}, this converter reads format 3" in lines[0], lines

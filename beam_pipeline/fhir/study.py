@@ -76,6 +76,9 @@ class StudyGroup:
     conflicting_sops: set = field(default_factory=set)
     rejected_folders: set = field(default_factory=set)  # directory mode: folders rejected with this study
     content: int = 0  # sum of the records' record_digest (mod 2**256)
+    # Parts counted in files and content but not loaded (a --since run's unchanged folder units):
+    # references the run loads and merges only when the study is built again.
+    pending: tuple = ()
 
     def add(self, record: dict, instance_keys: tuple[str, ...]) -> "StudyGroup":
         self.files += 1
@@ -116,6 +119,7 @@ class StudyGroup:
         self.accession_numbers |= other.accession_numbers
         self.conflicting_sops |= other.conflicting_sops
         self.rejected_folders |= other.rejected_folders
+        self.pending += other.pending
         if other.representative is not None and (
             self.representative is None or rank(other.representative) < rank(self.representative)
         ):

@@ -11,9 +11,9 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from beam_pipeline.fhir.config import ConversionConfig
-from beam_pipeline.run import core, delta, layout, state
+from beam_pipeline.run import core, delta, folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, ERRORS, NAMESPACE, STATE
+from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, DROPPED, ERRORS, NAMESPACE, STATE
 
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
@@ -52,24 +52,32 @@ class BuildStudyDoFn(beam.DoFn):
         now, before = list(joined["now"]), list(joined["before"])
         previous = before[0] if before else None
         if not now:  # every file of the study is gone (or no longer a valid instance)
-            _, deleted = delta.study_changes(previous.outcome, None)
+            hashes = previous.hashes()
+            _, deleted = delta.study_changes(hashes, None)
             yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+            yield from _dropped(hashes)
             self.counts["incremental:studies_deleted"] += 1
             return
         group = now[0]
         digest = group.digest()
         if previous is not None and self.reuse_studies and previous.digest == digest:
-            outcome, line = previous.outcome, previous.line
+            # Reused: its lines stay in the previous output's files (``nightly.KeepPreviousLines``).
+            error, counts, shared_lines = previous.kept()
+            outcome, line = core.StudyOutcome(shared=shared_lines, error=error, counts=counts), previous.line
             self.reused.inc()
             extra = Counter({"incremental:studies_reused": 1})
         else:
+            group = folder_state.load_pending(group)  # the parts of unchanged units, loaded now
             outcome = core.process_study(group, self.config, self.terms, self.validator)
             line = state.study_line(uid, digest, outcome)
             extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
             if self.incremental:
-                changed, deleted = delta.study_changes(previous.outcome if previous else None, outcome)
+                hashes = previous.hashes() if previous else None
+                changed, deleted = delta.study_changes(hashes, outcome)
                 yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
                 yield from (beam.pvalue.TaggedOutput(DELETED, key) for key in deleted)
+                if self.reuse_studies:
+                    yield from _dropped(hashes or {})
         yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
         self.counts.update(outcome.counts)
         self.counts.update(extra)
@@ -89,6 +97,13 @@ class BuildStudyDoFn(beam.DoFn):
         if self.counts:
             yield beam.pvalue.TaggedOutput(COUNTS, GlobalWindows.windowed_value(self.counts))
         self.counts = Counter()
+
+
+def _dropped(hashes: dict):
+    """(resource type, line hash) of a previous study's lines that the output no longer keeps."""
+    for name, pairs in hashes.items():
+        for _, line_hash in pairs:
+            yield beam.pvalue.TaggedOutput(DROPPED, (name, line_hash))
 
 
 def shared_delta(item):
@@ -122,7 +137,7 @@ class BuildResources(beam.PTransform):
             joined = groups | "Alone" >> beam.Map(lambda group: (group.study_uid, {"now": [group], "before": []}))
         built = joined | "Build" >> beam.ParDo(BuildStudyDoFn(
             self.config, self.validate, self.progress, incremental, self.reuse_studies)).with_outputs(
-            ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, main="resources")
+            ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, DROPPED, main="resources")
         picks = built[BuildStudyDoFn.SHARED] | "SharedOnce" >> beam.CombinePerKey(core.pick_shared)
         shared = picks | "SharedLine" >> beam.Map(lambda item: (core.shared_type(item[0]), item[1]))
         shared_counts = shared | "CountShared" >> beam.Map(lambda item: Counter({f"lines:{item[0]}": 1}))
@@ -136,5 +151,6 @@ class BuildResources(beam.PTransform):
                               | "JoinShared" >> beam.CoGroupByKey()
                               | "SharedDelta" >> beam.FlatMap(shared_delta).with_outputs(DELTA, DELETED))
             changes = ((built[DELTA], shared_changes[DELTA]) | "AllDelta" >> beam.Flatten(),
-                       (built[DELETED], shared_changes[DELETED]) | "AllDeleted" >> beam.Flatten())
+                       (built[DELETED], shared_changes[DELETED]) | "AllDeleted" >> beam.Flatten(),
+                       built[DROPPED])
         return built.resources, shared, built[ERRORS], counts, built[STATE], changes

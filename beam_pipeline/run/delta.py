@@ -7,32 +7,21 @@ one transaction Bundle of DELETEs, ``_delta/deletions.json``, to POST after the 
 """
 from __future__ import annotations
 
-import orjson
-
 from beam_pipeline.codes import SHARED_TYPES
 from beam_pipeline.run.layout import BUNDLE_NAME, DELTA_PREFIX
+from beam_pipeline.run.state import line_hash, line_key
 
 
-def resource_key(line: str) -> str:
-    """``Type/id`` of a resource line."""
-    resource = orjson.loads(line)
-    return f"{resource['resourceType']}/{resource['id']}"
-
-
-def _by_key(outcome) -> dict[str, tuple[str, str]]:
-    """key -> (resource type, line) of a study's own resources (not its transaction Bundle)."""
-    if outcome is None:
-        return {}
-    return {resource_key(line): (name, line) for name, lines in outcome.lines.items() if name != BUNDLE_NAME
-            for line in lines}
-
-
-def study_changes(before, now) -> tuple[list[tuple[str, str]], list[str]]:
-    """Delta lines (``_delta/<Type>``, line) and deleted keys of one study, from its previous and
-    current ``StudyOutcome`` (None: absent, or rejected and so without lines)."""
-    previous, current = _by_key(before), _by_key(now)
+def study_changes(before: dict | None, now) -> tuple[list[tuple[str, str]], list[str]]:
+    """Delta lines (``_delta/<Type>``, line) and deleted keys of one study, from what the previous
+    run's state keeps of its lines (``StudyEntry.hashes()``: resource type -> [(key, line hash)])
+    and its current ``StudyOutcome`` (None: absent, or rejected and so without lines)."""
+    previous = {key: digest for name, pairs in (before or {}).items() if name != BUNDLE_NAME
+                for key, digest in pairs}
+    current = {} if now is None else {line_key(line): (name, line) for name, lines in now.lines.items()
+                                      if name != BUNDLE_NAME for line in lines}
     changed = [(DELTA_PREFIX + name, line) for key, (name, line) in sorted(current.items())
-               if previous.get(key, (None, None))[1] != line]
+               if previous.get(key) != line_hash(line)]
     deleted = sorted(set(previous) - set(current))
     if (changed or deleted) and now is not None:
         changed += [(DELTA_PREFIX + BUNDLE_NAME, line) for line in now.lines.get(BUNDLE_NAME, ())]

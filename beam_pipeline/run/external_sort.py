@@ -40,6 +40,7 @@ class Run:
     path: str
     lines: int
     size: int
+    skip: tuple = ()  # indices of the file's lines not in the run (a previous output's shard, ``--since``)
 
 
 def _file_name(name: str) -> str:
@@ -64,27 +65,33 @@ def write_run(temp_dir: str, name: str, lines: list[bytes], size: int) -> Run:
     return Run(name, path, len(lines), size)
 
 
-def _lines(path: str):
+def _lines(path: str, skip=()):
+    skip = set(skip)
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
-        for line in handle:
-            yield line[:-1] if line.endswith(b"\n") else line
+        for index, line in enumerate(handle):
+            if index not in skip:
+                yield line[:-1] if line.endswith(b"\n") else line
+
+
+def run_lines(run: Run):
+    """The lines of a run (UTF-8, no newline), in order."""
+    return _lines(run.path, run.skip)
 
 
 def merged(temp_dir: str, runs: list[Run]):
     """The lines of ``runs`` in sorted order, read line by line (in rounds when there are many)."""
-    paths = [run.path for run in runs]
     fan_in = REMOTE_FAN_IN if is_remote(temp_dir) else FAN_IN
-    while len(paths) > fan_in:
-        grouped = [paths[start:start + fan_in] for start in range(0, len(paths), fan_in)]
-        paths = [_merge_to_run(temp_dir, group) for group in grouped]
-    return heapq.merge(*(_lines(path) for path in paths))
+    while len(runs) > fan_in:
+        grouped = [runs[start:start + fan_in] for start in range(0, len(runs), fan_in)]
+        runs = [_merge_to_run(temp_dir, group) for group in grouped]
+    return heapq.merge(*(run_lines(run) for run in runs))
 
 
-def _merge_to_run(temp_dir: str, paths: list[str]) -> str:
+def _merge_to_run(temp_dir: str, runs: list[Run]) -> Run:
     path = FileSystems.join(temp_dir, RUNS_DIR, f"merged-{uuid.uuid4().hex}.run")
     with FileSystems.create(path, mime_type="application/octet-stream") as out:
-        _write_lines(out, heapq.merge(*(_lines(source) for source in paths)))
-    return path
+        count = _write_lines(out, heapq.merge(*(run_lines(run) for run in runs)))
+    return Run(runs[0].name, path, count, sum(run.size for run in runs))
 
 
 def _chunks(lines):

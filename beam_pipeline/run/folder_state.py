@@ -9,18 +9,20 @@ unit it reads only the files whose stamp changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
 
-import orjson
+from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.fhir.study import StudyGroup
-from beam_pipeline.run.state import BYTES_KEY, StateError, plain_value, seal, typed_value, unseal
+from beam_pipeline.run.state import BYTES_KEY, StateError, line_hash, plain_value, seal, typed_value, unseal
 
-FOLDER_SPLIT = 4  # units per folder: a folder of a million files is not one line
+FOLDER_SPLIT = 4  # units per folder
+PART_FILES = 2000  # files per line at most: a unit of a folder of a million files is many lines
 
 
 def unit_of(key: str) -> str:
@@ -58,7 +60,7 @@ class FileEntry:
 
 
 def _group_plain(group: StudyGroup) -> dict:
-    body = {f.name: getattr(group, f.name) for f in fields(StudyGroup)}
+    body = {f.name: getattr(group, f.name) for f in fields(StudyGroup) if f.name != "pending"}
     representative = body.pop("representative")
     body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
     body["content"] = f"{group.content:x}"
@@ -74,8 +76,19 @@ def _group_typed(body: dict) -> StudyGroup:
     return group
 
 
-def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]]) -> str:
-    """The unit's line; ``partials`` are its entries' records grouped (key -> study uid -> group)."""
+def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
+    """A unit's files (sorted by key) in consecutive parts of at most ``PART_FILES``, one line
+    each, and what each line says of the whole unit: its listing digest, whether a file is to be
+    tried again, and which part of how many the line is."""
+    whole = {"digest": listing_digest((entry.key, entry.stamp) for entry in entries),
+             "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors)}
+    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)] or [[]]
+    return [(part, {**whole, "part": [index, len(parts)]}) for index, part in enumerate(parts)]
+
+
+def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict) -> str:
+    """A unit's line (of the part ``entries``); ``partials`` are its entries' records grouped (key ->
+    study uid -> group), ``whole`` from ``unit_parts``."""
     groups = [(key, uid, partials[key][uid]) for key in sorted(partials) for uid in sorted(partials[key])]
     series = {(uid, series_uid): index for index, (uid, series_uid) in
               enumerate((uid, series_uid) for _, uid, group in groups for series_uid in sorted(group.series))}
@@ -93,8 +106,9 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
     return seal({
         "unit": unit,
-        "digest": listing_digest((entry.key, entry.stamp) for entry in entries),
-        "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors),
+        "digest": whole["digest"],
+        "retry": whole["retry"],
+        "part": whole["part"],
         "groups": [[key, uid, _group_plain(group)] for key, uid, group in groups],
         "files": files,
     }, default=plain_value)
@@ -102,31 +116,34 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
 
 @dataclass(frozen=True)
 class Unit:
-    """A previous run's unit line, read: its key, listing digest, and the line itself (parsed further
-    only where needed)."""
+    """A previous run's unit line (one part of a unit), read: what deciding and reusing the unit needs (its listing
+    digest, its files' error lines and counts, and per study what it adds to its digest), and
+    where the line is, to load the rest only for a unit or study that changed. The line itself
+    does not travel: an unchanged unit's line is kept in the state's file (``hash`` finds it)."""
 
     key: str
     digest: str | None
     retry: bool
+    parts: int     # lines of the unit (``unit_parts``)
     files: int
-    line: str
+    errors: tuple
+    counts: dict
+    groups: tuple  # (group key, study uid, files, content) of each group of the unit
+    place: tuple   # (shard path, byte offset) of the line
+    hash: str      # ``state.line_hash`` of the line
 
-    def whole(self) -> tuple[dict, list, Counter, int]:
-        """(partials as ``study.dump_groups`` takes them, error lines, counts, files) of the whole
-        unit, its records not decoded."""
-        body = orjson.loads(self.line)  # checked when read (``read_unit_line``)
+    def light(self) -> dict[str, dict[str, StudyGroup]]:
+        """The unit's partial groups, counted (files, content) but not loaded: each refers to the
+        line (``pending``), loaded only when its study is built again (``load_pending``)."""
         partials: dict[str, dict] = {}
-        for key, uid, group in body["groups"]:
-            partials.setdefault(key, {})[uid] = _group_typed(group)
-        errors, counts = [], Counter()
-        for file in body["files"]:
-            errors.extend(file[5])
-            counts.update(file[6])
-        return partials, errors, counts, len(body["files"])
+        for key, uid, files, content in self.groups:
+            partials.setdefault(key, {})[uid] = StudyGroup(uid, files=files, content=content,
+                                                           pending=((*self.place, key, files, content),))
+        return partials
 
     def entries(self) -> list[FileEntry]:
         """Every file of the unit with its record rebuilt."""
-        body = orjson.loads(self.line)
+        body = _load(self.place)
         bases = [group.series[series_uid] for _, _, plain in body["groups"]
                  for group in [_group_typed(plain)] for series_uid in sorted(group.series)]
         entries = []
@@ -139,8 +156,40 @@ class Unit:
         return entries
 
 
-def read_unit_line(line: str) -> Unit:
+def _load(place: tuple) -> dict:
+    """The body of the unit line at (shard path, byte offset), checked again."""
+    path, offset = place
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+        handle.seek(offset)
+        line = handle.readline().decode("utf-8").rstrip("\n")
+    return unseal(line, "source")
+
+
+def load_pending(group: StudyGroup) -> StudyGroup:
+    """A new group: ``group`` with its pending parts loaded from their unit lines and merged in."""
+    if not group.pending:
+        return group
+    loaded = StudyGroup(group.study_uid).merge(dataclasses.replace(group, pending=()))
+    for path, offset, key, files, content in group.pending:
+        for group_key, uid, plain in _load((path, offset))["groups"]:
+            if group_key == key and uid == group.study_uid:
+                part = _group_typed(plain)
+                if (part.files, part.content) != (files, content):
+                    raise StateError("a source line of the previous state changed during the run: "
+                                     "run once without --since")
+                part.files, part.content = 0, 0  # counted in ``group`` already
+                loaded.merge(part)
+    return loaded
+
+
+def read_unit_line(line: str, place: tuple) -> Unit:
     body = unseal(line, "source")
     if "unit" not in body:
         raise StateError("a source line of the previous state is not a folder unit: run once without --since")
-    return Unit(body["unit"], body["digest"], body["retry"], len(body["files"]), line)
+    errors, counts = [], Counter()
+    for file in body["files"]:
+        errors.extend(file[5])
+        counts.update(file[6])
+    groups = tuple((key, uid, group["files"], int(group["content"], 16)) for key, uid, group in body["groups"])
+    return Unit(body["unit"], body["digest"], body["retry"], body["part"][1], len(body["files"]), tuple(errors),
+                dict(counts), groups, place, line_hash(line))

@@ -11,10 +11,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_pipeline.fhir import study
-from beam_pipeline.run import folder_state, layout, state
+from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.reading import ReadHeaders, unit_items
-from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, REUSED, STATE
+from beam_pipeline.run.steps import COUNTS, DROPPED, ERRORS, NAMESPACE, REUSED
 from beam_pipeline.sources import files as inputs
 
 
@@ -22,36 +22,40 @@ class ReadState(beam.PTransform):
     """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the
     workers; ``key_of`` chooses the key (default: the entry's own)."""
 
-    def __init__(self, shards, parse, key_of=None):
+    def __init__(self, shards, parse, key_of=None, placed: bool = False):
         super().__init__()
         self.shards = list(shards)
         self.parse = parse
         self.key_of = key_of or (lambda entry: entry.key)
+        self.placed = placed  # ``parse(line, (shard path, byte offset))``
 
     def expand(self, pbegin):
-        parse, key_of = self.parse, self.key_of
+        parse, key_of, placed = self.parse, self.key_of, self.placed
         if not self.shards:
             return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
                 | "Shards" >> beam.Create(self.shards)
                 | "Spread" >> beam.Reshuffle()
-                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of))
+                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of, placed))
 
 
-def shard_entries(path: str, parse, key_of):
+def shard_entries(path: str, parse, key_of, placed: bool = False):
     """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed."""
-    with FileSystems.open(path, mime_type="application/jsonl") as handle:
+    offset = 0
+    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         for raw in handle:
             line = raw.decode("utf-8").rstrip("\n")
             if line:
-                entry = parse(line)
+                entry = parse(line, (path, offset)) if placed else parse(line)
                 yield key_of(entry), entry
+            offset += len(raw)
 
 
 class ChooseUnitsDoFn(beam.DoFn):
-    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``]}) -> the unit whole to
-    reuse (``reused``) when its listing digest is unchanged, else a job (unit, items to read,
-    entries to reuse): a file is read again when it is new, its stamp differs or is unknown, or it
+    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``, one per line of the
+    unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a
+    job (unit, items to read, entries to reuse) and the hashes of its previous lines (``dropped``:
+    written anew): a file is read again when it is new, its stamp differs or is unknown, or it
     failed for a transient reason; a file no longer listed is gone."""
 
     def __init__(self, progress: ProgressSettings | None = None):
@@ -66,21 +70,24 @@ class ChooseUnitsDoFn(beam.DoFn):
     def process(self, item):
         unit, joined = item
         listed = [listed for part in joined["now"] for listed in part]
-        before = list(joined["before"])
-        previous = before[0] if before else None
+        before = sorted(joined["before"], key=lambda part: part.place)  # the unit's lines (parts)
         counts = Counter()
+        # every line of the unit is written anew unless the unit is reused whole
+        dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash)) for part in before]
         if not listed:
-            counts["incremental:files_gone"] += previous.files
+            counts["incremental:files_gone"] += sum(part.files for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, counts)
+            yield from dropped
             return
         stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
-        if (previous is not None and not previous.retry and previous.digest is not None
-                and folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped) == previous.digest):
+        if before and _whole(before) and folder_state.listing_digest(
+                (key, stamp) for key, stamp, _ in stamped) == before[0].digest:
             self.progress.add({"unchanged": len(listed)})  # not to be read: the progress line's total
-            yield beam.pvalue.TaggedOutput(REUSED, previous)
+            yield from (beam.pvalue.TaggedOutput(REUSED, part) for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
             return
-        entries = {entry.key: entry for entry in previous.entries()} if previous is not None else {}
+        yield from dropped
+        entries = {entry.key: entry for part in before for entry in part.entries()}
         to_read, reused = [], []
         for key, stamp, listed_item in stamped:
             entry = entries.pop(key, None)
@@ -97,9 +104,18 @@ class ChooseUnitsDoFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
 
+def _whole(parts) -> bool:
+    """The lines of a unit may be reused whole: all its parts are there, of one listing, and none
+    holds a file to try again."""
+    first = parts[0]
+    return (first.digest is not None and len(parts) == first.parts
+            and all(part.digest == first.digest and part.parts == first.parts and not part.retry for part in parts))
+
+
 class ReuseUnitsDoFn(beam.DoFn):
-    """Unchanged units -> what reading them gave (partial groups, error lines, counts) and their
-    state lines, unchanged: the same outputs as ``ReadHeaderDoFn``, without a look at their files."""
+    """Unchanged units -> what reading them gave (partial groups, counted but not loaded, error
+    lines, counts): the outputs of ``ReadHeaderDoFn`` but the state line (kept in the state's
+    file), without a look at their files."""
 
     def __init__(self):
         self.reused = Metrics.counter(NAMESPACE, "files_reused")
@@ -108,12 +124,10 @@ class ReuseUnitsDoFn(beam.DoFn):
         self.partials: dict[str, dict] = {}
 
     def process(self, unit):
-        partials, errors, counts, files = unit.whole()
-        yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, unit.line))
-        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in errors)
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
-        self.reused.inc(files)
-        for key, groups in partials.items():
+        yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in unit.errors)
+        yield beam.pvalue.TaggedOutput(COUNTS, Counter(unit.counts))
+        self.reused.inc(unit.files)
+        for key, groups in unit.light().items():
             self.partials[key] = study.merge_directories([self.partials.get(key, {}), groups])
 
     def finish_bundle(self):
@@ -123,11 +137,15 @@ class ReuseUnitsDoFn(beam.DoFn):
 
 
 class ReadChangedHeaders(beam.PTransform):
-    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders``, reusing unchanged
-    units whole and reading only new, changed and transiently failed files of the others."""
+    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
+    of the units read) and sorted runs of the unchanged units' lines, kept from the previous state
+    (``external_sort.Run``): unchanged units are reused whole, and of the others only new, changed
+    and transiently failed files are read."""
 
-    def __init__(self, previous_units, read_headers: ReadHeaders, progress: ProgressSettings | None = None):
+    def __init__(self, previous_units, read_headers: ReadHeaders, folder: str,
+                 progress: ProgressSettings | None = None):
         super().__init__()
+        self.folder = folder  # the previous output: its unchanged units' lines are kept (``kept``)
         self.progress = progress
         self.previous_units = previous_units
         self.read_headers = read_headers
@@ -135,12 +153,69 @@ class ReadChangedHeaders(beam.PTransform):
     def expand(self, batches):
         chosen = ({"now": batches | "ByUnit" >> beam.FlatMap(unit_items), "before": self.previous_units}
                   | "JoinState" >> beam.CoGroupByKey()
-                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(REUSED, COUNTS, main="read"))
+                  | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(
+                      REUSED, COUNTS, DROPPED, main="read"))
         to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
         partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
         reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
-            ERRORS, COUNTS, STATE, main="partials")
+            ERRORS, COUNTS, main="partials")
+        kept = (state_lines.pipeline
+                | "SourceStateName" >> beam.Create([layout.SOURCE_STATE_NAME])
+                | "KeptSourceLines" >> beam.FlatMap(keep_previous_lines, self.folder,
+                                                    beam.pvalue.AsList(chosen[DROPPED])))
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
                 (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
-                (state_lines, reused[STATE]) | "AllSourceState" >> beam.Flatten())
+                state_lines, kept)
+
+
+def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.Run]:
+    """``name``'s shards in the previous output ``folder`` as sorted runs (a shard is sorted) for
+    the writer's merge, less the lines of ``dropped`` ((name, line hash) of the studies rebuilt or
+    gone, or of the units written anew; each drops one line): the merge reads the shard itself,
+    skipping those lines. So what is reused reaches the output without passing through the
+    pipeline, and without a copy."""
+    drops = Counter(line_hash for dropped_name, line_hash in dropped if dropped_name == name)
+    matched = FileSystems.match([output.shard_pattern(folder, name)])[0].metadata_list
+    runs = []
+    for shard in sorted(m.path for m in matched):
+        lines = size = 0
+        skip = []
+        with FileSystems.open(shard, mime_type="application/octet-stream") as source:
+            for index, raw in enumerate(source):
+                line = raw[:-1] if raw.endswith(b"\n") else raw
+                if drops:
+                    digest = state.line_hash(line)
+                    if drops[digest]:
+                        drops[digest] -= 1
+                        skip.append(index)
+                        continue
+                lines += 1
+                # characters, as the writer counts them
+                size += (len(line) if line.isascii() else len(line.decode("utf-8"))) + 1
+        if lines:
+            runs.append(external_sort.Run(name, shard, lines, size, tuple(skip)))
+    return runs
+
+
+class KeepPreviousLines(beam.PTransform):
+    """The previous run's study entries -> sorted runs (``external_sort.Run``) of the lines of the
+    previous output that this output keeps: those of every study not rebuilt, not gone."""
+
+    def __init__(self, folder: str, dropped):
+        super().__init__()
+        self.folder = folder
+        self.dropped = dropped
+
+    def expand(self, previous_studies):
+        folder = self.folder
+        return (previous_studies
+                | "Names" >> beam.FlatMap(lambda item: list(item[1].names()))
+                | "Distinct" >> beam.Distinct()
+                | "Keep" >> beam.FlatMap(keep_previous_lines, folder, beam.pvalue.AsList(self.dropped)))
+
+
+def run_lines(run: external_sort.Run):
+    """(name, line) of a run's lines."""
+    for line in external_sort.run_lines(run):
+        yield run.name, line.decode("utf-8")

@@ -18,6 +18,7 @@ from beam_pipeline.run import (
     fhir_sink,
     folder_state,
     grouping,
+    layout,
     listing,
     nightly,
     output,
@@ -52,6 +53,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     progress = settings.progress
     config = conversion_config(settings)
     temp = output.temp_dir(settings)
+    kept_sources = None  # --since: the unchanged units' state lines, kept from the previous state
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         before = None if previous is None else (
@@ -69,18 +71,27 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
                                                                 | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> nightly.ReadState(previous.sources, folder_state.read_unit_line)
-            partials, file_errors, read_counts, source_state = batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                before, read_headers, progress=progress)
+            before = pipeline | "PreviousSources" >> nightly.ReadState(
+                previous.sources, folder_state.read_unit_line, placed=True)
+            partials, file_errors, read_counts, source_state, kept_sources = (
+                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
+                    before, read_headers, previous.folder, progress=progress))
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
     studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
+    kept_runs = None
+    if previous is not None and previous.reuse_studies:  # reused studies' lines: from the previous output
+        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, changes[2])
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     sink = None
     if settings.fhir_server is not None:
-        sink = studies | "FhirServer" >> fhir_sink.WriteToFhirServer(
+        sent = studies if kept_runs is None else (
+            (studies, kept_runs | "KeptBundles" >> beam.FlatMap(
+                lambda run: nightly.run_lines(run) if run.name == layout.BUNDLE_NAME else ()))
+            | "AllStudyLines" >> beam.Flatten())
+        sink = sent | "FhirServer" >> fhir_sink.WriteToFhirServer(
             settings.fhir_server, fhir_sink.previous_shards(settings.since), started, settings.stable_after,
             deleted=changes[1] if changes is not None else None)
         errors.append(sink[0])
@@ -97,6 +108,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             study_state | "StudyStateRuns" >> writing.SortedRuns(temp),
             source_state | "SourceStateRuns" >> writing.SortedRuns(temp),
             small | "SmallOutputs" >> beam.Flatten() | "SmallRuns" >> writing.SortedRuns(temp)]
+    runs += [kept for kept in (kept_runs, kept_sources) if kept is not None]  # --since: lines kept as they were
     written = [runs | "AllRuns" >> beam.Flatten() | "WriteFiles" >> writing.MergeRuns(temp)]
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))

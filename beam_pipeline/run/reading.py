@@ -82,16 +82,18 @@ class ReadHeaderDoFn(beam.DoFn):
                                                       () if outcome.error is None else (outcome.error,),
                                                       {k: v for k, v in sorted(outcome.counts.items()) if v}))
             entries.sort(key=lambda entry: entry.key)
-            partials: dict[str, dict] = {}
-            for entry in entries:
-                counts.update(entry.counts)
-                yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in entry.errors)
-                if entry.record is not None:
-                    add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
-                                self.instance_keys)
-            yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME, folder_state.unit_line(unit, entries, partials)))
-            for key, groups in partials.items():
-                batch_partials[key] = study.merge_directories([batch_partials.get(key, {}), groups])
+            for part, whole in folder_state.unit_parts(entries):
+                partials: dict[str, dict] = {}
+                for entry in part:
+                    counts.update(entry.counts)
+                    yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in entry.errors)
+                    if entry.record is not None:
+                        add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
+                                    self.instance_keys)
+                yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME,
+                                                       folder_state.unit_line(unit, part, partials, whole)))
+                for key, groups in partials.items():
+                    batch_partials[key] = study.merge_directories([batch_partials.get(key, {}), groups])
         self.files.inc(len(items))
         self.instances.inc(read_instances)
         self.progress.add({"files_read": len(items), "instances_read": read_instances})

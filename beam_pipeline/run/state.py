@@ -3,12 +3,13 @@
 The transforms route these lines; the encoding and every check live here (format: docs/state.md).
 Three parts:
 
-* source lines (``_state/sources-*.jsonl``): of a file input one per folder unit (``folder_state``:
-  its listing digest, partial study groups, per file its stamp, record, errors and counts), of a
-  DICOMweb input one per study (``source_line``): everything reading produced, so an unchanged
-  unit is reused whole and an unchanged file or study is not read;
-* study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, and
-  its resource lines, shared resources, error and counts: an unchanged study is not rebuilt;
+* source lines (``_state/sources-*.jsonl``): of a file input one per part of a folder unit
+  (``folder_state``: its listing digest, partial study groups, per file its stamp, record, errors
+  and counts), of a DICOMweb input one per study (``source_line``): everything reading produced,
+  so an unchanged unit is reused whole and an unchanged file or study is not read;
+* study lines (``_state/studies-*.jsonl``), one per study: the digest of its instance records, the
+  key and hash of each of its lines (the lines are in the output, not held twice), its shared
+  resources, error and counts: an unchanged study is not rebuilt and its lines are kept;
 * the header ``_state/state.json``: format, converter version, input root, the options the lines
   depend on, and the size of every shard.
 
@@ -39,7 +40,7 @@ from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
 
-FORMAT = 2  # 1: records pickled (refused); 2: records as plain JSON values (docs/state.md)
+FORMAT = 3  # 1: records pickled; 2: study lines held their resources (both refused); 3: docs/state.md
 BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
 
 
@@ -177,34 +178,67 @@ def read_source_line(line: str) -> SourceEntry:
                        body["counts"], line)
 
 
+def line_hash(line: str | bytes) -> str:
+    """A resource line's digest (32 hex digits of SHA-256 of its UTF-8 bytes): what the study state
+    keeps of a line, to find it in the previous output and to see whether it changed."""
+    return hashlib.sha256(line.encode("utf-8") if isinstance(line, str) else line).hexdigest()[:32]
+
+
+_KEY_PREFIX = '{"resourceType":"'
+
+
+def line_key(line: str) -> str:
+    """``Type/id`` of a resource line (written by ``core.dumps``: type and id first, else parsed)."""
+    if line.startswith(_KEY_PREFIX):
+        type_end = line.find('"', len(_KEY_PREFIX))
+        if line.startswith(',"id":"', type_end + 1):
+            id_start = type_end + 8
+            id_end = line.find('"', id_start)
+            return f"{line[len(_KEY_PREFIX):type_end]}/{line[id_start:id_end]}"
+    resource = orjson.loads(line)
+    return f"{resource['resourceType']}/{resource['id']}"
+
+
 @dataclass(frozen=True)
 class StudyEntry:
-    """A previous run's study line: its key and digest, and the line (its outcome parsed only where
-    it is used: a reused or changed study, not on its way through the shuffle)."""
+    """A previous run's study line: its key and digest, and the line (parsed further only where it
+    is used: a reused or changed study, not on its way through the shuffle)."""
 
     key: str
     digest: str
     line: str
 
-    @property
-    def outcome(self) -> core.StudyOutcome:
-        body = orjson.loads(self.line)  # checked when read (``read_study_line``)
-        return core.StudyOutcome(
-            lines={name: [core.dumps(resource) for resource in resources] for name, resources in body["lines"].items()},
-            shared=[(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]],
-            error=body["error"], counts=Counter(body["counts"]))
+    def body(self) -> dict:
+        return orjson.loads(self.line)  # checked when read (``read_study_line``)
+
+    def kept(self) -> tuple[dict | None, Counter, list[tuple[str, str]]]:
+        """(error, counts, shared resources) of the study as built: what a reused study gives
+        beside its lines, which stay in the previous output's files."""
+        body = self.body()
+        return (body["error"], Counter(body["counts"]),
+                [(shared_key, core.dumps(resource)) for shared_key, resource in body["shared"]])
+
+    def hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """resource type -> [(``Type/id``, line hash)] of the lines the study wrote."""
+        return {name: [tuple(pair) for pair in pairs] for name, pairs in self.body()["lines"].items()}
+
+    def names(self) -> list[str]:
+        """The resource types (``Bundle`` too) of the lines the study wrote."""
+        return [name for name, pairs in self.body()["lines"].items() if pairs]
 
     @property
     def shared(self) -> list[tuple[str, str]]:
-        """The shared resources the study built (its other lines left as they are)."""
-        return [(shared_key, core.dumps(resource)) for shared_key, resource in orjson.loads(self.line)["shared"]]
+        """The shared resources the study built."""
+        return self.kept()[2]
 
 
 def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
-    """A built study: its lines kept as parsed JSON (orjson writes them back byte for byte)."""
+    """A built study: its digest, error, counts and shared resources, and of each of its lines only
+    its key and hash (the lines themselves are in the output; a later run keeps them there)."""
     return seal({
         "key": key, "digest": digest, "error": outcome.error,
-        "lines": {name: [orjson.loads(line) for line in lines] for name, lines in sorted(outcome.lines.items())},
+        "lines": {name: [[line_key(line), line_hash(line)] for line in lines]
+                  for name, lines in sorted(outcome.lines.items())},
         "shared": [[shared_key, orjson.loads(line)] for shared_key, line in outcome.shared],
         "counts": {k: v for k, v in sorted(outcome.counts.items()) if v},
     })

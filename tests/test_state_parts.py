@@ -1,0 +1,83 @@
+"""The state of a big folder: a unit's files go to lines of at most ``PART_FILES`` files (memory per
+line bounded, whatever the folder's size), and a ``--since`` run reuses the lines of an unchanged
+unit, reads the changed files of the others, and still writes the full run's snapshot."""
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+from helpers import run_pipeline
+from make_archive import make_archive
+from nightly_changes import assert_same_snapshot, touch_later
+
+from beam_pipeline.run import folder_state, state
+
+
+def unit_lines(out) -> list[dict]:
+    lines = []
+    for path in sorted((out / "_state").glob("sources-*.jsonl")):
+        lines += [state.unseal(line, "source") for line in path.read_text().splitlines() if line]
+    return lines
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    monkeypatch.setattr(folder_state, "PART_FILES", 3)
+
+
+def test_a_unit_of_many_files_is_several_lines_and_a_night_reuses_the_unchanged(small_parts, tmp_path):
+    root = tmp_path / "archive"
+    make_archive(root / "big", studies=1, series=1, instances=48)  # one folder, ~12 files per unit
+    make_archive(root / "other", studies=2, series=1, instances=4, seed=3)
+    first = run_pipeline(root, tmp_path / "a", "--quiet")
+    lines = unit_lines(tmp_path / "a")
+    assert all(len(line["files"]) <= 3 for line in lines)
+    by_unit: dict[str, list] = {}
+    for line in lines:
+        by_unit.setdefault(line["unit"], []).append(line)
+    big = [parts for unit, parts in by_unit.items() if len(parts) > 1]
+    assert big, "no unit was split"
+    for parts in by_unit.values():  # every part says which of how many it is, of one listing
+        assert sorted(part["part"][0] for part in parts) == list(range(len(parts)))
+        assert {part["part"][1] for part in parts} == {len(parts)}
+        assert len({part["digest"] for part in parts}) == 1
+    assert sum(len(line["files"]) for line in lines) == first["files_matched"]
+
+    files = sorted((root / "big").rglob("*.dcm"))
+    ds = pydicom.dcmread(files[5])
+    ds.SeriesDescription = "corrected"
+    ds.save_as(files[5], enforce_file_format=False)
+    touch_later(files[5])
+    files[11].unlink()
+    night = run_pipeline(root, tmp_path / "b", "--since", str(tmp_path / "a"), "--quiet")
+    run_pipeline(root, tmp_path / "c", "--quiet")
+    assert_same_snapshot(tmp_path / "b", tmp_path / "c")
+    done = night["incremental"]
+    assert done["files_read"] == 1 and done["files_gone"] == 1
+    assert done["files_reused"] == first["files_matched"] - 2
+    assert done["studies_rebuilt"] == 1 and done["studies_reused"] == 2
+    summary = json.loads((tmp_path / "b" / "_report" / "summary.json").read_text())
+    assert summary["files_matched"] == first["files_matched"] - 1
+
+
+def test_parts_of_a_unit_are_consecutive_runs_of_its_sorted_files(small_parts):
+    entries = [folder_state.FileEntry(f"/a/{n:02d}.dcm", "1:2", None, (), {}) for n in range(7)]
+    parts = folder_state.unit_parts(entries)
+    assert [[entry.key for entry in part] for part, _ in parts] == [
+        [e.key for e in entries[0:3]], [e.key for e in entries[3:6]], [e.key for e in entries[6:7]]]
+    assert [whole["part"] for _, whole in parts] == [[0, 3], [1, 3], [2, 3]]
+    assert len({whole["digest"] for _, whole in parts}) == 1 and parts[0][1]["digest"] is not None
+
+
+def test_a_kept_shard_is_merged_without_its_skipped_lines_also_in_rounds(tmp_path, monkeypatch):
+    from beam_pipeline.run import external_sort
+
+    monkeypatch.setattr(external_sort, "FAN_IN", 2)
+    (tmp_path / "runs").mkdir()
+    shard = tmp_path / "previous.ndjson"
+    shard.write_bytes(b"a\nc\ne\ng\n")
+    kept = external_sort.Run("X", str(shard), 2, 4, skip=(1, 3))  # without "c" and "g"
+    new = [external_sort.write_run(str(tmp_path), "X", [line], 2) for line in (b"d", b"b", b"f")]
+    assert list(external_sort.merged(str(tmp_path), [kept, *new])) == [b"a", b"b", b"d", b"e", b"f"]
+    assert shard.read_bytes() == b"a\nc\ne\ng\n"  # the previous output is read, never changed
