@@ -74,3 +74,25 @@ def test_a_state_of_an_older_format_is_refused_in_one_line(tmp_path, older):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"its state has format {older}, this converter reads format 3" in lines[0], lines
+
+
+def test_the_streaming_follow_state_is_a_sealed_json_line_with_the_records_types(tmp_path):
+    """``--follow-mode stream`` keeps each study's records in the same encoding (no pickle): read
+    back equal with their types, an undecodable path as bytes; a damaged entry reads as none."""
+    from beam_pipeline.run import stream
+
+    dose = DoseReport(("DCM", "113704", "Projection X-Ray"), (), ("a problem",))
+    records = records_of_the_sample()[:5] + [{"SOPInstanceUID": "1.2", "DoseReport": dose, "Seq": ({"a": "1"},)}]
+    entry = {"uid": "1.2.3", "files": {"a/b.dcm": ((12, 1.5), tuple(records)), b"\xff.dcm": ((3, 2.0), None)},
+             "sent": None, "version": 2, "counts": {"studies_written": 1}, "pending": False}
+    where = stream.state_path(str(tmp_path), "study", "1.2.3")
+    stream.write_whole(where, stream.dump(entry))
+    assert where.endswith(".json") and b"pickle" not in open(where, "rb").read()
+    back = stream.load(where)
+    assert back == entry
+    for got, want in zip(back["files"]["a/b.dcm"][1], records, strict=True):
+        assert_same_types(got, want)
+    with open(where, "r+b") as handle:
+        handle.seek(20)
+        handle.write(b"#")
+    assert stream.load(where) is None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import shutil
 import signal
 import threading
@@ -44,7 +43,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from beam_pipeline.codes import Reason
 from beam_pipeline.fhir import keywords
 from beam_pipeline.fhir.study import StudyGroup
-from beam_pipeline.run import core
+from beam_pipeline.run import core, state
 from beam_pipeline.run.fhir_sink import COUNTED, bundle_hash, refused_error
 from beam_pipeline.run.follow import check_folders, check_server
 from beam_pipeline.run.pipeline import conversion_config
@@ -55,6 +54,7 @@ _LOG = logging.getLogger(__name__)
 
 STATE_DIR = "state"      # committed: studies/ (records, what the server has) and files/ (non-instances)
 WINDOWS_DIR = "windows"  # one folder per closed window: a study's NDJSON (or errors), for a loader to take
+STATE_SUFFIX = ".json"    # one sealed JSON line per study or non-instance file (``dump``)
 STOP_NAME = "stop"       # written on SIGTERM: the watcher stops, open windows close, the pipeline ends
 STREAMING_RUNNERS = ("prismrunner", "flinkrunner", "portablerunner")  # Dataflow: no shared local --output
 _END = 2 ** 62           # the watcher's restriction: polls [0, _END), never all claimed until stopped
@@ -76,7 +76,7 @@ def _digest(text: str) -> str:
 
 def state_path(root: str, kind: str, name: str) -> str:
     digest = _digest(name)
-    return os.path.join(root, STATE_DIR, kind, digest[:2], digest + ".pickle")
+    return os.path.join(root, STATE_DIR, kind, digest[:2], digest + STATE_SUFFIX)
 
 
 def write_whole(path: str, data: bytes) -> None:
@@ -89,12 +89,22 @@ def write_whole(path: str, data: bytes) -> None:
     os.replace(temp, path)
 
 
+def dump(entry: dict) -> bytes:
+    """An entry as one sealed JSON line of plain values (the nightly state's encoding, no pickle):
+    paths as state keys, records' tuples and dose reports tagged (``state.plain_value``)."""
+    files = {state.source_key(path): [stamp, records] for path, (stamp, records) in entry["files"].items()}
+    return state.seal({**entry, "files": files}, default=state.plain_value).encode("utf-8")
+
+
 def load(path: str) -> dict | None:
+    """The entry of ``path``; None when there is none or it is damaged (its files are read again)."""
     try:
-        with open(path, "rb") as handle:
-            return pickle.load(handle)
-    except (OSError, EOFError, pickle.UnpicklingError):
+        with open(path, encoding="utf-8") as handle:
+            body = state.typed_value(state.unseal(handle.read(), "follow"))
+    except (OSError, UnicodeDecodeError, state.StateError):
         return None
+    body["files"] = {state.key_path(key): (stamp, records) for key, (stamp, records) in body["files"].items()}
+    return body
 
 
 def difference(new, old) -> dict:
@@ -111,7 +121,7 @@ def committed(root: str) -> dict:
     for kind in (STUDY, FILE):
         for folder, _, names in os.walk(os.path.join(base, kind)):
             for name in names:
-                if not name.endswith(".pickle"):
+                if not name.endswith(STATE_SUFFIX):
                     continue
                 entry = load(os.path.join(folder, name))
                 if entry is None or entry.get("pending"):
@@ -377,7 +387,7 @@ class SessionDoFn(beam.DoFn):
             window.error(error)
         if errors:
             window.write(self.root)
-        write_whole(where, pickle.dumps({"files": {path: (stamp, None)}, "counts": counts}))
+        write_whole(where, dump({"files": {path: (stamp, None)}, "counts": counts}))
         window.record(self.root)
 
     def uncommit_file(self, path) -> dict:
@@ -409,7 +419,7 @@ class SessionDoFn(beam.DoFn):
                 window.counts.update(counts)
             window.write(self.root)
             entry["pending"] = True
-            write_whole(where, pickle.dumps(entry))
+            write_whole(where, dump(entry))
             window.record(self.root)
             return False
         outcome = core.process_study(group, self.conversion, self.terms, self.validator)
@@ -449,7 +459,7 @@ class SessionDoFn(beam.DoFn):
             entry["version"] += 1
             if self.client is None or window.lines:  # with a server: only windows with error lines
                 window.write(self.root)
-        write_whole(where, pickle.dumps(entry))
+        write_whole(where, dump(entry))
         window.record(self.root)
         print(f"window {window.name}: " + (f"study version {entry['version']}, " if not retry else "to retry, ")
               + ", ".join(f"{k} {v}" for k, v in sorted(window.counts.items()) if not k.startswith("lines:")),
