@@ -422,12 +422,20 @@ def new_pipeline(beam_args: list[str]) -> beam.Pipeline:
     return beam.Pipeline(runner=local_runner(options), options=options)
 
 
+# Where a Go stack trace starts in a Prism job's error (a panic in a stage or in the pipeline, with
+# ``debug.Stack()`` appended): what comes after it is frames, not the problem.
+_GO_STACK = re.compile(r",?\s*(stackTrace|Stacktrace):|^goroutine \d+ \[", re.MULTILINE)
+
+
 def first_line(exc: BaseException) -> str:
     """The innermost cause's type and the last line of its message (Beam wraps worker errors many
-    times; the last line names the problem). An error raised ``from None`` is its own cause."""
+    times; the last line names the problem), a Go stack trace cut off first. An error raised
+    ``from None`` is its own cause."""
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip().splitlines()
+    message = str(exc).strip()
+    stack = _GO_STACK.search(message)
+    text = (message[:stack.start()] if stack else message).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1][:300] if text else ''}"
 
 
