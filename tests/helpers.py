@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pydicom
 import pydicom.data
@@ -97,3 +99,38 @@ def small_disk(folder, size: str):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def engine_or_skip(install, required_in_ci=False):
+    """What ``install()`` returns, or a skip naming what is missing (the exact Maven coordinates for
+    a job server the registry does not serve); under CI, an engine that must install is a failure."""
+    import pytest
+
+    from scripts import engines
+
+    try:
+        return install()
+    except engines.EngineUnavailable as missing:
+        if required_in_ci and os.environ.get("CI"):
+            raise
+        pytest.skip(str(missing))
+
+
+def poll(condition, what: str = "the condition", timeout: float = 300):
+    """``condition()``'s first true value, asked again every 0.3 s; an AssertionError naming
+    ``what`` after ``timeout`` s (a bound for a stuck run, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def follow_ledger(out) -> list[dict]:
+    """The streaming follow pipeline's closed windows (names and counts), from its ledger."""
+    try:
+        return [json.loads(line) for line in (Path(out) / "windows.jsonl").read_text().splitlines() if line]
+    except OSError:
+        return []

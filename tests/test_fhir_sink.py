@@ -24,6 +24,7 @@ import pytest
 from faults import Faults
 from fhir_auth import Tokens, auth_proxy, token_endpoint
 from fhir_java import ROOT, HapiServer, request
+from helpers import engine_or_skip, follow_ledger, poll
 from make_archive import make_archive
 
 from benchmarks.latency_proxy import LatencyProxy
@@ -235,14 +236,10 @@ def test_bearer_token_from_the_environment_and_a_refused_one(hapi, archive, tmp_
 
 # --- follow mode ---------------------------------------------------------------------------------
 
-def poll(condition, timeout: float = 300, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not met within {timeout} s")
+def prism_options(mode: str) -> list[str]:
+    """Follow mode on Prism (``--follow-mode cycles`` or ``stream``); a skip without it (a failure in CI)."""
+    prism = engine_or_skip(engines.install_prism, required_in_ci=True)
+    return ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", mode]
 
 
 def follow_status(out: Path) -> dict:
@@ -264,15 +261,7 @@ def ended(process, timeout=300) -> int:
 
 @pytest.mark.parametrize("runner", ["in_process", "prism"])
 def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, archive, tmp_path, runner):
-    extra = []
-    if runner == "prism":
-        try:
-            prism = engines.install_prism()
-        except engines.EngineUnavailable as missing:
-            if os.environ.get("CI"):
-                raise
-            pytest.skip(str(missing))
-        extra = ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "cycles"]
+    extra = prism_options("cycles") if runner == "prism" else []
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
@@ -320,22 +309,6 @@ def test_follow_cycles_stable_studies_partial_file_sigterm_and_restart(hapi, arc
     assert len(list((out / "cycles").iterdir())) == 1  # only the newest cycle is kept
 
 
-def prism_options() -> list[str]:
-    try:
-        prism = engines.install_prism()
-    except engines.EngineUnavailable as missing:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(missing))
-    return ["--runner", "PrismRunner", "--prism_location", str(prism), "--follow-mode", "stream"]
-
-
-def windows(out: Path) -> list[dict]:
-    """The streaming pipeline's closed windows (their names and counts), from its ledger."""
-    try:
-        return [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines() if line]
-    except OSError:
-        return []
 
 
 def version(hapi, study_id: str) -> str | None:
@@ -348,7 +321,7 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
     a late instance makes a new version, a partial file is no study until complete, SIGTERM drains
     (what was listed is written, nothing half), and a restart sends what arrived meanwhile without
     sending the others again."""
-    extra = prism_options()
+    extra = prism_options("stream")
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())
     watched, out = tmp_path / "watched", tmp_path / "follow"
@@ -365,7 +338,7 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
         partial = watched / studies[2].name / "000001.dcm"
         partial.parent.mkdir()
         partial.write_bytes(whole[:200])
-        poll(lambda: any(w["counts"].get("error:truncated") for w in windows(out)), what="the partial file's window")
+        poll(lambda: any(w["counts"].get("error:truncated") for w in follow_ledger(out)), what="the partial file's window")
         assert version(hapi, id_of[studies[2]]) is None
         # a late instance of a study already sent: a new version of it, with one instance more
         sent = hapi.read("ImagingStudy", id_of[studies[0]])[2]
@@ -400,7 +373,7 @@ def test_follow_stream_on_prism_late_instance_partial_file_sigterm_drain_and_res
     (completed,) = [hapi.read("ImagingStudy", id_of[studies[2]])[2]]
     assert completed["numberOfInstances"] == 1  # the one file, complete now
     counts = Counter()
-    for summary in windows(out):
+    for summary in follow_ledger(out):
         counts.update(summary["counts"])
     assert counts["fhir_server:studies_written"] == 6  # five studies, one of them twice (the late instance)
     assert not counts["fhir_server:studies_unavailable"]
@@ -420,7 +393,7 @@ def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hap
     """The server down when follow mode starts (a warning, not an end), down again mid-run (the
     study is counted unavailable and sent once the server is back), and OAuth2 tokens that
     expire while it runs (renewed; never in any output)."""
-    extra = prism_options()
+    extra = prism_options("stream")
     hapi.expunge_everything()
     studies = sorted(p for p in archive.glob("*/*") if p.is_dir())[:3]
     id_of = ids_of(studies, tmp_path)
@@ -433,7 +406,7 @@ def test_follow_stream_server_down_at_start_and_mid_run_with_expiring_tokens(hap
         (staging / folder.name).rename(watched / folder.name)
 
     def unavailable() -> int:
-        return sum(w["counts"].get("fhir_server:studies_unavailable", 0) for w in windows(out))
+        return sum(w["counts"].get("fhir_server:studies_unavailable", 0) for w in follow_ledger(out))
 
     tokens = Tokens(lifetime=4)
     secret_file = tmp_path / "client-secret"
@@ -483,7 +456,7 @@ def test_follow_a_pacs_over_dicomweb(hapi, archive, tmp_path, mode):
     in the PACS reaches the server, so does one stored later; the first is not sent again."""
     import orthanc as orthanc_harness
 
-    extra = prism_options() if mode == "stream" else []
+    extra = prism_options("stream") if mode == "stream" else []
 
     binary, plugin = orthanc_harness.find_binary(), orthanc_harness.find_plugin()
     if binary is None or plugin is None:

@@ -11,7 +11,6 @@ Nothing here waits a fixed time: it polls the pipeline's ledger for what it deci
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers import engine_or_skip, follow_ledger, poll
 from make_archive import make_archive
 
 from scripts import engines
@@ -31,27 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTENT = ("--patients", "--encounters", "--observations")
 
 
-def prism() -> str:
-    try:
-        return str(engines.install_prism())
-    except engines.EngineUnavailable as missing:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(missing))
-
-
 def start(watched, out: Path, log) -> subprocess.Popen:
     command = [sys.executable, "-m", "beam_pipeline", "--follow", "--follow-mode", "stream", "--input", str(watched),
                "--output", str(out), *CONTENT, "--quiet", "--stable-after", "1", "--poll-interval", "0.3",
-               "--runner", "PrismRunner", "--prism_location", prism()]
+               "--runner", "PrismRunner", "--prism_location", str(engine_or_skip(engines.install_prism, required_in_ci=True))]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def ledger(out: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines() if line]
-    except OSError:
-        return []
 
 
 def heartbeat(out: Path) -> dict:
@@ -59,16 +43,6 @@ def heartbeat(out: Path) -> dict:
         return json.loads((out / "watch.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def poll(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def studies_in(out: Path) -> list[dict]:
@@ -122,7 +96,7 @@ def test_windows_late_instance_partial_file_drain_and_restart(tmp_path):
         partial = watched / second.name / "000001.dcm"
         partial.parent.mkdir()
         partial.write_bytes(whole[:200])
-        poll(lambda: any(w["counts"].get("error:truncated") for w in ledger(out)), "the partial file's error")
+        poll(lambda: any(w["counts"].get("error:truncated") for w in follow_ledger(out)), "the partial file's error")
         assert len(studies_in(out)) == 1
         # a late instance: a new window with the study's next state, the same id
         add_late_instance(first, staging / "late.dcm")
@@ -133,7 +107,7 @@ def test_windows_late_instance_partial_file_drain_and_restart(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 0
         assert not [p for p in (out / "windows").iterdir() if p.name.startswith(".")]  # nothing half-written
-        before = len(ledger(out))
+        before = len(follow_ledger(out))
         # restart: the partial file was completed meanwhile; the first study is not written again
         partial.write_bytes(whole)
         process = start(watched, out, log)
@@ -144,7 +118,7 @@ def test_windows_late_instance_partial_file_drain_and_restart(tmp_path):
         if process.poll() is None:
             process.kill()
         log.close()
-    windows = ledger(out)
+    windows = follow_ledger(out)
     assert [w["counts"].get("studies_written", 0) for w in windows[before:]] == [1]  # only the completed study
     assert sum(1 for w in windows if w["counts"].get("error:truncated", 0) > 0) == 1  # reported once ...
     totals = {key: sum(w["counts"].get(key, 0) for w in windows) for key in ("error:truncated", "outcome:converted")}
@@ -178,7 +152,7 @@ def test_a_gs_prefix_watched_through_the_emulator(gcs_client, tmp_path):
         assert studies_in(out)[1]["numberOfInstances"] == 5 and studies_in(out)[1]["id"] == written["id"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 0
-        before, restarted = len(ledger(out)), time.time()
+        before, restarted = len(follow_ledger(out)), time.time()
         process = start(watched, out, log)  # nothing changed: nothing is written again, even by the drain
         poll(lambda: heartbeat(out).get("at", 0) > restarted, "a listing after the restart")
         assert heartbeat(out)["listed"] == 5 and heartbeat(out)["new"] == 0
@@ -188,4 +162,4 @@ def test_a_gs_prefix_watched_through_the_emulator(gcs_client, tmp_path):
         if process.poll() is None:
             process.kill()
         log.close()
-    assert len(ledger(out)) == before
+    assert len(follow_ledger(out)) == before

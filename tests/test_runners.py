@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from helpers import TEST_FILES, copy_dicom, pydicom_file, raw_lines
+from helpers import TEST_FILES, copy_dicom, engine_or_skip, pydicom_file, raw_lines
 from make_archive import make_archive
 from runners import RUNNERS, job_service_and_worker_pool, venv_env
 
@@ -63,17 +63,6 @@ def archives(tmp_path_factory):
 def portable_service(tmp_path_factory):
     with job_service_and_worker_pool(str(tmp_path_factory.mktemp("portable-logs"))) as options:
         yield options
-
-
-def engine_or_skip(install, required_in_ci=False):
-    """What ``install()`` returns, or a skip naming what is missing (the exact Maven coordinates for
-    a job server the registry does not serve); under CI, an engine that must install is a failure."""
-    try:
-        return install()
-    except engines.EngineUnavailable as missing:
-        if required_in_ci and os.environ.get("CI"):
-            raise
-        pytest.skip(str(missing))
 
 
 @pytest.fixture(scope="module")
