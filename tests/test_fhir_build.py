@@ -246,3 +246,47 @@ def test_a_structure_validated_once_vouches_only_for_values_that_pass_their_type
                 checked += 1
     assert checked > 100
     assert validator.verdicts.accepted  # the structures were kept, not validated anew each time
+
+
+def test_mapped_parts_kept_across_studies_give_what_each_study_maps_alone(terms):
+    """A worker's ``MappedParts`` serves the alike series and instances of many studies: each
+    study gets the resources and notes it gets alone; a series or instance that differs in one
+    value (or in an unparseable one), or whose uptake time reads its acquisition time, is mapped
+    for itself."""
+    from beam_pipeline.codes import INVALID_KEY
+    from beam_pipeline.fhir import keywords
+
+    def group(uid, **values):
+        records = [record(f"{uid}.1.{i}", series=f"{uid}.1", number=i, StudyInstanceUID=uid, **values)
+                   for i in (1, 2)]
+        built = StudyGroup(uid)
+        for rec in records:
+            built.add(rec, keywords.instance_keys())
+        return built
+
+    ct = dict(KVP=120.0, ExposureTime=500, Exposure=7, PixelSpacing=(0.5, 0.5), SliceThickness=1.0,
+              ImageType=("ORIGINAL", "PRIMARY"), SeriesDate="20240101")
+    pet = dict(Modality="PT", SeriesDate="20240101", RadiopharmaceuticalInformationSequence=(
+        {"Radiopharmaceutical": "FDG", "RadiopharmaceuticalStartTime": "100000"},))
+    groups = {"alike": group("1.2.3", **ct), "later": group("1.2.4", **{**ct, "SeriesDate": "20240202"}),
+              "kvp": group("1.2.5", **{**ct, "KVP": 140.0}), "spacing": group("1.2.6", **{**ct, "PixelSpacing": (0.7, 0.7)}),
+              "bad kvp": group("1.2.7", **{**{k: v for k, v in ct.items() if k != "KVP"}, INVALID_KEY: ("KVP",)}),
+              "no kvp": group("1.2.8", **{k: v for k, v in ct.items() if k != "KVP"}),
+              "pet 11h": group("1.2.9", **pet, SeriesTime="110000"), "pet 12h": group("1.2.10", **pet, SeriesTime="120000")}
+    parts = fhir_build.MappedParts()
+    series = {}
+    for _ in range(2):
+        for name, study in groups.items():
+            shared = build_study(study, ConversionConfig(), terms, parts)
+            alone = build_study(study, ConversionConfig(), terms)
+            assert shared.resources == alone.resources and shared.notes == alone.notes, name
+            series[name] = shared.resources[0][1]["series"][0]
+    assert len(parts.entries) >= 4  # kept, not mapped anew per study
+    assert series["alike"]["extension"] is series["later"]["extension"]  # mapped once
+    assert series["kvp"]["extension"] != series["alike"]["extension"]
+    assert series["spacing"]["instance"][0]["extension"] != series["alike"]["instance"][0]["extension"]
+    assert series["spacing"]["extension"] is series["alike"]["extension"]
+    assert series["bad kvp"]["extension"] == series["no kvp"]["extension"]
+    notes = {name: build_study(groups[name], ConversionConfig(), terms, parts).notes for name in ("bad kvp", "no kvp")}
+    assert notes["bad kvp"]["unparseable:KVP"] == 1 and not notes["no kvp"]["unparseable:KVP"]
+    assert series["pet 11h"]["extension"] != series["pet 12h"]["extension"]  # uptake 1 h against 2 h

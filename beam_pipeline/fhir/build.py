@@ -17,6 +17,7 @@ from beam_pipeline.codes import (
     DEVICE_PROFILE,
     DOSE_REPORT_KEY,
     IMAGING_STUDY_PROFILE,
+    INVALID_KEY,
     V2_0203,
     Reason,
     sha256_id,
@@ -110,12 +111,58 @@ def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Coun
     return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
+class MappedParts:
+    """The MII extensions of series and of instances by the DICOM values they are mapped from.
+
+    Instances of a series, and series of alike scanners and protocols across studies, repeat
+    them: each distinct set of values is mapped once, its notes counted again wherever it occurs.
+    One per worker (built with its ``Terminologies``), or one per study by default. The lists
+    are shared by the resources built from them, which nothing changes after building.
+    """
+
+    # A series' acquisition time is read only for an uptake time (``mii.UPTAKE_SEQUENCE``): such a
+    # series is mapped directly, and the others are not told apart by when they were acquired.
+    SERIES_KEYS = (*(k for k in mii.KEYWORDS["series"] if k not in mii.ACQUISITION_KEYWORDS), INVALID_KEY)
+    INSTANCE_KEYS = (*mii.KEYWORDS["instance"], INVALID_KEY)
+    MAX_ENTRIES = 4096  # cleared when full (values of a few scanners' protocols: small)
+
+    def __init__(self):
+        self.entries: dict = {}
+
+    def series(self, record: dict, terms, include_instances: bool, notes: Counter) -> list:
+        if mii.UPTAKE_SEQUENCE in record:
+            return mii.series_extensions(record, terms, include_instances, notes)
+        key = ("series", include_instances, *((k, record[k]) for k in self.SERIES_KEYS if k in record))
+        return self._mapped(key, lambda delta: mii.series_extensions(record, terms, include_instances, delta), notes)
+
+    def instance(self, fields: dict, terms, notes: Counter) -> list:
+        key = ("instance", *((k, fields[k]) for k in self.INSTANCE_KEYS if k in fields))
+        return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
+
+    def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
+        try:
+            hit = self.entries.get(key)
+        except TypeError:  # an unhashable value (a sequence of items): map it directly
+            return mapping(notes)
+        if hit is None:
+            delta: Counter = Counter()
+            hit = (mapping(delta), delta)
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            self.entries[key] = hit
+        if hit[1]:
+            notes.update(hit[1])
+        return hit[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resources
 
 
-def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStudy:
-    """All resources for one grouped study, or a rejection with a reason code."""
+def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: MappedParts | None = None) -> BuiltStudy:
+    """All resources for one grouped study, or a rejection with a reason code. ``parts``: a
+    worker's ``MappedParts`` (else one for this study)."""
+    parts = MappedParts() if parts is None else parts
     built = BuiltStudy()
     built.rejection = group.rejection()
     if built.rejection:
@@ -157,7 +204,7 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms) -> BuiltStud
     series_list = []
     for series_uid, record in sorted(group.series.items(), key=_series_order):
         instances = sorted(by_series[series_uid])
-        series_list.append(_series(series_uid, record, instances, study, config, terms, notes, devices))
+        series_list.append(_series(series_uid, record, instances, study, config, terms, notes, devices, parts))
 
     meta = {"source": config.source} if config.source else {}
     meta["profile"] = [IMAGING_STUDY_PROFILE]
@@ -208,6 +255,8 @@ def _dose_observations(group, by_series, study_id, subject, started, study, conf
         return dicom_datetime(date, time, offset or study.get("TimezoneOffsetFromUTC"), config.timezone, notes, what)
 
     observations = []
+    if not any(DOSE_REPORT_KEY in fields for _, fields in group.instances.values()):
+        return observations  # most studies: no dose report, nothing to sort
     for series_uid, record in sorted(group.series.items(), key=_series_order):
         reports = [(sop, fields[DOSE_REPORT_KEY]) for _, sop, fields in sorted(by_series[series_uid])
                    if DOSE_REPORT_KEY in fields]
@@ -236,9 +285,9 @@ def _accession_identifier(group: StudyGroup, config: ConversionConfig, notes: Co
                                            references.accession_system(group.representative, config, notes))
 
 
-def _series(uid, record, instances, study, config, terms, notes, devices) -> dict:
+def _series(uid, record, instances, study, config, terms, notes, devices, parts: MappedParts) -> dict:
     series: dict = {}
-    extensions = mii.series_extensions(record, terms, config.include_instances, notes)
+    extensions = parts.series(record, terms, config.include_instances, notes)
     if extensions:
         series["extension"] = extensions
     series["uid"] = uid
@@ -267,8 +316,7 @@ def _series(uid, record, instances, study, config, terms, notes, devices) -> dic
         devices[device["id"]] = device
         series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]
     if config.include_instances:
-        details: dict = {}
-        series["instance"] = [_instance(sop, fields, terms, notes, details) for _, sop, fields in instances]
+        series["instance"] = [_instance(sop, fields, terms, notes, parts) for _, sop, fields in instances]
     return series
 
 
@@ -282,24 +330,9 @@ def _unsigned_int(value, notes: Counter, keyword: str) -> bool:
     return False
 
 
-def _instance_details(fields: dict, terms, notes: Counter, cache: dict) -> list:
-    """The instances of a series mostly share their detail values (image type, spacing...): each
-    distinct set is mapped once, its notes counted for every instance that has it."""
-    key = tuple((k, fields[k]) for k in mii.KEYWORDS["instance"] if k in fields)
-    try:
-        hit = cache.get(key)
-    except TypeError:  # an unhashable value (a sequence of items): map it directly
-        return mii.instance_extensions(fields, terms, notes)
-    if hit is None:
-        delta: Counter = Counter()
-        hit = cache[key] = (mii.instance_extensions(fields, terms, delta), delta)
-    notes.update(hit[1])
-    return hit[0]
-
-
-def _instance(sop: str, fields: dict, terms, notes, details: dict) -> dict:
+def _instance(sop: str, fields: dict, terms, notes, parts: MappedParts) -> dict:
     instance: dict = {}
-    extensions = _instance_details(fields, terms, notes, details)
+    extensions = parts.instance(fields, terms, notes)
     if extensions:
         instance["extension"] = extensions
     instance["uid"] = sop

@@ -261,6 +261,7 @@ ALL_MATCHES_KINDS = frozenset({_distinct_text})  # these receive every match (al
 # --- the mapping table ---------------------------------------------------------------------------
 
 RADIO = "RadiopharmaceuticalInformationSequence."
+UPTAKE_SEQUENCE = RADIO[:-1]  # its uptake time is the only row reading ACQUISITION_KEYWORDS
 X_RAY_ROWS = (
     Row("KVP", "KVP", _quantity, ("kilovolt", "kV")),
     Row("ExposureTime|ExposureTimeInms", "exposureTime", _quantity, MS),

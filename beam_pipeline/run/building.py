@@ -42,6 +42,7 @@ class BuildStudyDoFn(beam.DoFn):
 
         self.terms = Terminologies.load()
         self.validator = None if self.validate == "none" else fhir_build.Validator(full=self.validate == "full")
+        self.parts = fhir_build.MappedParts()  # per worker: studies of alike scanners repeat them
         self.progress = ProgressBeacon(self.progress_settings)
 
     def start_bundle(self):
@@ -68,7 +69,7 @@ class BuildStudyDoFn(beam.DoFn):
             extra = Counter({"incremental:studies_reused": 1})
         else:
             group = folder_state.load_pending(group)  # the parts of unchanged units, loaded now
-            outcome = core.process_study(group, self.config, self.terms, self.validator)
+            outcome = core.process_study(group, self.config, self.terms, self.validator, self.parts)
             line = state.study_line(uid, digest, outcome)
             extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
             if self.incremental:

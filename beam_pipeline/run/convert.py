@@ -52,6 +52,7 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
     keys, terms = keywords.instance_keys(), Terminologies.load()
     mode = {True: "sampled", False: "none"}.get(validate, validate)
     validator = None if mode == "none" else fhir_build.Validator(full=mode == "full")
+    parts = fhir_build.MappedParts()
     result = ConversionResult()
     groups: dict[str, StudyGroup] = {}
     pool = ThreadPoolExecutor(read_concurrency) if read_concurrency > 1 else None
@@ -68,7 +69,7 @@ def convert_files(paths, config: ConversionConfig | None = None, validate: bool 
                 groups.setdefault(uid, StudyGroup(uid)).add(record, keys)
     shared: dict[str, list] = {}
     for uid in sorted(groups):
-        outcome = core.process_study(groups[uid], config, terms, validator)
+        outcome = core.process_study(groups[uid], config, terms, validator, parts)
         result.counts.update(outcome.counts)
         if outcome.error is not None:
             result.errors.append(outcome.error)

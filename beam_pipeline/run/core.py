@@ -157,9 +157,11 @@ def dumps(resource: dict) -> str:
     return orjson.dumps(resource).decode("utf-8")
 
 
-def process_study(group: StudyGroup, config: ConversionConfig, terms, validator) -> StudyOutcome:
-    """Build (and validate) one study; a rejected study names its reason and counts its files."""
-    built = fhir_build.build_study(group, config, terms)
+def process_study(group: StudyGroup, config: ConversionConfig, terms, validator,
+                  parts: fhir_build.MappedParts | None = None) -> StudyOutcome:
+    """Build (and validate) one study; a rejected study names its reason and counts its files.
+    ``parts``: the worker's mapped extensions (``build.MappedParts``)."""
+    built = fhir_build.build_study(group, config, terms, parts)
     if built.rejection is None and validator is not None:
         built.rejection = validator.problem(built.resources)
     out = StudyOutcome()

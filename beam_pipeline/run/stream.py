@@ -333,6 +333,7 @@ class SessionDoFn(beam.DoFn):
         self.terms = Terminologies.load()
         validate = self.settings.validate
         self.validator = None if validate == "none" else fhir_build.Validator(full=validate == "full")
+        self.parts = fhir_build.MappedParts()
         self.instance_keys = keywords.instance_keys()
         self.client = None
         if self.settings.fhir_server is not None:
@@ -422,7 +423,7 @@ class SessionDoFn(beam.DoFn):
             write_whole(where, dump(entry))
             window.record(self.root)
             return False
-        outcome = core.process_study(group, self.conversion, self.terms, self.validator)
+        outcome = core.process_study(group, self.conversion, self.terms, self.validator, self.parts)
         entry["pending"] = False
         retry = False
         if outcome.error is not None:
