@@ -246,6 +246,50 @@ def test_a_structure_validated_once_vouches_only_for_values_that_pass_their_type
                 checked += 1
     assert checked > 100
     assert validator.verdicts.accepted  # the structures were kept, not validated anew each time
+    assert validator.verdicts.compiled  # and the alike ones checked by compiled code
+
+
+def test_a_compiled_structure_matches_only_its_own_structure(terms):
+    """Once a structure is compiled, a resource of another structure (a list one longer, keys in
+    another order, a value of another type, a key more) is not taken for it, and one of its
+    structure with a bad value is caught: each gets the verdict the model gives it."""
+    import copy
+
+    from pydantic import ValidationError
+
+    records = [record(f"1.2.3.1.{i}", number=i, StudyDescription="Chest", DeviceSerialNumber="SN1",
+                      Manufacturer="ACME", BodyPartExamined="CHEST") for i in range(1, 4)]
+    built = build_study(_group(records), ConversionConfig(), terms)
+    validator = fhir_build.Validator()
+    for _ in range(3):
+        assert validator.problem(built.resources) is None
+    assert set(validator.verdicts.compiled) == {"ImagingStudy", "Device"}
+    study = fhir_build.validation_view(built.resources[0][1])
+    device = built.resources[1][1]
+    longer = copy.deepcopy(study)
+    longer["series"].append({**longer["series"][0], "uid": "1.2.3.9"})
+    reordered = {"id": study["id"], **study}
+    typed = {**study, "numberOfSeries": "1"}
+    more = {**study, "language": "en"}
+    bad_more = {**study, "language": "two  spaces"}
+    bad_device = {**device, "status": " padded"}
+    bad_id = {**study, "id": "not an id!"}  # its structure: the compiled check finds the value
+    longer_device = {**device, "identifier": device["identifier"] * 2}
+    verdicts = []
+    for resource_type, resource in [("ImagingStudy", longer), ("ImagingStudy", reordered), ("ImagingStudy", typed),
+                                    ("ImagingStudy", more), ("ImagingStudy", bad_more), ("Device", bad_device),
+                                    ("Device", longer_device), ("ImagingStudy", bad_id)]:
+        try:
+            validator.models[resource_type].model_validate(resource)
+            expected = None
+        except ValidationError:
+            expected = "invalid-fhir"
+        got = validator.problem([(resource_type, resource)])
+        assert (got and got[0]) == expected, (resource_type, resource, got)
+        assert validator.problem([(resource_type, resource)]) == got  # and again, compiled or not
+        verdicts.append(expected)
+    assert verdicts.count(None) >= 3 and verdicts.count("invalid-fhir") >= 3
+    assert validator.problem([("ImagingStudy", study)]) is None
 
 
 def test_mapped_parts_kept_across_studies_give_what_each_study_maps_alone(terms):

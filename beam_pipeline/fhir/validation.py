@@ -11,6 +11,9 @@ passes the validator of its field's type, which costs microseconds instead of a 
 Anything this walk cannot vouch for (a key the model lacks, a polymorphic ``Resource`` field, a
 value that fails its type) goes to pydantic itself, so the verdict and its message are pydantic's.
 Small studies of alike scanners repeat a handful of structures: each is modelled once per worker.
+A structure that keeps coming is compiled into a check of its own (``_compile``: straight-line code
+that tests each key, type and list length the walk would find and checks each value as the walk
+would), tried before the generic walk; anything it does not match goes the walk's way.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import typing
 
 MAX_SHAPES = 4096     # structures kept per worker (cleared when full: correctness does not depend on it)
 MAX_VALUES = 1 << 14  # checked primitive values kept per worker (a few MB at most)
+COMPILE_AFTER = 2     # a structure vouched for this often is compiled
+MAX_COMPILED = 8      # compiled structures tried per resource type (most recently matched first)
+MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left to the walk
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 
 
@@ -65,16 +71,102 @@ class ShapeVerdicts:
         self.values: dict = {}
         self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
+        self.compiled: dict = {}  # resource type -> [(key, check)], most recently matched first
+        self.hits: dict = {}      # key -> times vouched by the walk (until compiled)
 
     def vouches(self, model, resource_type: str, resource: dict) -> tuple[bool, tuple | None]:
         """(whether the resource is valid without asking pydantic, its key for ``accept``; None when
         it has parts this walk cannot vouch for)."""
+        checks = self.compiled.get(resource_type)
+        if checks:
+            for index, (key, check) in enumerate(checks):
+                try:
+                    verdict = check(resource)
+                except TypeError:  # an unhashable value: the walk's way
+                    break
+                if verdict is not None:
+                    if index:
+                        checks.insert(0, checks.pop(index))
+                    return verdict and key in self.accepted, key
         values: list = []
         walked = self._walk(model, resource, values, {})
         if walked is None:
             return False, None
         key = (resource_type, walked)
-        return key in self.accepted and all(self._value_ok(adapter, value) for adapter, value in values), key
+        if key not in self.accepted:
+            return False, key
+        self._count(model, key)
+        return all(self._value_ok(adapter, value) for adapter, value in values), key
+
+    def _count(self, model, key: tuple) -> None:
+        """Compile a structure once the walk has vouched for it COMPILE_AFTER times."""
+        hits = self.hits.get(key, 0) + 1
+        if hits < COMPILE_AFTER:
+            if len(self.hits) >= MAX_SHAPES:
+                self.hits.clear()
+            self.hits[key] = hits
+            return
+        self.hits.pop(key, None)
+        check = self._compile(model, key[1])
+        if check is not None:
+            checks = self.compiled.setdefault(key[0], [])
+            checks.insert(0, (key, check))
+            del checks[MAX_COMPILED:]
+
+    def _compile(self, model, walked: tuple):
+        """A function of a resource: None unless ``_walk`` would give it the shape ``walked``; then
+        whether each of its primitive values passes (``_value_ok``). None for a large structure."""
+        lines: list = []
+        consts: dict = {}
+
+        def const(value) -> str:
+            name = f"c{len(consts)}"
+            consts[name] = value
+            return name
+
+        def leaf(var: str, adapter, kind, indent: str) -> None:
+            lines.append(f"{indent}if type({var}) is not {const(kind)}: return None")
+            lines.append(f"{indent}k = get(({id(adapter)}, {const(kind)}, {var}))")
+            lines.append(f"{indent}if k is None: k = slow({const(adapter)}, {var})")
+            lines.append(f"{indent}if not k: bad = True")
+
+        def model_part(target, shape: tuple, var: str) -> None:
+            fields = self.fields.get(target)
+            if fields is None:
+                fields = self.fields[target] = self._fields_of(target)
+            lines.append(f" if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
+            for key, part in shape:
+                item = f"v{len(lines)}"
+                lines.append(f" {item} = {var}[{const(key)}]")
+                if key == "resourceType":
+                    lines.append(f" if type({item}) is not str or {item} != {const(part)}: return None")
+                    continue
+                kind, target_of, many = fields[key]
+                if not many:
+                    if kind is _PRIMITIVE:
+                        leaf(item, target_of, part, " ")
+                    else:
+                        model_part(target_of, part, item)
+                    continue
+                lines.append(f" if type({item}) is not list or len({item}) != {len(part)}: return None")
+                for index, element in enumerate(part):
+                    name = f"{item}_{index}"
+                    lines.append(f" {name} = {item}[{index}]")
+                    if kind is _PRIMITIVE:
+                        leaf(name, target_of, element, " ")
+                    else:
+                        model_part(target_of, element, name)
+                if len(lines) > 6 * MAX_COMPILED_NODES:
+                    raise OverflowError
+
+        try:
+            model_part(model, walked, "data")
+        except OverflowError:
+            return None
+        source = "def check(data):\n bad = False\n" + "\n".join(lines) + "\n return not bad\n"
+        namespace = {**consts, "get": self.values.get, "slow": self._value_ok}
+        exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
+        return namespace["check"]
 
     def accept(self, key: tuple | None) -> None:
         if key is None:
