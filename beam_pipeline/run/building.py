@@ -11,6 +11,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from beam_pipeline.fhir.config import ConversionConfig
+from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run import core, delta, folder_state, layout, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, DROPPED, ERRORS, NAMESPACE, STATE
@@ -18,9 +19,10 @@ from beam_pipeline.run.steps import COUNTS, DELETED, DELTA, DROPPED, ERRORS, NAM
 
 @beam.typehints.with_output_types(typing.Tuple[str, str])
 class BuildStudyDoFn(beam.DoFn):
-    """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}) -> (resource type, NDJSON
-    line); shared resources (Device, Patient, Encounter), rejections and the study's state line to
-    their own outputs. A study whose records are those of the previous run is not rebuilt: its
+    """(study uid, {"now": [StudyGroup], "before": [previous StudyEntry]}), or a StudyGroup alone
+    (no previous run) -> (resource type, NDJSON line); shared resources (Device, Patient,
+    Encounter: each key once per bundle, its smallest line), rejections and the study's state line
+    to their own outputs. A study whose records are those of the previous run is not rebuilt: its
     lines come from the state. With a previous run, what changed goes to ``delta``/``deleted``."""
 
     SHARED = "shared"
@@ -47,10 +49,14 @@ class BuildStudyDoFn(beam.DoFn):
 
     def start_bundle(self):
         self.counts = Counter()  # one Counter per bundle crosses to the summary, not one per study
+        self.shared = {}  # "Type/id" -> its smallest line in the bundle: alike studies share their Devices
 
     def process(self, item):
-        uid, joined = item
-        now, before = list(joined["now"]), list(joined["before"])
+        if isinstance(item, StudyGroup):
+            uid, now, before = item.study_uid, [item], []
+        else:
+            uid, joined = item
+            now, before = list(joined["now"]), list(joined["before"])
         previous = before[0] if before else None
         if not now:  # every file of the study is gone (or no longer a valid instance)
             hashes = previous.hashes()
@@ -90,14 +96,18 @@ class BuildStudyDoFn(beam.DoFn):
         for resource_type, lines in outcome.lines.items():
             for resource_line in lines:
                 yield resource_type, resource_line
-        for shared in outcome.shared:
-            yield beam.pvalue.TaggedOutput(self.SHARED, shared)
+        for key, shared_line in outcome.shared:
+            kept = self.shared.get(key)  # the runner's combine picks among bundles, this within one
+            self.shared[key] = shared_line if kept is None else core.pick_shared((kept, shared_line))
 
     def finish_bundle(self):
         self.progress.flush()
+        for shared_item in sorted(self.shared.items()):
+            yield beam.pvalue.TaggedOutput(self.SHARED, GlobalWindows.windowed_value(shared_item))
         if self.counts:
             yield beam.pvalue.TaggedOutput(COUNTS, GlobalWindows.windowed_value(self.counts))
         self.counts = Counter()
+        self.shared = {}
 
 
 def _dropped(hashes: dict):
@@ -135,7 +145,7 @@ class BuildResources(beam.PTransform):
             keyed = groups | "ByStudy" >> beam.Map(lambda group: (group.study_uid, group))
             joined = {"now": keyed, "before": self.previous_studies} | "JoinState" >> beam.CoGroupByKey()
         else:
-            joined = groups | "Alone" >> beam.Map(lambda group: (group.study_uid, {"now": [group], "before": []}))
+            joined = groups  # each StudyGroup alone: no step to pair it with an empty past
         built = joined | "Build" >> beam.ParDo(BuildStudyDoFn(
             self.config, self.validate, self.progress, incremental, self.reuse_studies)).with_outputs(
             ERRORS, COUNTS, BuildStudyDoFn.SHARED, STATE, DELTA, DELETED, DROPPED, main="resources")
