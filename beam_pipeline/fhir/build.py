@@ -5,6 +5,7 @@ digests of ``"<system>|<value>"``, so the same study always gets the same ids.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Coun
     return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
+_ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
+
+
 class MappedParts:
     """The MII extensions of series and of instances by the DICOM values they are mapped from.
 
@@ -132,11 +136,11 @@ class MappedParts:
     def series(self, record: dict, terms, include_instances: bool, notes: Counter) -> list:
         if mii.UPTAKE_SEQUENCE in record:
             return mii.series_extensions(record, terms, include_instances, notes)
-        key = ("series", include_instances, *((k, record[k]) for k in self.SERIES_KEYS if k in record))
+        key = ("series", include_instances, *map(record.get, self.SERIES_KEYS, itertools.repeat(_ABSENT)))
         return self._mapped(key, lambda delta: mii.series_extensions(record, terms, include_instances, delta), notes)
 
     def instance(self, fields: dict, terms, notes: Counter) -> list:
-        key = ("instance", *((k, fields[k]) for k in self.INSTANCE_KEYS if k in fields))
+        key = ("instance", *map(fields.get, self.INSTANCE_KEYS, itertools.repeat(_ABSENT)))
         return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
 
     def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
