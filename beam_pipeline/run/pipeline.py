@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import (
+    beam_memo,
     building,
     core,
     dicomweb_read,
@@ -161,6 +162,7 @@ def execute(new_pipeline, settings: Settings) -> dict:
             _LOG.warning("the conversion options differ from the --since run's (%s): every study is rebuilt "
                          "from the kept records", ", ".join(previous.changed_options))
     output.prepare(settings.output, settings.input)
+    beam_memo.install()
     pipeline = new_pipeline()
     build_pipeline(pipeline, settings, started, previous)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
