@@ -144,6 +144,13 @@ def local_runner(options):
     return None
 
 
+def in_process(runner) -> bool:
+    """Whether ``local_runner`` gave the in-process FnApiRunner."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return isinstance(runner, FnApiRunner)
+
+
 def execute(new_pipeline, settings: Settings) -> dict:
     """Check the source, prepare the output, run to completion, return the summary the pipeline wrote.
 
