@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             for name in order:
                 fig[name].append(cli_run(trees[name], archive, work / "out", cpu))
                 print(f"round {round_ + 1} {archive.name} {name}: {fig[name][-1]}", file=sys.stderr, flush=True)
-    print(f"one CPU, {args.rounds} alternated rounds, best of each; "
+    print(f"one CPU, {args.rounds} alternated rounds, best of each (ratios: floor / CLI, end to end); "
           + ", ".join(f"{name} = {tree}" for name, tree in trees.items()))
     for archive in archives:
         fig = figures[str(archive)]
@@ -90,7 +91,12 @@ def main(argv=None) -> int:
             best_cpu = min(run["cpu"] for run in fig[name])
             best_wall = min(run["wall"] for run in fig[name])
             rss = max(run["rss"] for run in fig[name])
-            ratio = f" ratio {floor_cpu / best_cpu:4.2f}" if fig["floor"] else ""
+            ratio = ""
+            if fig["floor"]:  # and the median of the rounds' ratios: each CLI run against its round's floor
+                cpu_pairs = [floor[0] / run["cpu"] for floor, run in zip(fig["floor"], fig[name])]
+                wall_pairs = [floor[1] / run["wall"] for floor, run in zip(fig["floor"], fig[name])]
+                ratio = (f" ratio {floor_cpu / best_cpu:4.2f} (median of pairs: CPU {statistics.median(cpu_pairs):4.2f},"
+                         f" wall {statistics.median(wall_pairs):4.2f})")
             line.append(f"{name} {best_cpu:6.2f} s CPU ({best_wall:6.2f} wall){ratio}, {rss:5.0f} MiB |")
         print(" ".join(line))
     if not args.workdir:

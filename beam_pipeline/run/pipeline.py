@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import (
+    beam_memo,
     building,
     core,
     dicomweb_read,
@@ -143,6 +144,13 @@ def local_runner(options):
     return None
 
 
+def in_process(runner) -> bool:
+    """Whether ``local_runner`` gave the in-process FnApiRunner."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return isinstance(runner, FnApiRunner)
+
+
 def execute(new_pipeline, settings: Settings) -> dict:
     """Check the source, prepare the output, run to completion, return the summary the pipeline wrote.
 
@@ -161,6 +169,7 @@ def execute(new_pipeline, settings: Settings) -> dict:
             _LOG.warning("the conversion options differ from the --since run's (%s): every study is rebuilt "
                          "from the kept records", ", ".join(previous.changed_options))
     output.prepare(settings.output, settings.input)
+    beam_memo.install()
     pipeline = new_pipeline()
     build_pipeline(pipeline, settings, started, previous)
     reporter = ProgressReporter(settings.progress) if settings.progress else contextlib.nullcontext()
