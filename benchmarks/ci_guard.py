@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternated rounds; the best CPU time of each counts")
     p.add_argument("--min-ratio", type=float, default=2.0, help="fail below this ratio on either mix")
     p.add_argument("--min-ratio-small-studies", type=float,
-                   help="the floor for the studies-of-4 mix alone, where it stands below --min-ratio today")
+                   help="the floor for the studies-of-4 mix alone (default: --min-ratio)")
     p.add_argument("--rss-budget-mib", type=float, default=250.0, help="fail when any run's peak RSS exceeds it")
     p.add_argument("--growth-budget-kib", type=float, default=12.0,
                    help="fail when peak RSS grows by more than this per instance over the start-up run")

@@ -22,7 +22,7 @@ import typing
 
 MAX_SHAPES = 4096     # structures kept per worker (cleared when full: correctness does not depend on it)
 MAX_VALUES = 1 << 14  # checked primitive values kept per worker (a few MB at most)
-COMPILE_AFTER = 2     # a structure vouched for this often is compiled
+COMPILE_AFTER = 32    # a structure vouched for this often is compiled (compiling costs some 200 walks' time)
 MAX_COMPILED = 8      # compiled structures tried per resource type (most recently matched first)
 MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left to the walk
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
@@ -73,6 +73,8 @@ class ShapeVerdicts:
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
         self.compiled: dict = {}  # resource type -> [(key, check)], most recently matched first
         self.hits: dict = {}      # key -> times vouched by the walk (until compiled)
+        self.retired: set = set()  # keys compiled once and no longer among the MAX_COMPILED
+        self.compile_after = COMPILE_AFTER
 
     def vouches(self, model, resource_type: str, resource: dict) -> tuple[bool, tuple | None]:
         """(whether the resource is valid without asking pydantic, its key for ``accept``; None when
@@ -99,18 +101,23 @@ class ShapeVerdicts:
         return all(self._value_ok(adapter, value) for adapter, value in values), key
 
     def _count(self, model, key: tuple) -> None:
-        """Compile a structure once the walk has vouched for it COMPILE_AFTER times."""
+        """Compile a structure once the walk has vouched for it ``compile_after`` times, once."""
         hits = self.hits.get(key, 0) + 1
-        if hits < COMPILE_AFTER:
+        if hits < self.compile_after:
             if len(self.hits) >= MAX_SHAPES:
                 self.hits.clear()
             self.hits[key] = hits
             return
         self.hits.pop(key, None)
+        if key in self.retired:  # compiled once and crowded out since: compiling costs a few ms
+            return
         check = self._compile(model, key[1])
         if check is not None:
             checks = self.compiled.setdefault(key[0], [])
             checks.insert(0, (key, check))
+            if len(self.retired) >= MAX_SHAPES:
+                self.retired.clear()
+            self.retired.update(old for old, _ in checks[MAX_COMPILED:])
             del checks[MAX_COMPILED:]
 
     def _compile(self, model, walked: tuple):
