@@ -26,6 +26,7 @@ COMPILE_AFTER = 32    # a structure vouched for this often is compiled (compilin
 MAX_COMPILED = 8      # compiled structures tried per resource type (most recently matched first)
 MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left to the walk
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
+_LATER = "model not imported yet"  # fhir_core imports a field's model on demand: only for fields met
 
 
 def shape(value, memo: dict):
@@ -155,7 +156,7 @@ class ShapeVerdicts:
                 if key == "resourceType":
                     lines.append(f" if type({item}) is not str or {item} != {const(part)}: return None")
                     continue
-                kind, target_of, many = fields[key]
+                kind, target_of, many = self._spec(fields, key)
                 if not many:
                     if kind is _PRIMITIVE:
                         leaf(item, target_of, part, " ")
@@ -205,6 +206,8 @@ class ShapeVerdicts:
             if spec is None:
                 return None
             kind, target, many = spec
+            if kind is _LATER:
+                kind, target, many = self._spec(fields, key)
             if not many:
                 if kind is _PRIMITIVE:
                     values.append((target, value))
@@ -264,11 +267,20 @@ class ShapeVerdicts:
                 spec = (_UNKNOWN, None, many)
             elif isinstance(item, type) and issubclass(item, self._fhir_base):
                 polymorphic = issubclass(item, self._polymorphic)
-                spec = (_UNKNOWN, None, many) if polymorphic else (_MODEL, item.get_model_klass(), many)
+                spec = (_UNKNOWN, None, many) if polymorphic else (_LATER, item, many)
             else:
                 spec = (_PRIMITIVE, self._adapter(item), many)
             fields[info.alias or name] = spec
         return fields
+
+    @staticmethod
+    def _spec(fields: dict, key: str) -> tuple:
+        """A field's spec, its model imported the first time the field is met (some 7 ms a model:
+        an ImagingStudy declares 40 model fields, a study of ours uses a dozen)."""
+        kind, target, many = spec = fields[key]
+        if kind is _LATER:
+            spec = fields[key] = (_MODEL, target.get_model_klass(), many)
+        return spec
 
     def _adapter(self, annotation):
         try:
