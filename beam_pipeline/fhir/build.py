@@ -400,6 +400,21 @@ def instance_id_problem(study: dict) -> str | None:
     return None
 
 
+class _Models(dict):
+    """Resource type -> its fhir.resources R4B model, imported when first asked for (a run without
+    Observations, Endpoints or ServiceRequests does not load them)."""
+
+    MODULES = {"ImagingStudy": "imagingstudy", "Device": "device", "Observation": "observation",
+               "Endpoint": "endpoint", "ServiceRequest": "servicerequest"}
+
+    def __missing__(self, resource_type: str):
+        import importlib
+
+        module = importlib.import_module(f"fhir.resources.R4B.{self.MODULES[resource_type]}")
+        model = self[resource_type] = getattr(module, resource_type)
+        return model
+
+
 class Validator:
     """Checks resources against the fhir.resources R4B models (FHIR R4-compatible); built once per worker.
 
@@ -410,15 +425,8 @@ class Validator:
     """
 
     def __init__(self, full: bool = False):
-        from fhir.resources.R4B.device import Device
-        from fhir.resources.R4B.endpoint import Endpoint
-        from fhir.resources.R4B.imagingstudy import ImagingStudy
-        from fhir.resources.R4B.observation import Observation
-        from fhir.resources.R4B.servicerequest import ServiceRequest
-
         self.full = full
-        self.models = {"ImagingStudy": ImagingStudy, "Device": Device, "Observation": Observation,
-                       "Endpoint": Endpoint, "ServiceRequest": ServiceRequest}
+        self.models = _Models()
         self.verdicts = None if full else validation.ShapeVerdicts()
 
     def problem(self, resources) -> tuple[str, str] | None:
