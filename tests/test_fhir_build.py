@@ -336,3 +336,19 @@ def test_mapped_parts_kept_across_studies_give_what_each_study_maps_alone(terms)
     notes = {name: build_study(groups[name], ConversionConfig(), terms, parts).notes for name in ("bad kvp", "no kvp")}
     assert notes["bad kvp"]["unparseable:KVP"] == 1 and not notes["no kvp"]["unparseable:KVP"]
     assert series["pet 11h"]["extension"] != series["pet 12h"]["extension"]  # uptake 1 h against 2 h
+
+
+def test_a_compiled_structure_checks_a_none_where_its_structure_has_one(terms):
+    """A structure with a None at a primitive place (pydantic takes it for an absent optional
+    element) is compiled like any other: a None there is checked as the walk checks it (its type's
+    validator refuses it, so pydantic decides), not passed unseen."""
+    built = build_study(_group([record(f"1.2.3.1.{i}", number=i, DeviceSerialNumber="SN1",
+                                       Manufacturer="ACME") for i in (1, 2)]), ConversionConfig(), terms)
+    device = {**built.resources[1][1], "manufacturer": None}
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    validator.models["Device"].model_validate(device)  # pydantic's verdict: valid
+    for _ in range(4):
+        assert validator.problem([("Device", device)]) is None
+    (_, check), = validator.verdicts.compiled["Device"]
+    assert check(device) is False  # matched, and its None not vouched for: pydantic asked each time

@@ -27,6 +27,7 @@ MAX_COMPILED = 8      # compiled structures tried per resource type (most recent
 MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left to the walk
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 _LATER = "model not imported yet"  # fhir_core imports a field's model on demand: only for fields met
+_NOTHING = object()  # no value has passed at this place yet
 
 
 def shape(value, memo: dict):
@@ -137,7 +138,7 @@ class ShapeVerdicts:
             # last[i]: the value that passed here last (most values repeat study after study): one
             # of the same type that is equal passes too, as it does in ``self.values``.
             slot = len(passed)
-            passed.append(None)
+            passed.append(_NOTHING)  # not None: a None that is there must be checked too
             lines.append(f"{indent}if type({var}) is not {const(kind)}: return None")
             lines.append(f"{indent}if {var} is not last[{slot}] and {var} != last[{slot}]:")
             lines.append(f"{indent} k = get(({id(adapter)}, {const(kind)}, {var}))")
