@@ -32,7 +32,7 @@ def test_a_unit_of_many_files_is_several_lines_and_a_night_reuses_the_unchanged(
     make_archive(root / "other", studies=2, series=1, instances=4, seed=3)
     first = run_pipeline(root, tmp_path / "a", "--quiet")
     lines = unit_lines(tmp_path / "a")
-    assert all(len(line["files"]) <= 3 for line in lines)
+    assert all(len(line["body"]["files"]) <= 3 and line["count"] == len(line["body"]["files"]) for line in lines)
     by_unit: dict[str, list] = {}
     for line in lines:
         by_unit.setdefault(line["unit"], []).append(line)
@@ -42,7 +42,7 @@ def test_a_unit_of_many_files_is_several_lines_and_a_night_reuses_the_unchanged(
         assert sorted(part["part"][0] for part in parts) == list(range(len(parts)))
         assert {part["part"][1] for part in parts} == {len(parts)}
         assert len({part["digest"] for part in parts}) == 1
-    assert sum(len(line["files"]) for line in lines) == first["files_matched"]
+    assert sum(line["count"] for line in lines) == first["files_matched"]
 
     files = sorted((root / "big").rglob("*.dcm"))
     ds = pydicom.dcmread(files[5])

@@ -44,9 +44,9 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
     offset = 0
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         for raw in handle:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line:
-                entry = parse(line, (path, offset)) if placed else parse(line)
+            line = raw.rstrip(b"\n")
+            if line:  # placed: the line's bytes (a unit line is parsed in part)
+                entry = parse(line, (path, offset)) if placed else parse(line.decode("utf-8"))
                 yield key_of(entry), entry
             offset += len(raw)
 
@@ -172,10 +172,11 @@ class ReadChangedHeaders(beam.PTransform):
 def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.Run]:
     """``name``'s shards in the previous output ``folder`` as sorted runs (a shard is sorted) for
     the writer's merge, less the lines of ``dropped`` ((name, line hash) of the studies rebuilt or
-    gone, or of the units written anew; each drops one line): the merge reads the shard itself,
-    skipping those lines. So what is reused reaches the output without passing through the
-    pipeline, and without a copy."""
+    gone, or (name, check) of the units written anew; each drops one line): the merge reads the
+    shard itself, skipping those lines. So what is reused reaches the output without passing
+    through the pipeline, and without a copy."""
     drops = Counter(line_hash for dropped_name, line_hash in dropped if dropped_name == name)
+    identify = _check if name == layout.SOURCE_STATE_NAME else state.line_hash  # a state line has its check
     matched = FileSystems.match([output.shard_pattern(folder, name)])[0].metadata_list
     runs = []
     for shard in sorted(m.path for m in matched):
@@ -185,7 +186,7 @@ def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.R
             for index, raw in enumerate(source):
                 line = raw[:-1] if raw.endswith(b"\n") else raw
                 if drops:
-                    digest = state.line_hash(line)
+                    digest = identify(line)
                     if drops[digest]:
                         drops[digest] -= 1
                         skip.append(index)
@@ -196,6 +197,11 @@ def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.R
         if lines:
             runs.append(external_sort.Run(name, shard, lines, size, tuple(skip)))
     return runs
+
+
+def _check(line: bytes) -> str:
+    """A state line's check, as written (verified when the line was read: ``folder_state.read_unit_line``)."""
+    return line[-18:-2].decode("ascii", "replace")
 
 
 class KeepPreviousLines(beam.PTransform):
