@@ -73,7 +73,7 @@ class ChooseUnitsDoFn(beam.DoFn):
         before = sorted(joined["before"], key=lambda part: part.place)  # the unit's lines (parts)
         counts = Counter()
         # every line of the unit is written anew unless the unit is reused whole
-        dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash)) for part in before]
+        dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash, None)) for part in before]
         if not listed:
             counts["incremental:files_gone"] += sum(part.files for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, counts)
@@ -171,12 +171,14 @@ class ReadChangedHeaders(beam.PTransform):
 
 def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.Run]:
     """``name``'s shards in the previous output ``folder`` as sorted runs (a shard is sorted) for
-    the writer's merge, less the lines of ``dropped`` ((name, line hash) of the studies rebuilt or
-    gone, or (name, check) of the units written anew; each drops one line): the merge reads the
-    shard itself, skipping those lines. So what is reused reaches the output without passing
-    through the pipeline, and without a copy."""
-    drops = Counter(line_hash for dropped_name, line_hash in dropped if dropped_name == name)
-    identify = _check if name == layout.SOURCE_STATE_NAME else state.line_hash  # a state line has its check
+    the writer's merge, less the lines of ``dropped`` ((name, line hash, key) of the studies
+    rebuilt or gone, or (name, check, None) of the units written anew; each drops one line): the
+    merge reads the shard itself, skipping those lines. So what is reused reaches the output
+    without passing through the pipeline, and without a copy. A resource line is hashed only when
+    its key (read from its start) is one of a dropped line's."""
+    drops = Counter(line_hash for dropped_name, line_hash, _ in dropped if dropped_name == name)
+    keys = {key for dropped_name, _, key in dropped if dropped_name == name}
+    state_lines = name == layout.SOURCE_STATE_NAME  # a state line has its check: no hash needed
     matched = FileSystems.match([output.shard_pattern(folder, name)])[0].metadata_list
     runs = []
     for shard in sorted(m.path for m in matched):
@@ -186,7 +188,11 @@ def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.R
             for index, raw in enumerate(source):
                 line = raw[:-1] if raw.endswith(b"\n") else raw
                 if drops:
-                    digest = identify(line)
+                    if state_lines:
+                        digest = _check(line)
+                    else:
+                        key = state.line_key_of_bytes(line)
+                        digest = state.line_hash(line) if key is None or key in keys else None
                     if drops[digest]:
                         drops[digest] -= 1
                         skip.append(index)

@@ -207,6 +207,22 @@ def line_key(line: str) -> str:
     return f"{resource['resourceType']}/{resource['id']}"
 
 
+_KEY_PREFIX_BYTES = _KEY_PREFIX.encode()
+
+
+def line_key_of_bytes(line: bytes) -> str | None:
+    """``Type/id`` of a resource line (UTF-8) from its start, as ``line_key`` reads it; None when
+    the line does not start with its type and id (then only its hash tells it)."""
+    if line.startswith(_KEY_PREFIX_BYTES):
+        type_end = line.find(b'"', len(_KEY_PREFIX_BYTES))
+        if line.startswith(b',"id":"', type_end + 1):
+            id_start = type_end + 8
+            id_end = line.find(b'"', id_start)
+            if id_end > 0:
+                return f"{line[len(_KEY_PREFIX_BYTES):type_end].decode()}/{line[id_start:id_end].decode()}"
+    return None
+
+
 @dataclass(frozen=True)
 class StudyEntry:
     """A previous run's study line: its key and digest, and the line (parsed further only where it
