@@ -40,10 +40,8 @@ def listing_digest(stamped) -> str | None:
     pairs = sorted(stamped)
     if any(stamp is None for _, stamp in pairs):
         return None
-    digest = hashlib.sha256()
-    for key, stamp in pairs:
-        digest.update(key.encode("utf-8", "surrogatepass") + b"\0" + stamp.encode("ascii") + b"\n")
-    return digest.hexdigest()[:32]
+    text = "".join([f"{key}\0{stamp}\n" for key, stamp in pairs])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

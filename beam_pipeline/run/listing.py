@@ -85,11 +85,15 @@ class ListFilesDoFn(beam.DoFn):
 class ListInputFiles(beam.PTransform):
     """Lists the input files and spreads them, in batches, over the workers: the pattern's root
     first (its own files and its parts: subfolders or sub-prefixes), then each part on any
-    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step."""
+    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step.
+    ``spread=False`` leaves the batches where they were listed: for a step that groups them by key
+    next (``--since``: by unit), which spreads them anyway."""
 
     def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
-                 progress: ProgressSettings | None = None, retry_deadline: float | None = None):
+                 progress: ProgressSettings | None = None, retry_deadline: float | None = None,
+                 spread: bool = True):
         super().__init__()
+        self.spread = spread
         self.retry_deadline = retry_deadline
         self.input_path = input_path
         self.exclude = exclude
@@ -107,9 +111,9 @@ class ListInputFiles(beam.PTransform):
                  | "ListParts" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size, top=False,
                                                          retry_deadline=self.retry_deadline))
                  .with_outputs(COUNTS, ERRORS, main="files"))
-        batches = ((top.files, parts.files)
-                   | "AllListed" >> beam.Flatten()
-                   | "Spread" >> beam.Reshuffle())
+        batches = (top.files, parts.files) | "AllListed" >> beam.Flatten()
+        if self.spread:
+            batches = batches | "Spread" >> beam.Reshuffle()
         counts = (top[COUNTS], parts[COUNTS]) | "ListCounts" >> beam.Flatten()
         errors = (top[ERRORS], parts[ERRORS]) | "ListErrors" >> beam.Flatten()
         return batches, counts, errors

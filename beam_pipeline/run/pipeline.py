@@ -63,7 +63,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             settings.dicomweb, progress, previous_sources=before)
     else:
         batches, listed_counts, listing_errors = pipeline | "ListFiles" >> listing.ListInputFiles(
-            settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
+            settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline,
+            spread=previous is None)  # --since: joined with the previous units by key, spread there
         root = inputs.group_root(settings.input)
         read_headers = reading.ReadHeaders(
             settings.use_fast_reader, settings.group_by, root, progress,
