@@ -2,6 +2,7 @@
 the others' records from the previous run's state."""
 from __future__ import annotations
 
+import pickle
 import typing
 from collections import Counter
 
@@ -13,7 +14,7 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_pipeline.fhir import study
 from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
-from beam_pipeline.run.reading import ReadHeaders, unit_items
+from beam_pipeline.run.reading import ReadHeaders
 from beam_pipeline.run.steps import COUNTS, DROPPED, ERRORS, NAMESPACE, REUSED
 from beam_pipeline.sources import files as inputs
 
@@ -51,6 +52,38 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
             offset += len(raw)
 
 
+class UnitListingsDoFn(beam.DoFn):
+    """Listed batches -> (unit, (listing digest, files, encoded)) per unit, its files stamped now and
+    encoded in one piece ((key, stamp, listed item) each): an unchanged unit's files are compared
+    by the digest alone, never decoded. A folder's units are sent on when the listing moves to
+    another folder (a local walk lists a folder's files together), the others at the bundle's end;
+    a unit that comes in several pieces is joined, and its digest computed again, by
+    ``ChooseUnitsDoFn``."""
+
+    def start_bundle(self):
+        self.folder, self.units = None, {}
+
+    def process(self, batch):
+        for item in batch:
+            key = state.source_key(item[0])
+            unit = folder_state.unit_of(key)
+            folder = unit.rpartition("|")[0]
+            if folder != self.folder:
+                yield from self._flush()
+                self.folder = folder
+            self.units.setdefault(unit, []).append((key, inputs.stamp(*item), item))
+
+    def finish_bundle(self):
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+    def _flush(self):
+        units, self.units = self.units, {}
+        for unit, stamped in sorted(units.items()):
+            digest = folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped)
+            yield unit, (digest, len(stamped), pickle.dumps(stamped, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 class ChooseUnitsDoFn(beam.DoFn):
     """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``, one per line of the
     unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a
@@ -69,24 +102,30 @@ class ChooseUnitsDoFn(beam.DoFn):
 
     def process(self, item):
         unit, joined = item
-        listed = [listed for part in joined["now"] for listed in part]
+        now = list(joined["now"])  # (listing digest, files, encoded) of the unit's listed files
         before = sorted(joined["before"], key=lambda part: part.place)  # the unit's lines (parts)
         counts = Counter()
         # every line of the unit is written anew unless the unit is reused whole
         dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash, None)) for part in before]
-        if not listed:
+        if not now:
             counts["incremental:files_gone"] += sum(part.files for part in before)
             yield beam.pvalue.TaggedOutput(COUNTS, counts)
             yield from dropped
             return
-        stamped = [(state.source_key(entry[0]), inputs.stamp(*entry), entry) for entry in listed]
-        if before and _whole(before) and folder_state.listing_digest(
-                (key, stamp) for key, stamp, _ in stamped) == before[0].digest:
-            self.progress.add({"unchanged": len(listed)})  # not to be read: the progress line's total
+        listed = sum(files for _, files, _ in now)
+        stamped = None
+        digest = now[0][0]
+        if len(now) > 1:  # listed in pieces: the whole unit's digest
+            stamped = [entry for _, _, encoded in now for entry in pickle.loads(encoded)]
+            digest = folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped)
+        if before and _whole(before) and digest is not None and digest == before[0].digest:
+            self.progress.add({"unchanged": listed})  # not to be read: the progress line's total
             yield from (beam.pvalue.TaggedOutput(REUSED, part) for part in before)
-            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": len(listed)}))
+            yield beam.pvalue.TaggedOutput(COUNTS, Counter({"incremental:files_reused": listed}))
             return
         yield from dropped
+        if stamped is None:
+            stamped = pickle.loads(now[0][2])
         entries = {entry.key: entry for part in before for entry in part.entries()}
         to_read, reused = [], []
         for key, stamp, listed_item in stamped:
@@ -151,7 +190,7 @@ class ReadChangedHeaders(beam.PTransform):
         self.read_headers = read_headers
 
     def expand(self, batches):
-        chosen = ({"now": batches | "ByUnit" >> beam.FlatMap(unit_items), "before": self.previous_units}
+        chosen = ({"now": batches | "ByUnit" >> beam.ParDo(UnitListingsDoFn()), "before": self.previous_units}
                   | "JoinState" >> beam.CoGroupByKey()
                   | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(
                       REUSED, COUNTS, DROPPED, main="read"))
