@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_pipeline.codes import RESOURCE_TYPES, SHARED_TYPES
 from beam_pipeline.fhir import study
 from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
@@ -35,8 +36,7 @@ class ReadState(beam.PTransform):
         if not self.shards:
             return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
-                | "Shards" >> beam.Create(self.shards)
-                | "Spread" >> beam.Reshuffle()
+                | "Shards" >> beam.Create(self.shards)  # spread over the workers when there are several
                 | "Entries" >> beam.FlatMap(shard_entries, parse, key_of, placed))
 
 
@@ -177,14 +177,12 @@ class ReuseUnitsDoFn(beam.DoFn):
 
 class ReadChangedHeaders(beam.PTransform):
     """Listed batches + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
-    of the units read) and sorted runs of the unchanged units' lines, kept from the previous state
-    (``external_sort.Run``): unchanged units are reused whole, and of the others only new, changed
-    and transiently failed files are read."""
+    of the units read) and the previous lines of the units written anew (``DROPPED``; the others'
+    are kept from the previous state by ``KeepPreviousLines``): unchanged units are reused whole,
+    and of the others only new, changed and transiently failed files are read."""
 
-    def __init__(self, previous_units, read_headers: ReadHeaders, folder: str,
-                 progress: ProgressSettings | None = None):
+    def __init__(self, previous_units, read_headers: ReadHeaders, progress: ProgressSettings | None = None):
         super().__init__()
-        self.folder = folder  # the previous output: its unchanged units' lines are kept (``kept``)
         self.progress = progress
         self.previous_units = previous_units
         self.read_headers = read_headers
@@ -194,18 +192,14 @@ class ReadChangedHeaders(beam.PTransform):
                   | "JoinState" >> beam.CoGroupByKey()
                   | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(
                       REUSED, COUNTS, DROPPED, main="read"))
-        to_read = chosen.read | "SpreadToRead" >> beam.Reshuffle()
-        partials, errors, counts, state_lines = to_read | "ReadHeaders" >> self.read_headers
+        # the units to read are spread by the join already
+        partials, errors, counts, state_lines = chosen.read | "ReadHeaders" >> self.read_headers
         reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
             ERRORS, COUNTS, main="partials")
-        kept = (state_lines.pipeline
-                | "SourceStateName" >> beam.Create([layout.SOURCE_STATE_NAME])
-                | "KeptSourceLines" >> beam.FlatMap(keep_previous_lines, self.folder,
-                                                    beam.pvalue.AsList(chosen[DROPPED])))
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
                 (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
                 (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
-                state_lines, kept)
+                state_lines, chosen[DROPPED])
 
 
 def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.Run]:
@@ -249,21 +243,24 @@ def _check(line: bytes) -> str:
     return line[-18:-2].decode("ascii", "replace")
 
 
-class KeepPreviousLines(beam.PTransform):
-    """The previous run's study entries -> sorted runs (``external_sort.Run``) of the lines of the
-    previous output that this output keeps: those of every study not rebuilt, not gone."""
+# The names whose lines are all built by studies (shared resources are written once per run, anew).
+STUDY_NAMES = tuple(name for name in RESOURCE_TYPES if name not in SHARED_TYPES)
 
-    def __init__(self, folder: str, dropped):
+
+class KeepPreviousLines(beam.PTransform):
+    """The dropped lines ((name, hash, key) of the studies rebuilt or gone, of the units written
+    anew) -> sorted runs (``external_sort.Run``) of the lines of the previous output's ``names``
+    that this output keeps: one step for every name, with the dropped lines as its side input."""
+
+    def __init__(self, folder: str, names):
         super().__init__()
         self.folder = folder
-        self.dropped = dropped
+        self.names = sorted(names)
 
-    def expand(self, previous_studies):
-        folder = self.folder
-        return (previous_studies
-                | "Names" >> beam.FlatMap(lambda item: list(item[1].names()))
-                | "Distinct" >> beam.Distinct()
-                | "Keep" >> beam.FlatMap(keep_previous_lines, folder, beam.pvalue.AsList(self.dropped)))
+    def expand(self, dropped):
+        return (dropped.pipeline
+                | "Names" >> beam.Create(self.names, reshuffle=False)  # each a scan of its shards, quick
+                | "Keep" >> beam.FlatMap(keep_previous_lines, self.folder, beam.pvalue.AsList(dropped)))
 
 
 def run_lines(run: external_sort.Run):

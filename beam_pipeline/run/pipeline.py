@@ -54,7 +54,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     progress = settings.progress
     config = conversion_config(settings)
     temp = output.temp_dir(settings)
-    kept_sources = None  # --since: the unchanged units' state lines, kept from the previous state
+    dropped = []  # --since: the previous lines not kept (the other lines of ``kept`` names are)
+    kept = []
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         before = None if previous is None else (
@@ -75,17 +76,20 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
         else:
             before = pipeline | "PreviousSources" >> nightly.ReadState(
                 previous.sources, folder_state.read_unit_line, placed=True)
-            partials, file_errors, read_counts, source_state, kept_sources = (
-                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                    before, read_headers, previous.folder, progress=progress))
+            partials, file_errors, read_counts, source_state, dropped_sources = (
+                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(before, read_headers, progress=progress))
+            kept, dropped = [layout.SOURCE_STATE_NAME], [dropped_sources]
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
     studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
-    kept_runs = None
     if previous is not None and previous.reuse_studies:  # reused studies' lines: from the previous output
-        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, changes[2])
+        kept, dropped = kept + list(nightly.STUDY_NAMES), dropped + [changes[2]]
+    kept_runs = None
+    if kept:  # the previous output's lines of the units and studies reused, read by the merge
+        kept_runs = (dropped | "AllDropped" >> beam.Flatten()
+                     | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, kept))
     errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
     sink = None
     if settings.fhir_server is not None:
@@ -110,7 +114,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             study_state | "StudyStateRuns" >> writing.SortedRuns(temp),
             source_state | "SourceStateRuns" >> writing.SortedRuns(temp),
             small | "SmallOutputs" >> beam.Flatten() | "SmallRuns" >> writing.SortedRuns(temp)]
-    runs += [kept for kept in (kept_runs, kept_sources) if kept is not None]  # --since: lines kept as they were
+    runs += [kept_runs] if kept_runs is not None else []  # --since: lines kept as they were
     written = [runs | "AllRuns" >> beam.Flatten() | "WriteFiles" >> writing.MergeRuns(temp)]
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
