@@ -34,6 +34,11 @@ def unit_of(key: str) -> str:
     return f"{folder}|{zlib.crc32(name.encode('utf-8', 'surrogatepass')) % FOLDER_SPLIT}"
 
 
+def unit_folder(unit: str) -> str:
+    """The folder of a unit (``unit_of``)."""
+    return unit.rpartition("|")[0]
+
+
 def listing_digest(stamped) -> str | None:
     """(key, stamp) pairs of a unit's files -> their digest; None when a stamp is unknown (the unit
     is then never reused whole)."""
@@ -142,6 +147,11 @@ class Unit:
     groups: tuple  # (group key, study uid, files, content) of each group of the unit
     place: tuple   # (shard path, byte offset) of the line
     hash: str      # the line's check (``state.check_of``): which line of the shard it is
+
+    def plain(self) -> tuple:
+        """The fields as a tuple (``Unit(*plain)`` again): plain values travel between steps
+        faster than a pickled object."""
+        return tuple(getattr(self, field.name) for field in fields(Unit))
 
     def light(self) -> dict[str, dict[str, StudyGroup]]:
         """The unit's partial groups, counted (files, content) but not loaded: each refers to the

@@ -24,24 +24,24 @@ class ReadState(beam.PTransform):
     """Shards of a previous run's state -> (key, entry) per line, parsed (and checked) on the
     workers; ``key_of`` chooses the key (default: the entry's own)."""
 
-    def __init__(self, shards, parse, key_of=None, placed: bool = False):
+    def __init__(self, shards, parse, key_of=None):
         super().__init__()
         self.shards = list(shards)
         self.parse = parse
         self.key_of = key_of or (lambda entry: entry.key)
-        self.placed = placed  # ``parse(line, (shard path, byte offset))``
 
     def expand(self, pbegin):
-        parse, key_of, placed = self.parse, self.key_of, self.placed
+        parse, key_of = self.parse, self.key_of
         if not self.shards:
             return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
         return (pbegin
                 | "Shards" >> beam.Create(self.shards)  # spread over the workers when there are several
-                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of, placed))
+                | "Entries" >> beam.FlatMap(shard_entries, parse, key_of))
 
 
 def shard_entries(path: str, parse, key_of, placed: bool = False):
-    """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed."""
+    """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed;
+    ``placed``: ``parse(line's bytes, (shard path, byte offset))``."""
     offset = 0
     with FileSystems.open(path, mime_type="application/octet-stream") as handle:
         for raw in handle:
@@ -52,13 +52,43 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
             offset += len(raw)
 
 
+class ReadUnits(beam.PTransform):
+    """Source shards of a previous run's state -> (folder, [``folder_state.Unit.plain()``, ...]):
+    the heads of its unit lines (``folder_state.read_unit_line``), consecutive lines of one folder
+    in one element (the lines are sorted: a folder's lines are together, but for odd names)."""
+
+    def __init__(self, shards):
+        super().__init__()
+        self.shards = list(shards)
+
+    def expand(self, pbegin):
+        if not self.shards:
+            return pbegin | "None" >> beam.Create([]).with_output_types(typing.Tuple[typing.Any, typing.Any])
+        return (pbegin
+                | "Shards" >> beam.Create(self.shards)  # spread over the workers when there are several
+                | "Units" >> beam.FlatMap(folder_units))
+
+
+def folder_units(path: str):
+    folder, units = None, []
+    for key, unit in shard_entries(path, folder_state.read_unit_line, lambda unit: unit.key, placed=True):
+        here = folder_state.unit_folder(key)
+        if here != folder and units:
+            yield folder, units
+            units = []
+        folder = here
+        units.append(unit.plain())
+    if units:
+        yield folder, units
+
+
 class UnitListingsDoFn(beam.DoFn):
-    """Listed batches -> (unit, (listing digest, files, encoded)) per unit, its files stamped now and
-    encoded in one piece ((key, stamp, listed item) each): an unchanged unit's files are compared
-    by the digest alone, never decoded. A folder's units are sent on when the listing moves to
-    another folder (a local walk lists a folder's files together), the others at the bundle's end;
-    a unit that comes in several pieces is joined, and its digest computed again, by
-    ``ChooseUnitsDoFn``."""
+    """Listed batches -> (folder, [(unit, listing digest, files, encoded), ...]): per unit its files
+    stamped now and encoded in one piece ((key, stamp, listed item) each), so that an unchanged
+    unit's files are compared by the digest alone, never decoded. A folder's units are sent on
+    when the listing moves to another folder (a local walk lists a folder's files together), the
+    last at the bundle's end; a unit that comes in several pieces is joined, and its digest
+    computed again, by ``ChooseUnitsDoFn``."""
 
     def start_bundle(self):
         self.folder, self.units = None, {}
@@ -67,7 +97,7 @@ class UnitListingsDoFn(beam.DoFn):
         for item in batch:
             key = state.source_key(item[0])
             unit = folder_state.unit_of(key)
-            folder = unit.rpartition("|")[0]
+            folder = folder_state.unit_folder(unit)
             if folder != self.folder:
                 yield from self._flush()
                 self.folder = folder
@@ -79,17 +109,18 @@ class UnitListingsDoFn(beam.DoFn):
 
     def _flush(self):
         units, self.units = self.units, {}
-        for unit, stamped in sorted(units.items()):
-            digest = folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped)
-            yield unit, (digest, len(stamped), pickle.dumps(stamped, protocol=pickle.HIGHEST_PROTOCOL))
+        if units:
+            yield self.folder, [(unit, folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped),
+                                 len(stamped), pickle.dumps(stamped, protocol=pickle.HIGHEST_PROTOCOL))
+                                for unit, stamped in sorted(units.items())]
 
 
 class ChooseUnitsDoFn(beam.DoFn):
-    """(unit, {"now": listed items, "before": [previous ``folder_state.Unit``, one per line of the
-    unit]}) -> the unit's lines to reuse (``reused``) when its listing digest is unchanged, else a
-    job (unit, items to read, entries to reuse) and the hashes of its previous lines (``dropped``:
-    written anew): a file is read again when it is new, its stamp differs or is unknown, or it
-    failed for a transient reason; a file no longer listed is gone."""
+    """(folder, {"now": its listed units (``UnitListingsDoFn``), "before": its previous units
+    (``ReadUnits``)}) -> per unit, its lines to reuse (``reused``) when its listing digest is
+    unchanged, else a job (unit, items to read, entries to reuse) and the checks of its previous
+    lines (``dropped``: written anew): a file is read again when it is new, its stamp differs or
+    is unknown, or it failed for a transient reason; a file no longer listed is gone."""
 
     def __init__(self, progress: ProgressSettings | None = None):
         self.progress_settings = progress
@@ -101,9 +132,23 @@ class ChooseUnitsDoFn(beam.DoFn):
         self.progress.flush()
 
     def process(self, item):
-        unit, joined = item
-        now = list(joined["now"])  # (listing digest, files, encoded) of the unit's listed files
-        before = sorted(joined["before"], key=lambda part: part.place)  # the unit's lines (parts)
+        _, joined = item
+        now: dict[str, list] = {}
+        for listed in joined["now"]:
+            for unit, digest, files, encoded in listed:
+                now.setdefault(unit, []).append((digest, files, encoded))
+        before: dict[str, list] = {}
+        for units in joined["before"]:
+            for plain in units:
+                part = folder_state.Unit(*plain)
+                before.setdefault(part.key, []).append(part)
+        for unit in sorted(now.keys() | before.keys()):
+            yield from self._choose(unit, now.get(unit, []),
+                                    sorted(before.get(unit, []), key=lambda part: part.place))
+
+    def _choose(self, unit: str, now: list, before: list):
+        """``now``: (listing digest, files, encoded) of the unit's listed files; ``before``: the
+        unit's previous lines (parts)."""
         counts = Counter()
         # every line of the unit is written anew unless the unit is reused whole
         dropped = [beam.pvalue.TaggedOutput(DROPPED, (layout.SOURCE_STATE_NAME, part.hash, None)) for part in before]

@@ -17,7 +17,6 @@ from beam_pipeline.run import (
     core,
     dicomweb_read,
     fhir_sink,
-    folder_state,
     grouping,
     layout,
     listing,
@@ -74,8 +73,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
                                                                 | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> nightly.ReadState(
-                previous.sources, folder_state.read_unit_line, placed=True)
+            before = pipeline | "PreviousSources" >> nightly.ReadUnits(previous.sources)
             partials, file_errors, read_counts, source_state, dropped_sources = (
                 batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(before, read_headers, progress=progress))
             kept, dropped = [layout.SOURCE_STATE_NAME], [dropped_sources]
