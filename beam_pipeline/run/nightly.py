@@ -263,29 +263,31 @@ def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.R
         lines = size = 0
         skip = []
         with FileSystems.open(shard, mime_type="application/octet-stream") as source:
-            for index, raw in enumerate(source):
-                line = raw[:-1] if raw.endswith(b"\n") else raw
+            for index, line in enumerate(source):  # each line with its newline (not copied without it)
+                ended = line.endswith(b"\n")
                 if drops:
                     if state_lines:
-                        digest = _check(line)
+                        digest = _check(line, ended)
                     else:
                         key = state.line_key_of_bytes(line)
-                        digest = state.line_hash(line) if key is None or key in keys else None
+                        digest = state.line_hash(line[:-1] if ended else line) if key is None or key in keys else None
                     if drops[digest]:
                         drops[digest] -= 1
                         skip.append(index)
                         continue
                 lines += 1
-                # characters, as the writer counts them
-                size += (len(line) if line.isascii() else len(line.decode("utf-8"))) + 1
+                # characters and the newline, as the writer counts them
+                size += (len(line) if line.isascii() else len(line.decode("utf-8"))) + (not ended)
         if lines:
             runs.append(external_sort.Run(name, shard, lines, size, tuple(skip)))
     return runs
 
 
-def _check(line: bytes) -> str:
-    """A state line's check, as written (verified when the line was read: ``folder_state.read_unit_line``)."""
-    return line[-18:-2].decode("ascii", "replace")
+def _check(line: bytes, ended: bool = False) -> str:
+    """A state line's check, as written (verified when the line was read: ``folder_state.read_unit_line``);
+    ``ended``: the line ends with its newline."""
+    end = len(line) - 2 - ended
+    return line[end - 16:end].decode("ascii", "replace")  # a copy of 16 bytes, whatever the line's size
 
 
 # The names whose lines are all built by studies (shared resources are written once per run, anew).
