@@ -29,6 +29,7 @@ FAN_IN = 64
 REMOTE_FAN_IN = 8
 WRITE_LINES = 4096  # lines per write call at most
 WRITE_BYTES = 1024 * 1024  # line bytes per write call at most (a large study's line is some 100 KB)
+WRITE_ALONE = 64 * 1024  # a line (with its newline) this long is written in a call of its own
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,20 @@ def write_run(temp_dir: str, name: str, lines: list[bytes], size: int) -> Run:
     return Run(name, path, len(lines), size)
 
 
+READ_BUFFER = 1024 * 1024  # a local file's read buffer: a line of some 100 KB is found in it, copied once
+
+
+def open_read(path: str):
+    """A file to read line by line: a local one with a buffer of ``READ_BUFFER`` (Beam's default,
+    8 KB, makes a long line's read several copies), others through Beam's file systems."""
+    if is_remote(path):
+        return FileSystems.open(path, mime_type="application/octet-stream")
+    return open(path, "rb", buffering=READ_BUFFER)
+
+
 def _lines(path: str, skip=(), newline: bool = False):
     skip = set(skip)
-    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+    with open_read(path) as handle:
         for index, line in enumerate(handle):
             if index not in skip:
                 if newline:
@@ -106,6 +118,12 @@ def _chunks(lines, ended: bool = False):
     most WRITE_LINES and WRITE_BYTES, each followed by a newline."""
     chunk, held = [], 0
     for line in lines:
+        if ended and len(line) >= WRITE_ALONE:  # written as it is: no copy into a chunk
+            if chunk:
+                yield _joined(chunk, ended), len(chunk)
+                chunk, held = [], 0
+            yield line, 1
+            continue
         chunk.append(line)
         held += len(line)
         if held >= WRITE_BYTES or len(chunk) == WRITE_LINES:

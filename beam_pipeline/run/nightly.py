@@ -43,7 +43,7 @@ def shard_entries(path: str, parse, key_of, placed: bool = False):
     """A state shard's lines, read in order (a shard is at most ``output.SHARD_BYTES``), parsed;
     ``placed``: ``parse(line's bytes, (shard path, byte offset))``."""
     offset = 0
-    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+    with external_sort.open_read(path) as handle:
         for raw in handle:
             line = raw.rstrip(b"\n")
             if line:  # placed: the line's bytes (a unit line is parsed in part)
@@ -262,7 +262,7 @@ def keep_previous_lines(name: str, folder: str, dropped) -> list[external_sort.R
     for shard in sorted(m.path for m in matched):
         lines = size = 0
         skip = []
-        with FileSystems.open(shard, mime_type="application/octet-stream") as source:
+        with external_sort.open_read(shard) as source:
             for index, line in enumerate(source):  # each line with its newline (not copied without it)
                 ended = line.endswith(b"\n")
                 if drops:
