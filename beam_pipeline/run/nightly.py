@@ -17,7 +17,6 @@ from beam_pipeline.run import external_sort, folder_state, layout, output, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.reading import ReadHeaders
 from beam_pipeline.run.steps import COUNTS, DROPPED, ERRORS, NAMESPACE, REUSED
-from beam_pipeline.sources import files as inputs
 
 
 class ReadState(beam.PTransform):
@@ -82,41 +81,8 @@ def folder_units(path: str):
         yield folder, units
 
 
-class UnitListingsDoFn(beam.DoFn):
-    """Listed batches -> (folder, [(unit, listing digest, files, encoded), ...]): per unit its files
-    stamped now and encoded in one piece ((key, stamp, listed item) each), so that an unchanged
-    unit's files are compared by the digest alone, never decoded. A folder's units are sent on
-    when the listing moves to another folder (a local walk lists a folder's files together), the
-    last at the bundle's end; a unit that comes in several pieces is joined, and its digest
-    computed again, by ``ChooseUnitsDoFn``."""
-
-    def start_bundle(self):
-        self.folder, self.units = None, {}
-
-    def process(self, batch):
-        for item in batch:
-            key = state.source_key(item[0])
-            unit = folder_state.unit_of(key)
-            folder = folder_state.unit_folder(unit)
-            if folder != self.folder:
-                yield from self._flush()
-                self.folder = folder
-            self.units.setdefault(unit, []).append((key, inputs.stamp(*item), item))
-
-    def finish_bundle(self):
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
-
-    def _flush(self):
-        units, self.units = self.units, {}
-        if units:
-            yield self.folder, [(unit, folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped),
-                                 len(stamped), pickle.dumps(stamped, protocol=pickle.HIGHEST_PROTOCOL))
-                                for unit, stamped in sorted(units.items())]
-
-
 class ChooseUnitsDoFn(beam.DoFn):
-    """(folder, {"now": its listed units (``UnitListingsDoFn``), "before": its previous units
+    """(folder, {"now": its listed units (``listing.UnitListingsDoFn``), "before": its previous units
     (``ReadUnits``)}) -> per unit, its lines to reuse (``reused``) when its listing digest is
     unchanged, else a job (unit, items to read, entries to reuse) and the checks of its previous
     lines (``dropped``: written anew): a file is read again when it is new, its stamp differs or
@@ -221,7 +187,7 @@ class ReuseUnitsDoFn(beam.DoFn):
 
 
 class ReadChangedHeaders(beam.PTransform):
-    """Listed batches + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
+    """Listed units (``listing.UnitListingsDoFn``) + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
     of the units read) and the previous lines of the units written anew (``DROPPED``; the others'
     are kept from the previous state by ``KeepPreviousLines``): unchanged units are reused whole,
     and of the others only new, changed and transiently failed files are read."""
@@ -232,8 +198,8 @@ class ReadChangedHeaders(beam.PTransform):
         self.previous_units = previous_units
         self.read_headers = read_headers
 
-    def expand(self, batches):
-        chosen = ({"now": batches | "ByUnit" >> beam.ParDo(UnitListingsDoFn()), "before": self.previous_units}
+    def expand(self, units):
+        chosen = ({"now": units, "before": self.previous_units}
                   | "JoinState" >> beam.CoGroupByKey()
                   | "Choose" >> beam.ParDo(ChooseUnitsDoFn(self.progress)).with_outputs(
                       REUSED, COUNTS, DROPPED, main="read"))

@@ -64,7 +64,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     else:
         batches, listed_counts, listing_errors = pipeline | "ListFiles" >> listing.ListInputFiles(
             settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline,
-            spread=previous is None)  # --since: joined with the previous units by key, spread there
+            by_unit=previous is not None)  # --since: folder units, joined with the previous ones
         root = inputs.group_root(settings.input)
         read_headers = reading.ReadHeaders(
             settings.use_fast_reader, settings.group_by, root, progress,
