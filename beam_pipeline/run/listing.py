@@ -96,14 +96,19 @@ class UnitListingsDoFn(beam.DoFn):
         self.folder, self.units = None, {}
 
     def process(self, batch):
+        units, stamp, unit_of, unit_folder = self.units, inputs.stamp, folder_state.unit_of, folder_state.unit_folder
         for item in batch:
             key = state.source_key(item[0])
-            unit = folder_state.unit_of(key)
-            folder = folder_state.unit_folder(unit)
+            unit = unit_of(key)
+            folder = unit_folder(unit)
             if folder != self.folder:
                 yield from self._flush()
+                units = self.units
                 self.folder = folder
-            self.units.setdefault(unit, []).append((key, inputs.stamp(*item), item))
+            stamped = units.get(unit)
+            if stamped is None:
+                stamped = units[unit] = []
+            stamped.append((key, stamp(*item), item))
 
     def finish_bundle(self):
         for element in self._flush():
