@@ -187,7 +187,8 @@ class ReuseUnitsDoFn(beam.DoFn):
 
 
 class ReadChangedHeaders(beam.PTransform):
-    """Listed units (``listing.UnitListingsDoFn``) + the previous run's units -> the outputs of ``ReadHeaders`` (the state lines
+    """Listed units (``listing.UnitListingsDoFn``) + the previous run's units -> the outputs of ``ReadHeaders``
+    (errors and counts as tuples of collections) (the state lines
     of the units read) and the previous lines of the units written anew (``DROPPED``; the others'
     are kept from the previous state by ``KeepPreviousLines``): unchanged units are reused whole,
     and of the others only new, changed and transiently failed files are read."""
@@ -208,8 +209,8 @@ class ReadChangedHeaders(beam.PTransform):
         reused = chosen[REUSED] | "Reuse" >> beam.ParDo(ReuseUnitsDoFn()).with_outputs(
             ERRORS, COUNTS, main="partials")
         return ((partials, reused.partials) | "AllPartials" >> beam.Flatten(),
-                (errors, reused[ERRORS]) | "AllFileErrors" >> beam.Flatten(),
-                (counts, reused[COUNTS], chosen[COUNTS]) | "AllReadCounts" >> beam.Flatten(),
+                (errors, reused[ERRORS]),  # flattened with the run's others once (a Flatten is a stage)
+                (counts, reused[COUNTS], chosen[COUNTS]),
                 state_lines, chosen[DROPPED])
 
 

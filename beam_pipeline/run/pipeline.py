@@ -88,7 +88,7 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     if kept:  # the previous output's lines of the units and studies reused, read by the merge
         kept_runs = (dropped | "AllDropped" >> beam.Flatten()
                      | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, kept))
-    errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
+    errors = _collections(listing_errors, file_errors, folder_errors, study_errors)
     sink = None
     if settings.fhir_server is not None:
         sent = studies if kept_runs is None else (
@@ -116,9 +116,15 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     written = [runs | "AllRuns" >> beam.Flatten() | "WriteFiles" >> writing.MergeRuns(temp)]
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
-    counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts, sink and sink[1]) if c is not None]
+    counts = (_collections(listed_counts, read_counts, folder_counts, build_counts, sink and sink[1])
               | "AllCounts" >> beam.Flatten())
     (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> summarizing.Summarize(settings, started, config)
+
+
+def _collections(*items) -> list:
+    """The collections given, a tuple of them counting as its members, None as none: flattened
+    once (on the local runner, a Flatten of a Flatten costs a stage)."""
+    return [c for item in items if item is not None for c in (item if isinstance(item, tuple) else (item,))]
 
 
 def local_runner(options):
