@@ -1,5 +1,7 @@
-"""Beam's argument introspection, memoized (run/beam_memo.py): the same answers as Beam's own."""
+"""Start-up cuts of Beam's fixed cost: its argument introspection memoized (run/beam_memo.py), the
+same answers as Beam's own; type inference at construction skipped on the in-process runner only."""
 import functools
+import shutil
 
 import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -46,3 +48,16 @@ def test_beam_still_finds_state_and_side_parameters_through_the_memo():
     with beam.Pipeline(runner=FnApiRunner()) as p:
         out = p | beam.Create([("k", 1), ("k", 2)]) | beam.ParDo(_Stateful())
         assert_that(out, equal_to([("k", 1), ("k", 2)]))
+
+
+def test_only_the_in_process_runner_skips_type_inference_at_construction():
+    from apache_beam.options.pipeline_options import TypeOptions
+
+    from beam_pipeline.run.cli import new_pipeline
+
+    in_process = new_pipeline(["--direct_num_workers", "1"])
+    prism = new_pipeline(["--runner", "PrismRunner"])
+    for unrun in (in_process, prism):  # Beam makes a temp folder per Pipeline and removes it when it runs
+        shutil.rmtree(unrun.local_tempdir, ignore_errors=True)
+    assert in_process._options.view_as(TypeOptions).pipeline_type_check is False
+    assert prism._options.view_as(TypeOptions).pipeline_type_check is True
