@@ -58,14 +58,15 @@ def test_a_line_is_sealed_by_a_checksum_of_its_bytes():
             state.read_source_line(damaged)
 
 
-@pytest.mark.parametrize("older", [1, 2])
+@pytest.mark.parametrize("older", [1, 2, 3])
 def test_a_state_of_an_older_format_is_refused_in_one_line(tmp_path, older):
-    """Format 1 pickled the records, format 2 held every study's resources: refused, never misread."""
+    """Format 1 pickled the records, format 2 held every study's resources, format 3 had unit lines
+    without a head: refused, never misread."""
     make_archive(tmp_path / "archive", studies=1, series=1, instances=2)
     run_pipeline(tmp_path / "archive", tmp_path / "a", "--quiet")
     header = tmp_path / "a" / "_state" / "state.json"
     document = json.loads(header.read_text())
-    assert document["format"] == state.FORMAT == 3
+    assert document["format"] == state.FORMAT == 4
     document["format"] = older
     header.write_text(json.dumps(document))
     done = subprocess.run([sys.executable, "-m", "beam_pipeline", "--quiet", "--input", str(tmp_path / "archive"),
@@ -73,7 +74,7 @@ def test_a_state_of_an_older_format_is_refused_in_one_line(tmp_path, older):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"its state has format {older}, this converter reads format 3" in lines[0], lines
+    assert len(lines) == 1 and f"its state has format {older}, this converter reads format 4" in lines[0], lines
 
 
 def test_the_streaming_follow_state_is_a_sealed_json_line_with_the_records_types(tmp_path):

@@ -12,6 +12,7 @@ from make_archive import make_archive
 from nightly_changes import assert_same_snapshot, touch_later
 
 from beam_pipeline.run import folder_state, state
+from beam_pipeline.sources import files
 
 
 def unit_lines(out) -> list[dict]:
@@ -32,7 +33,7 @@ def test_a_unit_of_many_files_is_several_lines_and_a_night_reuses_the_unchanged(
     make_archive(root / "other", studies=2, series=1, instances=4, seed=3)
     first = run_pipeline(root, tmp_path / "a", "--quiet")
     lines = unit_lines(tmp_path / "a")
-    assert all(len(line["files"]) <= 3 for line in lines)
+    assert all(len(line["body"]["files"]) <= 3 and line["count"] == len(line["body"]["files"]) for line in lines)
     by_unit: dict[str, list] = {}
     for line in lines:
         by_unit.setdefault(line["unit"], []).append(line)
@@ -42,7 +43,7 @@ def test_a_unit_of_many_files_is_several_lines_and_a_night_reuses_the_unchanged(
         assert sorted(part["part"][0] for part in parts) == list(range(len(parts)))
         assert {part["part"][1] for part in parts} == {len(parts)}
         assert len({part["digest"] for part in parts}) == 1
-    assert sum(len(line["files"]) for line in lines) == first["files_matched"]
+    assert sum(line["count"] for line in lines) == first["files_matched"]
 
     files = sorted((root / "big").rglob("*.dcm"))
     ds = pydicom.dcmread(files[5])
@@ -81,3 +82,41 @@ def test_a_kept_shard_is_merged_without_its_skipped_lines_also_in_rounds(tmp_pat
     new = [external_sort.write_run(str(tmp_path), "X", [line], 2) for line in (b"d", b"b", b"f")]
     assert list(external_sort.merged(str(tmp_path), [kept, *new])) == [b"a", b"b", b"d", b"e", b"f"]
     assert shard.read_bytes() == b"a\nc\ne\ng\n"  # the previous output is read, never changed
+
+
+def test_a_unit_listed_in_pieces_is_joined_and_reused_by_its_whole_digest(tmp_path):
+    """A gs:// listing can interleave a folder's files with a subfolder's: the unit then comes in
+    several pieces, joined by folder, and its digest is computed over all of them."""
+    from beam_pipeline.run.listing import UnitListingsDoFn
+    from beam_pipeline.run.nightly import ChooseUnitsDoFn
+    from beam_pipeline.run.steps import COUNTS, REUSED
+
+    names = [f"f{n}.dcm" for n in range(12)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "g.dcm").write_bytes(b"y")
+    paths = [str(tmp_path / name) for name in names]
+    unit = folder_state.unit_of(paths[0])
+    mine = [path for path in paths if folder_state.unit_of(path) == unit]
+    assert len(mine) >= 2
+    listing = UnitListingsDoFn()
+    listing.start_bundle()
+    interleaved = [(mine[0], None, None), (str(tmp_path / "sub" / "g.dcm"), None, None)] + [
+        (path, None, None) for path in mine[1:]]
+    pieces = list(listing.process(interleaved))
+    pieces += [value.value for value in listing.finish_bundle()]
+    ours = [listed for folder, units in pieces if folder == str(tmp_path) for listed in units if listed[0] == unit]
+    assert len(ours) == 2  # the unit in two pieces, each with its own digest
+    entries = [folder_state.FileEntry(path, state_stamp, None, (), {"files_matched": 1})
+               for path, state_stamp in sorted((path, files.stamp(path)) for path in mine)]
+    [(part, whole)] = folder_state.unit_parts(entries)
+    line = folder_state.unit_line(unit, part, {}, whole).encode()
+    before = folder_state.read_unit_line(line, ("shard", 0))
+    assert before.digest == whole["digest"] and before.files == len(mine)
+    choose = ChooseUnitsDoFn()
+    choose.setup()
+    out = list(choose.process((str(tmp_path), {"now": [[listed] for listed in ours], "before": [[before.plain()]]})))
+    reused = [o.value for o in out if getattr(o, "tag", None) == REUSED]
+    counts = [o.value for o in out if getattr(o, "tag", None) == COUNTS]
+    assert reused == [before] and counts[0]["incremental:files_reused"] == len(mine)

@@ -111,10 +111,10 @@ class BuildStudyDoFn(beam.DoFn):
 
 
 def _dropped(hashes: dict):
-    """(resource type, line hash) of a previous study's lines that the output no longer keeps."""
+    """(resource type, line hash, key) of a previous study's lines that the output no longer keeps."""
     for name, pairs in hashes.items():
-        for _, line_hash in pairs:
-            yield beam.pvalue.TaggedOutput(DROPPED, (name, line_hash))
+        for key, line_hash in pairs:
+            yield beam.pvalue.TaggedOutput(DROPPED, (name, line_hash, key))
 
 
 def shared_delta(item):

@@ -29,6 +29,7 @@ FAN_IN = 64
 REMOTE_FAN_IN = 8
 WRITE_LINES = 4096  # lines per write call at most
 WRITE_BYTES = 1024 * 1024  # line bytes per write call at most (a large study's line is some 100 KB)
+WRITE_ALONE = 64 * 1024  # a line (with its newline) this long is written in a call of its own
 
 
 @dataclass(frozen=True)
@@ -65,51 +66,84 @@ def write_run(temp_dir: str, name: str, lines: list[bytes], size: int) -> Run:
     return Run(name, path, len(lines), size)
 
 
-def _lines(path: str, skip=()):
+READ_BUFFER = 1024 * 1024  # a local file's read buffer: a line of some 100 KB is found in it, copied once
+
+
+def open_read(path: str):
+    """A file to read line by line: a local one with a buffer of ``READ_BUFFER`` (Beam's default,
+    8 KB, makes a long line's read several copies), others through Beam's file systems."""
+    if is_remote(path):
+        return FileSystems.open(path, mime_type="application/octet-stream")
+    return open(path, "rb", buffering=READ_BUFFER)
+
+
+def _lines(path: str, skip=(), newline: bool = False):
     skip = set(skip)
-    with FileSystems.open(path, mime_type="application/octet-stream") as handle:
+    with open_read(path) as handle:
         for index, line in enumerate(handle):
             if index not in skip:
-                yield line[:-1] if line.endswith(b"\n") else line
+                if newline:
+                    yield line if line.endswith(b"\n") else line + b"\n"
+                else:
+                    yield line[:-1] if line.endswith(b"\n") else line
 
 
-def run_lines(run: Run):
-    """The lines of a run (UTF-8, no newline), in order."""
-    return _lines(run.path, run.skip)
+def run_lines(run: Run, newline: bool = False):
+    """The lines of a run (UTF-8; without their newline, or with it), in order."""
+    return _lines(run.path, run.skip, newline)
 
 
-def merged(temp_dir: str, runs: list[Run]):
-    """The lines of ``runs`` in sorted order, read line by line (in rounds when there are many)."""
+def merged(temp_dir: str, runs: list[Run], newline: bool = False):
+    """The lines of ``runs`` in sorted order, read line by line (in rounds when there are many).
+
+    ``newline``: each line with its newline, which the merge then neither strips nor adds back
+    (a copy less of every line). The order is the same: a line (JSON) holds no byte below the
+    newline's (control characters are escaped)."""
     fan_in = REMOTE_FAN_IN if is_remote(temp_dir) else FAN_IN
     while len(runs) > fan_in:
         grouped = [runs[start:start + fan_in] for start in range(0, len(runs), fan_in)]
         runs = [_merge_to_run(temp_dir, group) for group in grouped]
-    return heapq.merge(*(run_lines(run) for run in runs))
+    return heapq.merge(*(run_lines(run, newline) for run in runs))
 
 
 def _merge_to_run(temp_dir: str, runs: list[Run]) -> Run:
     path = FileSystems.join(temp_dir, RUNS_DIR, f"merged-{uuid.uuid4().hex}.run")
     with FileSystems.create(path, mime_type="application/octet-stream") as out:
-        count = _write_lines(out, heapq.merge(*(run_lines(run) for run in runs)))
+        count = _write_lines(out, heapq.merge(*(run_lines(run, newline=True) for run in runs)))
     return Run(runs[0].name, path, count, sum(run.size for run in runs))
 
 
-def _chunks(lines):
-    """(bytes to write, their line count): lines joined by at most WRITE_LINES and WRITE_BYTES."""
+def _chunks(lines, ended: bool = False):
+    """(bytes to write, their line count): lines (``ended``: each with its newline) joined by at
+    most WRITE_LINES and WRITE_BYTES, each followed by a newline."""
     chunk, held = [], 0
     for line in lines:
+        if ended and len(line) >= WRITE_ALONE:  # written as it is: no copy into a chunk
+            if chunk:
+                yield _joined(chunk, ended), len(chunk)
+                chunk, held = [], 0
+            yield line, 1
+            continue
         chunk.append(line)
         held += len(line)
         if held >= WRITE_BYTES or len(chunk) == WRITE_LINES:
-            yield b"\n".join(chunk) + b"\n", len(chunk)
+            yield _joined(chunk, ended), len(chunk)
             chunk, held = [], 0
     if chunk:
-        yield b"\n".join(chunk) + b"\n", len(chunk)
+        yield _joined(chunk, ended), len(chunk)
+
+
+def _joined(chunk: list[bytes], ended: bool) -> bytes:
+    if ended:
+        return b"".join(chunk)
+    chunk.append(b"")  # the last line's newline, in the one join
+    return b"\n".join(chunk)
 
 
 def _write_lines(out, lines) -> int:
+    """Writes lines that end with their newline; returns their count."""
     count = 0
-    for chunk, lines_in_chunk in _chunks(lines):
+    for chunk, lines_in_chunk in _chunks(lines, ended=True):
         out.write(chunk)
         count += lines_in_chunk
     return count
@@ -126,23 +160,23 @@ def merge_into_shards(temp_dir: str, name: str, runs: list[Run]) -> list[tuple[s
     counts = [0] * total
     try:
         if total == 1:
-            counts[0] = _write_lines(outs[0], merged(temp_dir, runs))
+            counts[0] = _write_lines(outs[0], merged(temp_dir, runs, newline=True))
         else:
             chunks = [[] for _ in range(total)]
             held = [0] * total  # bytes in each shard's chunk: the shards together hold WRITE_BYTES at most
-            for line in merged(temp_dir, runs):
-                shard = output.shard_of(line, total)
+            for line in merged(temp_dir, runs, newline=True):
+                shard = output.shard_of(memoryview(line)[:-1], total)  # of the line without its newline
                 chunk = chunks[shard]
                 chunk.append(line)
                 held[shard] += len(line)
                 if held[shard] * total >= WRITE_BYTES or len(chunk) == WRITE_LINES:
-                    outs[shard].write(b"\n".join(chunk) + b"\n")
+                    outs[shard].write(b"".join(chunk))
                     counts[shard] += len(chunk)
                     chunk.clear()
                     held[shard] = 0
             for shard, chunk in enumerate(chunks):
                 if chunk:
-                    outs[shard].write(b"\n".join(chunk) + b"\n")
+                    outs[shard].write(b"".join(chunk))
                     counts[shard] += len(chunk)
     finally:
         for out in outs:

@@ -1,11 +1,13 @@
 """The source lines of a file input (``_state/sources-*.jsonl``): one per *unit*, a folder's files
 whose names hash to one of ``FOLDER_SPLIT`` parts (docs/state.md).
 
-A unit line holds the digest of its listing (names and stamps), the unit's partial study groups
-(what reading it adds to each study, series- and study-level values once) and per file its stamp,
-its record as the difference from its series' representative, its error lines and counts. A later
-run reuses a unit whose listing digest is unchanged without looking at its files; in a changed
-unit it reads only the files whose stamp changed.
+A unit line holds a *head*: the digest of its listing (names and stamps), its files' error lines
+and counts summed, and per study what it adds (files, content); and a *body*: the unit's partial
+study groups (what reading it adds to each study, series- and study-level values once) and per
+file its stamp, its record as the difference from its series' representative, its error lines and
+counts. A later run reads only the heads (the body is the last member: the head is parsed without
+it); it reuses a unit whose listing digest is unchanged without looking at its files or its body,
+and in a changed unit it reads only the files whose stamp changed.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
 
+import orjson
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import TRANSIENT_REASONS
 from beam_pipeline.fhir.study import StudyGroup
-from beam_pipeline.run.state import BYTES_KEY, StateError, line_hash, plain_value, seal, typed_value, unseal
+from beam_pipeline.run.state import BYTES_KEY, StateError, check_of, plain_value, seal, typed_value, unseal
 
 FOLDER_SPLIT = 4  # units per folder
 PART_FILES = 2000  # files per line at most: a unit of a folder of a million files is many lines
@@ -31,16 +34,19 @@ def unit_of(key: str) -> str:
     return f"{folder}|{zlib.crc32(name.encode('utf-8', 'surrogatepass')) % FOLDER_SPLIT}"
 
 
+def unit_folder(unit: str) -> str:
+    """The folder of a unit (``unit_of``)."""
+    return unit.rpartition("|")[0]
+
+
 def listing_digest(stamped) -> str | None:
     """(key, stamp) pairs of a unit's files -> their digest; None when a stamp is unknown (the unit
     is then never reused whole)."""
     pairs = sorted(stamped)
     if any(stamp is None for _, stamp in pairs):
         return None
-    digest = hashlib.sha256()
-    for key, stamp in pairs:
-        digest.update(key.encode("utf-8", "surrogatepass") + b"\0" + stamp.encode("ascii") + b"\n")
-    return digest.hexdigest()[:32]
+    text = "".join([f"{key}\0{stamp}\n" for key, stamp in pairs])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -104,14 +110,24 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         diff = {k: v for k, v in entry.record.items() if k not in base or base[k] != v}
         dropped = [k for k in base if k not in entry.record]
         files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
+    counts = Counter()
+    for entry in entries:
+        counts.update(entry.counts)
     return seal({
         "unit": unit,
         "digest": whole["digest"],
         "retry": whole["retry"],
         "part": whole["part"],
-        "groups": [[key, uid, _group_plain(group)] for key, uid, group in groups],
-        "files": files,
+        "count": len(entries),
+        "errors": [error for entry in entries for error in entry.errors],
+        "counts": {k: v for k, v in sorted(counts.items()) if v},
+        "studies": [[key, uid, group.files, f"{group.content:x}"] for key, uid, group in groups],
+        _BODY: {"groups": [[key, uid, _group_plain(group)] for key, uid, group in groups], "files": files},
     }, default=plain_value)
+
+
+_BODY = "body"  # the last member of a unit line: what only a changed unit or rebuilt study loads
+_BODY_START = b',"' + _BODY.encode() + b'":'  # no string (quotes escaped) nor head key holds it
 
 
 @dataclass(frozen=True)
@@ -130,7 +146,12 @@ class Unit:
     counts: dict
     groups: tuple  # (group key, study uid, files, content) of each group of the unit
     place: tuple   # (shard path, byte offset) of the line
-    hash: str      # ``state.line_hash`` of the line
+    hash: str      # the line's check (``state.check_of``): which line of the shard it is
+
+    def plain(self) -> tuple:
+        """The fields as a tuple (``Unit(*plain)`` again): plain values travel between steps
+        faster than a pickled object."""
+        return tuple(getattr(self, field.name) for field in fields(Unit))
 
     def light(self) -> dict[str, dict[str, StudyGroup]]:
         """The unit's partial groups, counted (files, content) but not loaded: each refers to the
@@ -143,7 +164,7 @@ class Unit:
 
     def entries(self) -> list[FileEntry]:
         """Every file of the unit with its record rebuilt."""
-        body = _load(self.place)
+        body = _load(self.place)[_BODY]
         bases = [group.series[series_uid] for _, _, plain in body["groups"]
                  for group in [_group_typed(plain)] for series_uid in sorted(group.series)]
         entries = []
@@ -171,7 +192,7 @@ def load_pending(group: StudyGroup) -> StudyGroup:
         return group
     loaded = StudyGroup(group.study_uid).merge(dataclasses.replace(group, pending=()))
     for path, offset, key, files, content in group.pending:
-        for group_key, uid, plain in _load((path, offset))["groups"]:
+        for group_key, uid, plain in _load((path, offset))[_BODY]["groups"]:
             if group_key == key and uid == group.study_uid:
                 part = _group_typed(plain)
                 if (part.files, part.content) != (files, content):
@@ -182,14 +203,16 @@ def load_pending(group: StudyGroup) -> StudyGroup:
     return loaded
 
 
-def read_unit_line(line: str, place: tuple) -> Unit:
-    body = unseal(line, "source")
-    if "unit" not in body:
+def read_unit_line(line: bytes, place: tuple) -> Unit:
+    """A unit line's head, its check verified on the whole line; the body is not parsed."""
+    check = check_of(line, "source")
+    end = line.find(_BODY_START)
+    try:
+        head = orjson.loads(line[:end] + b"}") if end > 0 else None
+    except orjson.JSONDecodeError:
+        head = None
+    if not isinstance(head, dict) or "unit" not in head:
         raise StateError("a source line of the previous state is not a folder unit: run once without --since")
-    errors, counts = [], Counter()
-    for file in body["files"]:
-        errors.extend(file[5])
-        counts.update(file[6])
-    groups = tuple((key, uid, group["files"], int(group["content"], 16)) for key, uid, group in body["groups"])
-    return Unit(body["unit"], body["digest"], body["retry"], body["part"][1], len(body["files"]), tuple(errors),
-                dict(counts), groups, place, line_hash(line))
+    groups = tuple((key, uid, files, int(content, 16)) for key, uid, files, content in head["studies"])
+    return Unit(head["unit"], head["digest"], head["retry"], head["part"][1], head["count"], tuple(head["errors"]),
+                head["counts"], groups, place, check)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 import typing
 from collections import Counter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
-from beam_pipeline.run import core
+from beam_pipeline.run import core, folder_state, state
 from beam_pipeline.run.progress import ProgressBeacon, ProgressSettings
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH
 from beam_pipeline.sources import files as inputs
@@ -82,14 +84,56 @@ class ListFilesDoFn(beam.DoFn):
         yield from files
 
 
+class UnitListingsDoFn(beam.DoFn):
+    """Listed batches -> (folder, [(unit, listing digest, files, encoded), ...]): per unit its files
+    stamped now and encoded in one piece ((key, stamp, listed item) each), so that an unchanged
+    unit's files are compared by the digest alone, never decoded. A folder's units are sent on
+    when the listing moves to another folder (a local walk lists a folder's files together), the
+    last at the bundle's end; a unit that comes in several pieces is joined, and its digest
+    computed again, by ``nightly.ChooseUnitsDoFn``."""
+
+    def start_bundle(self):
+        self.folder, self.units = None, {}
+
+    def process(self, batch):
+        units, stamp, unit_of, unit_folder = self.units, inputs.stamp, folder_state.unit_of, folder_state.unit_folder
+        for item in batch:
+            key = state.source_key(item[0])
+            unit = unit_of(key)
+            folder = unit_folder(unit)
+            if folder != self.folder:
+                yield from self._flush()
+                units = self.units
+                self.folder = folder
+            stamped = units.get(unit)
+            if stamped is None:
+                stamped = units[unit] = []
+            stamped.append((key, stamp(*item), item))
+
+    def finish_bundle(self):
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+    def _flush(self):
+        units, self.units = self.units, {}
+        if units:
+            yield self.folder, [(unit, folder_state.listing_digest((key, stamp) for key, stamp, _ in stamped),
+                                 len(stamped), pickle.dumps(stamped, protocol=pickle.HIGHEST_PROTOCOL))
+                                for unit, stamped in sorted(units.items())]
+
+
 class ListInputFiles(beam.PTransform):
     """Lists the input files and spreads them, in batches, over the workers: the pattern's root
     first (its own files and its parts: subfolders or sub-prefixes), then each part on any
-    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step."""
+    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step.
+    ``by_unit`` (``--since``): folder units (``UnitListingsDoFn``) instead of batches, made where
+    they are listed (the join by folder that follows spreads them)."""
 
     def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
-                 progress: ProgressSettings | None = None, retry_deadline: float | None = None):
+                 progress: ProgressSettings | None = None, retry_deadline: float | None = None,
+                 by_unit: bool = False):
         super().__init__()
+        self.by_unit = by_unit
         self.retry_deadline = retry_deadline
         self.input_path = input_path
         self.exclude = exclude
@@ -107,9 +151,13 @@ class ListInputFiles(beam.PTransform):
                  | "ListParts" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size, top=False,
                                                          retry_deadline=self.retry_deadline))
                  .with_outputs(COUNTS, ERRORS, main="files"))
+        counts = (top[COUNTS], parts[COUNTS]) | "ListCounts" >> beam.Flatten()
+        errors = (top[ERRORS], parts[ERRORS]) | "ListErrors" >> beam.Flatten()
+        if self.by_unit:  # made before the Flatten, whose elements are held between stages, encoded
+            units = (top.files | "TopUnits" >> beam.ParDo(UnitListingsDoFn()),
+                     parts.files | "PartUnits" >> beam.ParDo(UnitListingsDoFn()))
+            return units | "AllListed" >> beam.Flatten(), counts, errors
         batches = ((top.files, parts.files)
                    | "AllListed" >> beam.Flatten()
                    | "Spread" >> beam.Reshuffle())
-        counts = (top[COUNTS], parts[COUNTS]) | "ListCounts" >> beam.Flatten()
-        errors = (top[ERRORS], parts[ERRORS]) | "ListErrors" >> beam.Flatten()
         return batches, counts, errors

@@ -17,7 +17,6 @@ from beam_pipeline.run import (
     core,
     dicomweb_read,
     fhir_sink,
-    folder_state,
     grouping,
     layout,
     listing,
@@ -54,7 +53,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
     progress = settings.progress
     config = conversion_config(settings)
     temp = output.temp_dir(settings)
-    kept_sources = None  # --since: the unchanged units' state lines, kept from the previous state
+    dropped = []  # --since: the previous lines not kept (the other lines of ``kept`` names are)
+    kept = []
     if settings.dicomweb is not None:
         listed_counts = listing_errors = None
         before = None if previous is None else (
@@ -63,7 +63,8 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             settings.dicomweb, progress, previous_sources=before)
     else:
         batches, listed_counts, listing_errors = pipeline | "ListFiles" >> listing.ListInputFiles(
-            settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline)
+            settings.input, settings.output, progress=progress, retry_deadline=settings.retry_deadline,
+            by_unit=previous is not None)  # --since: folder units, joined with the previous ones
         root = inputs.group_root(settings.input)
         read_headers = reading.ReadHeaders(
             settings.use_fast_reader, settings.group_by, root, progress,
@@ -72,20 +73,22 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             partials, file_errors, read_counts, source_state = (batches | "Units" >> reading.ListedUnits()
                                                                 | "ReadHeaders" >> read_headers)
         else:
-            before = pipeline | "PreviousSources" >> nightly.ReadState(
-                previous.sources, folder_state.read_unit_line, placed=True)
-            partials, file_errors, read_counts, source_state, kept_sources = (
-                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(
-                    before, read_headers, previous.folder, progress=progress))
+            before = pipeline | "PreviousSources" >> nightly.ReadUnits(previous.sources)
+            partials, file_errors, read_counts, source_state, dropped_sources = (
+                batches | "ReadChangedHeaders" >> nightly.ReadChangedHeaders(before, read_headers, progress=progress))
+            kept, dropped = [layout.SOURCE_STATE_NAME], [dropped_sources]
     groups, folder_errors, folder_counts = partials | "GroupStudies" >> grouping.GroupStudies(settings.group_by)
     previous_studies = None if previous is None else (
         pipeline | "PreviousStudies" >> nightly.ReadState(previous.studies, state.read_study_line))
     studies, shared, study_errors, build_counts, study_state, changes = groups | "BuildResources" >> building.BuildResources(
         config, settings.validate, progress, previous_studies, previous.reuse_studies if previous else True)
-    kept_runs = None
     if previous is not None and previous.reuse_studies:  # reused studies' lines: from the previous output
-        kept_runs = previous_studies | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, changes[2])
-    errors = [e for e in (listing_errors, file_errors, folder_errors, study_errors) if e is not None]
+        kept, dropped = kept + list(nightly.STUDY_NAMES), dropped + [changes[2]]
+    kept_runs = None
+    if kept:  # the previous output's lines of the units and studies reused, read by the merge
+        kept_runs = (dropped | "AllDropped" >> beam.Flatten()
+                     | "KeptLines" >> nightly.KeepPreviousLines(previous.folder, kept))
+    errors = _collections(listing_errors, file_errors, folder_errors, study_errors)
     sink = None
     if settings.fhir_server is not None:
         sent = studies if kept_runs is None else (
@@ -109,13 +112,19 @@ def build_pipeline(pipeline, settings: Settings, started: float | None = None,
             study_state | "StudyStateRuns" >> writing.SortedRuns(temp),
             source_state | "SourceStateRuns" >> writing.SortedRuns(temp),
             small | "SmallOutputs" >> beam.Flatten() | "SmallRuns" >> writing.SortedRuns(temp)]
-    runs += [kept for kept in (kept_runs, kept_sources) if kept is not None]  # --since: lines kept as they were
+    runs += [kept_runs] if kept_runs is not None else []  # --since: lines kept as they were
     written = [runs | "AllRuns" >> beam.Flatten() | "WriteFiles" >> writing.MergeRuns(temp)]
     if changes is not None:
         written.append(changes[1] | "WriteDeletions" >> writing.WriteDeletions(temp))
-    counts = ([c for c in (listed_counts, read_counts, folder_counts, build_counts, sink and sink[1]) if c is not None]
+    counts = (_collections(listed_counts, read_counts, folder_counts, build_counts, sink and sink[1])
               | "AllCounts" >> beam.Flatten())
     (counts, written | "AllWritten" >> beam.Flatten()) | "Summarize" >> summarizing.Summarize(settings, started, config)
+
+
+def _collections(*items) -> list:
+    """The collections given, a tuple of them counting as its members, None as none: flattened
+    once (on the local runner, a Flatten of a Flatten costs a stage)."""
+    return [c for item in items if item is not None for c in (item if isinstance(item, tuple) else (item,))]
 
 
 def local_runner(options):

@@ -40,7 +40,8 @@ from beam_pipeline.run.settings import Settings
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.dicomweb import safe_url
 
-FORMAT = 3  # 1: records pickled; 2: study lines held their resources (both refused); 3: docs/state.md
+FORMAT = 4  # 1: records pickled; 2: study lines held their resources; 3: unit lines without a head (all
+#             refused); 4: docs/state.md
 BYTES_KEY = "\0b64:"  # a key for a local path that is not valid UTF-8 (no str path holds NUL)
 
 
@@ -127,17 +128,24 @@ def seal(body: dict, default=None) -> str:
     return (data[:-1] + _CHECK + _checksum(data).encode("ascii") + b'"}').decode("utf-8")
 
 
-def unseal(line: str, what: str) -> dict:
-    """The body of a line, its checksum checked on the bytes (not re-serialized)."""
-    data = line.encode("utf-8")
+def check_of(line: str | bytes, what: str) -> str:
+    """A line's check (16 hex digits), verified on its bytes (not re-serialized)."""
+    data = line.encode("utf-8") if isinstance(line, str) else line
     if len(data) <= _CHECK_TAIL or data[-_CHECK_TAIL:-18] != _CHECK or not data.endswith(b'"}'):
         raise StateError(f"a {what} line of the previous state is damaged (not a state line): "
                          "run once without --since")
-    body = data[:-_CHECK_TAIL] + b"}"
-    if data[-18:-2].decode("ascii", "replace") != _checksum(body):
+    check = data[-18:-2].decode("ascii", "replace")
+    if check != _checksum(data[:-_CHECK_TAIL] + b"}"):
         raise StateError(f"a {what} line of the previous state is damaged (checksum): run once without --since")
+    return check
+
+
+def unseal(line: str | bytes, what: str) -> dict:
+    """The body of a line, its checksum checked on the bytes (not re-serialized)."""
+    check_of(line, what)
+    data = line.encode("utf-8") if isinstance(line, str) else line
     try:
-        parsed = orjson.loads(body)
+        parsed = orjson.loads(data[:-_CHECK_TAIL] + b"}")
     except orjson.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
@@ -197,6 +205,22 @@ def line_key(line: str) -> str:
             return f"{line[len(_KEY_PREFIX):type_end]}/{line[id_start:id_end]}"
     resource = orjson.loads(line)
     return f"{resource['resourceType']}/{resource['id']}"
+
+
+_KEY_PREFIX_BYTES = _KEY_PREFIX.encode()
+
+
+def line_key_of_bytes(line: bytes) -> str | None:
+    """``Type/id`` of a resource line (UTF-8) from its start, as ``line_key`` reads it; None when
+    the line does not start with its type and id (then only its hash tells it)."""
+    if line.startswith(_KEY_PREFIX_BYTES):
+        type_end = line.find(b'"', len(_KEY_PREFIX_BYTES))
+        if line.startswith(b',"id":"', type_end + 1):
+            id_start = type_end + 8
+            id_end = line.find(b'"', id_start)
+            if id_end > 0:
+                return f"{line[len(_KEY_PREFIX_BYTES):type_end].decode()}/{line[id_start:id_end].decode()}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ ERRORS = "errors"
 STATE = "state"      # (state name, line) for _state/
 DELTA = "delta"      # ("_delta/<Type>", line)
 DELETED = "deleted"  # "Type/id" of a resource the previous snapshot had and this one has not
-DROPPED = "dropped"  # (resource type, line hash) of a previous study's line the output no longer keeps
+DROPPED = "dropped"  # (name, line hash, key or None) of a previous line the output no longer keeps
 REUSED = "reused"    # what a --since run takes from the previous run's state instead of reading it
 PATHS_PER_BATCH = 200  # files read per element after the reshuffle: fewer, larger shuffled elements
 

@@ -104,8 +104,11 @@ class WriteDeletions(_InTempDir):
 
     def expand(self, keys):
         temp_dir = self.temp_dir
-        return (keys
+        runs = (keys
                 | "Named" >> beam.Map(lambda key: (DELETIONS_NAME, key))
-                | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(temp_dir))
-                | "AllRuns" >> beam.combiners.ToList()
-                | "Write" >> beam.Map(lambda runs: external_sort.write_deletions(temp_dir, sorted(runs, key=_order))))
+                | "SortedRuns" >> beam.ParDo(WriteRunsDoFn(temp_dir)))
+        # once, with every run as a side input (no combine: it costs the local runner two stages)
+        return (keys.pipeline
+                | "Once" >> beam.Create([DELETIONS_NAME])
+                | "Write" >> beam.Map(lambda _, runs: external_sort.write_deletions(temp_dir, sorted(runs, key=_order)),
+                                      beam.pvalue.AsList(runs)))
