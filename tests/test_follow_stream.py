@@ -163,3 +163,23 @@ def test_a_gs_prefix_watched_through_the_emulator(gcs_client, tmp_path):
             process.kill()
         log.close()
     assert len(follow_ledger(out)) == before
+
+
+def test_follow_mode_auto_streams_only_on_a_streaming_runner_grouped_by_study():
+    from types import SimpleNamespace
+
+    from beam_pipeline.run.follow import mode_of
+
+    refusals = []
+    by_study, by_folder = SimpleNamespace(group_by="study"), SimpleNamespace(group_by="directory")
+    prism, in_process = ["--runner", "PrismRunner"], []
+    assert mode_of("auto", by_study, prism, refusals.append) == "stream"
+    assert mode_of("auto", by_study, in_process, refusals.append) == "cycles"
+    assert mode_of("auto", by_folder, prism, refusals.append) == "cycles"
+    assert mode_of("cycles", by_study, prism, refusals.append) == "cycles"
+    assert not refusals
+    mode_of("stream", by_study, in_process, refusals.append)
+    mode_of("stream", by_folder, prism, refusals.append)
+    assert [r.split(":")[0] for r in refusals] == [
+        "--follow-mode stream needs a streaming runner whose workers share the local --output",
+        "--follow-mode stream groups by study"]

@@ -37,6 +37,7 @@ from beam_pipeline.sinks.fhir_server import FhirClient, FhirServerError
 from beam_pipeline.sources import files as inputs
 
 _LOG = logging.getLogger(__name__)
+STREAMING_RUNNERS = ("prismrunner", "flinkrunner", "portablerunner")  # Dataflow: no shared local --output
 
 DEFAULT_STABLE_AFTER = 30.0
 DEFAULT_POLL_INTERVAL = 10.0
@@ -60,8 +61,6 @@ def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> 
     """"stream" or "cycles" for ``--follow-mode``: auto streams on a streaming runner (Prism, Flink)
     grouped by study, and loops cycles otherwise (the in-process runner is batch only;
     ``--group-by directory`` is followed by cycles)."""
-    from beam_pipeline.run.stream import streaming_runner
-
     streams = streaming_runner(beam_args)
     fits = settings.group_by == "study"
     if requested == "stream":
@@ -74,6 +73,14 @@ def mode_of(requested: str, settings: Settings, beam_args: list[str], error) -> 
     if requested == "cycles" or not (streams and fits):
         return "cycles"
     return "stream"
+
+
+def streaming_runner(beam_args: list[str]) -> bool:
+    """Whether the named runner streams with workers that share the local --output."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    return runner is not None and runner.lower() in STREAMING_RUNNERS
 
 
 class Stop:

@@ -35,7 +35,7 @@ import apache_beam as beam
 import orjson
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration, Timestamp
@@ -56,7 +56,6 @@ STATE_DIR = "state"      # committed: studies/ (records, what the server has) an
 WINDOWS_DIR = "windows"  # one folder per closed window: a study's NDJSON (or errors), for a loader to take
 STATE_SUFFIX = ".json"    # one sealed JSON line per study or non-instance file (``dump``)
 STOP_NAME = "stop"       # written on SIGTERM: the watcher stops, open windows close, the pipeline ends
-STREAMING_RUNNERS = ("prismrunner", "flinkrunner", "portablerunner")  # Dataflow: no shared local --output
 _END = 2 ** 62           # the watcher's restriction: polls [0, _END), never all claimed until stopped
 STUDY, FILE = "study", "file"
 QIDO = "qido:"  # the "path" of a PACS study: its StudyInstanceUID behind this prefix
@@ -470,11 +469,6 @@ class SessionDoFn(beam.DoFn):
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline and its launcher
-
-
-def streaming_runner(beam_args: list[str]) -> bool:
-    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
-    return runner is not None and runner.lower() in STREAMING_RUNNERS
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, poll_interval: float) -> None:
