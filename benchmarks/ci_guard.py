@@ -16,7 +16,7 @@ memory check is the peak RSS of any run against ``--rss-budget-mib``, and its gr
 over the start-up run's against ``--growth-budget-kib``.
 
 Exit status 1 when a ratio is below ``--min-ratio`` or memory is over budget; the figures are
-printed either way. ``python -m benchmarks.ci_guard`` (about two minutes on a quiet machine).
+printed either way. ``python -m benchmarks.ci_guard`` (about three minutes on a quiet machine).
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--instances", type=int, default=8000,
                    help="files in each mix's archive (at 4,000 the start-up's noise moved the studies-of-4 ratio by 0.2)")
-    p.add_argument("--rounds", type=int, default=3, help="alternated rounds; the best CPU time of each counts")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternated rounds; the best CPU time of each counts (more rounds, steadier bests)")
     p.add_argument("--min-ratio", type=float, default=2.0, help="fail below this ratio on either mix")
     p.add_argument("--min-ratio-small-studies", type=float,
                    help="the floor for the studies-of-4 mix alone (default: --min-ratio)")
