@@ -193,6 +193,29 @@ def test_the_one_error_line_of_a_failed_run_is_the_problem_not_a_go_stack_frame(
     assert said.startswith("RuntimeError: " + expected) and ".go:" not in said, said
 
 
+def test_the_failure_of_beams_message_reader_thread_stays_off_the_console_and_others_do_not(capsys):
+    """When Prism stops first, Beam's job message reader thread raises while the main thread raises
+    the job's failure (CI once showed that thread's traceback beside the one error line)."""
+    import threading
+
+    from beam_pipeline.run.cli import quiet_message_reader
+
+    hook = quiet_message_reader(threading.__excepthook__)
+
+    def fail():
+        raise ConnectionError("Socket closed")
+
+    for name in ("wait_until_finish_read", "some-other-thread"):
+        thread = threading.Thread(target=fail, name=name)
+        try:
+            fail()
+        except ConnectionError as exc:
+            hook(threading.ExceptHookArgs((type(exc), exc, exc.__traceback__, thread)))
+    printed = capsys.readouterr().err
+    assert "wait_until_finish_read" not in printed
+    assert "some-other-thread" in printed and "ConnectionError: Socket closed" in printed
+
+
 @pytest.mark.slow
 def test_killed_sdk_workers_fail_the_prism_run_with_one_line_and_no_summary(big_archive, tmp_path):
     prism = engine_or_skip(engines.install_prism, required_in_ci=True)

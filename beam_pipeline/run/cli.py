@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import threading
 import uuid
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -454,6 +455,25 @@ def not_repeated_below(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and record.module == "portable_runner")
 
 
+# Beam's portable runner reads the job's messages in a thread of this name; when the job server
+# stops first (a failed Prism job), its message stream raises there, and Python prints that thread's
+# traceback on the console while the main thread raises the job's failure (printed in one line).
+_BEAM_MESSAGE_READER = "wait_until_finish_read"
+
+
+def quiet_message_reader(default_hook):
+    """A ``threading.excepthook``: the failure of Beam's message reader goes to the debug log in one
+    line; every other thread's uncaught exception to ``default_hook`` as before."""
+    def hook(args):
+        if args.thread is not None and args.thread.name == _BEAM_MESSAGE_READER:
+            _LOG.debug("Beam's job message reader stopped: %s", first_line(args.exc_value))
+            return
+        default_hook(args)
+
+    hook.quiets_beam_messages = True
+    return hook
+
+
 def main(argv=None) -> int:
     """Console entry: 2 for a problem found before the run (one line), 3 for a run that failed (one
     line naming the cause, e.g. a full disk), 1 when the outcomes do not account for every matched
@@ -467,6 +487,8 @@ def main(argv=None) -> int:
     logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:
         handler.addFilter(not_repeated_below)
+    if not getattr(threading.excepthook, "quiets_beam_messages", False):
+        threading.excepthook = quiet_message_reader(threading.excepthook)
     try:
         summary = run(argv)
     except FhirServerError as exc:  # not answering at start: run again later (4); refusing: 2
