@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
+from itertools import compress, repeat
 
 import orjson
 from apache_beam.io.filesystems import FileSystems
@@ -65,8 +67,12 @@ class FileEntry:
                 and not any(error.get("reason") in TRANSIENT_REASONS for error in self.errors))
 
 
+_GROUP_FIELDS = tuple(f.name for f in fields(StudyGroup) if f.name != "pending")
+_ABSENT = object()  # a key the series' representative lacks
+
+
 def _group_plain(group: StudyGroup) -> dict:
-    body = {f.name: getattr(group, f.name) for f in fields(StudyGroup) if f.name != "pending"}
+    body = {name: getattr(group, name) for name in _GROUP_FIELDS}
     representative = body.pop("representative")
     body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
     body["content"] = f"{group.content:x}"
@@ -105,11 +111,10 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         if entry.record is None:
             files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
             continue
-        at = (entry.record["StudyInstanceUID"], entry.record["SeriesInstanceUID"])
-        base = representatives[at]
-        diff = {k: v for k, v in entry.record.items() if k not in base or base[k] != v}
-        dropped = [k for k in base if k not in entry.record]
-        files.append([entry.key, entry.stamp, series[at], diff, dropped, list(entry.errors), entry.counts])
+        record = entry.record
+        at = (record["StudyInstanceUID"], record["SeriesInstanceUID"])
+        files.append([entry.key, entry.stamp, series[at], *record_difference(record, representatives[at]),
+                      list(entry.errors), entry.counts])
     counts = Counter()
     for entry in entries:
         counts.update(entry.counts)
@@ -124,6 +129,17 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         "studies": [[key, uid, group.files, f"{group.content:x}"] for key, uid, group in groups],
         _BODY: {"groups": [[key, uid, _group_plain(group)] for key, uid, group in groups], "files": files},
     }, default=plain_value)
+
+
+def record_difference(record: dict, base: dict) -> tuple[dict, list]:
+    """(the record's values that its series' representative ``base`` lacks or holds otherwise, in
+    the record's order; the keys of ``base`` the record lacks). Compared key by key in C: a unit
+    line holds one such difference per file."""
+    if record is base:
+        return {}, []
+    changed = map(operator.ne, record.values(), map(base.get, record, repeat(_ABSENT)))
+    diff = dict(compress(record.items(), changed))
+    return diff, ([] if base.keys() <= record.keys() else [k for k in base if k not in record])
 
 
 _BODY = "body"  # the last member of a unit line: what only a changed unit or rebuilt study loads

@@ -263,7 +263,7 @@ def study_line(key: str, digest: str, outcome: core.StudyOutcome) -> str:
         "key": key, "digest": digest, "error": outcome.error,
         "lines": {name: [[line_key(line), line_hash(line)] for line in lines]
                   for name, lines in sorted(outcome.lines.items())},
-        "shared": [[shared_key, orjson.loads(line)] for shared_key, line in outcome.shared],
+        "shared": [[shared_key, orjson.Fragment(line)] for shared_key, line in outcome.shared],  # as written
         "counts": {k: v for k, v in sorted(outcome.counts.items()) if v},
     })
 
