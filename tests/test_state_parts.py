@@ -120,3 +120,18 @@ def test_a_unit_listed_in_pieces_is_joined_and_reused_by_its_whole_digest(tmp_pa
     reused = [o.value for o in out if getattr(o, "tag", None) == REUSED]
     counts = [o.value for o in out if getattr(o, "tag", None) == COUNTS]
     assert reused == [before] and counts[0]["incremental:files_reused"] == len(mine)
+
+
+def test_a_files_difference_from_its_series_representative_rebuilds_it_in_order():
+    base = {"SOPInstanceUID": "1.1", "InstanceNumber": 1, "ImageType": ("ORIGINAL",), "KVP": 120.0, "Rows": 2}
+    record = {"SOPInstanceUID": "1.2", "InstanceNumber": 2, "ImageType": ("ORIGINAL",), "KVP": float("nan"),
+              "SliceThickness": 5.0}
+    diff, dropped = folder_state.record_difference(record, base)
+    assert list(diff) == ["SOPInstanceUID", "InstanceNumber", "KVP", "SliceThickness"]  # the record's order
+    assert dropped == ["Rows"]
+    rebuilt = {k: v for k, v in base.items() if k not in dropped}
+    rebuilt.update(diff)
+    assert list(rebuilt.items())[:2] == list(record.items())[:2] and set(rebuilt) == set(record)
+    assert rebuilt["ImageType"] == record["ImageType"] and rebuilt["SliceThickness"] == 5.0
+    assert folder_state.record_difference(base, base) == ({}, [])
+    assert folder_state.record_difference(dict(base), base) == ({}, [])
