@@ -23,7 +23,7 @@ from gcs_emulator import patched_environ, upload_tree
 from helpers import copy_dicom, pydicom_file, run_pipeline
 
 from benchmarks.latency_proxy import LatencyProxy
-from beam_pipeline.run import convert, transforms
+from beam_pipeline.run import convert, listing, transforms
 from beam_pipeline.sources import files as inputs
 
 BUCKET = "test-bucket"
@@ -65,6 +65,27 @@ def test_a_deep_tree_is_listed_in_parts_with_the_serial_listings_files_and_count
     assert len(serial) == TOP_FOLDERS * SUBFOLDERS * FILES + 1
     parts = _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
     assert parts == TOP_FOLDERS + 1  # the root's own step, then one work item per top-level folder
+
+
+def test_many_small_parts_are_listed_in_groups_with_the_serial_listings_files(tmp_path):
+    """A root of many small folders (patients of a few studies): its parts go to the workers in
+    groups (``part_groups``), each part listed once, in order."""
+    root = tmp_path / "archive"
+    for top in range(700):
+        for index in range(2):
+            path = root / f"p{top:03d}" / f"s{index}" / "f.txt"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"x")
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert len(serial) == 1400
+    assert _fanned_out(pattern, serial, Counter({"files_matched": 1400})) == 700 + 1  # parts, in 350 groups
+    for count in (1, 700, 100_000):
+        groups = listing.part_groups(list(range(count)))
+        assert [part for group in groups for part in group] == list(range(count))
+        assert len(groups) >= min(count, listing.PART_SPREAD)
+        assert max(map(len, groups)) <= listing.MAX_GROUP_PARTS
+    assert len(listing.part_groups(list(range(700)))) == 350
 
 
 def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
@@ -159,3 +180,23 @@ def test_a_part_whose_listing_fails_past_the_deadline_is_one_error_line_and_exit
               for line in path.read_text().splitlines()]
     assert [(e["reason"], e["path"]) for e in errors] == [("unavailable", f"gs://{BUCKET}/listing/p07/")]
     assert "still after 1 s of retries" in errors[0]["detail"]
+
+
+def test_a_failing_part_in_a_group_is_one_error_line_and_its_group_is_listed(gs_tree, gcs_emulator, monkeypatch):
+    monkeypatch.setattr(listing, "PART_SPREAD", 8)  # 30 parts in groups of 3: p07 with p06 and p08
+    faults = Faults(outage=(0.0, 1000.0, 2000.0), only="prefix=listing%2Fp07%2F")
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, list_page_size=50, fault=faults) as proxy, \
+            patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+        pattern = f"gs://{BUCKET}/listing/**"
+        pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
+        batches, counts, errors = pipeline | transforms.ListInputFiles(pattern, retry_deadline=1)
+        kept = [path for path in gs_tree if not path.startswith(f"gs://{BUCKET}/listing/p07/")]
+        assert_that(batches | "Paths" >> beam.FlatMap(lambda batch: [path for path, *_ in batch]), equal_to(kept),
+                    label="items")
+        assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()),
+                    equal_to([Counter({"files_matched": len(kept) + 1, "outcome:error": 1, "error:unavailable": 1})]),
+                    label="counts")
+        assert_that(errors | "Where" >> beam.Map(lambda error: (error["reason"], error["path"])),
+                    equal_to([("unavailable", f"gs://{BUCKET}/listing/p07/")]), label="errors")
+        pipeline.run().wait_until_finish()
+    assert faults.injected > 0

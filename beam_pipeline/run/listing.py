@@ -17,17 +17,31 @@ from beam_pipeline.sources import files as inputs
 
 
 PARTS = "parts"
+# Parts go to the workers in groups: an archive of many small top-level folders (patients of a
+# few studies each) is a few hundred listing work items, not one per folder, each of which the
+# Reshuffle and the steps after it carry; and at least PART_SPREAD items when there are as many
+# parts, at most MAX_GROUP_PARTS parts an item, so that a big archive's listing stays spread.
+PART_SPREAD = 256
+MAX_GROUP_PARTS = 64
+
+
+def part_groups(parts: list) -> list[list]:
+    """The parts of a listing in consecutive groups, one listing work item each (``PART_SPREAD``)."""
+    size = min(MAX_GROUP_PARTS, max(1, len(parts) // PART_SPREAD))
+    return [parts[start:start + size] for start in range(0, len(parts), size)]
 
 
 @beam.typehints.with_output_types(typing.List[typing.Any])
 class ListFilesDoFn(beam.DoFn):
-    """The input pattern (``top``), or one of its parts -> batches of (path, size, version), one per
-    file; the count as data; with ``top``, the parts to list next (to the ``parts`` output).
+    """The input pattern (``top``), or a group of its parts -> batches of (path, size, version), one
+    per file; the count as data; with ``top``, the groups of parts to list next (to the ``parts``
+    output, ``part_groups``).
 
     Batched here rather than by ``BatchElements``: one element per file through an extra step
     costs the local runners more than reading a small header does. A part that cannot be listed
     (a list page still failing past the retry deadline, a refusal) is one error line and counts
-    as one matched entry, as a local folder that cannot be listed does.
+    as one matched entry, as a local folder that cannot be listed does; the group's other parts
+    are listed.
     """
 
     def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None,
@@ -42,16 +56,30 @@ class ListFilesDoFn(beam.DoFn):
 
     def setup(self):
         self.progress = ProgressBeacon(self.progress_settings)
+        self.lister = None  # (pattern, its files.PartLister), made by the first group
 
     def process(self, element):
+        batch, counts = [], Counter()
         if self.top:
             pattern = os.fsdecode(element)  # bytes when the input's own path is not valid UTF-8
-            where, items = element, self._top(element, pattern)
+            yield from self._list(element, self._top(element, pattern), batch, counts)
+            done = 1
         else:
-            raw_pattern, where = element
-            items = inputs.list_part(os.fsdecode(raw_pattern), where, self.exclude, self.retry_deadline)
+            raw_pattern, parts = element
+            lister = self._lister(os.fsdecode(raw_pattern))
+            for part in parts:
+                yield from self._list(part, lister.files(part), batch, counts)
+            done = len(parts)
+        if batch:
+            yield batch
+        self.listed.inc(len(batch))
+        self.parts.inc(done)
+        self.progress.add({"files_listed": len(batch), "parts_listed": done}, force=True)
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+    def _list(self, where, items, batch: list, counts: Counter):
+        """Adds the listed ``items`` to ``batch``, sending it on each time it is full; counts them."""
         count = 0
-        batch = []
         try:
             for item in items:
                 if isinstance(item, beam.pvalue.TaggedOutput):
@@ -62,25 +90,25 @@ class ListFilesDoFn(beam.DoFn):
                 if len(batch) == self.batch_size:
                     self.listed.inc(len(batch))
                     self.progress.add({"files_listed": len(batch)})
-                    yield batch
-                    batch = []
+                    yield batch[:]
+                    batch.clear()
         except OSError as exc:  # SourceUnavailable (a list page past the deadline), a refusal
             failed = core.listing_failure(where, exc)
             yield beam.pvalue.TaggedOutput(ERRORS, failed.error)
-            yield beam.pvalue.TaggedOutput(COUNTS, failed.counts)
-        if batch:
-            yield batch
-        self.listed.inc(len(batch))
-        self.parts.inc()
-        self.progress.add({"files_listed": len(batch), "parts_listed": 1}, force=True)
-        yield beam.pvalue.TaggedOutput(COUNTS, Counter({"files_matched": count}))
+            counts.update(failed.counts)
+        counts["files_matched"] += count
+
+    def _lister(self, pattern: str) -> inputs.PartLister:
+        if self.lister is None or self.lister[0] != pattern:
+            self.lister = pattern, inputs.PartLister(pattern, self.exclude, self.retry_deadline)
+        return self.lister[1]
 
     def _top(self, element, pattern):
-        """The root's own files, its parts sent on (tagged) first."""
+        """The root's own files, its groups of parts sent on (tagged) first."""
         files, parts = inputs.list_top(pattern, self.exclude, self.retry_deadline)
         self.progress.add({"listing_parts": len(parts) + 1}, force=True)
-        for part in parts:
-            yield beam.pvalue.TaggedOutput(PARTS, (element, part))
+        for group in part_groups(parts):
+            yield beam.pvalue.TaggedOutput(PARTS, (element, group))
         yield from files
 
 
@@ -124,8 +152,9 @@ class UnitListingsDoFn(beam.DoFn):
 
 class ListInputFiles(beam.PTransform):
     """Lists the input files and spreads them, in batches, over the workers: the pattern's root
-    first (its own files and its parts: subfolders or sub-prefixes), then each part on any
-    worker (a ``Reshuffle`` between), so that listing an archive is not one worker's serial step.
+    first (its own files and its parts: subfolders or sub-prefixes), then each group of parts
+    (``part_groups``) on any worker (a ``Reshuffle`` between), so that listing an archive is not
+    one worker's serial step.
     ``by_unit`` (``--since``): folder units (``UnitListingsDoFn``) instead of batches, made where
     they are listed (the join by folder that follows spreads them)."""
 
