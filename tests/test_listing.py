@@ -23,7 +23,7 @@ from gcs_emulator import patched_environ, upload_tree
 from helpers import copy_dicom, pydicom_file, run_pipeline
 
 from benchmarks.latency_proxy import LatencyProxy
-from beam_pipeline.run import convert, listing, transforms
+from beam_pipeline.run import convert, folder_state, listing, reading, state, transforms
 from beam_pipeline.sources import files as inputs
 
 BUCKET = "test-bucket"
@@ -48,15 +48,22 @@ def _fanned_out(pattern: str, expected_items, expected_counts: Counter, label: s
     """Runs the pipeline's listing step alone; asserts its items and summed counts; returns how
     many listing work items ran (the root's own, then one per part)."""
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-    batches, counts, _ = pipeline | transforms.ListInputFiles(pattern)
-    assert_that(batches | "Items" >> beam.FlatMap(lambda batch: batch), equal_to(list(expected_items)),
-                label="items")
+    listed, counts, _ = pipeline | transforms.ListInputFiles(pattern)
+    assert_that(_items(listed), equal_to(list(expected_items)), label="items")
     assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()), equal_to([expected_counts]),
                 label="counts")
     result = pipeline.run()
     result.wait_until_finish()
     parts = result.metrics().query(MetricsFilter().with_name("listing_parts_done"))["counters"]
     return sum(c.committed for c in parts)
+
+
+def _items(listed):
+    """The listed items of a full run's listing: those of its units' jobs and the loose ones."""
+    jobs, loose = listed
+    return ((jobs | "JobItems" >> beam.FlatMap(lambda jobs: [item for _, items, _ in jobs for item in items]),
+             loose | "LooseItems" >> beam.FlatMap(lambda batch: batch))
+            | "AllItems" >> beam.Flatten())
 
 
 def test_a_deep_tree_is_listed_in_parts_with_the_serial_listings_files_and_counts(deep_tree):
@@ -86,6 +93,61 @@ def test_many_small_parts_are_listed_in_groups_with_the_serial_listings_files(tm
         assert len(groups) >= min(count, listing.PART_SPREAD)
         assert max(map(len, groups)) <= listing.MAX_GROUP_PARTS
     assert len(listing.part_groups(list(range(700)))) == 350
+
+
+def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatch):
+    """Unit jobs formed where a folder is listed, and by a join for the rest (the root's own files,
+    names that are not valid UTF-8, a folder's units that a subfolder which cannot be listed
+    joins): each file in one job, each unit in one job, whole."""
+    root = tmp_path / "archive"
+    for top in range(3):
+        for sub in range(2):
+            folder = root / f"p{top}" / f"s{sub}"
+            folder.mkdir(parents=True)
+            for letter in "abcdefghijklmnop":  # names in 3 of a folder's 4 units
+                (folder / f"{letter}.dcm").write_bytes(b"x")
+    (root / "p1" / "s0" / "locked").mkdir()  # files beside a subfolder that cannot be listed (joins unit 1)
+    (root / "p1" / "s0" / "locked" / "hidden.dcm").write_bytes(b"x")
+    (root / "p2" / "s1" / "deeper").mkdir()  # ... beside one that can
+    (root / "p2" / "s1" / "deeper" / "d.dcm").write_bytes(b"x")
+    (root / "at-the-top.dcm").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(root / "p0" / "s1"), b"\xff.dcm"), "wb") as handle:
+        handle.write(b"x")  # a name that is not valid UTF-8: a unit of its own, across folders
+    scandir, locked = os.scandir, str(root / "p1" / "s0" / "locked")
+
+    def refusing(path="."):
+        if isinstance(path, (str, bytes)) and os.fsdecode(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(inputs.os, "scandir", refusing)
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert (locked, None, None) in serial and len(serial) == 6 * 16 + 1 + 1 + 1 + 1
+    pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
+    listed, _, _ = pipeline | transforms.ListInputFiles(pattern)
+    listed_jobs, _ = listed
+    jobs = (listed | reading.ListedUnits() | beam.ParDo(reading.BatchJobsDoFn())
+            | "Jobs" >> beam.FlatMap(lambda batch: [(unit, sorted(items), reused) for unit, items, reused in batch]))
+    whole = listed_jobs | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch])
+
+    def each_unit_once_and_whole(actual):
+        units = Counter(unit for unit, _, _ in actual)
+        assert max(units.values()) == 1, units
+        assert Counter(item for _, items, _ in actual for item in items) == Counter(serial)
+        for unit, items, reused in actual:
+            assert reused == ()
+            assert {folder_state.unit_of(state.source_key(path)) for path, *_ in items} == {unit}
+        units_of = {folder_state.unit_of(state.source_key(path)) for path, *_ in serial}
+        assert set(units) == units_of
+
+    def formed_where_listed(actual):  # not joined: the units of folders listed whole
+        assert {unit[len(str(root)):] for unit in actual} >= {"/p0/s0|0", "/p0/s0|1", "/p0/s0|2", "/p1/s0|0"}
+        assert not any(unit.startswith(str(root) + "|") for unit in actual)  # the root's own files: joined
+
+    assert_that(jobs, each_unit_once_and_whole, label="jobs")
+    assert_that(whole, formed_where_listed, label="formed")
+    pipeline.run().wait_until_finish()
 
 
 def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
@@ -189,10 +251,9 @@ def test_a_failing_part_in_a_group_is_one_error_line_and_its_group_is_listed(gs_
             patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
         pattern = f"gs://{BUCKET}/listing/**"
         pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-        batches, counts, errors = pipeline | transforms.ListInputFiles(pattern, retry_deadline=1)
+        listed, counts, errors = pipeline | transforms.ListInputFiles(pattern, retry_deadline=1)
         kept = [path for path in gs_tree if not path.startswith(f"gs://{BUCKET}/listing/p07/")]
-        assert_that(batches | "Paths" >> beam.FlatMap(lambda batch: [path for path, *_ in batch]), equal_to(kept),
-                    label="items")
+        assert_that(_items(listed) | "Paths" >> beam.Map(lambda item: item[0]), equal_to(kept), label="items")
         assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()),
                     equal_to([Counter({"files_matched": len(kept) + 1, "outcome:error": 1, "error:unavailable": 1})]),
                     label="counts")

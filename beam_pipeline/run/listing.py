@@ -31,11 +31,23 @@ def part_groups(parts: list) -> list[list]:
     return [parts[start:start + size] for start in range(0, len(parts), size)]
 
 
+LOOSE = "loose"  # listed items whose unit the lister may not see whole (``ListFilesDoFn``)
+
+
 @beam.typehints.with_output_types(typing.List[typing.Any])
 class ListFilesDoFn(beam.DoFn):
     """The input pattern (``top``), or a group of its parts -> batches of (path, size, version), one
     per file; the count as data; with ``top``, the groups of parts to list next (to the ``parts``
     output, ``part_groups``).
+
+    ``jobs`` (a full run): instead of batches of files, lists of unit jobs of about ``batch_size``
+    files ((unit, its files, ()), what ``reading.ReadHeaders`` reads) for the units the lister
+    sees whole: a local walk lists a folder's files together (``files.PartLister.folders``). The
+    others' files go, in batches, to the ``loose`` output, to be joined by unit
+    (``reading.ListedUnits``): gs:// (a part's listing is sorted by full name: a folder's files
+    are not together), the root's own files, names that are not valid UTF-8 (their units span
+    folders), and a folder's units that a subfolder which cannot be listed (a "file" of the folder,
+    listed later) could join.
 
     Batched here rather than by ``BatchElements``: one element per file through an extra step
     costs the local runners more than reading a small header does. A part that cannot be listed
@@ -45,12 +57,14 @@ class ListFilesDoFn(beam.DoFn):
     """
 
     def __init__(self, exclude: str | None = None, progress: ProgressSettings | None = None,
-                 batch_size: int = PATHS_PER_BATCH, top: bool = True, retry_deadline: float | None = None):
+                 batch_size: int = PATHS_PER_BATCH, top: bool = True, retry_deadline: float | None = None,
+                 jobs: bool = False):
         self.exclude = exclude
         self.retry_deadline = retry_deadline
         self.batch_size = batch_size
         self.progress_settings = progress
         self.top = top
+        self.jobs = jobs
         self.listed = Metrics.counter(NAMESPACE, "files_listed")
         self.parts = Metrics.counter(NAMESPACE, "listing_parts_done")
 
@@ -59,44 +73,46 @@ class ListFilesDoFn(beam.DoFn):
         self.lister = None  # (pattern, its files.PartLister), made by the first group
 
     def process(self, element):
-        batch, counts = [], Counter()
+        out, counts = _Batches(self.batch_size, self.jobs), Counter()
         if self.top:
             pattern = os.fsdecode(element)  # bytes when the input's own path is not valid UTF-8
-            yield from self._list(element, self._top(element, pattern), batch, counts)
+            yield from self._list(element, self._top(element, pattern), out, counts)
             done = 1
         else:
             raw_pattern, parts = element
             lister = self._lister(os.fsdecode(raw_pattern))
             for part in parts:
-                yield from self._list(part, lister.files(part), batch, counts)
+                listed = _unit_pieces(lister, part) if self.jobs and not lister.remote else lister.files(part)
+                yield from self._list(part, listed, out, counts)
             done = len(parts)
-        if batch:
-            yield batch
-        self.listed.inc(len(batch))
+        yield from self._sent(out.flush())
         self.parts.inc(done)
-        self.progress.add({"files_listed": len(batch), "parts_listed": done}, force=True)
+        self.progress.add({"parts_listed": done}, force=True)
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
-    def _list(self, where, items, batch: list, counts: Counter):
-        """Adds the listed ``items`` to ``batch``, sending it on each time it is full; counts them."""
+    def _list(self, where, pieces, out: _Batches, counts: Counter):
+        """Adds the listed ``pieces`` (items, or (unit, items) of a whole unit) to ``out``, sending
+        on what is full; counts their files."""
         count = 0
         try:
-            for item in items:
-                if isinstance(item, beam.pvalue.TaggedOutput):
-                    yield item
+            for piece in pieces:
+                if isinstance(piece, beam.pvalue.TaggedOutput):
+                    yield piece
                     continue
-                count += 1
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    self.listed.inc(len(batch))
-                    self.progress.add({"files_listed": len(batch)})
-                    yield batch[:]
-                    batch.clear()
+                count += out.add(piece)
+                if out.full:
+                    yield from self._sent(out.flush(everything=False))
         except OSError as exc:  # SourceUnavailable (a list page past the deadline), a refusal
             failed = core.listing_failure(where, exc)
             yield beam.pvalue.TaggedOutput(ERRORS, failed.error)
             counts.update(failed.counts)
         counts["files_matched"] += count
+
+    def _sent(self, outputs):
+        for files, output in outputs:
+            self.listed.inc(files)
+            self.progress.add({"files_listed": files})
+            yield output
 
     def _lister(self, pattern: str) -> inputs.PartLister:
         if self.lister is None or self.lister[0] != pattern:
@@ -110,6 +126,61 @@ class ListFilesDoFn(beam.DoFn):
         for group in part_groups(parts):
             yield beam.pvalue.TaggedOutput(PARTS, (element, group))
         yield from files
+
+
+class _Batches:
+    """What one listing element sends on: batches of listed items (to the main output, or with
+    ``jobs`` to ``LOOSE``), and with ``jobs`` lists of whole units' jobs; each of about
+    ``batch_size`` files (``full`` when one is)."""
+
+    def __init__(self, batch_size: int, jobs: bool):
+        self.batch_size = batch_size
+        self.jobs = jobs
+        self.items, self.units, self.unit_files = [], [], 0
+        self.full = False
+
+    def add(self, piece) -> int:
+        """An item, or (unit, its items); how many files it adds."""
+        if isinstance(piece[1], list):
+            self.units.append((piece[0], piece[1], ()))
+            self.unit_files += len(piece[1])
+            self.full = self.full or self.unit_files >= self.batch_size
+            return len(piece[1])
+        self.items.append(piece)
+        self.full = self.full or len(self.items) >= self.batch_size
+        return 1
+
+    def flush(self, everything: bool = True):
+        """(files, output) of each batch to send on: the full ones, or ``everything``."""
+        if self.items and (everything or len(self.items) >= self.batch_size):
+            items, self.items = self.items, []
+            yield len(items), beam.pvalue.TaggedOutput(LOOSE, items) if self.jobs else items
+        if self.units and (everything or self.unit_files >= self.batch_size):
+            units, files, self.units, self.unit_files = self.units, self.unit_files, [], 0
+            yield files, units
+        self.full = False
+
+
+def _unit_pieces(lister: inputs.PartLister, part):
+    """A local part's listing for ``ListFilesDoFn(jobs=True)``: (unit, its items) of each unit it
+    sees whole, and the other files' items (see there)."""
+    source_key, unit_of, portable = state.source_key, folder_state.unit_of, inputs.portable
+    for paths, subfolders in lister.folders(part):
+        if subfolders is None:  # a folder that cannot be listed: a "file" of its parent
+            yield from ((path, None, None) for path in paths)
+            continue
+        joinable = {unit_of(source_key(portable(folder))) for folder in subfolders}
+        units: dict[str, list] = {}
+        for path in paths:
+            unit = None if isinstance(path, bytes) else unit_of(path)  # a str path is its key
+            if unit is None or unit in joinable:
+                yield path, None, None
+            else:
+                items = units.get(unit)
+                if items is None:
+                    items = units[unit] = []
+                items.append((path, None, None))
+        yield from units.items()
 
 
 class UnitListingsDoFn(beam.DoFn):
@@ -151,12 +222,13 @@ class UnitListingsDoFn(beam.DoFn):
 
 
 class ListInputFiles(beam.PTransform):
-    """Lists the input files and spreads them, in batches, over the workers: the pattern's root
-    first (its own files and its parts: subfolders or sub-prefixes), then each group of parts
-    (``part_groups``) on any worker (a ``Reshuffle`` between), so that listing an archive is not
-    one worker's serial step.
-    ``by_unit`` (``--since``): folder units (``UnitListingsDoFn``) instead of batches, made where
-    they are listed (the join by folder that follows spreads them)."""
+    """Lists the input files and spreads them over the workers: the pattern's root first (its own
+    files and its parts: subfolders or sub-prefixes), then each group of parts (``part_groups``)
+    on any worker (a ``Reshuffle`` between), so that listing an archive is not one worker's
+    serial step. A full run: (lists of unit jobs, spread; batches of the files whose units are
+    joined after, ``ListFilesDoFn``), for ``reading.ListedUnits``.
+    ``by_unit`` (``--since``): folder units (``UnitListingsDoFn``) instead, made where they are
+    listed (the join by folder that follows spreads them)."""
 
     def __init__(self, input_path: str, exclude: str | None = None, batch_size: int = PATHS_PER_BATCH,
                  progress: ProgressSettings | None = None, retry_deadline: float | None = None,
@@ -170,23 +242,25 @@ class ListInputFiles(beam.PTransform):
         self.progress = progress
 
     def expand(self, pbegin):
+        jobs = not self.by_unit
         top = (pbegin
                | "Pattern" >> beam.Create([inputs.portable(inputs.resolve_pattern(self.input_path))])
                | "ListTop" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size,
-                                                      retry_deadline=self.retry_deadline))
-               .with_outputs(COUNTS, ERRORS, PARTS, main="files"))
+                                                      retry_deadline=self.retry_deadline, jobs=jobs))
+               .with_outputs(COUNTS, ERRORS, PARTS, LOOSE, main="files"))
         parts = (top[PARTS]
                  | "SpreadParts" >> beam.Reshuffle()
                  | "ListParts" >> beam.ParDo(ListFilesDoFn(self.exclude, self.progress, self.batch_size, top=False,
-                                                         retry_deadline=self.retry_deadline))
-                 .with_outputs(COUNTS, ERRORS, main="files"))
+                                                         retry_deadline=self.retry_deadline, jobs=jobs))
+                 .with_outputs(COUNTS, ERRORS, LOOSE, main="files"))
         counts = (top[COUNTS], parts[COUNTS]) | "ListCounts" >> beam.Flatten()
         errors = (top[ERRORS], parts[ERRORS]) | "ListErrors" >> beam.Flatten()
         if self.by_unit:  # made before the Flatten, whose elements are held between stages, encoded
             units = (top.files | "TopUnits" >> beam.ParDo(UnitListingsDoFn()),
                      parts.files | "PartUnits" >> beam.ParDo(UnitListingsDoFn()))
             return units | "AllListed" >> beam.Flatten(), counts, errors
-        batches = ((top.files, parts.files)
-                   | "AllListed" >> beam.Flatten()
-                   | "Spread" >> beam.Reshuffle())
-        return batches, counts, errors
+        listed_jobs = ((top.files, parts.files)
+                       | "AllListed" >> beam.Flatten()
+                       | "Spread" >> beam.Reshuffle())
+        loose = (top[LOOSE], parts[LOOSE]) | "AllLoose" >> beam.Flatten()
+        return (listed_jobs, loose), counts, errors

@@ -175,20 +175,22 @@ class PartLister:
             listed = gcs.list_objects(bucket, prefix, policy=retry_policy(self.retry_deadline))
             yield from sorted(item for item in listed if matches(item[0]))
             return
-        for paths in self.folders(part):
+        for paths, _ in self.folders(part):
             for path in paths:
                 yield path, None, None
 
-    def folders(self, part: Path) -> Iterator[list[Path]]:
-        """The files of one local part, a folder at a time in ``files``' order: per folder its
-        matching files (``portable``), or [the folder] when it cannot be listed (then one error
-        line), never an empty list. Each folder of the part is in one list (its files together)."""
+    def folders(self, part: Path) -> Iterator[tuple[list[Path], list[str] | None]]:
+        """The files of one local part, a folder at a time in ``files``' order: (its matching
+        files (``portable``), the subfolders the walk enters from it), or ([a folder], None) when
+        it cannot be listed (the reader makes it one error line); never an empty list of files.
+        Each folder's files come in one list: only a subfolder that cannot be listed is listed
+        later as a "file" of the folder."""
         matches = self.matches
-        for paths in _walk(os.fsdecode(part), self.excluded, self.root_real):
+        for paths, subfolders in _walk(os.fsdecode(part), self.excluded, self.root_real):
             if matches is not None:
                 paths = [path for path in paths if matches(path)]
             if paths:
-                yield [path if path.isascii() else portable(path) for path in paths]
+                yield [path if path.isascii() else portable(path) for path in paths], subfolders
 
 
 def retry_policy(retry_deadline: float | None = None):
@@ -259,7 +261,8 @@ def _unescape(text: str) -> str:
     return re.sub(r"\[([*?\[\]])\]", r"\1", text)
 
 
-def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[str] | None, list[str]]:
+def _entries(folder: str, root_real: str, excluded: str | None,
+             excluded_name: str | None = None) -> tuple[list[str] | None, list[str]]:
     """(paths of the folder's non-folder entries, its folders to enter), sorted by name; (None, [])
     when the folder cannot be listed. Files, special files and dangling links are all entries:
     the reader classifies them.
@@ -275,11 +278,12 @@ def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[st
     except OSError:
         return None, []
     files, folders = [], []
-    excluded_name = os.path.basename(excluded) if excluded else None
+    if excluded and excluded_name is None:
+        excluded_name = os.path.basename(excluded)
     inside = root_real.rstrip("/") + "/"
     for entry in scanned:
         try:
-            is_folder = entry.is_dir()  # follows links; the kind the folder listing gave, no call
+            is_folder = entry.is_dir()  # follows links; a system call for links only
         except OSError:
             is_folder = False
         if not is_folder:
@@ -297,30 +301,31 @@ def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[st
 _NAME = operator.attrgetter("name")
 
 
-def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[list[str]]:
-    """The files under one folder of the input, a folder at a time (the folder's files sorted by
-    name, then its subfolders in name order), entering subfolders and links to folders outside the
-    input (each folder once: loop-safe); dangling links too, and [a folder that cannot be listed]
-    (the reader makes each of these one error line, so nothing under them vanishes without a
-    trace). A folder without files gives no list."""
+def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[tuple[list[str], list[str] | None]]:
+    """The files under one folder of the input, a folder at a time: (the folder's files sorted by
+    name, the subfolders entered from it), its subfolders next in name order; entering subfolders
+    and links to folders outside the input (each folder once: loop-safe); dangling links too, and
+    ([a folder that cannot be listed], None) (the reader makes each of these one error line, so
+    nothing under them vanishes without a trace). A folder without files gives no list."""
     seen: set[tuple[int, int]] = set()
+    excluded_name = os.path.basename(excluded) if excluded else None
     stack = [top]
     while stack:
         folder = stack.pop()
         try:
             info = os.stat(folder)
         except OSError:
-            yield [folder]
+            yield [folder], None
             continue
         if (info.st_dev, info.st_ino) in seen:
             continue  # a second link to a folder outside the input, already walked in this part
         seen.add((info.st_dev, info.st_ino))
-        files, folders = _entries(folder, root_real, excluded)
+        files, folders = _entries(folder, root_real, excluded, excluded_name)
         if files is None:
-            yield [folder]
+            yield [folder], None
             continue
         if files:
-            yield files
+            yield files, folders
         stack.extend(reversed(folders))
 
 
