@@ -157,6 +157,8 @@ def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
     (outside / "deeper").mkdir(parents=True)
     (outside / "deeper" / "o.txt").write_bytes(b"o")
     (outside / "back-in").symlink_to(tmp_path / "in")      # a loop back into the input: not followed
+    (outside / "self").symlink_to(outside)                 # loops outside it: each folder once a part
+    (outside / "deeper" / "again").symlink_to(outside / "deeper")
     root = tmp_path / "in"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
