@@ -72,47 +72,60 @@ class ListFilesDoFn(beam.DoFn):
         self.progress = ProgressBeacon(self.progress_settings)
         self.lister = None  # (pattern, its files.PartLister), made by the first group
 
+    def start_bundle(self):
+        # What the bundle's elements list, batched together (a group of small parts fills no
+        # batch alone), and their counts: sent on when full, the rest at the bundle's end.
+        self.out, self.counts = _Batches(self.batch_size, self.jobs), Counter()
+
     def process(self, element):
-        out, counts = _Batches(self.batch_size, self.jobs), Counter()
         if self.top:
             pattern = os.fsdecode(element)  # bytes when the input's own path is not valid UTF-8
-            yield from self._list(element, self._top(element, pattern), out, counts)
+            yield from self._list(element, self._top(element, pattern))
             done = 1
         else:
             raw_pattern, parts = element
             lister = self._lister(os.fsdecode(raw_pattern))
             for part in parts:
-                listed = _unit_pieces(lister, part) if self.jobs and not lister.remote else lister.files(part)
-                yield from self._list(part, listed, out, counts)
+                yield from self._list(part, _unit_pieces(lister, part) if self.jobs and not lister.remote
+                                      else lister.files(part))
             done = len(parts)
-        yield from self._sent(out.flush())
         self.parts.inc(done)
         self.progress.add({"parts_listed": done}, force=True)
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
-    def _list(self, where, pieces, out: _Batches, counts: Counter):
-        """Adds the listed ``pieces`` (items, or (unit, items) of a whole unit) to ``out``, sending
-        on what is full; counts their files."""
-        count = 0
+    def finish_bundle(self):
+        for output in self.out.flush():
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
+        if self.counts:
+            yield beam.pvalue.TaggedOutput(COUNTS, GlobalWindows.windowed_value(self.counts))
+        self.start_bundle()
+
+    def _list(self, where, pieces):
+        """Adds the listed ``pieces`` (items, or (unit, items) of a whole unit) to the bundle's
+        batches, sending on what is full; counts their files."""
+        count = reported = 0
         try:
             for piece in pieces:
                 if isinstance(piece, beam.pvalue.TaggedOutput):
                     yield piece
                     continue
-                count += out.add(piece)
-                if out.full:
-                    yield from self._sent(out.flush(everything=False))
+                count += self.out.add(piece)
+                if self.out.full:
+                    yield from self.out.flush(everything=False)
+                    self._listed(count - reported)
+                    reported = count
         except OSError as exc:  # SourceUnavailable (a list page past the deadline), a refusal
             failed = core.listing_failure(where, exc)
             yield beam.pvalue.TaggedOutput(ERRORS, failed.error)
-            counts.update(failed.counts)
-        counts["files_matched"] += count
+            self.counts.update(failed.counts)
+        self._listed(count - reported)
+        self.counts["files_matched"] += count
 
-    def _sent(self, outputs):
-        for files, output in outputs:
-            self.listed.inc(files)
-            self.progress.add({"files_listed": files})
-            yield output
+    def _listed(self, files: int) -> None:
+        self.listed.inc(files)
+        self.progress.add({"files_listed": files})
 
     def _lister(self, pattern: str) -> inputs.PartLister:
         if self.lister is None or self.lister[0] != pattern:
@@ -151,13 +164,13 @@ class _Batches:
         return 1
 
     def flush(self, everything: bool = True):
-        """(files, output) of each batch to send on: the full ones, or ``everything``."""
+        """The batches to send on: the full ones, or ``everything``."""
         if self.items and (everything or len(self.items) >= self.batch_size):
             items, self.items = self.items, []
-            yield len(items), beam.pvalue.TaggedOutput(LOOSE, items) if self.jobs else items
+            yield beam.pvalue.TaggedOutput(LOOSE, items) if self.jobs else items
         if self.units and (everything or self.unit_files >= self.batch_size):
-            units, files, self.units, self.unit_files = self.units, self.unit_files, [], 0
-            yield files, units
+            units, self.units, self.unit_files = self.units, [], 0
+            yield units
         self.full = False
 
 
