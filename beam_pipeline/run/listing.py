@@ -142,9 +142,9 @@ class ListFilesDoFn(beam.DoFn):
 
 
 class _Batches:
-    """What one listing element sends on: batches of listed items (to the main output, or with
+    """What a listing bundle sends on: batches of listed items (to the main output, or with
     ``jobs`` to ``LOOSE``), and with ``jobs`` lists of whole units' jobs; each of about
-    ``batch_size`` files (``full`` when one is)."""
+    ``batch_size`` files (``full`` when one is), a unit never split."""
 
     def __init__(self, batch_size: int, jobs: bool):
         self.batch_size = batch_size
