@@ -44,18 +44,38 @@ def deep_tree(tmp_path_factory) -> Path:
     return root
 
 
-def _fanned_out(pattern: str, expected_items, expected_counts: Counter, label: str = "") -> int:
-    """Runs the pipeline's listing step alone; asserts its items and summed counts; returns how
-    many listing work items ran (the root's own, then one per part)."""
+def _fanned_out(pattern: str, expected_items, expected_counts: Counter, formed=None) -> int:
+    """Runs the pipeline's listing step alone, and the unit jobs made of it; asserts its items and
+    summed counts, that each unit is one job, whole (``_each_unit_once_and_whole``), and
+    ``formed(units)`` of the units formed where listed; returns how many parts were listed (the
+    root's own step counted as one)."""
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
     listed, counts, _ = pipeline | transforms.ListInputFiles(pattern)
     assert_that(_items(listed), equal_to(list(expected_items)), label="items")
     assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()), equal_to([expected_counts]),
                 label="counts")
+    jobs = listed | reading.ListedUnits() | beam.ParDo(reading.BatchJobsDoFn()) | "Jobs" >> beam.FlatMap(list)
+    assert_that(jobs, _each_unit_once_and_whole(list(expected_items)), label="units")
+    if formed is not None:
+        assert_that(listed[0] | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch]), formed,
+                    label="formed")
     result = pipeline.run()
     result.wait_until_finish()
     parts = result.metrics().query(MetricsFilter().with_name("listing_parts_done"))["counters"]
     return sum(c.committed for c in parts)
+
+
+def _each_unit_once_and_whole(expected_items):
+    """A check of the unit jobs of a full run: each file in one job, each unit in one job, whole."""
+    def check(jobs):
+        units = Counter(unit for unit, _, _ in jobs)
+        assert max(units.values()) == 1, units
+        assert Counter(item for _, items, _ in jobs for item in items) == Counter(expected_items)
+        for unit, items, reused in jobs:
+            assert reused == ()
+            assert {folder_state.unit_of(state.source_key(path)) for path, *_ in items} == {unit}
+        assert set(units) == {folder_state.unit_of(state.source_key(path)) for path, *_ in expected_items}
+    return check
 
 
 def _items(listed):
@@ -110,7 +130,8 @@ def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatc
     (root / "p1" / "s0" / "locked" / "hidden.dcm").write_bytes(b"x")
     (root / "p2" / "s1" / "deeper").mkdir()  # ... beside one that can
     (root / "p2" / "s1" / "deeper" / "d.dcm").write_bytes(b"x")
-    (root / "at-the-top.dcm").write_bytes(b"x")
+    (root / "at-the-top.dcm").write_bytes(b"x")  # the root's own files: one unit a part could join, one not
+    (root / "a.dcm").write_bytes(b"x")
     with open(os.path.join(os.fsencode(root / "p0" / "s1"), b"\xff.dcm"), "wb") as handle:
         handle.write(b"x")  # a name that is not valid UTF-8: a unit of its own, across folders
     scandir, locked = os.scandir, str(root / "p1" / "s0" / "locked")
@@ -123,31 +144,17 @@ def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatc
     monkeypatch.setattr(inputs.os, "scandir", refusing)
     pattern = inputs.resolve_pattern(str(root))
     serial = list(inputs.list_files(pattern))
-    assert (locked, None, None) in serial and len(serial) == 6 * 16 + 1 + 1 + 1 + 1
-    pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-    listed, _, _ = pipeline | transforms.ListInputFiles(pattern)
-    listed_jobs, _ = listed
-    jobs = (listed | reading.ListedUnits() | beam.ParDo(reading.BatchJobsDoFn())
-            | "Jobs" >> beam.FlatMap(lambda batch: [(unit, sorted(items), reused) for unit, items, reused in batch]))
-    whole = listed_jobs | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch])
+    assert (locked, None, None) in serial and len(serial) == 6 * 16 + 1 + 1 + 2 + 1
+    top_units = {folder_state.unit_of(str(root / name)) for name in ("at-the-top.dcm", "a.dcm")}
+    joinable = {folder_state.unit_of(str(root / f"p{top}")) for top in range(3)}  # a part that cannot be listed
+    assert top_units & joinable and top_units - joinable
 
-    def each_unit_once_and_whole(actual):
-        units = Counter(unit for unit, _, _ in actual)
-        assert max(units.values()) == 1, units
-        assert Counter(item for _, items, _ in actual for item in items) == Counter(serial)
-        for unit, items, reused in actual:
-            assert reused == ()
-            assert {folder_state.unit_of(state.source_key(path)) for path, *_ in items} == {unit}
-        units_of = {folder_state.unit_of(state.source_key(path)) for path, *_ in serial}
-        assert set(units) == units_of
+    def formed_where_listed(units):  # not joined: the units of folders listed whole
+        assert {unit[len(str(root)):] for unit in units} >= {"/p0/s0|0", "/p0/s0|1", "/p0/s0|2", "/p1/s0|0"}
+        assert not any(unit.startswith(str(root / "p1" / "s0") + "|1") for unit in units)  # "locked" joins it
+        assert {unit for unit in units if unit in top_units} == top_units - joinable  # the root's own files
 
-    def formed_where_listed(actual):  # not joined: the units of folders listed whole
-        assert {unit[len(str(root)):] for unit in actual} >= {"/p0/s0|0", "/p0/s0|1", "/p0/s0|2", "/p1/s0|0"}
-        assert not any(unit.startswith(str(root) + "|") for unit in actual)  # the root's own files: joined
-
-    assert_that(jobs, each_unit_once_and_whole, label="jobs")
-    assert_that(whole, formed_where_listed, label="formed")
-    pipeline.run().wait_until_finish()
+    _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}), formed=formed_where_listed)
 
 
 def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):

@@ -43,11 +43,11 @@ class ListFilesDoFn(beam.DoFn):
     ``jobs`` (a full run): instead of batches of files, lists of unit jobs of about ``batch_size``
     files ((unit, its files, ()), what ``reading.ReadHeaders`` reads) for the units the lister
     sees whole: a local walk lists a folder's files together (``files.PartLister.folders``). The
-    others' files go, in batches, to the ``loose`` output, to be joined by unit
-    (``reading.ListedUnits``): gs:// (a part's listing is sorted by full name: a folder's files
-    are not together), the root's own files, names that are not valid UTF-8 (their units span
-    folders), and a folder's units that a subfolder which cannot be listed (a "file" of the folder,
-    listed later) could join.
+    root's own files are whole too. The others' files go, in batches, to the ``loose`` output, to
+    be joined by unit (``reading.ListedUnits``): the parts of gs:// (a part's listing is sorted by
+    full name: a folder's files are not together), names that are not valid UTF-8 (their units
+    span folders), and a folder's units that a subfolder which cannot be listed (a "file" of the
+    folder, listed later) could join.
 
     Batched here rather than by ``BatchElements``: one element per file through an extra step
     costs the local runners more than reading a small header does. A part that cannot be listed
@@ -138,7 +138,10 @@ class ListFilesDoFn(beam.DoFn):
         self.progress.add({"listing_parts": len(parts) + 1}, force=True)
         for group in part_groups(parts):
             yield beam.pvalue.TaggedOutput(PARTS, (element, group))
-        yield from files
+        if not self.jobs:
+            yield from files
+        else:  # all of the root's own files: on gs://, no part's file has their folder
+            yield from _folder_pieces(files, [] if inputs.is_remote(pattern) else parts)
 
 
 class _Batches:
@@ -177,23 +180,34 @@ class _Batches:
 def _unit_pieces(lister: inputs.PartLister, part):
     """A local part's listing for ``ListFilesDoFn(jobs=True)``: (unit, its items) of each unit it
     sees whole, and the other files' items (see there)."""
-    source_key, unit_of, portable = state.source_key, folder_state.unit_of, inputs.portable
     for paths, subfolders in lister.folders(part):
+        items = [(path, None, None) for path in paths]
         if subfolders is None:  # a folder that cannot be listed: a "file" of its parent
-            yield from ((path, None, None) for path in paths)
-            continue
-        joinable = {unit_of(source_key(portable(folder))) for folder in subfolders}
-        units: dict[str, list] = {}
-        for path in paths:
-            unit = None if isinstance(path, bytes) else unit_of(path)  # a str path is its key
-            if unit is None or unit in joinable:
-                yield path, None, None
-            else:
-                items = units.get(unit)
-                if items is None:
-                    items = units[unit] = []
-                items.append((path, None, None))
-        yield from units.items()
+            yield from items
+        else:
+            yield from _folder_pieces(items, subfolders)
+
+
+def _folder_pieces(items: list, subfolders: list):
+    """The listed items of one folder (all its files) -> (unit, its items) of each of its units,
+    but the items of a unit that one of its ``subfolders`` could join (listed later as a "file"
+    when it cannot be listed), and of names that are not valid UTF-8 (their units span folders),
+    one by one."""
+    source_key, unit_of = state.source_key, folder_state.unit_of
+    joinable = {unit_of(source_key(folder if isinstance(folder, bytes) else inputs.portable(folder)))
+                for folder in subfolders}
+    units: dict[str, list] = {}
+    for item in items:
+        path = item[0]
+        unit = None if isinstance(path, bytes) else unit_of(path)  # a str path is its key
+        if unit is None or unit in joinable:
+            yield item
+        else:
+            listed = units.get(unit)
+            if listed is None:
+                listed = units[unit] = []
+            listed.append(item)
+    yield from units.items()
 
 
 class UnitListingsDoFn(beam.DoFn):
