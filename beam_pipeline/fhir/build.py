@@ -9,7 +9,6 @@ import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
@@ -84,32 +83,47 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
     """
     if not date:
         return None
+    try:
+        text, problems = _datetime_text(date, time or None, utc_offset or None, timezone)
+    except TypeError:  # an unhashable value: not cached (it does not parse either)
+        text, problems = _datetime_text.__wrapped__(date, time or None, utc_offset or None, timezone)
+    for problem in problems:  # "date", "time" or "offset"
+        if problem == "date":
+            notes[f"unparseable:{what}"] += 1
+        elif problem == "time":
+            notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
+        else:
+            notes["unparseable:TimezoneOffsetFromUTC"] += 1
+    return text
+
+
+@lru_cache(maxsize=1024)
+def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone: str) -> tuple:
+    """(the FHIR dateTime or None, what did not parse): a pure function of its values, cached, as
+    a series mostly repeats its study's date and time."""
     day = parse_date(date)
     if day is None:
-        notes[f"unparseable:{what}"] += 1
-        return None
+        return None, ("date",)
     date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
     if not time:
-        return date_text
+        return date_text, ()
     clock = parse_time(time)
     if clock is None:
-        notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
-        return date_text
-    moment = combine(day, clock)
+        return date_text, ("time",)
     fraction = f".{clock.fraction}" if clock.fraction else ""
-    clock = f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    return date_text + clock + fraction + _offset(moment, utc_offset, timezone, notes)
-
-
-def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Counter) -> str:
+    # the microseconds added below never carry into the second: the clock's fields are the moment's
+    text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{fraction}"
     if utc_offset:
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
-            return f"{match[1]}{match[2]}:{match[3]}"
-        notes["unparseable:TimezoneOffsetFromUTC"] += 1
+            return f"{text}{match[1]}{match[2]}:{match[3]}", ()
+        problems = ("offset",)
+    else:
+        problems = ()
+    moment = combine(day, clock)
     minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
     sign = "+" if minutes >= 0 else "-"
-    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}", problems
 
 
 _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
@@ -374,16 +388,27 @@ def validation_view(study: dict) -> dict:
     cost seconds and gigabytes. The one primitive that varies freely, the instance uid (FHIR ``id``),
     is checked for every instance by ``instance_id_problem``.
     """
-    seen = set()
+    seen: set | None = None  # shapes of the kept instances, made only when an instance differs from the one before
     memo: dict = {}  # valid while the study holds its lists: ids are not reused before we return
+    kept_all: list = []
+    before = None  # the instance before: kept, or of a kept one's shape
     series_view = []
     for series in study.get("series", ()):
         kept = []
         for instance in series.get("instance", ()):
-            shape = validation.shape(instance, memo)
-            if shape not in seen:
-                seen.add(shape)
-                kept.append(instance)
+            if before is not None and validation.same_shape(instance, before):
+                before = instance
+                continue  # mostly: alike instances share their extension lists, compared at once
+            before = instance
+            if kept_all:
+                if seen is None:
+                    seen = {validation.shape(old, memo) for old in kept_all}
+                found = validation.shape(instance, memo)
+                if found in seen:
+                    continue
+                seen.add(found)
+            kept.append(instance)
+            kept_all.append(instance)
         series_view.append({**series, "instance": kept} if "instance" in series else series)
     return {**study, "series": series_view}
 

@@ -28,6 +28,10 @@ MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left 
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 _LATER = "model not imported yet"  # fhir_core imports a field's model on demand: only for fields met
 _NOTHING = object()  # no value has passed at this place yet
+# Core schemas checked in Rust alone (constraints, no Python validator function): a value's verdict
+# costs less than a cache lookup (``isinstance_python`` is "validate_python raises no
+# ValidationError", and nothing else can raise here). id, string, code, uri, unsignedInt, boolean...
+PLAIN_SCHEMAS = frozenset({"str", "int", "bool", "float"})
 
 
 def shape(value, memo: dict):
@@ -45,6 +49,31 @@ def shape(value, memo: dict):
             found = memo[id(value)] = tuple([shape(item, memo) for item in value])
         return found
     return kind
+
+
+def same_shape(one, other) -> bool:
+    """``shape(one) == shape(other)``, without building either: the same object has the same
+    shape, so the shared parts of alike instances (their detail extension lists) are not walked."""
+    if one is other:
+        return True
+    kind = type(one)
+    if kind is not type(other):
+        return False
+    if kind is dict:
+        if len(one) != len(other):
+            return False
+        for (key, item), (other_key, other_item) in zip(one.items(), other.items()):
+            if key != other_key:
+                return False
+            if key == "resourceType":
+                if item != other_item:
+                    return False
+            elif not same_shape(item, other_item):
+                return False
+        return True
+    if kind is list:
+        return len(one) == len(other) and all(map(same_shape, one, other))
+    return True
 
 
 def _field_type(annotation):
@@ -73,6 +102,7 @@ class ShapeVerdicts:
         self.values: dict = {}
         self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
+        self.plain: dict = {}     # id() of a kept TypeAdapter of a plain schema -> its isinstance_python
         self.compiled: dict = {}  # resource type -> [(key, check)], most recently matched first
         self.hits: dict = {}      # key -> times vouched by the walk (until compiled)
         self.retired: set = set()  # keys compiled once and no longer among the MAX_COMPILED
@@ -141,9 +171,13 @@ class ShapeVerdicts:
             passed.append(_NOTHING)  # not None: a None that is there must be checked too
             lines.append(f"{indent}if type({var}) is not {const(kind)}: return None")
             lines.append(f"{indent}if {var} is not last[{slot}] and {var} != last[{slot}]:")
-            lines.append(f"{indent} k = get(({id(adapter)}, {const(kind)}, {var}))")
-            lines.append(f"{indent} if k is None: k = slow({const(adapter)}, {var})")
-            lines.append(f"{indent} if k: last[{slot}] = {var}")
+            plain = self.plain.get(id(adapter))
+            if plain is not None:  # asked directly: cheaper than the cache, which unique values would churn
+                lines.append(f"{indent} if {const(plain)}({var}): last[{slot}] = {var}")
+            else:
+                lines.append(f"{indent} k = get(({id(adapter)}, {const(kind)}, {var}))")
+                lines.append(f"{indent} if k is None: k = slow({const(adapter)}, {var})")
+                lines.append(f"{indent} if k: last[{slot}] = {var}")
             lines.append(f"{indent} else: bad = True")
 
         def model_part(target, shape: tuple, var: str) -> None:
@@ -244,6 +278,9 @@ class ShapeVerdicts:
         return tuple(shapes)
 
     def _value_ok(self, adapter, value) -> bool:
+        plain = self.plain.get(id(adapter))
+        if plain is not None:
+            return plain(value)
         try:
             key = (id(adapter), type(value), value)
             known = self.values.get(key)
@@ -290,4 +327,6 @@ class ShapeVerdicts:
             return self._type_adapter(annotation)
         if adapter is None:
             adapter = self.adapters[annotation] = self._type_adapter(annotation)
+            if adapter.core_schema.get("type") in PLAIN_SCHEMAS:
+                self.plain[id(adapter)] = adapter.validator.isinstance_python
         return adapter

@@ -72,13 +72,13 @@ class BuildStudyDoFn(beam.DoFn):
             error, counts, shared_lines = previous.kept()
             outcome, line = core.StudyOutcome(shared=shared_lines, error=error, counts=counts), previous.line
             self.reused.inc()
-            extra = Counter({"incremental:studies_reused": 1})
+            self.counts["incremental:studies_reused"] += 1
         else:
             group = folder_state.load_pending(group)  # the parts of unchanged units, loaded now
             outcome = core.process_study(group, self.config, self.terms, self.validator, self.parts)
             line = state.study_line(uid, digest, outcome)
-            extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
             if self.incremental:
+                self.counts["incremental:studies_rebuilt"] += 1
                 hashes = previous.hashes() if previous else None
                 changed, deleted = delta.study_changes(hashes, outcome)
                 yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
@@ -87,10 +87,12 @@ class BuildStudyDoFn(beam.DoFn):
                     yield from _dropped(hashes or {})
         yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
         self.counts.update(outcome.counts)
-        self.counts.update(extra)
-        self.written.inc(outcome.counts["studies_written"])
-        self.rejected.inc(outcome.counts["studies_rejected"])
-        self.progress.add({"studies_written": outcome.counts["studies_written"]})
+        written = outcome.counts["studies_written"]
+        if written:  # each inc asks Beam for its state tracker: only the counter that moves
+            self.written.inc(written)
+        else:
+            self.rejected.inc(outcome.counts["studies_rejected"])
+        self.progress.add({"studies_written": written})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
         for resource_type, lines in outcome.lines.items():
