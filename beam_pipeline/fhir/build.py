@@ -201,9 +201,9 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     if config.patient_id_length and len(patient_id) > config.patient_id_length:
         patient_id = patient_id[: config.patient_id_length]
         built.notes["truncated:PatientID"] += 1
-    no_modality = sorted(uid for uid, rec in group.series.items() if "Modality" not in rec)
+    no_modality = [uid for uid, rec in group.series.items() if "Modality" not in rec]
     if no_modality:
-        built.rejection = (MISSING_MODALITY, f"series {no_modality[0]} has no Modality")
+        built.rejection = (MISSING_MODALITY, f"series {min(no_modality)} has no Modality")
         return built
 
     notes = built.notes
@@ -216,7 +216,9 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
 
     by_series: dict[str, list] = {uid: [] for uid in group.series}
     for sop, (series_uid, fields) in group.instances.items():
-        by_series[series_uid].append((rank({"SOPInstanceUID": sop, **fields}), sop, fields))
+        # the fields carry their SOPInstanceUID (``keywords.instance_keys``): no copy to rank them
+        ranked = fields if fields.get("SOPInstanceUID") == sop else {"SOPInstanceUID": sop, **fields}
+        by_series[series_uid].append((rank(ranked), sop, fields))
 
     devices: dict[str, dict] = {}
     series_list = []
@@ -255,8 +257,10 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     resource["series"] = series_list
 
     built.resources.append(("ImagingStudy", resource))
-    built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
-    built.resources.extend(("Observation", obs) for obs in study_extras.get("observations", ()))
+    if devices:
+        built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
+    if study_extras.get("observations"):
+        built.resources.extend(("Observation", obs) for obs in study_extras["observations"])
     if config.dose_reports:
         built.resources.extend(("Observation", obs) for obs in _dose_observations(
             group, by_series, resource["id"], subject, started, study, config, notes))

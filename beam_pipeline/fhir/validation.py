@@ -158,6 +158,7 @@ class ShapeVerdicts:
         lines: list = []
         consts: dict = {}
         passed: list = []
+        same: list = []
 
         def const(value) -> str:
             name = f"c{len(consts)}"
@@ -180,32 +181,43 @@ class ShapeVerdicts:
                 lines.append(f"{indent} if k: last[{slot}] = {var}")
             lines.append(f"{indent} else: bad = True")
 
-        def model_part(target, shape: tuple, var: str) -> None:
+        def model_part(target, shape: tuple, var: str, indent: str = " ") -> None:
             fields = self.fields.get(target)
             if fields is None:
                 fields = self.fields[target] = self._fields_of(target)
-            lines.append(f" if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
+            lines.append(f"{indent}if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
             for key, part in shape:
                 item = f"v{len(lines)}"
-                lines.append(f" {item} = {var}[{const(key)}]")
+                lines.append(f"{indent}{item} = {var}[{const(key)}]")
                 if key == "resourceType":
-                    lines.append(f" if type({item}) is not str or {item} != {const(part)}: return None")
+                    lines.append(f"{indent}if type({item}) is not str or {item} != {const(part)}: return None")
                     continue
                 kind, target_of, many = self._spec(fields, key)
                 if not many:
                     if kind is _PRIMITIVE:
-                        leaf(item, target_of, part, " ")
+                        leaf(item, target_of, part, indent)
                     else:
-                        model_part(target_of, part, item)
+                        model_part(target_of, part, item, indent)
                     continue
-                lines.append(f" if type({item}) is not list or len({item}) != {len(part)}: return None")
+                lines.append(f"{indent}if type({item}) is not list or len({item}) != {len(part)}: return None")
+                # same[j]: the list that passed here last, whole. Resources are not changed once
+                # built, and the extension lists ``MappedParts`` shares between studies are the same
+                # objects study after study: such a list is not checked again.
+                slot = len(same)
+                same.append(None)
+                inner = indent + " "
+                lines.append(f"{indent}if {item} is not same[{slot}]:")
+                lines.append(f"{inner}b{slot} = bad")
+                lines.append(f"{inner}bad = False")
                 for index, element in enumerate(part):
                     name = f"{item}_{index}"
-                    lines.append(f" {name} = {item}[{index}]")
+                    lines.append(f"{inner}{name} = {item}[{index}]")
                     if kind is _PRIMITIVE:
-                        leaf(name, target_of, element, " ")
+                        leaf(name, target_of, element, inner)
                     else:
-                        model_part(target_of, element, name)
+                        model_part(target_of, element, name, inner)
+                lines.append(f"{inner}if not bad: same[{slot}] = {item}")
+                lines.append(f"{inner}bad = bad or b{slot}")
                 if len(lines) > 8 * MAX_COMPILED_NODES:
                     raise OverflowError
 
@@ -214,7 +226,7 @@ class ShapeVerdicts:
         except OverflowError:
             return None
         source = "def check(data):\n bad = False\n" + "\n".join(lines) + "\n return not bad\n"
-        namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed}
+        namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
         return namespace["check"]
 
