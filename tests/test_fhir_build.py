@@ -9,6 +9,7 @@ from datetime import datetime
 import pytest
 
 from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir import validation
 from beam_pipeline.fhir.build import build_study, dicom_datetime
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.study import StudyGroup
@@ -352,3 +353,121 @@ def test_a_compiled_structure_checks_a_none_where_its_structure_has_one(terms):
         assert validator.problem([("Device", device)]) is None
     (_, check), = validator.verdicts.compiled["Device"]
     assert check(device) is False  # matched, and its None not vouched for: pydantic asked each time
+
+
+def _old_view(study: dict) -> dict:
+    """validation_view as it was: a shape per instance, kept when not seen before in the study."""
+    seen, memo, series_view = set(), {}, []
+    for series in study.get("series", ()):
+        kept = []
+        for instance in series.get("instance", ()):
+            found = validation.shape(instance, memo)
+            if found not in seen:
+                seen.add(found)
+                kept.append(instance)
+        series_view.append({**series, "instance": kept} if "instance" in series else series)
+    return {**study, "series": series_view}
+
+
+def _variant(rng: random.Random, value):
+    """``value`` with a few random changes of structure or of values (shared parts kept shared)."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        roll = rng.random()
+        if roll < 0.05 and items:
+            items.pop(rng.randrange(len(items)))
+        elif roll < 0.08 and len(items) > 1:
+            items.reverse()
+        elif roll < 0.1:
+            items.append(("resourceType", rng.choice(["Device", "Patient"])))
+        return {k: (v if k == "resourceType" or rng.random() < 0.5 else _variant(rng, v)) for k, v in items}
+    if isinstance(value, list):
+        if rng.random() < 0.1:
+            return value + value[:1]
+        return [item if rng.random() < 0.5 else _variant(rng, item) for item in value]
+    return rng.choice([value, value, str(value), 7, None, 1.5, [value], {"value": value}])
+
+
+def test_same_shape_is_shape_equality_and_the_view_keeps_what_it_kept(terms):
+    """validation_view compares an instance with the one before it (``same_shape``, which takes
+    the same object for the same shape) before it builds shapes: its view, and so every verdict,
+    is the one the shape of every instance gives."""
+    rng = random.Random(31)
+    records = [record(f"1.2.3.1.{i}", number=i, PixelSpacing=(0.5, 0.5), ImageType=("ORIGINAL", "PRIMARY"),
+                      SliceThickness=1.0) for i in range(1, 7)]
+    records += [record(f"1.2.3.2.{i}", series="1.2.3.2", number=i, PixelSpacing=(0.5, 0.5)) for i in range(1, 5)]
+    study = build_study(_group(records), ConversionConfig(), terms).resources[0][1]
+    compared = 0
+    for _ in range(300):
+        one, other = _variant(rng, study), _variant(rng, study)
+        for a, b in [(one, other), (one, one), (study, one)]:
+            assert validation.same_shape(a, b) == (validation.shape(a, {}) == validation.shape(b, {}))
+            compared += 1
+        changed = {**study, "series": [{**series, "instance": [
+            instance if rng.random() < 0.6 else _variant(rng, instance) for instance in series["instance"]]}
+            for series in study["series"]]}
+        assert fhir_build.validation_view(changed) == _old_view(changed)
+    assert compared == 900
+    assert len(fhir_build.validation_view(study)["series"][0]["instance"]) == 1
+
+
+def test_plain_types_are_asked_without_the_cache_with_pydantics_verdict(terms):
+    """The primitive types whose pydantic schema is checked in Rust alone (id, string, code, uri,
+    unsignedInt...) are asked with ``isinstance_python``: the verdict ``validate_python`` gives."""
+    from pydantic import ValidationError
+
+    records = [record(f"1.2.3.1.{i}", number=i, StudyDescription="Chest", DeviceSerialNumber="SN1",
+                      Manufacturer="ACME", StudyDate="20210104", StudyTime="073000") for i in (1, 2)]
+    validator = fhir_build.Validator()
+    assert validator.problem(build_study(_group(records), ConversionConfig(), terms).resources) is None
+    plain = [adapter for adapter in validator.verdicts.adapters.values() if id(adapter) in validator.verdicts.plain]
+    assert len(plain) >= 4
+    values = BAD_VALUES + ["1.2.840.10008.5.1.4.1.1.2", "urn:oid:1.2.3", "a b", "a\n", "\x1c", "\x0bA", "\x0b",
+                           "é", "\ud800", "x" * 300, 0, 2**31 - 1, -2**31, 1.0, b"bytes", ["list"], {"d": 1}]
+    for adapter in plain:
+        for value in values:
+            try:
+                adapter.validate_python(value)
+                expected = True
+            except ValidationError:
+                expected = False
+            assert validator.verdicts.plain[id(adapter)](value) is expected, (adapter, value)
+
+
+def test_a_list_that_passed_is_skipped_only_while_it_is_the_same_list(terms):
+    """The compiled check skips a list that passed whole at the same place (the extension lists
+    that ``MappedParts`` shares between studies); an equal-looking list of another object is
+    checked, and one with a bad value gets pydantic's verdict and message."""
+    import copy
+
+    from pydantic import ValidationError
+
+    parts = fhir_build.MappedParts()
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+
+    def study(uid):
+        records = [record(f"{uid}.1.{i}", series=f"{uid}.1", number=i, StudyInstanceUID=uid,
+                          PixelSpacing=(0.5, 0.5), SliceThickness=1.0) for i in (1, 2)]
+        group = StudyGroup(uid)
+        for rec in records:
+            group.add(rec, KEYS + ("PixelSpacing", "SliceThickness"))
+        return build_study(group, ConversionConfig(), terms, parts).resources
+
+    first, second = study("1.2.3"), study("1.2.4")
+    extension = first[0][1]["series"][0]["instance"][0]["extension"]
+    assert second[0][1]["series"][0]["instance"][0]["extension"] is extension  # shared by MappedParts
+    for _ in range(3):
+        assert validator.problem(first) is None and validator.problem(second) is None
+    assert validator.verdicts.compiled["ImagingStudy"]
+    bad = copy.deepcopy(second)
+    leaf = bad[0][1]["series"][0]["instance"][0]["extension"][0]
+    leaf["extension"][0]["valueQuantity"]["code"] = "two  spaces"  # a FHIR code: one space at most
+    for instance in bad[0][1]["series"][0]["instance"]:
+        instance["extension"] = [leaf]
+    with pytest.raises(ValidationError) as caught:
+        validator.models["ImagingStudy"].model_validate(fhir_build.validation_view(bad[0][1]))
+    got = validator.problem(bad)
+    assert got[0] == "invalid-fhir"
+    assert caught.value.errors(include_input=False, include_url=False)[0]["msg"] in got[1]
+    assert validator.problem(second) is None  # the shared list still passes
