@@ -17,6 +17,8 @@ would), tried before the generic walk; anything it does not match goes the walk'
 """
 from __future__ import annotations
 
+import datetime
+import re
 import types
 import typing
 
@@ -76,6 +78,35 @@ def same_shape(one, other) -> bool:
     return True
 
 
+# A FHIR dateTime as the builder writes it (a study's start, unique to the study): a day, or a
+# day with a time to the second, 1-6 digits of fraction and an offset. fhir_core checks this
+# pattern, then pydantic parses it; text of this form is valid when its day is a real one.
+_DATETIME = re.compile(
+    r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?[+-](?:(?:0[0-9]|1[0-3]):[0-5][0-9]|14:00))?")
+
+
+def fhir_datetime_ok(value) -> bool:
+    """True when ``value`` surely passes fhir_core's DateTime (tests compare it with pydantic over
+    many values); False when pydantic must tell (a leap second, ``Z``, a partial date...)."""
+    if type(value) is not str or not value.isascii() or _DATETIME.fullmatch(value) is None:
+        return False
+    if value[8:10] <= "28":
+        return True
+    try:
+        datetime.date.fromisoformat(value[:10])
+    except ValueError:
+        return False
+    return True
+
+
+def _is_fhir_datetime(annotation) -> bool:
+    from fhir_core.types import DateTime
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Annotated else ()
+    return bool(args) and args[0] is datetime.datetime and any(type(meta) is DateTime for meta in args[1:])
+
+
 def _field_type(annotation):
     """(list or not, the element's annotation) without the Optional around it."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -103,6 +134,7 @@ class ShapeVerdicts:
         self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
         self.plain: dict = {}     # id() of a kept TypeAdapter of a plain schema -> its isinstance_python
+        self.fast: dict = {}      # id() of a kept TypeAdapter -> a check that says True for most valid values
         self.compiled: dict = {}  # resource type -> [(key, check)], most recently matched first
         self.hits: dict = {}      # key -> times vouched by the walk (until compiled)
         self.retired: set = set()  # keys compiled once and no longer among the MAX_COMPILED
@@ -170,16 +202,18 @@ class ShapeVerdicts:
             # of the same type that is equal passes too, as it does in ``self.values``.
             slot = len(passed)
             passed.append(_NOTHING)  # not None: a None that is there must be checked too
-            lines.append(f"{indent}if type({var}) is not {const(kind)}: return None")
-            lines.append(f"{indent}if {var} is not last[{slot}] and {var} != last[{slot}]:")
+            # The same object as last time (the constant strings) has the type it had then.
+            lines.append(f"{indent}if {var} is not last[{slot}]:")
+            lines.append(f"{indent} if type({var}) is not {const(kind)}: return None")
+            lines.append(f"{indent} if {var} != last[{slot}]:")
             plain = self.plain.get(id(adapter))
             if plain is not None:  # asked directly: cheaper than the cache, which unique values would churn
-                lines.append(f"{indent} if {const(plain)}({var}): last[{slot}] = {var}")
+                lines.append(f"{indent}  if {const(plain)}({var}): last[{slot}] = {var}")
             else:
-                lines.append(f"{indent} k = get(({id(adapter)}, {const(kind)}, {var}))")
-                lines.append(f"{indent} if k is None: k = slow({const(adapter)}, {var})")
-                lines.append(f"{indent} if k: last[{slot}] = {var}")
-            lines.append(f"{indent} else: bad = True")
+                lines.append(f"{indent}  k = get(({id(adapter)}, {const(kind)}, {var}))")
+                lines.append(f"{indent}  if k is None: k = slow({const(adapter)}, {var})")
+                lines.append(f"{indent}  if k: last[{slot}] = {var}")
+            lines.append(f"{indent}  else: bad = True")
 
         def model_part(target, shape: tuple, var: str, indent: str = " ") -> None:
             fields = self.fields.get(target)
@@ -293,6 +327,9 @@ class ShapeVerdicts:
         plain = self.plain.get(id(adapter))
         if plain is not None:
             return plain(value)
+        fast = self.fast.get(id(adapter))
+        if fast is not None and fast(value):
+            return True
         try:
             key = (id(adapter), type(value), value)
             known = self.values.get(key)
@@ -341,4 +378,6 @@ class ShapeVerdicts:
             adapter = self.adapters[annotation] = self._type_adapter(annotation)
             if adapter.core_schema.get("type") in PLAIN_SCHEMAS:
                 self.plain[id(adapter)] = adapter.validator.isinstance_python
+            elif _is_fhir_datetime(annotation):
+                self.fast[id(adapter)] = fhir_datetime_ok
         return adapter
