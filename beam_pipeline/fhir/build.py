@@ -130,7 +130,8 @@ _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
 
 
 class MappedParts:
-    """The MII extensions of series and of instances by the DICOM values they are mapped from.
+    """The MII extensions of series and of instances by the DICOM values they are mapped from
+    (and the Devices of scanners).
 
     Instances of a series, and series of alike scanners and protocols across studies, repeat
     them: each distinct set of values is mapped once, its notes counted again wherever it occurs.
@@ -156,6 +157,20 @@ class MappedParts:
     def instance(self, fields: dict, terms, notes: Counter) -> list:
         key = ("instance", *map(fields.get, self.INSTANCE_KEYS, itertools.repeat(_ABSENT)))
         return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
+
+    def device(self, record: dict) -> dict | None:
+        """``build_device`` of a series' scanner: a scanner serves many studies, its Device is built once."""
+        key = ("device", record.get("DeviceSerialNumber"), record.get("Manufacturer", ""),
+               record.get("ManufacturerModelName"))
+        try:
+            hit = self.entries.get(key, _ABSENT)
+        except TypeError:  # an unhashable value: built directly
+            return build_device(record)
+        if hit is _ABSENT:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            hit = self.entries[key] = build_device(record)
+        return hit
 
     def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
         try:
@@ -333,7 +348,7 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
                              config.timezone, notes, "SeriesDate")
     if started:
         series["started"] = started
-    device = build_device(record) if config.include_devices else None
+    device = parts.device(record) if config.include_devices else None
     if device:
         devices[device["id"]] = device
         series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]

@@ -255,11 +255,13 @@ class ShapeVerdicts:
                 if len(lines) > 8 * MAX_COMPILED_NODES:
                     raise OverflowError
 
+        same.append(None)  # same[0]: the resource itself (a scanner's Device, built once per worker)
         try:
             model_part(model, walked, "data")
         except OverflowError:
             return None
-        source = "def check(data):\n bad = False\n" + "\n".join(lines) + "\n return not bad\n"
+        source = ("def check(data):\n if data is same[0]: return True\n bad = False\n" + "\n".join(lines)
+                  + "\n if not bad: same[0] = data\n return not bad\n")
         namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
         return namespace["check"]
