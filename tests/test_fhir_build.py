@@ -507,3 +507,25 @@ def test_the_fast_datetime_check_vouches_only_for_what_pydantic_accepts():
     assert passed > 2000
     assert validation.fhir_datetime_ok("2024-11-09T11:25:00.5-04:00") and validation.fhir_datetime_ok("2024-02-29")
     assert not validation.fhir_datetime_ok("2023-02-29")
+
+
+def test_compiled_checks_go_with_the_accepted_structures_they_came_from(terms, monkeypatch):
+    """A compiled check vouches without asking whether its structure is still accepted: when the
+    accepted structures are cleared (a worker met MAX_SHAPES of them), its checks go too, and a
+    resource of that structure is validated by pydantic again."""
+    from beam_pipeline.fhir import validation
+
+    monkeypatch.setattr(validation, "MAX_SHAPES", 2)
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    built = build_study(_group([record(f"1.2.3.1.{i}", number=i, DeviceSerialNumber="SN1") for i in (1, 2)]),
+                        ConversionConfig(), terms)
+    for _ in range(3):
+        assert validator.problem(built.resources) is None
+    assert validator.verdicts.compiled
+    other = build_study(_group([record("1.2.3.1.1", StudyDescription="Chest")]), ConversionConfig(), terms)
+    assert validator.problem(other.resources) is None  # a third structure: the accepted ones are cleared
+    assert not validator.verdicts.compiled and len(validator.verdicts.accepted) == 1
+    bad = [("ImagingStudy", {**built.resources[0][1], "status": "two  words"})]
+    assert validator.problem(bad)[0] == "invalid-fhir"
+    assert validator.problem(built.resources) is None

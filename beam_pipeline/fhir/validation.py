@@ -153,7 +153,7 @@ class ShapeVerdicts:
                 if verdict is not None:
                     if index:
                         checks.insert(0, checks.pop(index))
-                    return verdict and key in self.accepted, key
+                    return verdict, key  # compiled from an accepted structure (they are cleared together)
         values: list = []
         walked = self._walk(model, resource, values, {})
         if walked is None:
@@ -271,6 +271,7 @@ class ShapeVerdicts:
             return
         if len(self.accepted) >= MAX_SHAPES:
             self.accepted.clear()
+            self.compiled.clear()  # each was compiled from an accepted structure: they go together
         self.accepted.add(key)
 
     def _walk(self, model, data: dict, values: list, memo: dict):
