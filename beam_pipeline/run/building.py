@@ -86,13 +86,10 @@ class BuildStudyDoFn(beam.DoFn):
                 if self.reuse_studies:
                     yield from _dropped(hashes or {})
         yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
-        self.counts.update(outcome.counts)
-        written = outcome.counts["studies_written"]
-        if written:  # each inc asks Beam for its state tracker: only the counter that moves
-            self.written.inc(written)
-        else:
-            self.rejected.inc(outcome.counts["studies_rejected"])
-        self.progress.add({"studies_written": written})
+        counts = self.counts
+        for name, count in outcome.counts.items():
+            counts[name] += count
+        self.progress.add({"studies_written": outcome.counts["studies_written"]})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
         for resource_type, lines in outcome.lines.items():
@@ -104,6 +101,10 @@ class BuildStudyDoFn(beam.DoFn):
 
     def finish_bundle(self):
         self.progress.flush()
+        # the Beam counters once per bundle: each inc asks Beam for its state tracker
+        for metric, name in ((self.written, "studies_written"), (self.rejected, "studies_rejected")):
+            if self.counts.get(name):
+                metric.inc(self.counts[name])
         for shared_item in sorted(self.shared.items()):
             yield beam.pvalue.TaggedOutput(self.SHARED, GlobalWindows.windowed_value(shared_item))
         if self.counts:
