@@ -529,3 +529,59 @@ def test_compiled_checks_go_with_the_accepted_structures_they_came_from(terms, m
     bad = [("ImagingStudy", {**built.resources[0][1], "status": "two  words"})]
     assert validator.problem(bad)[0] == "invalid-fhir"
     assert validator.problem(built.resources) is None
+
+
+def _old_dicom_datetime(date, time, utc_offset, timezone, notes, what):
+    """dicom_datetime as it was before its cache and its slicing of the usual forms."""
+    import re
+    from zoneinfo import ZoneInfo
+
+    from beam_pipeline.dicom.dates import combine, parse_date, parse_time
+
+    if not date:
+        return None
+    day = parse_date(date)
+    if day is None:
+        notes[f"unparseable:{what}"] += 1
+        return None
+    date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
+    if not time:
+        return date_text
+    clock = parse_time(time)
+    if clock is None:
+        notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
+        return date_text
+    moment = combine(day, clock)
+    fraction = f".{clock.fraction}" if clock.fraction else ""
+    text = date_text + f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}" + fraction
+    if utc_offset:
+        match = re.match(r"^([+-])(\d{2})(\d{2})$", utc_offset)
+        if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:
+            return text + f"{match[1]}{match[2]}:{match[3]}"
+        notes["unparseable:TimezoneOffsetFromUTC"] += 1
+    minutes = int(moment.replace(tzinfo=ZoneInfo(timezone)).utcoffset().total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def test_dicom_datetime_gives_what_it_gave_before_its_cache_and_its_fast_forms():
+    """The cached, sliced dicom_datetime: the same text and notes as the plain parse, on the usual
+    forms and around them (days 28-31, months 00-13, year 0000, hours 23-24, fractions of 0-7
+    digits, colons, ACR-NEMA dates, non-ASCII digits, offsets within and beyond 14:00), twice."""
+    import itertools
+
+    dates = ["20240101", "20240228", "20240229", "20230229", "20240431", "20241231", "20241301", "20240001",
+             "00000101", "00010101", "09990615", "2024.03.31", "2024010", "202401011", "２０２４0101",
+             "20240101\n", "", None, "2024-01-01", "20240310", "20241103", "20241027", "20240331"]
+    times = [None, "", "000000", "235959", "240000", "236000", "235960", "120000.", "120000.1", "120000.123456",
+             "120000.1234567", "12:00:00", "1200", "12", "12000", "120000\n", "12000０", "030000", "023000"]
+    offsets = [None, "", "+0000", "-0400", "+1400", "+1401", "-1359", "+0560", "0400", "+04:00"]
+    checked = 0
+    for _ in range(2):  # the second time from the cache
+        for date, time, offset, zone in itertools.product(dates, times, offsets, ["Europe/Berlin", "America/New_York"]):
+            old, new = Counter(), Counter()
+            expected = _old_dicom_datetime(date, time, offset, zone, old, "SeriesDate")
+            assert dicom_datetime(date, time, offset, zone, new, "SeriesDate") == expected, (date, time, offset)
+            assert new == old, (date, time, offset)
+            checked += 1
+    assert checked > 10000

@@ -9,6 +9,7 @@ import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
@@ -22,7 +23,7 @@ from beam_pipeline.codes import (
     Reason,
     sha256_id,
 )
-from beam_pipeline.dicom.dates import combine, parse_date, parse_time
+from beam_pipeline.dicom.dates import Clock, combine, parse_date, parse_time
 from beam_pipeline.fhir import dose, mii, references, validation
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.referenced import service_request
@@ -101,18 +102,25 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
 def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone: str) -> tuple:
     """(the FHIR dateTime or None, what did not parse): a pure function of its values, cached, as
     a series mostly repeats its study's date and time."""
-    day = parse_date(date)
-    if day is None:
-        return None, ("date",)
-    date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
-    if not time:
-        return date_text, ()
-    clock = parse_time(time)
-    if clock is None:
-        return date_text, ("time",)
-    fraction = f".{clock.fraction}" if clock.fraction else ""
+    plain = _plain_parts(date, time)
+    if plain is not None:  # the usual YYYYMMDD and HHMMSS[.F]: read by slicing
+        date_text, (hour, minute, second, fraction) = plain
+        if not time:
+            return date_text, ()
+        day = None
+    else:
+        day = parse_date(date)
+        if day is None:
+            return None, ("date",)
+        date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
+        if not time:
+            return date_text, ()
+        clock = parse_time(time)
+        if clock is None:
+            return date_text, ("time",)
+        hour, minute, second, fraction = clock
     # the microseconds added below never carry into the second: the clock's fields are the moment's
-    text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{fraction}"
+    text = f"{date_text}T{hour:02d}:{minute:02d}:{second:02d}{'.' if fraction else ''}{fraction}"
     if utc_offset:
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
@@ -120,10 +128,31 @@ def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone
         problems = ("offset",)
     else:
         problems = ()
-    moment = combine(day, clock)
+    if day is None:
+        day = datetime(int(date[:4]), int(date[4:6]), int(date[6:]))
+    moment = combine(day, Clock(hour, minute, second, fraction))
     minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
     sign = "+" if minutes >= 0 else "-"
     return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}", problems
+
+
+def _plain_parts(date: str, time: str | None) -> tuple | None:
+    """(FHIR date, (hour, minute, second, fraction)) of ASCII ``YYYYMMDD`` (a day 01-28 of a month
+    01-12 of a year from 0001: always a real day) and ``HHMMSS`` or ``HHMMSS.F{1,6}`` (or no
+    time); None for anything else, which ``dates`` parses (they agree: tests compare them)."""
+    if not (type(date) is str and len(date) == 8 and date.isascii() and date.isdigit()
+            and "01" <= date[4:6] <= "12" and "01" <= date[6:] <= "28" and date[:4] != "0000"):
+        return None
+    date_text = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    if not time:
+        return date_text, (0, 0, 0, "")
+    if type(time) is not str or not (len(time) == 6 or 8 <= len(time) <= 13 and time[6] == "."):
+        return None
+    digits, fraction = time[:6], time[7:]
+    if not (time.isascii() and digits.isdigit() and (not fraction or fraction.isdigit())
+            and digits[:2] <= "23" and digits[2:4] <= "59" and digits[4:] <= "59"):
+        return None
+    return date_text, (int(digits[:2]), int(digits[2:4]), int(digits[4:]), fraction)
 
 
 _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
