@@ -13,7 +13,9 @@ value that fails its type) goes to pydantic itself, so the verdict and its messa
 Small studies of alike scanners repeat a handful of structures: each is modelled once per worker.
 A structure that keeps coming is compiled into a check of its own (``_compile``: straight-line code
 that tests each key, type and list length the walk would find and checks each value as the walk
-would), tried before the generic walk; anything it does not match goes the walk's way.
+would), tried before the generic walk; anything it does not match goes the walk's way. It skips a
+list that passed whole at the same place while it is the same object: resources are not changed
+once built, and the extension lists ``build.MappedParts`` shares between studies repeat.
 """
 from __future__ import annotations
 
