@@ -585,3 +585,46 @@ def test_dicom_datetime_gives_what_it_gave_before_its_cache_and_its_fast_forms()
             assert new == old, (date, time, offset)
             checked += 1
     assert checked > 10000
+
+
+def test_probes_tell_compiled_structures_apart_and_never_refuse_their_own(terms):
+    """Compiled structures of one resource type get probes where they first differ (keys of an
+    object, length of a list): a resource of a structure passes all of its own check's probes, a
+    resource of another is refused by a probe before the check runs, and every verdict stays
+    pydantic's."""
+    from pydantic import ValidationError
+
+    from beam_pipeline.fhir import keywords
+
+    def study(uid, modality, series=1, **values):
+        group = StudyGroup(uid)
+        for s in range(1, series + 1):
+            for i in (1, 2):
+                group.add(record(f"{uid}.{s}.{i}", series=f"{uid}.{s}", number=i, StudyInstanceUID=uid,
+                                 Modality=modality, SeriesNumber=s, **values), keywords.instance_keys())
+        return build_study(group, ConversionConfig(), terms).resources
+
+    kinds = {"ct": dict(modality="CT", KVP=120.0), "mr": dict(modality="MR", EchoTime=20.0, RepetitionTime=400.0),
+             "two series": dict(modality="CT", series=2, KVP=120.0), "plain": dict(modality="CR")}
+    studies = {name: [study(f"1.2.{n}.{k}", **values) for k in range(3)] for n, (name, values) in enumerate(kinds.items())}
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    for _ in range(2):
+        for built in studies.values():
+            for resources in built:
+                assert validator.problem(resources) is None
+    checks = validator.verdicts.compiled["ImagingStudy"]
+    assert len(checks) == 4 and all(check.probes for _, check in checks)
+    refused = 0
+    for name, built in studies.items():
+        for resources in built:
+            view = fhir_build.validation_view(resources[0][1])
+            mine = [check for _, check in checks if check(view) is not None]
+            assert len(mine) == 1, name
+            assert not any(probe(view) for probe in mine[0].probes)  # never refuses its own
+            refused += sum(any(probe(view) for probe in check.probes) for _, check in checks if check is not mine[0])
+    assert refused == 4 * 3 * 3  # each of the 12 told apart from the 3 other structures
+    bad = {**studies["mr"][0][0][1], "status": "two  words"}
+    with pytest.raises(ValidationError):
+        validator.models["ImagingStudy"].model_validate(fhir_build.validation_view(bad))
+    assert validator.problem([("ImagingStudy", bad)])[0] == "invalid-fhir"

@@ -148,6 +148,8 @@ class ShapeVerdicts:
         checks = self.compiled.get(resource_type)
         if checks:
             for index, (key, check) in enumerate(checks):
+                if check.probes and any(probe(resource) for probe in check.probes):
+                    continue  # of another compiled structure: told apart where the two differ
                 try:
                     verdict = check(resource)
                 except TypeError:  # an unhashable value: the walk's way
@@ -180,11 +182,60 @@ class ShapeVerdicts:
         check = self._compile(model, key[1])
         if check is not None:
             checks = self.compiled.setdefault(key[0], [])
+            for other, other_check in checks:  # each tells the other apart where they first differ
+                self._probe(check, model, key[1], other[1])
+                self._probe(other_check, model, other[1], key[1])
             checks.insert(0, (key, check))
             if len(self.retired) >= MAX_SHAPES:
                 self.retired.clear()
             self.retired.update(old for old, _ in checks[MAX_COMPILED:])
             del checks[MAX_COMPILED:]
+
+    def _probe(self, check, model, walked: tuple, other: tuple) -> None:
+        """Give ``check`` (of the shape ``walked``) a probe against the shape ``other``: at the
+        first object whose keys, or list whose length, differ between the two, a resource without
+        ``walked``'s keys or length there (or without that place) is not of ``walked``, so the
+        check would return None. A failing check costs most of a passing one; a probe, a few
+        lookups. (Shapes that first differ in a leaf's type get no probe.)"""
+        found = self._divergence(model, walked, other, ())
+        if found is None:
+            return
+        path, expected = found
+
+        def probe(resource) -> bool:
+            node = resource
+            try:
+                for step in path:
+                    node = node[step]
+                return (len(node) if type(expected) is int else tuple(node)) != expected
+            except (KeyError, IndexError, TypeError):
+                return True
+        check.probes.append(probe)
+
+    def _divergence(self, model, mine: tuple, other: tuple, path: tuple):
+        """(path, keys tuple or list length of ``mine`` there) at the first object or list where
+        the shapes ``mine`` and ``other`` of ``model`` differ in keys or length; None if none does."""
+        keys = tuple(key for key, _ in mine)
+        if keys != tuple(key for key, _ in other):
+            return path, keys
+        fields = self.fields.get(model)
+        if fields is None:
+            fields = self.fields[model] = self._fields_of(model)
+        for (key, part), (_, other_part) in zip(mine, other):
+            if key == "resourceType" or part == other_part:
+                continue
+            kind, target, many = self._spec(fields, key)
+            if many and len(part) != len(other_part):
+                return path + (key,), len(part)
+            if kind is not _MODEL:
+                continue
+            pairs = zip(part, other_part) if many else [(part, other_part)]
+            for index, (mine_item, other_item) in enumerate(pairs):
+                if mine_item != other_item:
+                    found = self._divergence(target, mine_item, other_item, path + (key, index) if many else path + (key,))
+                    if found is not None:
+                        return found
+        return None
 
     def _compile(self, model, walked: tuple):
         """A function of a resource: None unless ``_walk`` would give it the shape ``walked``; then
@@ -266,7 +317,9 @@ class ShapeVerdicts:
                   + "\n if not bad: same[0] = data\n return not bad\n")
         namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
-        return namespace["check"]
+        check = namespace["check"]
+        check.probes = []  # see ``_probe``
+        return check
 
     def accept(self, key: tuple | None) -> None:
         if key is None:
