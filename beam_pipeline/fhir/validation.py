@@ -69,10 +69,16 @@ def same_shape(one, other) -> bool:
         for (key, item), (other_key, other_item) in zip(one.items(), other.items()):
             if key != other_key:
                 return False
+            if item is other_item:
+                continue
             if key == "resourceType":
                 if item != other_item:
                     return False
-            elif not same_shape(item, other_item):
+                continue
+            item_kind = type(item)  # a leaf's shape is its type: no call for it
+            if item_kind is not type(other_item):
+                return False
+            if (item_kind is dict or item_kind is list) and not same_shape(item, other_item):
                 return False
         return True
     if kind is list:
