@@ -9,6 +9,7 @@ from datetime import datetime
 import pytest
 
 from beam_pipeline.fhir import build as fhir_build
+from beam_pipeline.fhir import validation
 from beam_pipeline.fhir.build import build_study, dicom_datetime
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.study import StudyGroup
@@ -352,3 +353,278 @@ def test_a_compiled_structure_checks_a_none_where_its_structure_has_one(terms):
         assert validator.problem([("Device", device)]) is None
     (_, check), = validator.verdicts.compiled["Device"]
     assert check(device) is False  # matched, and its None not vouched for: pydantic asked each time
+
+
+def _old_view(study: dict) -> dict:
+    """validation_view as it was: a shape per instance, kept when not seen before in the study."""
+    seen, memo, series_view = set(), {}, []
+    for series in study.get("series", ()):
+        kept = []
+        for instance in series.get("instance", ()):
+            found = validation.shape(instance, memo)
+            if found not in seen:
+                seen.add(found)
+                kept.append(instance)
+        series_view.append({**series, "instance": kept} if "instance" in series else series)
+    return {**study, "series": series_view}
+
+
+def _variant(rng: random.Random, value):
+    """``value`` with a few random changes of structure or of values (shared parts kept shared)."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        roll = rng.random()
+        if roll < 0.05 and items:
+            items.pop(rng.randrange(len(items)))
+        elif roll < 0.08 and len(items) > 1:
+            items.reverse()
+        elif roll < 0.1:
+            items.append(("resourceType", rng.choice(["Device", "Patient"])))
+        return {k: (v if k == "resourceType" or rng.random() < 0.5 else _variant(rng, v)) for k, v in items}
+    if isinstance(value, list):
+        if rng.random() < 0.1:
+            return value + value[:1]
+        return [item if rng.random() < 0.5 else _variant(rng, item) for item in value]
+    return rng.choice([value, value, str(value), 7, None, 1.5, [value], {"value": value}])
+
+
+def test_same_shape_is_shape_equality_and_the_view_keeps_what_it_kept(terms):
+    """validation_view compares an instance with the one before it (``same_shape``, which takes
+    the same object for the same shape) before it builds shapes: its view, and so every verdict,
+    is the one the shape of every instance gives."""
+    rng = random.Random(31)
+    records = [record(f"1.2.3.1.{i}", number=i, PixelSpacing=(0.5, 0.5), ImageType=("ORIGINAL", "PRIMARY"),
+                      SliceThickness=1.0) for i in range(1, 7)]
+    records += [record(f"1.2.3.2.{i}", series="1.2.3.2", number=i, PixelSpacing=(0.5, 0.5)) for i in range(1, 5)]
+    study = build_study(_group(records), ConversionConfig(), terms).resources[0][1]
+    compared = 0
+    for _ in range(300):
+        one, other = _variant(rng, study), _variant(rng, study)
+        for a, b in [(one, other), (one, one), (study, one)]:
+            assert validation.same_shape(a, b) == (validation.shape(a, {}) == validation.shape(b, {}))
+            compared += 1
+        changed = {**study, "series": [{**series, "instance": [
+            instance if rng.random() < 0.6 else _variant(rng, instance) for instance in series["instance"]]}
+            for series in study["series"]]}
+        assert fhir_build.validation_view(changed) == _old_view(changed)
+    assert compared == 900
+    assert len(fhir_build.validation_view(study)["series"][0]["instance"]) == 1
+
+
+def test_plain_types_are_asked_without_the_cache_with_pydantics_verdict(terms):
+    """The primitive types whose pydantic schema is checked in Rust alone (id, string, code, uri,
+    unsignedInt...) are asked with ``isinstance_python``: the verdict ``validate_python`` gives."""
+    from pydantic import ValidationError
+
+    records = [record(f"1.2.3.1.{i}", number=i, StudyDescription="Chest", DeviceSerialNumber="SN1",
+                      Manufacturer="ACME", StudyDate="20210104", StudyTime="073000") for i in (1, 2)]
+    validator = fhir_build.Validator()
+    assert validator.problem(build_study(_group(records), ConversionConfig(), terms).resources) is None
+    plain = [adapter for adapter in validator.verdicts.adapters.values() if id(adapter) in validator.verdicts.plain]
+    assert len(plain) >= 4
+    values = BAD_VALUES + ["1.2.840.10008.5.1.4.1.1.2", "urn:oid:1.2.3", "a b", "a\n", "\x1c", "\x0bA", "\x0b",
+                           "é", "\ud800", "x" * 300, 0, 2**31 - 1, -2**31, 1.0, b"bytes", ["list"], {"d": 1}]
+    for adapter in plain:
+        for value in values:
+            try:
+                adapter.validate_python(value)
+                expected = True
+            except ValidationError:
+                expected = False
+            assert validator.verdicts.plain[id(adapter)](value) is expected, (adapter, value)
+
+
+def test_a_list_that_passed_is_skipped_only_while_it_is_the_same_list(terms):
+    """The compiled check skips a list that passed whole at the same place (the extension lists
+    that ``MappedParts`` shares between studies); an equal-looking list of another object is
+    checked, and one with a bad value gets pydantic's verdict and message."""
+    import copy
+
+    from pydantic import ValidationError
+
+    parts = fhir_build.MappedParts()
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+
+    def study(uid):
+        records = [record(f"{uid}.1.{i}", series=f"{uid}.1", number=i, StudyInstanceUID=uid,
+                          PixelSpacing=(0.5, 0.5), SliceThickness=1.0) for i in (1, 2)]
+        group = StudyGroup(uid)
+        for rec in records:
+            group.add(rec, KEYS + ("PixelSpacing", "SliceThickness"))
+        return build_study(group, ConversionConfig(), terms, parts).resources
+
+    first, second = study("1.2.3"), study("1.2.4")
+    extension = first[0][1]["series"][0]["instance"][0]["extension"]
+    assert second[0][1]["series"][0]["instance"][0]["extension"] is extension  # shared by MappedParts
+    for _ in range(3):
+        assert validator.problem(first) is None and validator.problem(second) is None
+    assert validator.verdicts.compiled["ImagingStudy"]
+    bad = copy.deepcopy(second)
+    leaf = bad[0][1]["series"][0]["instance"][0]["extension"][0]
+    leaf["extension"][0]["valueQuantity"]["code"] = "two  spaces"  # a FHIR code: one space at most
+    for instance in bad[0][1]["series"][0]["instance"]:
+        instance["extension"] = [leaf]
+    with pytest.raises(ValidationError) as caught:
+        validator.models["ImagingStudy"].model_validate(fhir_build.validation_view(bad[0][1]))
+    got = validator.problem(bad)
+    assert got[0] == "invalid-fhir"
+    assert caught.value.errors(include_input=False, include_url=False)[0]["msg"] in got[1]
+    assert validator.problem(second) is None  # the shared list still passes
+
+
+def test_the_fast_datetime_check_vouches_only_for_what_pydantic_accepts():
+    """``fhir_datetime_ok`` spares pydantic the dateTime unique to each study: over a grid of
+    edge values each value it passes is one fhir_core's DateTime accepts, and it passes the
+    forms the builder writes."""
+    import itertools
+
+    from fhir_core.types import DateTimeType
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(DateTimeType)
+    years = ["0000", "0001", "0009", "0010", "0099", "0100", "0999", "1000", "2000", "2023", "2024", "9999"]
+    months, days = ["00", "01", "02", "04", "12", "13"], ["00", "01", "28", "29", "30", "31", "32"]
+    times = ["", "T00:00:00", "T23:59:59", "T24:00:00", "T12:60:00", "T12:00:60", "T12:00:00.1",
+             "T12:00:00.123456", "T12:00:00.1234567", "T12:00", "T1:00:00"]
+    offsets = ["", "+00:00", "-00:00", "+14:00", "-14:00", "+14:01", "-13:59", "+13:60", "Z", "+1400"]
+    passed = 0
+    for year, month, day, time, offset in itertools.product(years, months, days, times, offsets):
+        if not time and offset:
+            continue
+        value = f"{year}-{month}-{day}{time}{offset}"
+        if validation.fhir_datetime_ok(value):
+            passed += 1
+            adapter.validate_python(value)  # raises if the check vouched wrongly
+    for value in ["2024-02-29", "2023-02-29", "2024-11-09T11:25:00-04:00", "é024-11-09", " 2024-11-09", "2024-11-09\n",
+                  2024, None, "2024", "2024-11", "2024-11-09T11:25:00"]:
+        try:
+            adapter.validate_python(value)
+            valid = True
+        except ValidationError:
+            valid = False
+        assert not validation.fhir_datetime_ok(value) or valid, value
+    assert passed > 2000
+    assert validation.fhir_datetime_ok("2024-11-09T11:25:00.5-04:00") and validation.fhir_datetime_ok("2024-02-29")
+    assert not validation.fhir_datetime_ok("2023-02-29")
+
+
+def test_compiled_checks_go_with_the_accepted_structures_they_came_from(terms, monkeypatch):
+    """A compiled check vouches without asking whether its structure is still accepted: when the
+    accepted structures are cleared (a worker met MAX_SHAPES of them), its checks go too, and a
+    resource of that structure is validated by pydantic again."""
+    from beam_pipeline.fhir import validation
+
+    monkeypatch.setattr(validation, "MAX_SHAPES", 2)
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    built = build_study(_group([record(f"1.2.3.1.{i}", number=i, DeviceSerialNumber="SN1") for i in (1, 2)]),
+                        ConversionConfig(), terms)
+    for _ in range(3):
+        assert validator.problem(built.resources) is None
+    assert validator.verdicts.compiled
+    other = build_study(_group([record("1.2.3.1.1", StudyDescription="Chest")]), ConversionConfig(), terms)
+    assert validator.problem(other.resources) is None  # a third structure: the accepted ones are cleared
+    assert not validator.verdicts.compiled and len(validator.verdicts.accepted) == 1
+    bad = [("ImagingStudy", {**built.resources[0][1], "status": "two  words"})]
+    assert validator.problem(bad)[0] == "invalid-fhir"
+    assert validator.problem(built.resources) is None
+
+
+def _old_dicom_datetime(date, time, utc_offset, timezone, notes, what):
+    """dicom_datetime as it was before its cache and its slicing of the usual forms."""
+    import re
+    from zoneinfo import ZoneInfo
+
+    from beam_pipeline.dicom.dates import combine, parse_date, parse_time
+
+    if not date:
+        return None
+    day = parse_date(date)
+    if day is None:
+        notes[f"unparseable:{what}"] += 1
+        return None
+    date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
+    if not time:
+        return date_text
+    clock = parse_time(time)
+    if clock is None:
+        notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
+        return date_text
+    moment = combine(day, clock)
+    fraction = f".{clock.fraction}" if clock.fraction else ""
+    text = date_text + f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}" + fraction
+    if utc_offset:
+        match = re.match(r"^([+-])(\d{2})(\d{2})$", utc_offset)
+        if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:
+            return text + f"{match[1]}{match[2]}:{match[3]}"
+        notes["unparseable:TimezoneOffsetFromUTC"] += 1
+    minutes = int(moment.replace(tzinfo=ZoneInfo(timezone)).utcoffset().total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def test_dicom_datetime_gives_what_it_gave_before_its_cache_and_its_fast_forms():
+    """The cached, sliced dicom_datetime: the same text and notes as the plain parse, on the usual
+    forms and around them (days 28-31, months 00-13, year 0000, hours 23-24, fractions of 0-7
+    digits, colons, ACR-NEMA dates, non-ASCII digits, offsets within and beyond 14:00), twice."""
+    import itertools
+
+    dates = ["20240101", "20240228", "20240229", "20230229", "20240431", "20241231", "20241301", "20240001",
+             "00000101", "00010101", "09990615", "2024.03.31", "2024010", "202401011", "２０２４0101",
+             "20240101\n", "", None, "2024-01-01", "20240310", "20241103", "20241027", "20240331"]
+    times = [None, "", "000000", "235959", "240000", "236000", "235960", "120000.", "120000.1", "120000.123456",
+             "120000.1234567", "12:00:00", "1200", "12", "12000", "120000\n", "12000０", "030000", "023000"]
+    offsets = [None, "", "+0000", "-0400", "+1400", "+1401", "-1359", "+0560", "0400", "+04:00"]
+    checked = 0
+    for _ in range(2):  # the second time from the cache
+        for date, time, offset, zone in itertools.product(dates, times, offsets, ["Europe/Berlin", "America/New_York"]):
+            old, new = Counter(), Counter()
+            expected = _old_dicom_datetime(date, time, offset, zone, old, "SeriesDate")
+            assert dicom_datetime(date, time, offset, zone, new, "SeriesDate") == expected, (date, time, offset)
+            assert new == old, (date, time, offset)
+            checked += 1
+    assert checked > 10000
+
+
+def test_probes_tell_compiled_structures_apart_and_never_refuse_their_own(terms):
+    """Compiled structures of one resource type get probes where they first differ (keys of an
+    object, length of a list): a resource of a structure passes all of its own check's probes, a
+    resource of another is refused by a probe before the check runs, and every verdict stays
+    pydantic's."""
+    from pydantic import ValidationError
+
+    from beam_pipeline.fhir import keywords
+
+    def study(uid, modality, series=1, **values):
+        group = StudyGroup(uid)
+        for s in range(1, series + 1):
+            for i in (1, 2):
+                group.add(record(f"{uid}.{s}.{i}", series=f"{uid}.{s}", number=i, StudyInstanceUID=uid,
+                                 Modality=modality, SeriesNumber=s, **values), keywords.instance_keys())
+        return build_study(group, ConversionConfig(), terms).resources
+
+    kinds = {"ct": dict(modality="CT", KVP=120.0), "mr": dict(modality="MR", EchoTime=20.0, RepetitionTime=400.0),
+             "two series": dict(modality="CT", series=2, KVP=120.0), "plain": dict(modality="CR")}
+    studies = {name: [study(f"1.2.{n}.{k}", **values) for k in range(3)] for n, (name, values) in enumerate(kinds.items())}
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    for _ in range(2):
+        for built in studies.values():
+            for resources in built:
+                assert validator.problem(resources) is None
+    checks = validator.verdicts.compiled["ImagingStudy"]
+    assert len(checks) == 4 and all(check.probes for _, check in checks)
+    refused = 0
+    for name, built in studies.items():
+        for resources in built:
+            view = fhir_build.validation_view(resources[0][1])
+            mine = [check for _, check in checks if check(view) is not None]
+            assert len(mine) == 1, name
+            assert not any(probe(view) for probe in mine[0].probes)  # never refuses its own
+            refused += sum(any(probe(view) for probe in check.probes) for _, check in checks if check is not mine[0])
+    assert refused == 4 * 3 * 3  # each of the 12 told apart from the 3 other structures
+    bad = {**studies["mr"][0][0][1], "status": "two  words"}
+    with pytest.raises(ValidationError):
+        validator.models["ImagingStudy"].model_validate(fhir_build.validation_view(bad))
+    assert validator.problem([("ImagingStudy", bad)])[0] == "invalid-fhir"

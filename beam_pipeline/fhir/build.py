@@ -23,7 +23,7 @@ from beam_pipeline.codes import (
     Reason,
     sha256_id,
 )
-from beam_pipeline.dicom.dates import combine, parse_date, parse_time
+from beam_pipeline.dicom.dates import Clock, combine, parse_date, parse_time
 from beam_pipeline.fhir import dose, mii, references, validation
 from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.fhir.referenced import service_request
@@ -84,39 +84,83 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
     """
     if not date:
         return None
-    day = parse_date(date)
-    if day is None:
-        notes[f"unparseable:{what}"] += 1
-        return None
-    date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
-    if not time:
-        return date_text
-    clock = parse_time(time)
-    if clock is None:
-        notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
-        return date_text
-    moment = combine(day, clock)
-    fraction = f".{clock.fraction}" if clock.fraction else ""
-    clock = f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    return date_text + clock + fraction + _offset(moment, utc_offset, timezone, notes)
+    try:
+        text, problems = _datetime_text(date, time or None, utc_offset or None, timezone)
+    except TypeError:  # an unhashable value: not cached (it does not parse either)
+        text, problems = _datetime_text.__wrapped__(date, time or None, utc_offset or None, timezone)
+    for problem in problems:  # "date", "time" or "offset"
+        if problem == "date":
+            notes[f"unparseable:{what}"] += 1
+        elif problem == "time":
+            notes[f"unparseable:{what.replace('Date', 'Time')}"] += 1
+        else:
+            notes["unparseable:TimezoneOffsetFromUTC"] += 1
+    return text
 
 
-def _offset(moment: datetime, utc_offset: str | None, timezone: str, notes: Counter) -> str:
+@lru_cache(maxsize=1024)
+def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone: str) -> tuple:
+    """(the FHIR dateTime or None, what did not parse): a pure function of its values, cached, as
+    a series mostly repeats its study's date and time."""
+    plain = _plain_parts(date, time)
+    if plain is not None:  # the usual YYYYMMDD and HHMMSS[.F]: read by slicing
+        date_text, (hour, minute, second, fraction) = plain
+        if not time:
+            return date_text, ()
+        day = None
+    else:
+        day = parse_date(date)
+        if day is None:
+            return None, ("date",)
+        date_text = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"  # strftime drops zeros of years < 1000
+        if not time:
+            return date_text, ()
+        clock = parse_time(time)
+        if clock is None:
+            return date_text, ("time",)
+        hour, minute, second, fraction = clock
+    # the microseconds added below never carry into the second: the clock's fields are the moment's
+    text = f"{date_text}T{hour:02d}:{minute:02d}:{second:02d}{'.' if fraction else ''}{fraction}"
     if utc_offset:
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
-            return f"{match[1]}{match[2]}:{match[3]}"
-        notes["unparseable:TimezoneOffsetFromUTC"] += 1
+            return f"{text}{match[1]}{match[2]}:{match[3]}", ()
+        problems = ("offset",)
+    else:
+        problems = ()
+    if day is None:
+        day = datetime(int(date[:4]), int(date[4:6]), int(date[6:]))
+    moment = combine(day, Clock(hour, minute, second, fraction))
     minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
     sign = "+" if minutes >= 0 else "-"
-    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}", problems
+
+
+def _plain_parts(date: str, time: str | None) -> tuple | None:
+    """(FHIR date, (hour, minute, second, fraction)) of ASCII ``YYYYMMDD`` (a day 01-28 of a month
+    01-12 of a year from 0001: always a real day) and ``HHMMSS`` or ``HHMMSS.F{1,6}`` (or no
+    time); None for anything else, which ``dates`` parses (they agree: tests compare them)."""
+    if not (type(date) is str and len(date) == 8 and date.isascii() and date.isdigit()
+            and "01" <= date[4:6] <= "12" and "01" <= date[6:] <= "28" and date[:4] != "0000"):
+        return None
+    date_text = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    if not time:
+        return date_text, (0, 0, 0, "")
+    if type(time) is not str or not (len(time) == 6 or 8 <= len(time) <= 13 and time[6] == "."):
+        return None
+    digits, fraction = time[:6], time[7:]
+    if not (time.isascii() and digits.isdigit() and (not fraction or fraction.isdigit())
+            and digits[:2] <= "23" and digits[2:4] <= "59" and digits[4:] <= "59"):
+        return None
+    return date_text, (int(digits[:2]), int(digits[2:4]), int(digits[4:]), fraction)
 
 
 _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
 
 
 class MappedParts:
-    """The MII extensions of series and of instances by the DICOM values they are mapped from.
+    """The MII extensions of series and of instances by the DICOM values they are mapped from
+    (and the Devices of scanners).
 
     Instances of a series, and series of alike scanners and protocols across studies, repeat
     them: each distinct set of values is mapped once, its notes counted again wherever it occurs.
@@ -142,6 +186,20 @@ class MappedParts:
     def instance(self, fields: dict, terms, notes: Counter) -> list:
         key = ("instance", *map(fields.get, self.INSTANCE_KEYS, itertools.repeat(_ABSENT)))
         return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
+
+    def device(self, record: dict) -> dict | None:
+        """``build_device`` of a series' scanner: a scanner serves many studies, its Device is built once."""
+        key = ("device", record.get("DeviceSerialNumber"), record.get("Manufacturer", ""),
+               record.get("ManufacturerModelName"))
+        try:
+            hit = self.entries.get(key, _ABSENT)
+        except TypeError:  # an unhashable value: built directly
+            return build_device(record)
+        if hit is _ABSENT:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            hit = self.entries[key] = build_device(record)
+        return hit
 
     def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
         try:
@@ -187,9 +245,9 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     if config.patient_id_length and len(patient_id) > config.patient_id_length:
         patient_id = patient_id[: config.patient_id_length]
         built.notes["truncated:PatientID"] += 1
-    no_modality = sorted(uid for uid, rec in group.series.items() if "Modality" not in rec)
+    no_modality = [uid for uid, rec in group.series.items() if "Modality" not in rec]
     if no_modality:
-        built.rejection = (MISSING_MODALITY, f"series {no_modality[0]} has no Modality")
+        built.rejection = (MISSING_MODALITY, f"series {min(no_modality)} has no Modality")
         return built
 
     notes = built.notes
@@ -202,7 +260,9 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
 
     by_series: dict[str, list] = {uid: [] for uid in group.series}
     for sop, (series_uid, fields) in group.instances.items():
-        by_series[series_uid].append((rank({"SOPInstanceUID": sop, **fields}), sop, fields))
+        # the fields carry their SOPInstanceUID (``keywords.instance_keys``): no copy to rank them
+        ranked = fields if fields.get("SOPInstanceUID") == sop else {"SOPInstanceUID": sop, **fields}
+        by_series[series_uid].append((rank(ranked), sop, fields))
 
     devices: dict[str, dict] = {}
     series_list = []
@@ -241,8 +301,10 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     resource["series"] = series_list
 
     built.resources.append(("ImagingStudy", resource))
-    built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
-    built.resources.extend(("Observation", obs) for obs in study_extras.get("observations", ()))
+    if devices:
+        built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
+    if study_extras.get("observations"):
+        built.resources.extend(("Observation", obs) for obs in study_extras["observations"])
     if config.dose_reports:
         built.resources.extend(("Observation", obs) for obs in _dose_observations(
             group, by_series, resource["id"], subject, started, study, config, notes))
@@ -315,7 +377,7 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
                              config.timezone, notes, "SeriesDate")
     if started:
         series["started"] = started
-    device = build_device(record) if config.include_devices else None
+    device = parts.device(record) if config.include_devices else None
     if device:
         devices[device["id"]] = device
         series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]
@@ -374,16 +436,27 @@ def validation_view(study: dict) -> dict:
     cost seconds and gigabytes. The one primitive that varies freely, the instance uid (FHIR ``id``),
     is checked for every instance by ``instance_id_problem``.
     """
-    seen = set()
+    seen: set | None = None  # shapes of the kept instances, made only when an instance differs from the one before
     memo: dict = {}  # valid while the study holds its lists: ids are not reused before we return
+    kept_all: list = []
+    before = None  # the instance before: kept, or of a kept one's shape
     series_view = []
     for series in study.get("series", ()):
         kept = []
         for instance in series.get("instance", ()):
-            shape = validation.shape(instance, memo)
-            if shape not in seen:
-                seen.add(shape)
-                kept.append(instance)
+            if before is not None and validation.same_shape(instance, before):
+                before = instance
+                continue  # mostly: alike instances share their extension lists, compared at once
+            before = instance
+            if kept_all:
+                if seen is None:
+                    seen = {validation.shape(old, memo) for old in kept_all}
+                found = validation.shape(instance, memo)
+                if found in seen:
+                    continue
+                seen.add(found)
+            kept.append(instance)
+            kept_all.append(instance)
         series_view.append({**series, "instance": kept} if "instance" in series else series)
     return {**study, "series": series_view}
 

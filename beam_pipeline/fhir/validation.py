@@ -13,10 +13,14 @@ value that fails its type) goes to pydantic itself, so the verdict and its messa
 Small studies of alike scanners repeat a handful of structures: each is modelled once per worker.
 A structure that keeps coming is compiled into a check of its own (``_compile``: straight-line code
 that tests each key, type and list length the walk would find and checks each value as the walk
-would), tried before the generic walk; anything it does not match goes the walk's way.
+would), tried before the generic walk; anything it does not match goes the walk's way. It skips a
+list that passed whole at the same place while it is the same object: resources are not changed
+once built, and the extension lists ``build.MappedParts`` shares between studies repeat.
 """
 from __future__ import annotations
 
+import datetime
+import re
 import types
 import typing
 
@@ -28,6 +32,10 @@ MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left 
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 _LATER = "model not imported yet"  # fhir_core imports a field's model on demand: only for fields met
 _NOTHING = object()  # no value has passed at this place yet
+# Core schemas checked in Rust alone (constraints, no Python validator function): a value's verdict
+# costs less than a cache lookup (``isinstance_python`` is "validate_python raises no
+# ValidationError", and nothing else can raise here). id, string, code, uri, unsignedInt, boolean...
+PLAIN_SCHEMAS = frozenset({"str", "int", "bool", "float"})
 
 
 def shape(value, memo: dict):
@@ -45,6 +53,66 @@ def shape(value, memo: dict):
             found = memo[id(value)] = tuple([shape(item, memo) for item in value])
         return found
     return kind
+
+
+def same_shape(one, other) -> bool:
+    """``shape(one) == shape(other)``, without building either: the same object has the same
+    shape, so the shared parts of alike instances (their detail extension lists) are not walked."""
+    if one is other:
+        return True
+    kind = type(one)
+    if kind is not type(other):
+        return False
+    if kind is dict:
+        if len(one) != len(other):
+            return False
+        for (key, item), (other_key, other_item) in zip(one.items(), other.items()):
+            if key != other_key:
+                return False
+            if item is other_item:
+                continue
+            if key == "resourceType":
+                if item != other_item:
+                    return False
+                continue
+            item_kind = type(item)  # a leaf's shape is its type: no call for it
+            if item_kind is not type(other_item):
+                return False
+            if (item_kind is dict or item_kind is list) and not same_shape(item, other_item):
+                return False
+        return True
+    if kind is list:
+        return len(one) == len(other) and all(map(same_shape, one, other))
+    return True
+
+
+# A FHIR dateTime as the builder writes it (a study's start, unique to the study): a day, or a
+# day with a time to the second, 1-6 digits of fraction and an offset. fhir_core checks this
+# pattern, then pydantic parses it; text of this form is valid when its day is a real one.
+_DATETIME = re.compile(
+    r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?[+-](?:(?:0[0-9]|1[0-3]):[0-5][0-9]|14:00))?")
+
+
+def fhir_datetime_ok(value) -> bool:
+    """True when ``value`` surely passes fhir_core's DateTime (tests compare it with pydantic over
+    many values); False when pydantic must tell (a leap second, ``Z``, a partial date...)."""
+    if type(value) is not str or not value.isascii() or _DATETIME.fullmatch(value) is None:
+        return False
+    if value[8:10] <= "28":
+        return True
+    try:
+        datetime.date.fromisoformat(value[:10])
+    except ValueError:
+        return False
+    return True
+
+
+def _is_fhir_datetime(annotation) -> bool:
+    from fhir_core.types import DateTime
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Annotated else ()
+    return bool(args) and args[0] is datetime.datetime and any(type(meta) is DateTime for meta in args[1:])
 
 
 def _field_type(annotation):
@@ -73,6 +141,8 @@ class ShapeVerdicts:
         self.values: dict = {}
         self.fields: dict = {}    # model class -> {JSON key: (kind, target, is list)}
         self.adapters: dict = {}  # primitive annotation -> TypeAdapter
+        self.plain: dict = {}     # id() of a kept TypeAdapter of a plain schema -> its isinstance_python
+        self.fast: dict = {}      # id() of a kept TypeAdapter -> a check that says True for most valid values
         self.compiled: dict = {}  # resource type -> [(key, check)], most recently matched first
         self.hits: dict = {}      # key -> times vouched by the walk (until compiled)
         self.retired: set = set()  # keys compiled once and no longer among the MAX_COMPILED
@@ -84,6 +154,8 @@ class ShapeVerdicts:
         checks = self.compiled.get(resource_type)
         if checks:
             for index, (key, check) in enumerate(checks):
+                if check.probes and any(probe(resource) for probe in check.probes):
+                    continue  # of another compiled structure: told apart where the two differ
                 try:
                     verdict = check(resource)
                 except TypeError:  # an unhashable value: the walk's way
@@ -91,7 +163,7 @@ class ShapeVerdicts:
                 if verdict is not None:
                     if index:
                         checks.insert(0, checks.pop(index))
-                    return verdict and key in self.accepted, key
+                    return verdict, key  # compiled from an accepted structure (they are cleared together)
         values: list = []
         walked = self._walk(model, resource, values, {})
         if walked is None:
@@ -116,11 +188,60 @@ class ShapeVerdicts:
         check = self._compile(model, key[1])
         if check is not None:
             checks = self.compiled.setdefault(key[0], [])
+            for other, other_check in checks:  # each tells the other apart where they first differ
+                self._probe(check, model, key[1], other[1])
+                self._probe(other_check, model, other[1], key[1])
             checks.insert(0, (key, check))
             if len(self.retired) >= MAX_SHAPES:
                 self.retired.clear()
             self.retired.update(old for old, _ in checks[MAX_COMPILED:])
             del checks[MAX_COMPILED:]
+
+    def _probe(self, check, model, walked: tuple, other: tuple) -> None:
+        """Give ``check`` (of the shape ``walked``) a probe against the shape ``other``: at the
+        first object whose keys, or list whose length, differ between the two, a resource without
+        ``walked``'s keys or length there (or without that place) is not of ``walked``, so the
+        check would return None. A failing check costs most of a passing one; a probe, a few
+        lookups. (Shapes that first differ in a leaf's type get no probe.)"""
+        found = self._divergence(model, walked, other, ())
+        if found is None:
+            return
+        path, expected = found
+
+        def probe(resource) -> bool:
+            node = resource
+            try:
+                for step in path:
+                    node = node[step]
+                return (len(node) if type(expected) is int else tuple(node)) != expected
+            except (KeyError, IndexError, TypeError):
+                return True
+        check.probes.append(probe)
+
+    def _divergence(self, model, mine: tuple, other: tuple, path: tuple):
+        """(path, keys tuple or list length of ``mine`` there) at the first object or list where
+        the shapes ``mine`` and ``other`` of ``model`` differ in keys or length; None if none does."""
+        keys = tuple(key for key, _ in mine)
+        if keys != tuple(key for key, _ in other):
+            return path, keys
+        fields = self.fields.get(model)
+        if fields is None:
+            fields = self.fields[model] = self._fields_of(model)
+        for (key, part), (_, other_part) in zip(mine, other):
+            if key == "resourceType" or part == other_part:
+                continue
+            kind, target, many = self._spec(fields, key)
+            if many and len(part) != len(other_part):
+                return path + (key,), len(part)
+            if kind is not _MODEL:
+                continue
+            pairs = zip(part, other_part) if many else [(part, other_part)]
+            for index, (mine_item, other_item) in enumerate(pairs):
+                if mine_item != other_item:
+                    found = self._divergence(target, mine_item, other_item, path + (key, index) if many else path + (key,))
+                    if found is not None:
+                        return found
+        return None
 
     def _compile(self, model, walked: tuple):
         """A function of a resource: None unless ``_walk`` would give it the shape ``walked``; then
@@ -128,6 +249,7 @@ class ShapeVerdicts:
         lines: list = []
         consts: dict = {}
         passed: list = []
+        same: list = []
 
         def const(value) -> str:
             name = f"c{len(consts)}"
@@ -139,56 +261,78 @@ class ShapeVerdicts:
             # of the same type that is equal passes too, as it does in ``self.values``.
             slot = len(passed)
             passed.append(_NOTHING)  # not None: a None that is there must be checked too
-            lines.append(f"{indent}if type({var}) is not {const(kind)}: return None")
-            lines.append(f"{indent}if {var} is not last[{slot}] and {var} != last[{slot}]:")
-            lines.append(f"{indent} k = get(({id(adapter)}, {const(kind)}, {var}))")
-            lines.append(f"{indent} if k is None: k = slow({const(adapter)}, {var})")
-            lines.append(f"{indent} if k: last[{slot}] = {var}")
-            lines.append(f"{indent} else: bad = True")
+            # The same object as last time (the constant strings) has the type it had then.
+            lines.append(f"{indent}if {var} is not last[{slot}]:")
+            lines.append(f"{indent} if type({var}) is not {const(kind)}: return None")
+            lines.append(f"{indent} if {var} != last[{slot}]:")
+            plain = self.plain.get(id(adapter))
+            if plain is not None:  # asked directly: cheaper than the cache, which unique values would churn
+                lines.append(f"{indent}  if {const(plain)}({var}): last[{slot}] = {var}")
+            else:
+                lines.append(f"{indent}  k = get(({id(adapter)}, {const(kind)}, {var}))")
+                lines.append(f"{indent}  if k is None: k = slow({const(adapter)}, {var})")
+                lines.append(f"{indent}  if k: last[{slot}] = {var}")
+            lines.append(f"{indent}  else: bad = True")
 
-        def model_part(target, shape: tuple, var: str) -> None:
+        def model_part(target, shape: tuple, var: str, indent: str = " ") -> None:
             fields = self.fields.get(target)
             if fields is None:
                 fields = self.fields[target] = self._fields_of(target)
-            lines.append(f" if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
+            lines.append(f"{indent}if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
             for key, part in shape:
                 item = f"v{len(lines)}"
-                lines.append(f" {item} = {var}[{const(key)}]")
+                lines.append(f"{indent}{item} = {var}[{const(key)}]")
                 if key == "resourceType":
-                    lines.append(f" if type({item}) is not str or {item} != {const(part)}: return None")
+                    lines.append(f"{indent}if type({item}) is not str or {item} != {const(part)}: return None")
                     continue
                 kind, target_of, many = self._spec(fields, key)
                 if not many:
                     if kind is _PRIMITIVE:
-                        leaf(item, target_of, part, " ")
+                        leaf(item, target_of, part, indent)
                     else:
-                        model_part(target_of, part, item)
+                        model_part(target_of, part, item, indent)
                     continue
-                lines.append(f" if type({item}) is not list or len({item}) != {len(part)}: return None")
+                lines.append(f"{indent}if type({item}) is not list or len({item}) != {len(part)}: return None")
+                # same[j]: the list that passed here last, whole. Resources are not changed once
+                # built, and the extension lists ``MappedParts`` shares between studies are the same
+                # objects study after study: such a list is not checked again.
+                slot = len(same)
+                same.append(None)
+                inner = indent + " "
+                lines.append(f"{indent}if {item} is not same[{slot}]:")
+                lines.append(f"{inner}b{slot} = bad")
+                lines.append(f"{inner}bad = False")
                 for index, element in enumerate(part):
                     name = f"{item}_{index}"
-                    lines.append(f" {name} = {item}[{index}]")
+                    lines.append(f"{inner}{name} = {item}[{index}]")
                     if kind is _PRIMITIVE:
-                        leaf(name, target_of, element, " ")
+                        leaf(name, target_of, element, inner)
                     else:
-                        model_part(target_of, element, name)
+                        model_part(target_of, element, name, inner)
+                lines.append(f"{inner}if not bad: same[{slot}] = {item}")
+                lines.append(f"{inner}bad = bad or b{slot}")
                 if len(lines) > 8 * MAX_COMPILED_NODES:
                     raise OverflowError
 
+        same.append(None)  # same[0]: the resource itself (a scanner's Device, built once per worker)
         try:
             model_part(model, walked, "data")
         except OverflowError:
             return None
-        source = "def check(data):\n bad = False\n" + "\n".join(lines) + "\n return not bad\n"
-        namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed}
+        source = ("def check(data):\n if data is same[0]: return True\n bad = False\n" + "\n".join(lines)
+                  + "\n if not bad: same[0] = data\n return not bad\n")
+        namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
-        return namespace["check"]
+        check = namespace["check"]
+        check.probes = []  # see ``_probe``
+        return check
 
     def accept(self, key: tuple | None) -> None:
         if key is None:
             return
         if len(self.accepted) >= MAX_SHAPES:
             self.accepted.clear()
+            self.compiled.clear()  # each was compiled from an accepted structure: they go together
         self.accepted.add(key)
 
     def _walk(self, model, data: dict, values: list, memo: dict):
@@ -244,6 +388,12 @@ class ShapeVerdicts:
         return tuple(shapes)
 
     def _value_ok(self, adapter, value) -> bool:
+        plain = self.plain.get(id(adapter))
+        if plain is not None:
+            return plain(value)
+        fast = self.fast.get(id(adapter))
+        if fast is not None and fast(value):
+            return True
         try:
             key = (id(adapter), type(value), value)
             known = self.values.get(key)
@@ -290,4 +440,8 @@ class ShapeVerdicts:
             return self._type_adapter(annotation)
         if adapter is None:
             adapter = self.adapters[annotation] = self._type_adapter(annotation)
+            if adapter.core_schema.get("type") in PLAIN_SCHEMAS:
+                self.plain[id(adapter)] = adapter.validator.isinstance_python
+            elif _is_fhir_datetime(annotation):
+                self.fast[id(adapter)] = fhir_datetime_ok
         return adapter

@@ -72,13 +72,13 @@ class BuildStudyDoFn(beam.DoFn):
             error, counts, shared_lines = previous.kept()
             outcome, line = core.StudyOutcome(shared=shared_lines, error=error, counts=counts), previous.line
             self.reused.inc()
-            extra = Counter({"incremental:studies_reused": 1})
+            self.counts["incremental:studies_reused"] += 1
         else:
             group = folder_state.load_pending(group)  # the parts of unchanged units, loaded now
             outcome = core.process_study(group, self.config, self.terms, self.validator, self.parts)
             line = state.study_line(uid, digest, outcome)
-            extra = Counter({"incremental:studies_rebuilt": 1} if self.incremental else {})
             if self.incremental:
+                self.counts["incremental:studies_rebuilt"] += 1
                 hashes = previous.hashes() if previous else None
                 changed, deleted = delta.study_changes(hashes, outcome)
                 yield from (beam.pvalue.TaggedOutput(DELTA, named) for named in changed)
@@ -86,10 +86,9 @@ class BuildStudyDoFn(beam.DoFn):
                 if self.reuse_studies:
                     yield from _dropped(hashes or {})
         yield beam.pvalue.TaggedOutput(STATE, (layout.STUDY_STATE_NAME, line))
-        self.counts.update(outcome.counts)
-        self.counts.update(extra)
-        self.written.inc(outcome.counts["studies_written"])
-        self.rejected.inc(outcome.counts["studies_rejected"])
+        counts = self.counts
+        for name, count in outcome.counts.items():
+            counts[name] += count
         self.progress.add({"studies_written": outcome.counts["studies_written"]})
         if outcome.error is not None:
             yield beam.pvalue.TaggedOutput(ERRORS, outcome.error)
@@ -102,6 +101,10 @@ class BuildStudyDoFn(beam.DoFn):
 
     def finish_bundle(self):
         self.progress.flush()
+        # the Beam counters once per bundle: each inc asks Beam for its state tracker
+        for metric, name in ((self.written, "studies_written"), (self.rejected, "studies_rejected")):
+            if self.counts.get(name):
+                metric.inc(self.counts[name])
         for shared_item in sorted(self.shared.items()):
             yield beam.pvalue.TaggedOutput(self.SHARED, GlobalWindows.windowed_value(shared_item))
         if self.counts:

@@ -153,6 +153,9 @@ class StudyOutcome:
     counts: Counter = field(default_factory=Counter)
 
 
+_CONVERTED, _DUPLICATE = f"outcome:{Outcome.CONVERTED}", f"outcome:{Outcome.DUPLICATE}"
+
+
 def dumps(resource: dict) -> str:
     return orjson.dumps(resource).decode("utf-8")
 
@@ -174,18 +177,25 @@ def process_study(group: StudyGroup, config: ConversionConfig, terms, validator,
             out.error = {"reason": str(reason), "study_uid": group.study_uid, "files": group.files,
                          "detail": detail}
         return out
-    out.counts["studies_written"] += 1
-    out.counts[f"outcome:{Outcome.CONVERTED}"] += len(group.instances)
-    out.counts[f"outcome:{Outcome.DUPLICATE}"] += group.duplicates
+    counts = out.counts
+    counts["studies_written"] = 1
+    counts[_CONVERTED] = len(group.instances)
+    counts[_DUPLICATE] = group.duplicates
     for note, count in built.notes.items():
-        out.counts[f"note:{note}"] += count
-    resources = built.resources + referenced_resources(built.resources, config.patients, config.encounters)
+        counts[f"note:{note}"] += count
+    resources = built.resources
+    if config.patients or config.encounters:
+        resources = resources + referenced_resources(resources, config.patients, config.encounters)
+    lines = out.lines
     for resource_type, resource in resources:
         if resource_type in SHARED_TYPES:
             out.shared.append((f"{resource_type}/{resource['id']}", dumps(resource)))
         else:
-            out.lines.setdefault(resource_type, []).append(dumps(resource))
-            out.counts[f"lines:{resource_type}"] += 1
+            typed = lines.get(resource_type)
+            if typed is None:
+                typed = lines[resource_type] = []
+            typed.append(dumps(resource))
+            counts["lines:" + resource_type] += 1
     if config.bundles:
         out.lines["Bundle"] = [dumps(transaction_bundle(resources))]
         out.counts["lines:Bundle"] += 1
