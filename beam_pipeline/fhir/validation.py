@@ -217,6 +217,7 @@ class ShapeVerdicts:
             except (KeyError, IndexError, TypeError):
                 return True
         check.probes.append(probe)
+        del check.probes[:-MAX_COMPILED]  # the newest: a long run compiles many, keeps MAX_COMPILED
 
     def _divergence(self, model, mine: tuple, other: tuple, path: tuple):
         """(path, keys tuple or list length of ``mine`` there) at the first object or list where
