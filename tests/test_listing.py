@@ -23,7 +23,7 @@ from gcs_emulator import patched_environ, upload_tree
 from helpers import copy_dicom, pydicom_file, run_pipeline
 
 from benchmarks.latency_proxy import LatencyProxy
-from beam_pipeline.run import convert, transforms
+from beam_pipeline.run import convert, folder_state, listing, reading, state, transforms
 from beam_pipeline.sources import files as inputs
 
 BUCKET = "test-bucket"
@@ -44,19 +44,46 @@ def deep_tree(tmp_path_factory) -> Path:
     return root
 
 
-def _fanned_out(pattern: str, expected_items, expected_counts: Counter, label: str = "") -> int:
-    """Runs the pipeline's listing step alone; asserts its items and summed counts; returns how
-    many listing work items ran (the root's own, then one per part)."""
+def _fanned_out(pattern: str, expected_items, expected_counts: Counter, formed=None) -> int:
+    """Runs the pipeline's listing step alone, and the unit jobs made of it; asserts its items and
+    summed counts, that each unit is one job, whole (``_each_unit_once_and_whole``), and
+    ``formed(units)`` of the units formed where listed; returns how many parts were listed (the
+    root's own step counted as one)."""
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-    batches, counts, _ = pipeline | transforms.ListInputFiles(pattern)
-    assert_that(batches | "Items" >> beam.FlatMap(lambda batch: batch), equal_to(list(expected_items)),
-                label="items")
+    listed, counts, _ = pipeline | transforms.ListInputFiles(pattern)
+    assert_that(_items(listed), equal_to(list(expected_items)), label="items")
     assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()), equal_to([expected_counts]),
                 label="counts")
+    jobs = listed | reading.ListedUnits() | beam.ParDo(reading.BatchJobsDoFn()) | "Jobs" >> beam.FlatMap(list)
+    assert_that(jobs, _each_unit_once_and_whole(list(expected_items)), label="units")
+    if formed is not None:
+        assert_that(listed[0] | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch]), formed,
+                    label="formed")
     result = pipeline.run()
     result.wait_until_finish()
     parts = result.metrics().query(MetricsFilter().with_name("listing_parts_done"))["counters"]
     return sum(c.committed for c in parts)
+
+
+def _each_unit_once_and_whole(expected_items):
+    """A check of the unit jobs of a full run: each file in one job, each unit in one job, whole."""
+    def check(jobs):
+        units = Counter(unit for unit, _, _ in jobs)
+        assert max(units.values()) == 1, units
+        assert Counter(item for _, items, _ in jobs for item in items) == Counter(expected_items)
+        for unit, items, reused in jobs:
+            assert reused == ()
+            assert {folder_state.unit_of(state.source_key(path)) for path, *_ in items} == {unit}
+        assert set(units) == {folder_state.unit_of(state.source_key(path)) for path, *_ in expected_items}
+    return check
+
+
+def _items(listed):
+    """The listed items of a full run's listing: those of its units' jobs and the loose ones."""
+    jobs, loose = listed
+    return ((jobs | "JobItems" >> beam.FlatMap(lambda jobs: [item for _, items, _ in jobs for item in items]),
+             loose | "LooseItems" >> beam.FlatMap(lambda batch: batch))
+            | "AllItems" >> beam.Flatten())
 
 
 def test_a_deep_tree_is_listed_in_parts_with_the_serial_listings_files_and_counts(deep_tree):
@@ -67,6 +94,69 @@ def test_a_deep_tree_is_listed_in_parts_with_the_serial_listings_files_and_count
     assert parts == TOP_FOLDERS + 1  # the root's own step, then one work item per top-level folder
 
 
+def test_many_small_parts_are_listed_in_groups_with_the_serial_listings_files(tmp_path):
+    """A root of many small folders (patients of a few studies): its parts go to the workers in
+    groups (``part_groups``), each part listed once, in order."""
+    root = tmp_path / "archive"
+    for top in range(700):
+        for index in range(2):
+            path = root / f"p{top:03d}" / f"s{index}" / "f.txt"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"x")
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert len(serial) == 1400
+    assert _fanned_out(pattern, serial, Counter({"files_matched": 1400})) == 700 + 1  # parts, in 350 groups
+    for count in (1, 700, 100_000):
+        groups = listing.part_groups(list(range(count)))
+        assert [part for group in groups for part in group] == list(range(count))
+        assert len(groups) >= min(count, listing.PART_SPREAD)
+        assert max(map(len, groups)) <= listing.MAX_GROUP_PARTS
+    assert len(listing.part_groups(list(range(700)))) == 350
+
+
+def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatch):
+    """Unit jobs formed where a folder is listed, and by a join for the rest (the root's own files,
+    names that are not valid UTF-8, a folder's units that a subfolder which cannot be listed
+    joins): each file in one job, each unit in one job, whole."""
+    root = tmp_path / "archive"
+    for top in range(3):
+        for sub in range(2):
+            folder = root / f"p{top}" / f"s{sub}"
+            folder.mkdir(parents=True)
+            for letter in "abcdefghijklmnop":  # names in 3 of a folder's 4 units
+                (folder / f"{letter}.dcm").write_bytes(b"x")
+    (root / "p1" / "s0" / "locked").mkdir()  # files beside a subfolder that cannot be listed (joins unit 1)
+    (root / "p1" / "s0" / "locked" / "hidden.dcm").write_bytes(b"x")
+    (root / "p2" / "s1" / "deeper").mkdir()  # ... beside one that can
+    (root / "p2" / "s1" / "deeper" / "d.dcm").write_bytes(b"x")
+    (root / "at-the-top.dcm").write_bytes(b"x")  # the root's own files: one unit a part could join, one not
+    (root / "a.dcm").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(root / "p0" / "s1"), b"\xff.dcm"), "wb") as handle:
+        handle.write(b"x")  # a name that is not valid UTF-8: a unit of its own, across folders
+    scandir, locked = os.scandir, str(root / "p1" / "s0" / "locked")
+
+    def refusing(path="."):
+        if isinstance(path, (str, bytes)) and os.fsdecode(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(inputs.os, "scandir", refusing)
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert (locked, None, None) in serial and len(serial) == 6 * 16 + 1 + 1 + 2 + 1
+    top_units = {folder_state.unit_of(str(root / name)) for name in ("at-the-top.dcm", "a.dcm")}
+    joinable = {folder_state.unit_of(str(root / f"p{top}")) for top in range(3)}  # a part that cannot be listed
+    assert top_units & joinable and top_units - joinable
+
+    def formed_where_listed(units):  # not joined: the units of folders listed whole
+        assert {unit[len(str(root)):] for unit in units} >= {"/p0/s0|0", "/p0/s0|1", "/p0/s0|2", "/p1/s0|0"}
+        assert not any(unit.startswith(str(root / "p1" / "s0") + "|1") for unit in units)  # "locked" joins it
+        assert {unit for unit in units if unit in top_units} == top_units - joinable  # the root's own files
+
+    _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}), formed=formed_where_listed)
+
+
 def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
     """Links to folders inside the input are not followed (their files are listed once, under
     their real path); links to folders outside it are followed, in each part that has one."""
@@ -74,6 +164,8 @@ def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
     (outside / "deeper").mkdir(parents=True)
     (outside / "deeper" / "o.txt").write_bytes(b"o")
     (outside / "back-in").symlink_to(tmp_path / "in")      # a loop back into the input: not followed
+    (outside / "self").symlink_to(outside)                 # loops outside it: each folder once a part
+    (outside / "deeper" / "again").symlink_to(outside / "deeper")
     root = tmp_path / "in"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
@@ -159,3 +251,22 @@ def test_a_part_whose_listing_fails_past_the_deadline_is_one_error_line_and_exit
               for line in path.read_text().splitlines()]
     assert [(e["reason"], e["path"]) for e in errors] == [("unavailable", f"gs://{BUCKET}/listing/p07/")]
     assert "still after 1 s of retries" in errors[0]["detail"]
+
+
+def test_a_failing_part_in_a_group_is_one_error_line_and_its_group_is_listed(gs_tree, gcs_emulator, monkeypatch):
+    monkeypatch.setattr(listing, "PART_SPREAD", 8)  # 30 parts in groups of 3: p07 with p06 and p08
+    faults = Faults(outage=(0.0, 1000.0, 2000.0), only="prefix=listing%2Fp07%2F")
+    with LatencyProxy(gcs_emulator.url, delay_ms=0, list_page_size=50, fault=faults) as proxy, \
+            patched_environ({"STORAGE_EMULATOR_HOST": proxy.url}):
+        pattern = f"gs://{BUCKET}/listing/**"
+        pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
+        listed, counts, errors = pipeline | transforms.ListInputFiles(pattern, retry_deadline=1)
+        kept = [path for path in gs_tree if not path.startswith(f"gs://{BUCKET}/listing/p07/")]
+        assert_that(_items(listed) | "Paths" >> beam.Map(lambda item: item[0]), equal_to(kept), label="items")
+        assert_that(counts | "Sum" >> beam.CombineGlobally(transforms.SumCounts()),
+                    equal_to([Counter({"files_matched": len(kept) + 1, "outcome:error": 1, "error:unavailable": 1})]),
+                    label="counts")
+        assert_that(errors | "Where" >> beam.Map(lambda error: (error["reason"], error["path"])),
+                    equal_to([("unavailable", f"gs://{BUCKET}/listing/p07/")]), label="errors")
+        pipeline.run().wait_until_finish()
+    assert faults.injected > 0

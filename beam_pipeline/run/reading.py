@@ -115,8 +115,9 @@ def add_partial(partials: dict, record: dict, path, group_by: str, root: str, in
 
 
 class BatchJobsDoFn(beam.DoFn):
-    """Unit jobs -> lists of jobs of about ``batch_size`` files to read each (so that a worker's
-    reading pool has enough files in flight), flushed at the bundle's end."""
+    """Unit jobs, or lists of them (``listing.ListFilesDoFn``'s) -> lists of jobs of about
+    ``batch_size`` files to read each (so that a worker's reading pool has enough files in
+    flight), flushed at the bundle's end."""
 
     def __init__(self, batch_size: int = PATHS_PER_BATCH):
         self.batch_size = batch_size
@@ -124,9 +125,10 @@ class BatchJobsDoFn(beam.DoFn):
     def start_bundle(self):
         self.jobs, self.files = [], 0
 
-    def process(self, job):
-        self.jobs.append(job)
-        self.files += max(1, len(job[1]))
+    def process(self, element):
+        jobs = element if isinstance(element, list) else (element,)
+        self.jobs.extend(jobs)
+        self.files += sum(max(1, len(job[1])) for job in jobs)
         if self.files >= self.batch_size:
             yield self.jobs
             self.start_bundle()
@@ -146,13 +148,17 @@ def unit_items(batch) -> list[tuple[str, list]]:
 
 
 class ListedUnits(beam.PTransform):
-    """Listed batches -> one job per unit (unit, its files to read, nothing reused): a full run."""
+    """What ``listing.ListInputFiles`` listed -> unit jobs (unit, its files to read, nothing reused)
+    for a full run: the lists of jobs of the units the lister saw whole as they are, and one job
+    per unit of the other files, joined by unit."""
 
-    def expand(self, batches):
-        return (batches
-                | "ByUnit" >> beam.FlatMap(unit_items)
-                | "Units" >> beam.GroupByKey()
-                | "Job" >> beam.MapTuple(lambda unit, parts: (unit, [item for part in parts for item in part], ())))
+    def expand(self, listed):
+        jobs, loose = listed
+        joined = (loose
+                  | "ByUnit" >> beam.FlatMap(unit_items)
+                  | "Units" >> beam.GroupByKey()
+                  | "Job" >> beam.MapTuple(lambda unit, parts: (unit, [item for part in parts for item in part], ())))
+        return (jobs, joined) | "AllJobs" >> beam.Flatten()
 
 
 class ReadHeaders(beam.PTransform):

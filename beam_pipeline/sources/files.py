@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import glob as globlib
+import operator
 import os
 import pathlib
 import re
@@ -102,8 +103,9 @@ def list_files(pattern: str, exclude: str | None = None,
     two list the same files by construction."""
     files, parts = list_top(pattern, exclude, retry_deadline)
     yield from files
+    lister = PartLister(pattern, exclude, retry_deadline)
     for part in parts:
-        yield from list_part(pattern, part, exclude, retry_deadline)
+        yield from lister.files(part)
 
 
 def list_top(pattern: str, exclude: str | None = None,
@@ -113,7 +115,7 @@ def list_top(pattern: str, exclude: str | None = None,
 
     A root that cannot be listed is itself a "file": the reader makes it one error line.
     A symbolic link to a folder is a part only when its target lies outside the input folder
-    (see ``_followed``)."""
+    (see ``_entries``)."""
     if is_remote(pattern):
         from beam_pipeline.sources import gcs
 
@@ -132,7 +134,7 @@ def list_top(pattern: str, exclude: str | None = None,
         return ([(portable(path), None, None)] if os.path.lexists(path) else []), []
     root = _literal_root(pattern)
     matches = _matcher(pattern)
-    entries, folders = _entries(root, os.path.realpath(root), _excluded(exclude))
+    entries, folders, _ = _entries(root, os.path.realpath(root), _excluded(exclude))
     if entries is None:
         return [(portable(root), None, None)], []
     return [(portable(path), None, None) for path in entries if matches(path)], [portable(path) for path in folders]
@@ -143,18 +145,52 @@ def list_part(pattern: str, part: Path, exclude: str | None = None,
     """The files the pattern matches in one part of ``list_top`` (a subfolder, a sub-prefix), in a
     stable order. A gs:// list page still failing past the retry deadline raises
     ``SourceUnavailable``; a local folder that cannot be listed is yielded as a "file"."""
-    matches = _matcher(pattern)
-    if is_remote(pattern):
-        from beam_pipeline.sources import gcs
+    return PartLister(pattern, exclude, retry_deadline).files(part)
 
-        bucket, prefix = gcs.split_path(part)
-        listed = gcs.list_objects(bucket, prefix, policy=retry_policy(retry_deadline))
-        yield from sorted(item for item in listed if matches(item[0]))
-        return
-    root_real = os.path.realpath(_literal_root(pattern))
-    for path in _walk(os.fsdecode(part), _excluded(exclude), root_real):
-        if matches(path):
-            yield portable(path), None, None
+
+class PartLister:
+    """Lists the parts of one resolved pattern (``list_part``): what every part needs (the pattern's
+    matcher, the input folder's real path, the excluded folder's) worked out once, so that a
+    worker listing thousands of small parts does not work it out for each."""
+
+    def __init__(self, pattern: str, exclude: str | None = None, retry_deadline: float | None = None):
+        self.remote = is_remote(pattern)
+        self.retry_deadline = retry_deadline
+        self.matches = _matcher(pattern)
+        if not self.remote:
+            root = _literal_root(pattern)
+            # A whole folder (``resolve_pattern``): every path under it matches, no test per path.
+            if pattern == os.path.join(globlib.escape(root), "**"):
+                self.matches = None
+            self.root_real = os.path.realpath(root)
+            self.excluded = _excluded(exclude)
+
+    def files(self, part: Path) -> Iterator[Listed]:
+        """The files of one part (``list_part``)."""
+        if self.remote:
+            from beam_pipeline.sources import gcs
+
+            bucket, prefix = gcs.split_path(part)
+            matches = self.matches
+            listed = gcs.list_objects(bucket, prefix, policy=retry_policy(self.retry_deadline))
+            yield from sorted(item for item in listed if matches(item[0]))
+            return
+        for paths, _ in self.folders(part):
+            for path in paths:
+                yield path, None, None
+
+    def folders(self, part: Path) -> Iterator[tuple[list[Path], list[str] | None]]:
+        """The files of one local part, a folder at a time in ``files``' order: (its matching
+        files (``portable``), the subfolders the walk enters from it), or ([a folder], None) when
+        it cannot be listed (the reader makes it one error line); never an empty list of files.
+        Each folder's files come in one list: only a subfolder that cannot be listed is listed
+        later as a "file" of the folder."""
+        matches = self.matches
+        for paths, subfolders in _walk(os.fsdecode(part), self.excluded, self.root_real):
+            if matches is not None:
+                paths = [path for path in paths if matches(path)]
+            if paths:
+                yield [path if path.isascii() else portable(path) for path in paths], subfolders
 
 
 def retry_policy(retry_deadline: float | None = None):
@@ -225,70 +261,80 @@ def _unescape(text: str) -> str:
     return re.sub(r"\[([*?\[\]])\]", r"\1", text)
 
 
-def _followed(entry: os.DirEntry, root_real: str) -> bool:
-    """Whether the walk enters this entry: a folder, or a symbolic link to a folder outside the
-    input folder. A link to a folder inside the input folder is not followed: its files are listed
-    once, under their real path, whichever part of the listing reaches them first (the rule
-    that keeps a fanned-out listing equal to a serial one, and loops through the input
-    impossible)."""
-    try:
-        if not entry.is_dir(follow_symlinks=True):
-            return False
-    except OSError:
-        return False
-    if not entry.is_symlink():
-        return True
-    target = os.path.realpath(entry.path)
-    return not (target == root_real or target.startswith(root_real.rstrip("/") + "/"))
+def _entries(folder: str, root_real: str, excluded: str | None,
+             excluded_name: str | None = None) -> tuple[list[str] | None, list[str], list[str]]:
+    """(paths of the folder's non-folder entries, its folders to enter, those of them that are
+    links), sorted by name; (None, [], []) when the folder cannot be listed. Files, special files
+    and dangling links are all entries: the reader classifies them.
 
-
-def _entries(folder: str, root_real: str, excluded: str | None) -> tuple[list[str] | None, list[str]]:
-    """(paths of the folder's non-folder entries, its folders to enter), sorted by name; (None, [])
-    when the folder cannot be listed. Files, special files and dangling links are all entries:
-    the reader classifies them. Links to folders that are not followed are left out."""
+    The walk enters a folder, or a symbolic link to a folder outside the input folder. A link to a
+    folder inside the input folder is not followed (it is left out): its files are listed once,
+    under their real path, whichever part of the listing reaches them first (the rule that keeps a
+    fanned-out listing equal to a serial one, and loops through the input impossible). The
+    excluded folder (the output's) is never entered."""
     try:
-        scanned = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as scan:
+            scanned = sorted(scan, key=_NAME)
     except OSError:
-        return None, []
-    files, folders = [], []
-    excluded_name = os.path.basename(excluded) if excluded else None
+        return None, [], []
+    files, folders, links = [], [], []
+    if excluded and excluded_name is None:
+        excluded_name = os.path.basename(excluded)
+    inside = root_real.rstrip("/") + "/"
     for entry in scanned:
-        if _followed(entry, root_real):
-            # Only a link, or a folder of the excluded folder's name, can be it: no realpath per folder.
-            if not (excluded and (entry.name == excluded_name or entry.is_symlink())
-                    and os.path.realpath(entry.path) == excluded):
-                folders.append(entry.path)
-            continue
         try:
-            if entry.is_dir(follow_symlinks=True):
-                continue  # a link to a folder inside the input: listed under its real path
+            is_folder = entry.is_dir()  # follows links; a system call for links only
         except OSError:
-            pass
-        files.append(entry.path)
-    return files, folders
+            is_folder = False
+        if not is_folder:
+            files.append(entry.path)
+        elif entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if not (target == root_real or target.startswith(inside) or target == excluded):
+                folders.append(entry.path)
+                links.append(entry.path)
+        # Only a folder of the excluded folder's name can be it: no realpath per folder.
+        elif not (entry.name == excluded_name and os.path.realpath(entry.path) == excluded):
+            folders.append(entry.path)
+    return files, folders, links
 
 
-def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[str]:
-    """Files under one folder of the input, entering subfolders and links to folders outside the
-    input (each folder once: loop-safe); dangling links too, and folders that cannot be listed
-    (the reader makes each of these one error line, so nothing under them vanishes without a trace)."""
+_NAME = operator.attrgetter("name")
+
+
+def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[tuple[list[str], list[str] | None]]:
+    """The files under one folder of the input, a folder at a time: (the folder's files sorted by
+    name, the subfolders entered from it), its subfolders next in name order; entering subfolders
+    and links to folders outside the input; dangling links too, and ([a folder that cannot be
+    listed], None) (the reader makes each of these one error line, so nothing under them vanishes
+    without a trace). A folder without files gives no list.
+
+    Loop-safe: a folder reached through a link (the only way back to a folder already walked: a
+    link into the input is not followed) is walked once in a part, a second link to it skipped;
+    the input's own folders need no ``stat`` for that."""
     seen: set[tuple[int, int]] = set()
+    through_links = {top} if os.path.islink(top) else set()  # folders reached through a link
+    excluded_name = os.path.basename(excluded) if excluded else None
     stack = [top]
     while stack:
         folder = stack.pop()
-        try:
-            info = os.stat(folder)
-        except OSError:
-            yield folder
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            continue  # a second link to a folder outside the input, already walked in this part
-        seen.add((info.st_dev, info.st_ino))
-        files, folders = _entries(folder, root_real, excluded)
+        linked = folder in through_links
+        if linked:
+            try:
+                info = os.stat(folder)
+            except OSError:
+                yield [folder], None
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                continue  # a second link to a folder outside the input, already walked in this part
+            seen.add((info.st_dev, info.st_ino))
+        files, folders, links = _entries(folder, root_real, excluded, excluded_name)
         if files is None:
-            yield folder
+            yield [folder], None
             continue
-        yield from files
+        if files:
+            yield files, folders
+        through_links.update(folders if linked else links)
         stack.extend(reversed(folders))
 
 
