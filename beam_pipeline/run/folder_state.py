@@ -117,7 +117,8 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
                       list(entry.errors), entry.counts])
     counts = Counter()
     for entry in entries:
-        counts.update(entry.counts)
+        for name, count in entry.counts.items():
+            counts[name] += count
     return seal({
         "unit": unit,
         "digest": whole["digest"],

@@ -85,8 +85,10 @@ class ReadHeaderDoFn(beam.DoFn):
             for part, whole in folder_state.unit_parts(entries):
                 partials: dict[str, dict] = {}
                 for entry in part:
-                    counts.update(entry.counts)
-                    yield from (beam.pvalue.TaggedOutput(ERRORS, error) for error in entry.errors)
+                    for name, count in entry.counts.items():  # (Counter.update costs more per file)
+                        counts[name] += count
+                    for error in entry.errors:
+                        yield beam.pvalue.TaggedOutput(ERRORS, error)
                     if entry.record is not None:
                         add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
                                     self.instance_keys)
