@@ -204,6 +204,8 @@ def test_a_folder_walked_again_through_a_link_to_an_ancestor_is_walked_once_a_pa
 
 def test_a_bind_mount_of_the_input_inside_it_is_walked_once_a_part(tmp_path):
     """A folder mounted again inside itself (a bind mount: no link to tell) is entered once a part."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here (util-linux) for a bind mount of its own")
     root = tmp_path / "in"
     (root / "p" / "again").mkdir(parents=True)
     (root / "p" / "p.dcm").write_bytes(b"x")
