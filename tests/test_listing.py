@@ -186,6 +186,41 @@ def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):
     _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
 
 
+def test_a_folder_walked_again_through_a_link_to_an_ancestor_is_walked_once_a_part(tmp_path):
+    """A link in a folder of the input to a folder that holds the input (outside it: followed)
+    leads back to the folder itself: each folder, reached under any path, is walked once in a part,
+    as every folder's identity (``stat``) is checked, not only those reached through a link."""
+    root = tmp_path / "in"
+    for name in ("p", "q"):
+        (root / name).mkdir(parents=True)
+        (root / name / f"{name}.dcm").write_bytes(b"x")
+    (root / "p" / "up").symlink_to(tmp_path)  # holds the input: p again, under p/up/in/p
+    pattern = inputs.resolve_pattern(str(root))
+    serial = list(inputs.list_files(pattern))
+    assert sorted(path for path, *_ in serial) == sorted(str(root / p) for p in (
+        "p/p.dcm", "q/q.dcm", "p/up/in/q/q.dcm"))  # q is another part's: its files again, under the link
+    _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
+
+
+def test_a_bind_mount_of_the_input_inside_it_is_walked_once_a_part(tmp_path):
+    """A folder mounted again inside itself (a bind mount: no link to tell) is entered once a part."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here (util-linux) for a bind mount of its own")
+    root = tmp_path / "in"
+    (root / "p" / "again").mkdir(parents=True)
+    (root / "p" / "p.dcm").write_bytes(b"x")
+    listing_code = ("import sys; from beam_pipeline.sources import files as f; "
+                    "print(sorted(p for p, *_ in f.list_files(f.resolve_pattern(sys.argv[1]))))")
+    done = subprocess.run(  # in a mount namespace of its own: the mount goes with the process
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount --bind "$1/p" "$1/p/again" && exec "{sys.executable}" -c "{listing_code}" "$1"', "sh", str(root)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode and "beam_pipeline" not in done.stderr:
+        pytest.skip(f"no bind mount here (unshare/mount): {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == repr([str(root / "p" / "p.dcm")])
+
+
 def test_a_whole_run_accounts_as_the_serial_path_does(tmp_path):
     """Same summary counts as the in-process conversion over the serial listing."""
     root = tmp_path / "in"

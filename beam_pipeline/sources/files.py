@@ -134,7 +134,7 @@ def list_top(pattern: str, exclude: str | None = None,
         return ([(portable(path), None, None)] if os.path.lexists(path) else []), []
     root = _literal_root(pattern)
     matches = _matcher(pattern)
-    entries, folders, _ = _entries(root, os.path.realpath(root), _excluded(exclude))
+    entries, folders = _entries(root, os.path.realpath(root), _excluded(exclude))
     if entries is None:
         return [(portable(root), None, None)], []
     return [(portable(path), None, None) for path in entries if matches(path)], [portable(path) for path in folders]
@@ -262,10 +262,10 @@ def _unescape(text: str) -> str:
 
 
 def _entries(folder: str, root_real: str, excluded: str | None,
-             excluded_name: str | None = None) -> tuple[list[str] | None, list[str], list[str]]:
-    """(paths of the folder's non-folder entries, its folders to enter, those of them that are
-    links), sorted by name; (None, [], []) when the folder cannot be listed. Files, special files
-    and dangling links are all entries: the reader classifies them.
+             excluded_name: str | None = None) -> tuple[list[str] | None, list[str]]:
+    """(paths of the folder's non-folder entries, its folders to enter), sorted by name; (None, [])
+    when the folder cannot be listed. Files, special files and dangling links are all entries: the
+    reader classifies them.
 
     The walk enters a folder, or a symbolic link to a folder outside the input folder. A link to a
     folder inside the input folder is not followed (it is left out): its files are listed once,
@@ -276,8 +276,8 @@ def _entries(folder: str, root_real: str, excluded: str | None,
         with os.scandir(folder) as scan:
             scanned = sorted(scan, key=_NAME)
     except OSError:
-        return None, [], []
-    files, folders, links = [], [], []
+        return None, []
+    files, folders = [], []
     if excluded and excluded_name is None:
         excluded_name = os.path.basename(excluded)
     inside = root_real.rstrip("/") + "/"
@@ -292,11 +292,10 @@ def _entries(folder: str, root_real: str, excluded: str | None,
             target = os.path.realpath(entry.path)
             if not (target == root_real or target.startswith(inside) or target == excluded):
                 folders.append(entry.path)
-                links.append(entry.path)
         # Only a folder of the excluded folder's name can be it: no realpath per folder.
         elif not (entry.name == excluded_name and os.path.realpath(entry.path) == excluded):
             folders.append(entry.path)
-    return files, folders, links
+    return files, folders
 
 
 _NAME = operator.attrgetter("name")
@@ -305,36 +304,31 @@ _NAME = operator.attrgetter("name")
 def _walk(top: str, excluded: str | None, root_real: str) -> Iterator[tuple[list[str], list[str] | None]]:
     """The files under one folder of the input, a folder at a time: (the folder's files sorted by
     name, the subfolders entered from it), its subfolders next in name order; entering subfolders
-    and links to folders outside the input; dangling links too, and ([a folder that cannot be
-    listed], None) (the reader makes each of these one error line, so nothing under them vanishes
-    without a trace). A folder without files gives no list.
+    and links to folders outside the input (each folder once: loop-safe); dangling links too, and
+    ([a folder that cannot be listed], None) (the reader makes each of these one error line, so
+    nothing under them vanishes without a trace). A folder without files gives no list.
 
-    Loop-safe: a folder reached through a link (the only way back to a folder already walked: a
-    link into the input is not followed) is walked once in a part, a second link to it skipped;
-    the input's own folders need no ``stat`` for that."""
+    Every folder's identity (``stat``) is checked, not only a link's: a link to a folder that holds
+    the input, or a bind mount, leads back to a folder of the part with no link to tell."""
     seen: set[tuple[int, int]] = set()
-    through_links = {top} if os.path.islink(top) else set()  # folders reached through a link
     excluded_name = os.path.basename(excluded) if excluded else None
     stack = [top]
     while stack:
         folder = stack.pop()
-        linked = folder in through_links
-        if linked:
-            try:
-                info = os.stat(folder)
-            except OSError:
-                yield [folder], None
-                continue
-            if (info.st_dev, info.st_ino) in seen:
-                continue  # a second link to a folder outside the input, already walked in this part
-            seen.add((info.st_dev, info.st_ino))
-        files, folders, links = _entries(folder, root_real, excluded, excluded_name)
+        try:
+            info = os.stat(folder)
+        except OSError:
+            yield [folder], None
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue  # a folder already walked in this part, reached again (a link, a bind mount)
+        seen.add((info.st_dev, info.st_ino))
+        files, folders = _entries(folder, root_real, excluded, excluded_name)
         if files is None:
             yield [folder], None
             continue
         if files:
             yield files, folders
-        through_links.update(folders if linked else links)
         stack.extend(reversed(folders))
 
 
