@@ -57,8 +57,8 @@ def _fanned_out(pattern: str, expected_items, expected_counts: Counter, formed=N
     jobs = listed | reading.ListedUnits() | beam.ParDo(reading.BatchJobsDoFn()) | "Jobs" >> beam.FlatMap(list)
     assert_that(jobs, _each_unit_once_and_whole(list(expected_items)), label="units")
     if formed is not None:
-        assert_that(listed[0] | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch]), formed,
-                    label="formed")
+        assert_that(listed[0] | "AllFormed" >> beam.Flatten()
+                    | "Formed" >> beam.FlatMap(lambda batch: [unit for unit, *_ in batch]), formed, label="formed")
     result = pipeline.run()
     result.wait_until_finish()
     parts = result.metrics().query(MetricsFilter().with_name("listing_parts_done"))["counters"]
@@ -80,8 +80,9 @@ def _each_unit_once_and_whole(expected_items):
 
 def _items(listed):
     """The listed items of a full run's listing: those of its units' jobs and the loose ones."""
-    jobs, loose = listed
-    return ((jobs | "JobItems" >> beam.FlatMap(lambda jobs: [item for _, items, _ in jobs for item in items]),
+    jobs, loose = listed  # jobs: one collection of lists of jobs per listing step
+    return ((*[step | f"JobItems{index}" >> beam.FlatMap(lambda jobs: [item for _, items, _ in jobs for item in items])
+               for index, step in enumerate(jobs)],
              loose | "LooseItems" >> beam.FlatMap(lambda batch: batch))
             | "AllItems" >> beam.Flatten())
 

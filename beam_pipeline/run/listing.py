@@ -286,8 +286,7 @@ class ListInputFiles(beam.PTransform):
             units = (top.files | "TopUnits" >> beam.ParDo(UnitListingsDoFn()),
                      parts.files | "PartUnits" >> beam.ParDo(UnitListingsDoFn()))
             return units | "AllListed" >> beam.Flatten(), counts, errors
-        listed_jobs = ((top.files, parts.files)
-                       | "AllListed" >> beam.Flatten()
-                       | "Spread" >> beam.Reshuffle())
+        # Not flattened nor spread here: ``reading.ListedUnits`` flattens them with the joined units
+        # into its one Reshuffle (a Flatten feeding a later Flatten would hold every path twice).
         loose = (top[LOOSE], parts[LOOSE]) | "AllLoose" >> beam.Flatten()
-        return (listed_jobs, loose), counts, errors
+        return ((top.files, parts.files), loose), counts, errors

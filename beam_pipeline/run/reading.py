@@ -155,12 +155,14 @@ class ListedUnits(beam.PTransform):
     per unit of the other files, joined by unit."""
 
     def expand(self, listed):
-        jobs, loose = listed
+        jobs, loose = listed  # jobs: the listing steps' lists of jobs (a tuple of collections)
         joined = (loose
                   | "ByUnit" >> beam.FlatMap(unit_items)
                   | "Units" >> beam.GroupByKey()
                   | "Job" >> beam.MapTuple(lambda unit, parts: (unit, [item for part in parts for item in part], ())))
-        return (jobs, joined) | "AllJobs" >> beam.Flatten()
+        # One Flatten straight into the Reshuffle that spreads the jobs: the in-process runner then
+        # holds the listed paths once, in the shuffle, not again in a Flatten's buffer.
+        return (*jobs, joined) | "AllJobs" >> beam.Flatten() | "Spread" >> beam.Reshuffle()
 
 
 class ReadHeaders(beam.PTransform):
