@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -191,6 +192,40 @@ def test_the_one_error_line_of_a_failed_run_is_the_problem_not_a_go_stack_frame(
     except ValueError as outer:
         said = first_line(outer)
     assert said.startswith("RuntimeError: " + expected) and ".go:" not in said, said
+
+
+def test_a_broken_job_stream_is_named_by_the_job_error_logged_before_it_else_by_its_status():
+    """When the job server stops before it reports the job's end, Beam raises its broken state stream,
+    a gRPC error whose last line is ">" (CI once printed "_MultiThreadedRendezvous: >"): the one error
+    line then names the job error the runner logged, or the stream's status. A real stream to a
+    closed loopback port."""
+    import socket
+
+    import grpc
+    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+
+    from beam_pipeline.run.cli import JobErrors, first_line
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+            for _ in stub.GetStateStream(beam_job_api_pb2.GetJobStateRequest(job_id="job"), timeout=30):
+                pass
+    finally:
+        channel.close()
+    said = first_line(caught.value)
+    assert said.startswith(f"{type(caught.value).__name__}: UNAVAILABLE: ") and not said.endswith(">"), said
+    errors = JobErrors()
+    logged = logging.LogRecord("root", logging.ERROR, "/beam/runners/portability/portable_runner.py", 1, "%s",
+                               ("job failed:\nSDK worker disconnected: worker_1, 2 active instructions",), None)
+    assert errors.filter(logged) is False  # off the console: the one error line says it
+    assert first_line(caught.value, errors.after_last_messages()) == \
+        "the job failed: SDK worker disconnected: worker_1, 2 active instructions"
+    assert first_line(RuntimeError("boom"), errors.last) == "RuntimeError: boom"  # only a broken stream defers
 
 
 def test_the_failure_of_beams_message_reader_thread_stays_off_the_console_and_others_do_not(capsys):

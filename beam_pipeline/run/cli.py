@@ -434,16 +434,48 @@ def new_pipeline(beam_args: list[str]) -> beam.Pipeline:
 _GO_STACK = re.compile(r",?\s*(stackTrace|Stacktrace):|^goroutine \d+ \[", re.MULTILINE)
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, job_error: str | None = None) -> str:
     """The innermost cause's type and the last line of its message (Beam wraps worker errors many
     times; the last line names the problem), a Go stack trace cut off first. An error raised
-    ``from None`` is its own cause."""
+    ``from None`` is its own cause. A broken stream of the job service (a gRPC error: the job
+    server stopped before it reported the job's end) names nothing: then the ``job_error`` the
+    runner logged before it (``JobErrors``) is the cause, else the stream's status."""
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
-    message = str(exc).strip()
+    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # grpc.RpcError
+        if job_error:
+            return f"the job failed: {_last_line(job_error)}"
+        code = exc.code()
+        return f"{type(exc).__name__}: {getattr(code, 'name', code)}: {_last_line(str(exc.details() or ''))}"
+    return f"{type(exc).__name__}: {_last_line(str(exc))}"
+
+
+def _last_line(message: str) -> str:
     stack = _GO_STACK.search(message)
     text = (message[:stack.start()] if stack else message).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1][:300] if text else ''}"
+    return text[-1].strip()[:300] if text else ""
+
+
+class JobErrors(logging.Filter):
+    """The console's filter (``not_repeated_below``) that also keeps the last job error Beam's
+    portable runner logged, for ``first_line``."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.module == "portable_runner":
+            self.last = record.getMessage()
+        return not_repeated_below(record)
+
+    def after_last_messages(self) -> str | None:
+        """The last job error once Beam's message reader has read the job's last messages (as Beam
+        itself waits for them when the job ends; at most a few seconds)."""
+        for thread in threading.enumerate():
+            if thread.name == _BEAM_MESSAGE_READER:
+                thread.join(5)
+        return self.last
 
 
 def not_repeated_below(record: logging.LogRecord) -> bool:
@@ -485,8 +517,9 @@ def main(argv=None) -> int:
     # printed below in one line, so the page of Beam frames stays off the console.
     logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
+    job_errors = JobErrors()
     for handler in logging.getLogger().handlers:
-        handler.addFilter(not_repeated_below)
+        handler.addFilter(job_errors)
     if not getattr(threading.excepthook, "quiets_beam_messages", False):
         threading.excepthook = quiet_message_reader(threading.excepthook)
     try:
@@ -501,7 +534,7 @@ def main(argv=None) -> int:
         print(f"error: the run failed: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:  # a failed run: one line, not Beam's page of nested tracebacks
-        print(f"error: the run failed: {first_line(exc)}", file=sys.stderr)
+        print(f"error: the run failed: {first_line(exc, job_errors.after_last_messages())}", file=sys.stderr)
         return 3
     if not summary:  # --follow stopped before its first cycle finished
         return 0
