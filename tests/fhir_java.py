@@ -136,10 +136,29 @@ class HapiServer:
         self.process = None
         self.loaded: str | None = None  # what a test module loaded since the last expunge (its own label)
 
+    PORT_TAKEN = "was already in use"  # Spring Boot's words when the port is bound by then
+    PORT_ATTEMPTS = 3
+
     def start(self) -> "HapiServer":
+        """Starts the server; on another free port when its port was taken before it bound it (the
+        server binds some 30 s after the port is chosen, and any loopback connection of a parallel
+        test may get that port as its own local port meanwhile)."""
+        for attempt in range(self.PORT_ATTEMPTS):
+            try:
+                return self._start()
+            except RuntimeError as exc:
+                if self.PORT_TAKEN not in str(exc) or attempt == self.PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+                self.base = f"http://127.0.0.1:{self.port}/fhir"
+        raise AssertionError("unreachable")
+
+    def _start(self) -> "HapiServer":
         command = ["java", JAVA_HEAP, "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
                    "-cp", classpath(FHIR_SERVER), "dicomfhirbeam.fhirserver.TestServer",
                    f"--server.port={self.port}", "--server.address=127.0.0.1"]
+        if getattr(self, "_log", None):
+            self._log.close()
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout

@@ -256,3 +256,22 @@ def test_without_patients_and_encounters_the_server_refuses_dangling_references(
     assert status == 400 and "not found" in json.dumps(body)  # a transaction fails as a whole
     assert hapi.count("ImagingStudy") == 0
 
+
+
+def test_a_server_whose_port_was_taken_before_it_bound_it_starts_on_another(tmp_path):
+    """The server binds its port some 30 s after it is chosen; a parallel test's loopback connection may
+    take it as its own local port meanwhile (CI once saw 'Port ... was already in use'): another port."""
+    import socket
+
+    server = HapiServer(tmp_path / "hapi-server.log")
+    taken = server.port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        try:
+            server.start()
+            assert server.port != taken
+            status, _, body = request("GET", server.base + "/metadata", timeout=30)
+            assert status == 200 and body["resourceType"] == "CapabilityStatement"
+        finally:
+            server.stop()
