@@ -47,16 +47,17 @@ def imaging_study_id(config: ConversionConfig, study_uid: str) -> str:
     return sha256_id(config.study_id_system, study_uid)
 
 
+# Parts every study repeats are one object, shared by the resources (which nothing changes once
+# built): a compiled check (``validation``) skips a list that passed before as a whole.
+_MR_TYPE = {"coding": [{"system": V2_0203, "code": "MR"}]}
+
+
 def patient_reference(config: ConversionConfig, patient_id: str, system: str | None = None) -> dict:
     """``subject``: the id hashes the system (the issuer's, see ``references``) with the PatientID."""
     system = system or config.patient_id_system
     return {
         "reference": "Patient/" + sha256_id(system, patient_id),
-        "identifier": {
-            "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
-            "system": system,
-            "value": patient_id,
-        },
+        "identifier": {"type": _MR_TYPE, "system": system, "value": patient_id},
     }
 
 
@@ -102,10 +103,10 @@ def dicom_datetime(date: str | None, time: str | None, utc_offset: str | None,
 def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone: str) -> tuple:
     """(the FHIR dateTime or None, what did not parse): a pure function of its values, cached, as
     a series mostly repeats its study's date and time."""
-    plain = _plain_parts(date, time)
+    plain = _plain_text(date, time)
     if plain is not None:  # the usual YYYYMMDD and HHMMSS[.F]: read by slicing
-        date_text, (hour, minute, second, fraction) = plain
-        if not time:
+        date_text, text = plain
+        if text is None:
             return date_text, ()
         day = None
     else:
@@ -118,9 +119,7 @@ def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone
         clock = parse_time(time)
         if clock is None:
             return date_text, ("time",)
-        hour, minute, second, fraction = clock
-    # the microseconds added below never carry into the second: the clock's fields are the moment's
-    text = f"{date_text}T{hour:02d}:{minute:02d}:{second:02d}{'.' if fraction else ''}{fraction}"
+        text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{'.' if clock.fraction else ''}{clock.fraction}"
     if utc_offset:
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
@@ -130,29 +129,31 @@ def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone
         problems = ()
     if day is None:
         day = datetime(int(date[:4]), int(date[4:6]), int(date[6:]))
-    moment = combine(day, Clock(hour, minute, second, fraction))
+        clock = Clock(int(time[:2]), int(time[2:4]), int(time[4:6]), time[7:])
+    # the microseconds added here never carry into the second: the clock's fields are the moment's
+    moment = combine(day, clock)
     minutes = int(moment.replace(tzinfo=_zone(timezone)).utcoffset().total_seconds() // 60)
     sign = "+" if minutes >= 0 else "-"
     return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}", problems
 
 
-def _plain_parts(date: str, time: str | None) -> tuple | None:
-    """(FHIR date, (hour, minute, second, fraction)) of ASCII ``YYYYMMDD`` (a day 01-28 of a month
-    01-12 of a year from 0001: always a real day) and ``HHMMSS`` or ``HHMMSS.F{1,6}`` (or no
-    time); None for anything else, which ``dates`` parses (they agree: tests compare them)."""
-    if not (type(date) is str and len(date) == 8 and date.isascii() and date.isdigit()
-            and "01" <= date[4:6] <= "12" and "01" <= date[6:] <= "28" and date[:4] != "0000"):
+# ASCII YYYYMMDD of a day 01-28 of a month 01-12 of a year from 0001 (always a real day), and
+# HHMMSS or HHMMSS.F{1,6}: the forms read by slicing (anything else ``dates`` parses).
+_PLAIN_DATE = re.compile(r"(?!0000)[0-9]{4}(?:0[1-9]|1[0-2])(?:0[1-9]|1[0-9]|2[0-8])")
+_PLAIN_TIME = re.compile(r"(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9](?:\.[0-9]{1,6})?")
+
+
+def _plain_text(date: str, time: str | None) -> tuple | None:
+    """(FHIR date, FHIR dateTime without its offset, or None without a time) of the plain forms
+    (``_PLAIN_DATE``, ``_PLAIN_TIME``); None for anything else (they agree: tests compare them)."""
+    if type(date) is not str or _PLAIN_DATE.fullmatch(date) is None:
         return None
     date_text = f"{date[:4]}-{date[4:6]}-{date[6:]}"
     if not time:
-        return date_text, (0, 0, 0, "")
-    if type(time) is not str or not (len(time) == 6 or 8 <= len(time) <= 13 and time[6] == "."):
+        return date_text, None
+    if type(time) is not str or _PLAIN_TIME.fullmatch(time) is None:
         return None
-    digits, fraction = time[:6], time[7:]
-    if not (time.isascii() and digits.isdigit() and (not fraction or fraction.isdigit())
-            and digits[:2] <= "23" and digits[2:4] <= "59" and digits[4:] <= "59"):
-        return None
-    return date_text, (int(digits[:2]), int(digits[2:4]), int(digits[4:]), fraction)
+    return date_text, f"{date_text}T{time[:2]}:{time[2:4]}:{time[4:]}"
 
 
 _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
@@ -199,6 +200,17 @@ class MappedParts:
             if len(self.entries) >= self.MAX_ENTRIES:
                 self.entries.clear()
             hit = self.entries[key] = build_device(record)
+        return hit
+
+    def shared(self, key: tuple, make):
+        """A part many studies repeat (a profile list, a modality list, a scanner's performer, a
+        SOP class), made once: one object in all of them, which a compiled check skips as a whole
+        where it passed before. ``key``: hashable values that decide ``make()``."""
+        hit = self.entries.get(key, _ABSENT)
+        if hit is _ABSENT:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            hit = self.entries[key] = make()
         return hit
 
     def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
@@ -270,8 +282,7 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
         instances = sorted(by_series[series_uid])
         series_list.append(_series(series_uid, record, instances, study, config, terms, notes, devices, parts))
 
-    meta = {"source": config.source} if config.source else {}
-    meta["profile"] = [IMAGING_STUDY_PROFILE]
+    meta = parts.shared(("meta", config.source), lambda: _study_meta(config.source))
     resource = {"resourceType": "ImagingStudy", "id": imaging_study_id(config, group.study_uid), "meta": meta}
     if study_extras.get("extension"):
         resource["extension"] = study_extras["extension"]
@@ -279,8 +290,9 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     resource["identifier"] = ([accession] if accession else []) + [
         {"system": "urn:dicom:uid", "value": "urn:oid:" + group.study_uid}]
     resource["status"] = "available"
-    resource["modality"] = [{"system": DCM_SYSTEM, "code": code}
-                            for code in sorted({rec["Modality"] for rec in group.series.values()})]
+    modalities = tuple(sorted({rec["Modality"] for rec in group.series.values()}))
+    resource["modality"] = parts.shared(("modality", modalities),
+                                        lambda: [{"system": DCM_SYSTEM, "code": code} for code in modalities])
     resource["subject"] = subject
     if study_extras.get("encounter"):
         resource["encounter"] = study_extras["encounter"]
@@ -313,6 +325,12 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
     if based_on and config.service_requests and (request := service_request(based_on, subject)):
         built.resources.append(("ServiceRequest", request))
     return built
+
+
+def _study_meta(source: str | None) -> dict:
+    meta = {"source": source} if source else {}
+    meta["profile"] = [IMAGING_STUDY_PROFILE]
+    return meta
 
 
 def _dose_observations(group, by_series, study_id, subject, started, study, config, notes) -> list[dict]:
@@ -380,7 +398,8 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
     device = parts.device(record) if config.include_devices else None
     if device:
         devices[device["id"]] = device
-        series["performer"] = [{"actor": {"reference": "Device/" + device["id"]}}]
+        series["performer"] = parts.shared(("performer", device["id"]),
+                                           lambda: [{"actor": {"reference": "Device/" + device["id"]}}])
     if config.include_instances:
         series["instance"] = [_instance(sop, fields, terms, notes, parts) for _, sop, fields in instances]
     return series
@@ -402,7 +421,9 @@ def _instance(sop: str, fields: dict, terms, notes, parts: MappedParts) -> dict:
     if extensions:
         instance["extension"] = extensions
     instance["uid"] = sop
-    instance["sopClass"] = {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + fields["SOPClassUID"]}
+    sop_class = fields["SOPClassUID"]
+    instance["sopClass"] = parts.shared(("sopClass", sop_class),
+                                        lambda: {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + sop_class})
     if _unsigned_int(fields.get("InstanceNumber"), notes, "InstanceNumber"):
         instance["number"] = fields["InstanceNumber"]
     return instance
@@ -464,12 +485,16 @@ def validation_view(study: dict) -> dict:
 def instance_id_problem(study: dict) -> str | None:
     """The per-instance values a shape cannot vouch for: uid (FHIR id) and sopClass code (FHIR code).
     (Numbers are kept in range when they are built.)"""
+    checked = None  # the sopClass checked last: the instances of a series share one (``MappedParts.shared``)
     for series in study.get("series", ()):
         for instance in series.get("instance", ()):
             if not _FHIR_ID.match(instance["uid"]):
                 return "series.instance.uid: not a valid FHIR id (DICOM UID expected)"
-            if not _FHIR_CODE.match(instance["sopClass"]["code"]):
-                return "series.instance.sopClass.code: not a valid FHIR code"
+            sop_class = instance["sopClass"]
+            if sop_class is not checked:
+                if not _FHIR_CODE.match(sop_class["code"]):
+                    return "series.instance.sopClass.code: not a valid FHIR code"
+                checked = sop_class
     return None
 
 

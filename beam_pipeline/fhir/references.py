@@ -86,8 +86,11 @@ def accession_system(study: Mapping, config: ConversionConfig, notes: Counter) -
     return config.accession_id_system
 
 
+_ACSN_TYPE = {"coding": [{"system": V2_0203, "code": "ACSN"}]}  # one object in all: resources are not changed
+
+
 def accession_identifier(value: str, system: str | None) -> dict:
-    identifier = {"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}}
+    identifier = {"type": _ACSN_TYPE}
     if system:
         identifier["system"] = system
     identifier["value"] = value

@@ -29,6 +29,7 @@ MAX_VALUES = 1 << 14  # checked primitive values kept per worker (a few MB at mo
 COMPILE_AFTER = 32    # a structure vouched for this often is compiled (compiling costs some 200 walks' time)
 MAX_COMPILED = 8      # compiled structures tried per resource type (most recently matched first)
 MAX_COMPILED_NODES = 600  # a larger structure (a study of many series) is left to the walk
+MAX_PASSED = 64       # resources kept per compiled check as passed whole (by id)
 _MODEL, _PRIMITIVE, _UNKNOWN = "model", "primitive", "unknown"
 _LATER = "model not imported yet"  # fhir_core imports a field's model on demand: only for fields met
 _NOTHING = object()  # no value has passed at this place yet
@@ -315,13 +316,16 @@ class ShapeVerdicts:
                 if len(lines) > 8 * MAX_COMPILED_NODES:
                     raise OverflowError
 
-        same.append(None)  # same[0]: the resource itself (a scanner's Device, built once per worker)
+        # The resources that passed whole, by id (kept, so their ids are not reused): the Devices
+        # of a worker's scanners, each built once, come study after study in any order.
+        whole = const({})
         try:
             model_part(model, walked, "data")
         except OverflowError:
             return None
-        source = ("def check(data):\n if data is same[0]: return True\n bad = False\n" + "\n".join(lines)
-                  + "\n if not bad: same[0] = data\n return not bad\n")
+        source = (f"def check(data):\n if {whole}.get(id(data)) is data: return True\n bad = False\n"
+                  + "\n".join(lines) + f"\n if not bad:\n  if len({whole}) >= {MAX_PASSED}: {whole}.clear()"
+                  + f"\n  {whole}[id(data)] = data\n return not bad\n")
         namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
         check = namespace["check"]
