@@ -204,9 +204,12 @@ class MappedParts:
 
     def shared(self, key: tuple, make):
         """A part many studies repeat (a profile list, a modality list, a scanner's performer, a
-        SOP class), made once: one object in all of them, which a compiled check skips as a whole
-        where it passed before. ``key``: hashable values that decide ``make()``."""
-        hit = self.entries.get(key, _ABSENT)
+        SOP class, a body site's coding), made once: one object in all of them, which a compiled
+        check skips as a whole where it passed before. ``key``: the values that decide ``make()``."""
+        try:
+            hit = self.entries.get(key, _ABSENT)
+        except TypeError:  # an unhashable value: made directly
+            return make()
         if hit is _ABSENT:
             if len(self.entries) >= self.MAX_ENTRIES:
                 self.entries.clear()
@@ -381,11 +384,11 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
     if record.get("SeriesDescription"):
         series["description"] = record["SeriesDescription"]
     series["numberOfInstances"] = len(instances)
-    for element, keywords, lookup in (("bodySite", ("BodyPartExamined",), terms.body_site),
-                                      ("laterality", ("Laterality", "ImageLaterality"), terms.laterality)):
+    for element, keywords in _SERIES_CODED:
         term = next((record[k] for k in keywords if record.get(k)), None)
         if term:
-            coding = lookup(term)
+            lookup = terms.body_site if element == "bodySite" else terms.laterality
+            coding = parts.shared((element, term), lambda: lookup(term))
             if coding:
                 series[element] = coding
             else:
@@ -403,6 +406,9 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
     if config.include_instances:
         series["instance"] = [_instance(sop, fields, terms, notes, parts) for _, sop, fields in instances]
     return series
+
+
+_SERIES_CODED = (("bodySite", ("BodyPartExamined",)), ("laterality", ("Laterality", "ImageLaterality")))
 
 
 def _unsigned_int(value, notes: Counter, keyword: str) -> bool:

@@ -159,6 +159,8 @@ class ShapeVerdicts:
                     continue  # of another compiled structure: told apart where the two differ
                 try:
                     verdict = check(resource)
+                except KeyError:  # an object with other keys: not of this structure
+                    continue
                 except TypeError:  # an unhashable value: the walk's way
                     break
                 if verdict is not None:
@@ -280,7 +282,9 @@ class ShapeVerdicts:
             fields = self.fields.get(target)
             if fields is None:
                 fields = self.fields[target] = self._fields_of(target)
-            lines.append(f"{indent}if type({var}) is not dict or tuple({var}) != {const(tuple(k for k, _ in shape))}: return None")
+            # as many keys, each looked up below (a missing one raises KeyError: not this structure);
+            # their order does not matter to pydantic
+            lines.append(f"{indent}if type({var}) is not dict or len({var}) != {len(shape)}: return None")
             for key, part in shape:
                 item = f"v{len(lines)}"
                 lines.append(f"{indent}{item} = {var}[{const(key)}]")
