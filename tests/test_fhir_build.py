@@ -235,7 +235,7 @@ def test_a_structure_validated_once_vouches_only_for_values_that_pass_their_type
         for path in _leaves(view):
             for bad in rng.sample(BAD_VALUES, 4):
                 if "instance" in path and path[-1] in ("uid", "code") and not isinstance(bad, str):
-                    continue  # built from strings only: instance_id_problem reads them as such
+                    continue  # built from strings only: checked_view reads them as such
                 changed = _replaced(view, path, bad)
                 try:
                     model.model_validate(changed)

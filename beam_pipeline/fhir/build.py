@@ -456,21 +456,38 @@ _FHIR_CODE = re.compile(r"^[^\s]+( [^\s]+)*$")
 
 
 def validation_view(study: dict) -> dict:
-    """The ImagingStudy with, per series, only instances of a shape not seen before in the study.
+    """The ImagingStudy with, per series, only instances of a shape not seen before in the study."""
+    return checked_view(study, check_ids=False)[1]
+
+
+def checked_view(study: dict, check_ids: bool = True) -> tuple[str | None, dict]:
+    """(the first per-instance value a shape cannot vouch for that is not valid, or None; the view
+    of the ImagingStudy that is validated: per series only instances of a shape not seen before in
+    the study), in one pass over the instances.
 
     Instances are built by one code path from typed values, so pydantic's verdict on one instance
     holds for every instance of the same shape; validating 50,000 alike instances one by one would
-    cost seconds and gigabytes. The one primitive that varies freely, the instance uid (FHIR ``id``),
-    is checked for every instance by ``instance_id_problem``.
+    cost seconds and gigabytes. The primitives that vary freely, the instance uid (FHIR ``id``) and
+    the SOP class code (FHIR ``code``), are checked for every instance (a sopClass object once: the
+    instances of a series share one, ``MappedParts.shared``). Numbers are kept in range when built.
     """
     seen: set | None = None  # shapes of the kept instances, made only when an instance differs from the one before
     memo: dict = {}  # valid while the study holds its lists: ids are not reused before we return
     kept_all: list = []
     before = None  # the instance before: kept, or of a kept one's shape
+    checked = None  # the sopClass checked last
     series_view = []
     for series in study.get("series", ()):
         kept = []
         for instance in series.get("instance", ()):
+            if check_ids:
+                if not _FHIR_ID.match(instance["uid"]):
+                    return "series.instance.uid: not a valid FHIR id (DICOM UID expected)", study
+                sop_class = instance["sopClass"]
+                if sop_class is not checked:
+                    if not _FHIR_CODE.match(sop_class["code"]):
+                        return "series.instance.sopClass.code: not a valid FHIR code", study
+                    checked = sop_class
             if before is not None and validation.same_shape(instance, before):
                 before = instance
                 continue  # mostly: alike instances share their extension lists, compared at once
@@ -485,23 +502,7 @@ def validation_view(study: dict) -> dict:
             kept.append(instance)
             kept_all.append(instance)
         series_view.append({**series, "instance": kept} if "instance" in series else series)
-    return {**study, "series": series_view}
-
-
-def instance_id_problem(study: dict) -> str | None:
-    """The per-instance values a shape cannot vouch for: uid (FHIR id) and sopClass code (FHIR code).
-    (Numbers are kept in range when they are built.)"""
-    checked = None  # the sopClass checked last: the instances of a series share one (``MappedParts.shared``)
-    for series in study.get("series", ()):
-        for instance in series.get("instance", ()):
-            if not _FHIR_ID.match(instance["uid"]):
-                return "series.instance.uid: not a valid FHIR id (DICOM UID expected)"
-            sop_class = instance["sopClass"]
-            if sop_class is not checked:
-                if not _FHIR_CODE.match(sop_class["code"]):
-                    return "series.instance.sopClass.code: not a valid FHIR code"
-                checked = sop_class
-    return None
+    return None, {**study, "series": series_view}
 
 
 class _Models(dict):
@@ -539,10 +540,9 @@ class Validator:
 
         for resource_type, resource in resources:
             if resource_type == "ImagingStudy" and not self.full:
-                bad_uid = instance_id_problem(resource)
+                bad_uid, resource = checked_view(resource)
                 if bad_uid:
                     return Reason.INVALID_FHIR, f"ImagingStudy: {bad_uid}"
-                resource = validation_view(resource)
             model = self.models[resource_type]
             if self.verdicts is not None:
                 vouched, shape = self.verdicts.vouches(model, resource_type, resource)

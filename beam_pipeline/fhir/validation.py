@@ -155,8 +155,13 @@ class ShapeVerdicts:
         checks = self.compiled.get(resource_type)
         if checks:
             for index, (key, check) in enumerate(checks):
-                if check.probes and any(probe(resource) for probe in check.probes):
-                    continue  # of another compiled structure: told apart where the two differ
+                refused = False
+                for probe in check.probes:
+                    if probe(resource):  # of another compiled structure: told apart where the two differ
+                        refused = True
+                        break
+                if refused:
+                    continue
                 try:
                     verdict = check(resource)
                 except KeyError:  # an object with other keys: not of this structure
