@@ -568,7 +568,7 @@ def study_elements(study: Mapping, config: ConversionConfig, terms: Terminologie
                    study_uid: str = "", subject: dict | None = None, started: str | None = None) -> dict:
     """Study-level MII elements: extensions, encounter, procedureCode and vital-sign Observations."""
     out = {}
-    if INVALID_KEY not in study and not any(keyword in study for keyword in KEYWORDS["study"]):
+    if INVALID_KEY not in study and not any(map(study.__contains__, KEYWORDS["study"])):
         return out  # most studies: none of the values these are made from (nothing to note either)
     extensions = [ext for ext in (simple_extension(BILDGEBUNGSGRUND, study, terms, notes),) if ext]
     observations = []
