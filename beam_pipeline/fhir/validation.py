@@ -14,8 +14,9 @@ Small studies of alike scanners repeat a handful of structures: each is modelled
 A structure that keeps coming is compiled into a check of its own (``_compile``: straight-line code
 that tests each key, type and list length the walk would find and checks each value as the walk
 would), tried before the generic walk; anything it does not match goes the walk's way. It skips a
-list that passed whole at the same place while it is the same object: resources are not changed
-once built, and the extension lists ``build.MappedParts`` shares between studies repeat.
+list that passed whole at the same place while it is the same object, and a resource that passed
+whole (a scanner's Device, built once per worker): resources are not changed once built, and the
+extension lists and other parts ``build.MappedParts`` shares between studies repeat.
 """
 from __future__ import annotations
 
@@ -253,8 +254,9 @@ class ShapeVerdicts:
         return None
 
     def _compile(self, model, walked: tuple):
-        """A function of a resource: None unless ``_walk`` would give it the shape ``walked``; then
-        whether each of its primitive values passes (``_value_ok``). None for a large structure."""
+        """A function of a resource: None (or KeyError) unless ``_walk`` would give it the shape
+        ``walked``, up to the order of an object's keys (pydantic does not look at it); then whether
+        each of its primitive values passes (``_value_ok``). None for a large structure."""
         lines: list = []
         consts: dict = {}
         passed: list = []
