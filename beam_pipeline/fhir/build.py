@@ -5,7 +5,6 @@ digests of ``"<system>|<value>"``, so the same study always gets the same ids.
 """
 from __future__ import annotations
 
-import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -173,6 +172,7 @@ class MappedParts:
     # series is mapped directly, and the others are not told apart by when they were acquired.
     SERIES_KEYS = (*(k for k in mii.KEYWORDS["series"] if k not in mii.ACQUISITION_KEYWORDS), INVALID_KEY)
     INSTANCE_KEYS = (*mii.KEYWORDS["instance"], INVALID_KEY)
+    _SERIES_ABSENT, _INSTANCE_ABSENT = (_ABSENT,) * len(SERIES_KEYS), (_ABSENT,) * len(INSTANCE_KEYS)  # defaults for get
     MAX_ENTRIES = 4096  # cleared when full (values of a few scanners' protocols: small)
 
     def __init__(self):
@@ -181,11 +181,11 @@ class MappedParts:
     def series(self, record: dict, terms, include_instances: bool, notes: Counter) -> list:
         if mii.UPTAKE_SEQUENCE in record:
             return mii.series_extensions(record, terms, include_instances, notes)
-        key = ("series", include_instances, *map(record.get, self.SERIES_KEYS, itertools.repeat(_ABSENT)))
+        key = ("series", include_instances, *map(record.get, self.SERIES_KEYS, self._SERIES_ABSENT))
         return self._mapped(key, lambda delta: mii.series_extensions(record, terms, include_instances, delta), notes)
 
     def instance(self, fields: dict, terms, notes: Counter) -> list:
-        key = ("instance", *map(fields.get, self.INSTANCE_KEYS, itertools.repeat(_ABSENT)))
+        key = ("instance", *map(fields.get, self.INSTANCE_KEYS, self._INSTANCE_ABSENT))
         return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
 
     def device(self, record: dict) -> dict | None:
@@ -274,10 +274,13 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
                                       subject=subject, started=started)
 
     by_series: dict[str, list] = {uid: [] for uid in group.series}
+    dose_reports = False
     for sop, (series_uid, fields) in group.instances.items():
         # the fields carry their SOPInstanceUID (``keywords.instance_keys``): no copy to rank them
         ranked = fields if fields.get("SOPInstanceUID") == sop else {"SOPInstanceUID": sop, **fields}
         by_series[series_uid].append((rank(ranked), sop, fields))
+        if DOSE_REPORT_KEY in fields:
+            dose_reports = True
 
     devices: dict[str, dict] = {}
     series_list = []
@@ -320,7 +323,7 @@ def build_study(group: StudyGroup, config: ConversionConfig, terms, parts: Mappe
         built.resources.extend(("Device", device) for _, device in sorted(devices.items()))
     if study_extras.get("observations"):
         built.resources.extend(("Observation", obs) for obs in study_extras["observations"])
-    if config.dose_reports:
+    if config.dose_reports and dose_reports:  # most studies: no dose report, nothing to sort
         built.resources.extend(("Observation", obs) for obs in _dose_observations(
             group, by_series, resource["id"], subject, started, study, config, notes))
     if endpoint:
@@ -342,8 +345,6 @@ def _dose_observations(group, by_series, study_id, subject, started, study, conf
         return dicom_datetime(date, time, offset or study.get("TimezoneOffsetFromUTC"), config.timezone, notes, what)
 
     observations = []
-    if not any(DOSE_REPORT_KEY in fields for _, fields in group.instances.values()):
-        return observations  # most studies: no dose report, nothing to sort
     for series_uid, record in sorted(group.series.items(), key=_series_order):
         reports = [(sop, fields[DOSE_REPORT_KEY]) for _, sop, fields in sorted(by_series[series_uid])
                    if DOSE_REPORT_KEY in fields]
