@@ -118,7 +118,8 @@ def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone
         clock = parse_time(time)
         if clock is None:
             return date_text, ("time",)
-        text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{'.' if clock.fraction else ''}{clock.fraction}"
+        fraction = f".{clock.fraction}" if clock.fraction else ""
+        text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{fraction}"
     if utc_offset:
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
@@ -172,7 +173,8 @@ class MappedParts:
     # series is mapped directly, and the others are not told apart by when they were acquired.
     SERIES_KEYS = (*(k for k in mii.KEYWORDS["series"] if k not in mii.ACQUISITION_KEYWORDS), INVALID_KEY)
     INSTANCE_KEYS = (*mii.KEYWORDS["instance"], INVALID_KEY)
-    _SERIES_ABSENT, _INSTANCE_ABSENT = (_ABSENT,) * len(SERIES_KEYS), (_ABSENT,) * len(INSTANCE_KEYS)  # defaults for get
+    _SERIES_ABSENT = (_ABSENT,) * len(SERIES_KEYS)  # the defaults of ``get`` for each key
+    _INSTANCE_ABSENT = (_ABSENT,) * len(INSTANCE_KEYS)
     MAX_ENTRIES = 4096  # cleared when full (values of a few scanners' protocols: small)
 
     def __init__(self):
