@@ -186,9 +186,13 @@ class MappedParts:
         key = ("series", include_instances, *map(record.get, self.SERIES_KEYS, self._SERIES_ABSENT))
         return self._mapped(key, lambda delta: mii.series_extensions(record, terms, include_instances, delta), notes)
 
-    def instance(self, fields: dict, terms, notes: Counter) -> list:
-        key = ("instance", *map(fields.get, self.INSTANCE_KEYS, self._INSTANCE_ABSENT))
-        return self._mapped(key, lambda delta: mii.instance_extensions(fields, terms, delta), notes)
+    def instance_key(self, fields: dict) -> tuple:
+        """What an instance's extensions are mapped from: equal keys, equal extensions and notes."""
+        return ("instance", *map(fields.get, self.INSTANCE_KEYS, self._INSTANCE_ABSENT))
+
+    def instance(self, key: tuple, fields: dict, terms) -> tuple[list, Counter]:
+        """(extensions, notes to count) of an instance whose ``instance_key`` is ``key``."""
+        return self._hit(key, lambda delta: mii.instance_extensions(fields, terms, delta))
 
     def device(self, record: dict) -> dict | None:
         """``build_device`` of a series' scanner: a scanner serves many studies, its Device is built once."""
@@ -219,19 +223,25 @@ class MappedParts:
         return hit
 
     def _mapped(self, key: tuple, mapping, notes: Counter) -> list:
+        extensions, delta = self._hit(key, mapping)
+        if delta:
+            notes.update(delta)
+        return extensions
+
+    def _hit(self, key: tuple, mapping) -> tuple[list, Counter]:
+        """(what ``mapping(notes)`` returns, the notes it counts), mapped once per key."""
         try:
             hit = self.entries.get(key)
-        except TypeError:  # an unhashable value (a sequence of items): map it directly
-            return mapping(notes)
-        if hit is None:
+        except TypeError:  # an unhashable value (a sequence of items): mapped directly
             delta: Counter = Counter()
+            return mapping(delta), delta
+        if hit is None:
+            delta = Counter()
             hit = (mapping(delta), delta)
             if len(self.entries) >= self.MAX_ENTRIES:
                 self.entries.clear()
             self.entries[key] = hit
-        if hit[1]:
-            notes.update(hit[1])
-        return hit[0]
+        return hit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +417,7 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
         series["performer"] = parts.shared(("performer", device["id"]),
                                            lambda: [{"actor": {"reference": "Device/" + device["id"]}}])
     if config.include_instances:
-        series["instance"] = [_instance(sop, fields, terms, notes, parts) for _, sop, fields in instances]
+        series["instance"] = _instances(instances, terms, notes, parts)
     return series
 
 
@@ -424,18 +434,29 @@ def _unsigned_int(value, notes: Counter, keyword: str) -> bool:
     return False
 
 
-def _instance(sop: str, fields: dict, terms, notes, parts: MappedParts) -> dict:
-    instance: dict = {}
-    extensions = parts.instance(fields, terms, notes)
-    if extensions:
-        instance["extension"] = extensions
-    instance["uid"] = sop
-    sop_class = fields["SOPClassUID"]
-    instance["sopClass"] = parts.shared(("sopClass", sop_class),
-                                        lambda: {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + sop_class})
-    if _unsigned_int(fields.get("InstanceNumber"), notes, "InstanceNumber"):
-        instance["number"] = fields["InstanceNumber"]
-    return instance
+def _instances(instances: list, terms, notes: Counter, parts: MappedParts) -> list[dict]:
+    """The instances of a series, in order. Alike instances (most of a series) repeat their mapped
+    extensions and SOP class: each is looked up again only where it differs from the one before."""
+    out = []
+    key = mapped = class_uid = sop_class = None
+    for _, sop, fields in instances:
+        instance_key = parts.instance_key(fields)
+        if mapped is None or instance_key != key:
+            key, mapped = instance_key, parts.instance(instance_key, fields, terms)
+        extensions, delta = mapped
+        if delta:
+            notes.update(delta)
+        instance: dict = {"extension": extensions} if extensions else {}
+        instance["uid"] = sop
+        if sop_class is None or fields["SOPClassUID"] != class_uid:
+            class_uid = fields["SOPClassUID"]
+            sop_class = parts.shared(("sopClass", class_uid),
+                                     lambda: {"system": "urn:ietf:rfc:3986", "code": "urn:oid:" + class_uid})
+        instance["sopClass"] = sop_class
+        if _unsigned_int(fields.get("InstanceNumber"), notes, "InstanceNumber"):
+            instance["number"] = fields["InstanceNumber"]
+        out.append(instance)
+    return out
 
 
 def build_device(record: dict) -> dict | None:
