@@ -165,8 +165,6 @@ class ShapeVerdicts:
                     continue
                 try:
                     verdict = check(resource)
-                except KeyError:  # an object with other keys: not of this structure
-                    continue
                 except TypeError:  # an unhashable value: the walk's way
                     break
                 if verdict is not None:
@@ -254,9 +252,9 @@ class ShapeVerdicts:
         return None
 
     def _compile(self, model, walked: tuple):
-        """A function of a resource: None (or KeyError) unless ``_walk`` would give it the shape
-        ``walked``, up to the order of an object's keys (pydantic does not look at it); then whether
-        each of its primitive values passes (``_value_ok``). None for a large structure."""
+        """A function of a resource: None unless ``_walk`` would give it the shape ``walked``, up to
+        the order of an object's keys (pydantic does not look at it); then whether each of its
+        primitive values passes (``_value_ok``). None for a large structure."""
         lines: list = []
         consts: dict = {}
         passed: list = []
@@ -289,8 +287,8 @@ class ShapeVerdicts:
             fields = self.fields.get(target)
             if fields is None:
                 fields = self.fields[target] = self._fields_of(target)
-            # as many keys, each looked up below (a missing one raises KeyError: not this structure);
-            # their order does not matter to pydantic
+            # as many keys, each looked up below (a missing one: not this structure); their order
+            # does not matter to pydantic
             lines.append(f"{indent}if type({var}) is not dict or len({var}) != {len(shape)}: return None")
             for key, part in shape:
                 item = f"v{len(lines)}"
@@ -331,11 +329,12 @@ class ShapeVerdicts:
         # of a worker's scanners, each built once, come study after study in any order.
         whole = const({})
         try:
-            model_part(model, walked, "data")
+            model_part(model, walked, "data", "  ")
         except OverflowError:
             return None
-        source = (f"def check(data):\n if {whole}.get(id(data)) is data: return True\n bad = False\n"
-                  + "\n".join(lines) + f"\n if not bad:\n  if len({whole}) >= {MAX_PASSED}: {whole}.clear()"
+        source = (f"def check(data):\n if {whole}.get(id(data)) is data: return True\n bad = False\n try:\n"
+                  + "\n".join(lines) + "\n except KeyError:\n  return None  # an object with other keys"
+                  + f"\n if not bad:\n  if len({whole}) >= {MAX_PASSED}: {whole}.clear()"
                   + f"\n  {whole}[id(data)] = data\n return not bad\n")
         namespace = {**consts, "get": self.values.get, "slow": self._value_ok, "last": passed, "same": same}
         exec(compile(source, "<validation.ShapeVerdicts._compile>", "exec"), namespace)
