@@ -628,3 +628,73 @@ def test_probes_tell_compiled_structures_apart_and_never_refuse_their_own(terms)
     with pytest.raises(ValidationError):
         validator.models["ImagingStudy"].model_validate(fhir_build.validation_view(bad))
     assert validator.problem([("ImagingStudy", bad)])[0] == "invalid-fhir"
+
+
+def test_a_compiled_check_takes_an_objects_keys_in_any_order_and_no_other_keys(terms):
+    """A compiled check tests an object's key count and looks each key up: the same keys in another
+    order pass (pydantic does not look at the order), and as many keys with one of another name are
+    not its structure (None: the walk and pydantic decide)."""
+    from pydantic import ValidationError
+
+    built = build_study(_group([record(f"1.2.3.1.{i}", number=i, DeviceSerialNumber="SN1", Manufacturer="ACME")
+                                for i in (1, 2)]), ConversionConfig(), terms)
+    device = built.resources[1][1]
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    for _ in range(3):
+        assert validator.problem([("Device", device)]) is None
+    (_, check), = validator.verdicts.compiled["Device"]
+    reordered = dict(reversed(list(device.items())))
+    validator.models["Device"].model_validate(reordered)  # pydantic's verdict: valid
+    assert check(reordered) is True
+    renamed = {("maker" if key == "manufacturer" else key): value for key, value in device.items()}
+    with pytest.raises(ValidationError):
+        validator.models["Device"].model_validate(renamed)
+    assert check(renamed) is None
+    assert validator.problem([("Device", renamed)])[0] == "invalid-fhir"
+
+
+def test_alike_instances_share_their_parts_and_count_their_notes_each(terms):
+    """Instances of a series map their extensions and SOP class once while they repeat the values of
+    the instance before; each still counts its notes, and the resources are those built without a
+    worker's parts. Parts every study repeats (profile, modality list, SOP class) are one object."""
+    from beam_pipeline.fhir import keywords
+
+    def group(uid):
+        records = [record(f"{uid}.1.{i}", series=f"{uid}.1", number=i, StudyInstanceUID=uid, PixelSpacing=(0.5, 0.5),
+                          ImageType=("ORIGINAL", "NOT A TERM")) for i in (1, 2, 3)]
+        records.append(record(f"{uid}.1.4", series=f"{uid}.1", number=4, StudyInstanceUID=uid, PixelSpacing=(0.7, 0.7)))
+        built = StudyGroup(uid)
+        for rec in records:
+            built.add(rec, keywords.instance_keys())
+        return built
+
+    parts = fhir_build.MappedParts()
+    first, alone = (build_study(group("1.2.3"), ConversionConfig(), terms, p) for p in (parts, None))
+    assert first.resources == alone.resources and first.notes == alone.notes
+    assert first.notes["unmapped:ImageType"] == 3
+    instances = first.resources[0][1]["series"][0]["instance"]
+    assert instances[0]["extension"] is instances[2]["extension"] != instances[3]["extension"]
+    assert instances[0]["sopClass"] is instances[3]["sopClass"]
+    second = build_study(group("1.2.4"), ConversionConfig(), terms, parts).resources[0][1]
+    study = first.resources[0][1]
+    for key in ("meta", "modality"):
+        assert second[key] is study[key]
+    assert second["series"][0]["instance"][0]["sopClass"] is instances[0]["sopClass"]
+
+
+def test_resources_that_passed_whole_pass_in_any_order_and_a_changed_copy_is_checked(terms):
+    """A compiled check knows the resources that passed it whole by id (a worker's scanners'
+    Devices, each built once, alternate from study to study); an equal-looking copy with a bad
+    value is another object: checked, and pydantic's verdict given."""
+    devices = [fhir_build.build_device({"DeviceSerialNumber": f"SN{i}", "Manufacturer": "ACME"}) for i in (1, 2, 3)]
+    validator = fhir_build.Validator()
+    validator.verdicts.compile_after = 1
+    for _ in range(3):
+        for device in devices:
+            assert validator.problem([("Device", device)]) is None
+    (_, check), = validator.verdicts.compiled["Device"]
+    assert all(check(device) is True for device in devices)
+    bad = {**devices[0], "status": "two  words"}  # a FHIR code: one space at most
+    assert check(bad) is False
+    assert validator.problem([("Device", bad)])[0] == "invalid-fhir"

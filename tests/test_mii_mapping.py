@@ -269,3 +269,17 @@ def test_garbage_inside_code_items_never_raises(garbage):
     mii.series_extensions(record, TERMS, True, notes)
     out = mii.study_elements(record, ConversionConfig(), TERMS, notes)
     assert all(c.get("coding") or c.get("text") for c in out.get("procedureCode", []))
+
+
+def test_study_elements_of_a_header_without_their_values_are_none_and_an_unparseable_one_is_noted():
+    """A study header without any of the values the study elements are made from gives none (and
+    no note); one whose weight did not parse gives none either, but counts it."""
+    from beam_pipeline.codes import INVALID_KEY
+
+    notes = Counter()
+    assert mii.study_elements({"StudyDate": "20240101", "Modality": "CT"}, CONFIG, TERMS, notes, **CONTEXT) == {}
+    assert not notes
+    assert mii.study_elements({INVALID_KEY: ("PatientWeight",)}, CONFIG, TERMS, notes, **CONTEXT) == {}
+    assert notes == Counter({"unparseable:PatientWeight": 1})
+    weighed = mii.study_elements({"PatientWeight": 70.0}, CONFIG, TERMS, Counter(), **CONTEXT)
+    assert len(weighed["observations"]) == 1 and weighed["extension"]
