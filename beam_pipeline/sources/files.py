@@ -162,6 +162,7 @@ class PartLister:
             # A whole folder (``resolve_pattern``): every path under it matches, no test per path.
             if pattern == os.path.join(globlib.escape(root), "**"):
                 self.matches = None
+            self.could_hold = _folder_matcher(pattern)
             self.root_real = os.path.realpath(root)
             self.excluded = _excluded(exclude)
 
@@ -182,13 +183,17 @@ class PartLister:
     def folders(self, part: Path) -> Iterator[tuple[list[Path], list[str] | None]]:
         """The files of one local part, a folder at a time in ``files``' order: (its matching
         files (``portable``), the subfolders the walk enters from it), or ([a folder], None) when
-        it cannot be listed (the reader makes it one error line); never an empty list of files.
+        it cannot be listed and the pattern could match files under it (the reader makes it one
+        error line); never an empty list of files.
         Each folder's files come in one list: only a subfolder that cannot be listed is listed
         later as a "file" of the folder."""
-        matches = self.matches
+        matches, could_hold = self.matches, self.could_hold
         for paths, subfolders in _walk(os.fsdecode(part), self.excluded, self.root_real):
             if matches is not None:
-                paths = [path for path in paths if matches(path)]
+                if subfolders is None:  # a folder that cannot be listed: an error if it could hide matches
+                    paths = [path for path in paths if matches(path) or could_hold(path)]
+                else:
+                    paths = [path for path in paths if matches(path)]
             if paths:
                 yield [path if path.isascii() else portable(path) for path in paths], subfolders
 
@@ -204,6 +209,26 @@ def _matcher(pattern: str):
     with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
         warnings.simplefilter("ignore", FutureWarning)
         return re.compile(glob_regex(pattern)).fullmatch
+
+
+def _folder_matcher(pattern: str):
+    """Whether files under a local folder could match the glob: the folder's path matches the
+    pattern's leading folders, to any depth once they reach a ``**``. A folder that cannot be
+    listed is an error line when it could hide matching files, and nothing when the pattern
+    cannot reach into it."""
+    folders = pattern.split("/")[:-1]  # the pattern's last part names the files
+    tests = []
+    for folder in folders:
+        if "**" in folder:
+            break
+        tests.append(_matcher(folder))
+    deep = len(tests) < len(folders)
+
+    def could_hold(path: str) -> bool:
+        names = path.split("/")
+        return (deep or len(names) <= len(tests)) and all(map(lambda test, name: test(name), tests, names))
+
+    return could_hold
 
 
 def _excluded(exclude: str | None) -> str | None:
