@@ -132,6 +132,13 @@ class StudyGroup:
             self._add_instance(sop, series_uid, fields)
         return self
 
+    def __reduce__(self):
+        """Pickled as the class and its values in field order: smaller and faster both ways than the
+        default (a dict of attribute names), and the shuffle carries one per study."""
+        return StudyGroup, (self.study_uid, self.files, self.duplicates, self.patient_ids, self.patient_issuers,
+                            self.accession_numbers, self.representative, self.series, self.instances,
+                            self.conflicting_sops, self.rejected_folders, self.content, self.pending)
+
     def digest(self) -> str:
         """What the study is built from: its records (as a multiset) and the folders rejected with it."""
         text = f"{self.content:064x}|{self.files}|{'|'.join(sorted(self.rejected_folders))}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import operator
+import typing
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -51,9 +52,9 @@ def listing_digest(stamped) -> str | None:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """What reading one file gave: its record (None when not an instance), error lines, counts."""
+class FileEntry(typing.NamedTuple):
+    """What reading one file gave: its record (None when not an instance), error lines, counts.
+    (A named tuple: one is made per file, and a frozen dataclass costs several times more to make.)"""
 
     key: str
     stamp: str | None

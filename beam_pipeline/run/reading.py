@@ -90,8 +90,7 @@ class ReadHeaderDoFn(beam.DoFn):
                     for error in entry.errors:
                         yield beam.pvalue.TaggedOutput(ERRORS, error)
                     if entry.record is not None:
-                        add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
-                                    self.instance_keys)
+                        add_partial(partials, entry.record, entry.key, self.group_by, self.root, self.instance_keys)
                 yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME,
                                                        folder_state.unit_line(unit, part, partials, whole)))
                 for key, groups in partials.items():
@@ -110,9 +109,13 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
-def add_partial(partials: dict, record: dict, path, group_by: str, root: str, instance_keys) -> None:
-    """Pre-aggregates a record into the partial groups of a batch, by study (or first-level folder)."""
-    key = inputs.first_level_folder(path, root) if group_by == "directory" else record["StudyInstanceUID"]
+def add_partial(partials: dict, record: dict, source_key: str, group_by: str, root: str, instance_keys) -> None:
+    """Pre-aggregates the record of the file ``source_key`` into the partial groups of a batch, by
+    study (or first-level folder)."""
+    if group_by == "directory":
+        key = inputs.first_level_folder(state.key_path(source_key), root)
+    else:
+        key = record["StudyInstanceUID"]
     study.add_to_directory(partials.setdefault(key, {}), record, instance_keys)
 
 
