@@ -135,3 +135,9 @@ def test_a_files_difference_from_its_series_representative_rebuilds_it_in_order(
     assert rebuilt["ImageType"] == record["ImageType"] and rebuilt["SliceThickness"] == 5.0
     assert folder_state.record_difference(base, base) == ({}, [])
     assert folder_state.record_difference(dict(base), base) == ({}, [])
+    # the same keys in the same order (most files of a series) and in another order: the same difference
+    same_keys = {**base, "SOPInstanceUID": "1.3", "KVP": 121.0}
+    assert folder_state.record_difference(same_keys, base) == ({"SOPInstanceUID": "1.3", "KVP": 121.0}, [])
+    reordered = dict(reversed(same_keys.items()))
+    assert folder_state.record_difference(reordered, base) == ({"KVP": 121.0, "SOPInstanceUID": "1.3"}, [])
+    assert list(folder_state.record_difference(reordered, base)[0]) == ["KVP", "SOPInstanceUID"]

@@ -88,11 +88,12 @@ class StudyGroup:
             self.patient_issuers.add(patient_issuer(record))
         if "AccessionNumber" in record:
             self.accession_numbers.add(record["AccessionNumber"])
-        if self.representative is None or rank(record) < rank(self.representative):
+        order = rank(record)
+        if self.representative is None or order < rank(self.representative):
             self.representative = record
         series_uid = record["SeriesInstanceUID"]
         current = self.series.get(series_uid)
-        if current is None or rank(record) < rank(current):
+        if current is None or order < rank(current):
             self.series[series_uid] = record
         sop = record["SOPInstanceUID"]
         fields = {k: record[k] for k in instance_keys if k in record}

@@ -139,6 +139,9 @@ def record_difference(record: dict, base: dict) -> tuple[dict, list]:
     line holds one such difference per file."""
     if record is base:
         return {}, []
+    if len(record) == len(base) and list(record) == list(base):  # the same keys in the same order, as
+        # most files of a series have: their values compared pairwise, without a lookup per key
+        return dict(compress(record.items(), map(operator.ne, record.values(), base.values()))), []
     changed = map(operator.ne, record.values(), map(base.get, record, repeat(_ABSENT)))
     diff = dict(compress(record.items(), changed))
     return diff, ([] if base.keys() <= record.keys() else [k for k in base if k not in record])
