@@ -95,10 +95,14 @@ class StudyGroup:
         current = self.series.get(series_uid)
         if current is None or order < rank(current):
             self.series[series_uid] = record
-        sop = record["SOPInstanceUID"]
-        fields = {k: record[k] for k in instance_keys if k in record}
-        self._add_instance(sop, series_uid, fields)
+        self.add_instance(record, instance_keys)
         return self
+
+    def add_instance(self, record: dict, instance_keys: tuple[str, ...]) -> None:
+        """The record's instance-level values (``instances``, duplicates and conflicting SOPs): what
+        ``add`` adds of it beyond counts, identifiers and representatives."""
+        fields = {k: record[k] for k in instance_keys if k in record}
+        self._add_instance(record["SOPInstanceUID"], record["SeriesInstanceUID"], fields)
 
     def _add_instance(self, sop: str, series_uid: str, fields: dict) -> None:
         seen = self.instances.get(sop)
