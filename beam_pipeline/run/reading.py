@@ -1,8 +1,10 @@
 """Step 2: read the headers of a batch of files and pre-aggregate their instances per study."""
 from __future__ import annotations
 
+import operator
 import typing
 from collections import Counter
+from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
@@ -18,6 +20,9 @@ from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.retry import AdaptiveLimit
+
+
+_KEY = operator.attrgetter("key")
 
 
 class SharedReading:
@@ -73,15 +78,16 @@ class ReadHeaderDoFn(beam.DoFn):
         outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None)))
         batch_partials: dict[str, dict] = {}
         read_instances = 0
+        entry_of, source_key = folder_state.FileEntry, state.source_key
         for unit, to_read, reused in jobs:
             entries = list(reused)
-            for (path, *_), stamp, outcome in (next(outcomes) for _ in to_read):
-                record = None if outcome.error is not None else outcome.result.record
+            for item, stamp, outcome in islice(outcomes, len(to_read)):
+                error = outcome.error
                 read_instances += outcome.counts["instances_read"]
-                entries.append(folder_state.FileEntry(state.source_key(path), stamp, record,
-                                                      () if outcome.error is None else (outcome.error,),
-                                                      {k: v for k, v in sorted(outcome.counts.items()) if v}))
-            entries.sort(key=lambda entry: entry.key)
+                entries.append(entry_of(source_key(item[0]), stamp, None if error is not None else outcome.result.record,
+                                        () if error is None else (error,),
+                                        {k: v for k, v in sorted(outcome.counts.items()) if v}))
+            entries.sort(key=_KEY)
             for part, whole in folder_state.unit_parts(entries):
                 partials: dict[str, dict] = {}
                 for entry in part:
