@@ -105,3 +105,20 @@ def test_the_read_pool_is_one_per_worker_process():
     serial = ReadHeaderDoFn(read_concurrency=1)
     serial.setup()
     assert serial.pool is None
+
+
+def test_a_records_digest_keeps_its_value():
+    """Study digests compare with the last run's (``--since``): a record's digest is the SHA-256 of
+    its orjson text with sorted keys, whichever path of orjson writes it."""
+    import hashlib
+
+    import orjson
+
+    from beam_pipeline.dicom.records import DoseItem, DoseReport
+
+    report = DoseReport(("DCM", "113704", "x"), (DoseItem("113813", "1.5", "mGy", "UCUM", "", "", ""),), ())
+    for record in ({"SOPInstanceUID": "1.2", "ImageType": ("A", "B"), "_dose_report": report,
+                    "Seq": ({"CodeValue": "1"},), "KVP": 120.0},
+                   {"SOPInstanceUID": "1.2", "Odd": {3: "a non-str key"}}):
+        text = orjson.dumps(record, default=study._tagged, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        assert study.record_digest(record) == int.from_bytes(hashlib.sha256(text).digest(), "big")
