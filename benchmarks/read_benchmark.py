@@ -1,4 +1,4 @@
-"""The read and group steps beyond the header parse, per study: this checkout against baselines.
+"""The header parse, and the read and group steps beyond it, per study: this checkout against baselines.
 
 Each checkout, in a subprocess of its own venv pinned to one CPU, lists an archive into unit jobs
 as a full run does, and times the header parse of every file (``FileReader.read``, its cache of
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     trees = {"this": args.tree.resolve(), **{tree.name: tree.resolve() for tree in args.baseline}}
     cpu = min(os.sched_getaffinity(0))
     for archive in args.archives:
-        print(f"{archive}: us per study beyond the header parse, best of {args.rounds} rounds")
+        print(f"{archive}: us per study (parse; read and group beyond it), best of {args.rounds} rounds")
         for pair in range(args.pairs):
             for name in (list(trees) if pair % 2 == 0 else list(reversed(trees))):
                 python = trees[name] / ".venv" / "bin" / "python"
