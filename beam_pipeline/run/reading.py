@@ -4,8 +4,8 @@ from __future__ import annotations
 import operator
 import typing
 from collections import Counter
-from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -84,8 +84,8 @@ class ReadHeaderDoFn(beam.DoFn):
             for item, stamp, outcome in islice(outcomes, len(to_read)):
                 error = outcome.error
                 read_instances += outcome.counts["instances_read"]
-                entries.append(entry_of(source_key(item[0]), stamp, None if error is not None else outcome.result.record,
-                                        () if error is None else (error,),
+                record = None if error is not None else outcome.result.record
+                entries.append(entry_of(source_key(item[0]), stamp, record, () if error is None else (error,),
                                         {k: v for k, v in sorted(outcome.counts.items()) if v}))
             entries.sort(key=_KEY)
             for part, whole in folder_state.unit_parts(entries):
