@@ -72,6 +72,24 @@ def test_combine_fns_never_change_their_inputs():
     assert total == Counter({"a": 3, "b": 1}) and counts == frozen
 
 
+def test_a_study_group_travels_whole_through_the_shuffle():
+    """StudyGroup pickles as its values in field order: every field must come back, and the
+    representative stay the record of its series (one object, not a copy)."""
+    import dataclasses
+
+    group = _group("1.2.3", "1.2.3.1.1", "P").merge(_group("1.2.3", "1.2.3.1.1", "P"))
+    group.conflicting_sops.add("1.2.3.1.7")
+    group.rejected_folders.add("/a")
+    group.accession_numbers.add("A1")
+    group.pending = (("shard", 10, "1.2.3", 2, 5),)
+    defaults = study.StudyGroup("1.2.3")
+    assert all(getattr(group, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(group)
+               if f.name != "study_uid")
+    [loaded] = study.load_groups(study.dump_groups({"1.2.3": group})).values()
+    assert loaded == group
+    assert loaded.representative is loaded.series["1.2.3.1"]
+
+
 def test_the_read_pool_is_one_per_worker_process():
     """Beam unpickles one DoFn per bundle thread: they share one pool, so --read-concurrency bounds
     a worker process's reads in flight however many threads it runs."""
@@ -87,3 +105,20 @@ def test_the_read_pool_is_one_per_worker_process():
     serial = ReadHeaderDoFn(read_concurrency=1)
     serial.setup()
     assert serial.pool is None
+
+
+def test_a_records_digest_keeps_its_value():
+    """Study digests compare with the last run's (``--since``): a record's digest is the SHA-256 of
+    its orjson text with sorted keys, whichever path of orjson writes it."""
+    import hashlib
+
+    import orjson
+
+    from beam_pipeline.dicom.records import DoseItem, DoseReport
+
+    report = DoseReport(("DCM", "113704", "x"), (DoseItem("113813", "1.5", "mGy", "UCUM", "", "", ""),), ())
+    for record in ({"SOPInstanceUID": "1.2", "ImageType": ("A", "B"), "_dose_report": report,
+                    "Seq": ({"CodeValue": "1"},), "KVP": 120.0},
+                   {"SOPInstanceUID": "1.2", "Odd": {3: "a non-str key"}}):
+        text = orjson.dumps(record, default=study._tagged, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        assert study.record_digest(record) == int.from_bytes(hashlib.sha256(text).digest(), "big")

@@ -422,3 +422,24 @@ def test_large_pixel_data_is_not_read(tmp_path, spec_name):
         result = header.read_header(fp, spec)
         assert result.kind == header.INSTANCE
         assert fp.bytes_read <= 64 * 1024
+
+
+@pytest.mark.parametrize("term", sorted(set(pydicom.charset.python_encoding) - {""}))
+def test_ascii_text_decodes_as_pydicom_does_in_every_character_set(term):
+    """Text values that are ASCII without an escape sequence skip pydicom's decoding: the result
+    must be what pydicom gives in each character set DICOM defines (its 0x5C is the value
+    separator in all of them)."""
+    samples = [bytes(range(0x20, 0x7F)), b"ACC0001\\B ", b"Thorax nativ", b"\x1b$B", b"a\x1b(Jb", b""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of escape sequences and terms it does not know
+        encodings = pydicom.charset.convert_encodings([term])
+        for raw in samples:
+            expected = pydicom.charset.decode_bytes(raw, encodings, pydicom.charset.TEXT_VR_DELIMS)
+            assert fields._decode_text(raw, encodings) == expected, (term, raw)
+    attr = fields.Attribute("AccessionNumber", 0x00080050, "SH", False)
+    assert fields.decode_value(attr, b" ACC0001\0", encodings) == "ACC0001"
+    multi = fields.Attribute("ImageType", 0x00080008, "CS", True)
+    assert fields.decode_value(multi, b"ORIGINAL", encodings) == ("ORIGINAL",)
+    assert fields.decode_value(multi, b"ORIGINAL\\ \\AXIAL ", encodings) == ("ORIGINAL", "AXIAL")
+    number = fields.Attribute("SliceThickness", 0x00180050, "DS", False)
+    assert fields.decode_value(number, b" 5.0 ", encodings) == 5.0

@@ -69,7 +69,7 @@ def _each_unit_once_and_whole(expected_items):
     """A check of the unit jobs of a full run: each file in one job, each unit in one job, whole."""
     def check(jobs):
         units = Counter(unit for unit, _, _ in jobs)
-        assert max(units.values()) == 1, units
+        assert max(units.values(), default=1) == 1, units
         assert Counter(item for _, items, _ in jobs for item in items) == Counter(expected_items)
         for unit, items, reused in jobs:
             assert reused == ()
@@ -156,6 +156,39 @@ def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatc
         assert {unit for unit in units if unit in top_units} == top_units - joinable  # the root's own files
 
     _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}), formed=formed_where_listed)
+
+
+@pytest.mark.parametrize("glob, listed", [
+    ("**/*.dcm", True),     # files under it could match: one error line
+    ("*/*/*.dcm", True),    # its depth is the pattern's
+    ("p*/s*/*.dcm", True),
+    ("*/*.dcm", False),     # the pattern cannot reach into it: nothing to tell
+    ("q*/s*/*.dcm", False),
+], ids=["any-depth", "its-depth", "its-names", "too-deep", "other-names"])
+def test_a_folder_that_cannot_be_listed_under_a_glob_is_listed_when_it_could_hide_matches(
+        tmp_path, monkeypatch, glob, listed):
+    """A folder whose own name does not match the files' pattern is still an error line (a
+    "file" of its parent) when the pattern could match files under it, in the serial listing and
+    the fanned-out one; not when the pattern cannot reach into it."""
+    root = tmp_path / "archive"
+    for top in range(2):
+        (root / f"p{top}").mkdir(parents=True)
+        (root / f"p{top}" / "a.dcm").write_bytes(b"x")
+    locked = root / "p1" / "s0"
+    locked.mkdir()
+    (locked / "hidden.dcm").write_bytes(b"x")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if isinstance(path, (str, bytes)) and os.fsdecode(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(inputs.os, "scandir", refusing)
+    pattern = inputs.resolve_pattern(str(root / glob))
+    serial = list(inputs.list_files(pattern))
+    assert ((str(locked), None, None) in serial) is listed
+    _fanned_out(pattern, serial, Counter({"files_matched": len(serial)}))
 
 
 def test_the_rule_for_symlinks_keeps_parts_and_serial_listing_equal(tmp_path):

@@ -135,3 +135,44 @@ def test_a_files_difference_from_its_series_representative_rebuilds_it_in_order(
     assert rebuilt["ImageType"] == record["ImageType"] and rebuilt["SliceThickness"] == 5.0
     assert folder_state.record_difference(base, base) == ({}, [])
     assert folder_state.record_difference(dict(base), base) == ({}, [])
+    # the same keys in the same order (most files of a series) and in another order: the same difference
+    same_keys = {**base, "SOPInstanceUID": "1.3", "KVP": 121.0}
+    assert folder_state.record_difference(same_keys, base) == ({"SOPInstanceUID": "1.3", "KVP": 121.0}, [])
+    reordered = dict(reversed(same_keys.items()))
+    assert folder_state.record_difference(reordered, base) == ({"KVP": 121.0, "SOPInstanceUID": "1.3"}, [])
+    assert list(folder_state.record_difference(reordered, base)[0]) == ["KVP", "SOPInstanceUID"]
+
+
+def test_a_unit_line_gives_back_its_groups_and_records_whole(tmp_path):
+    """A unit line keeps each file's record once (as a difference from its series' representative),
+    not its instance-level values again in the groups: loading its part of a study adds them back,
+    duplicates and conflicting SOPs included, and gives the group that reading made."""
+    from beam_pipeline.fhir import keywords, study
+
+    def record(sop, series, number, **more):
+        return {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "SOPInstanceUID": sop, "PatientID": "P1",
+                "StudyInstanceUID": "1.9", "SeriesInstanceUID": series, "InstanceNumber": number,
+                "ImageType": ("ORIGINAL", "PRIMARY"), **more}
+
+    records = [record("1.9.1.1", "1.9.1", 2, SliceThickness=5.0), record("1.9.1.2", "1.9.1", 1),
+               record("1.9.1.1", "1.9.1", 2, SliceThickness=1.0),  # a duplicate, with other values
+               record("1.9.1.2", "1.9.2", 1, PatientWeight=70.0),   # the same SOP in another series
+               record("1.9.2.3", "1.9.2", 3)]
+    entries = [folder_state.FileEntry(f"/a/{n}.dcm", "1:2", rec, (), {"instances_read": 1})
+               for n, rec in enumerate(records)] + [folder_state.FileEntry("/a/x.txt", "3:4", None, (), {})]
+    keys = keywords.instance_keys()
+    made = study.StudyGroup("1.9")
+    for rec in records:
+        made.add(rec, keys)
+    assert made.duplicates == 2 and made.conflicting_sops == {"1.9.1.2"}
+    [(part, whole)] = folder_state.unit_parts(entries)
+    line = folder_state.unit_line("/a|0", part, {"1.9": {"1.9": made}}, whole)
+    assert "instances" not in state.unseal(line, "source")["body"]["groups"][0][2]
+    shard = tmp_path / "sources.jsonl"
+    shard.write_text("\n" + line + "\n")
+    unit = folder_state.read_unit_line(line.encode(), (str(shard), 1))
+    assert [entry.record for entry in unit.entries()] == records + [None]
+    [[light]] = [groups.values() for groups in unit.light().values()]
+    loaded = folder_state.load_pending(light)
+    assert loaded == made
+    assert loaded.instances["1.9.1.1"][1]["SliceThickness"] == 1.0  # the smaller copy, as reading kept

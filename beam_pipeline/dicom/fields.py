@@ -114,15 +114,22 @@ def decode_value(attr: Attribute, raw: bytes, encodings: list[str], little_endia
         if vr in ("FL", "FD") and not all(math.isfinite(v) for v in values):
             raise ValueError("non-finite float")
         return _shape(attr, list(values))
-    if vr in _SINGLE_TEXT_VRS:
-        text = decode_bytes(raw, encodings, TEXT_VR_DELIMS).rstrip("\0 ").strip()
+    if vr in _ASCII_VRS:
+        text = raw.decode("latin-1")
+    elif vr in _TEXT_VRS:
+        text = _decode_text(raw, encodings)
+    elif vr in _SINGLE_TEXT_VRS:
+        text = _decode_text(raw, encodings).rstrip("\0 ").strip()
         return _shape(attr, [text] if text else [])
-    if vr in _TEXT_VRS:
-        parts = decode_bytes(raw, encodings, TEXT_VR_DELIMS).split("\\")
-    elif vr in _ASCII_VRS:
-        parts = raw.decode("latin-1").split("\\")
     else:  # OB, UN, PN and other VRs the converter never needs as values
         raise ValueError(f"VR {vr} is not decoded")
+    if "\\" not in text:  # one value, as most are (UIDs, dates, names): decoded without lists
+        text = text.strip("\0 ").strip()
+        if not text:
+            return None
+        value = _to_float(text) if vr == "DS" else _to_int(text) if vr == "IS" else text
+        return (value,) if attr.multi else value
+    parts = text.split("\\")
     parts = [p.strip("\0 ").strip() for p in parts]
     parts = [p for p in parts if p]
     if vr == "DS":
@@ -130,6 +137,15 @@ def decode_value(attr: Attribute, raw: bytes, encodings: list[str], little_endia
     elif vr == "IS":
         parts = [_to_int(p) for p in parts]
     return _shape(attr, parts)
+
+
+def _decode_text(raw: bytes, encodings: list[str]) -> str:
+    """Text of a text VR in the file's character sets. ASCII without escape sequences reads the
+    same in every character set DICOM defines, and is the common case: decoded directly, without
+    pydicom's codec lookups."""
+    if raw.isascii() and b"\x1b" not in raw:
+        return raw.decode("ascii")
+    return decode_bytes(raw, encodings, TEXT_VR_DELIMS)
 
 
 def _to_float(text: str) -> float:

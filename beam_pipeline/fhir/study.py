@@ -40,7 +40,10 @@ def record_digest(record: dict) -> int:
     """A record's content as a number (keys sorted: it does not depend on the reader's order); a
     study sums those of its records, so its digest does not depend on the order its files arrive
     in (an incremental run compares it with the last run's)."""
-    text = orjson.dumps(record, default=_tagged, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    try:  # record keys are keywords: orjson's path for str keys only is the faster
+        text = orjson.dumps(record, default=_tagged, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a key that is not a str somewhere: the same text as ever
+        text = orjson.dumps(record, default=_tagged, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return int.from_bytes(hashlib.sha256(text).digest(), "big")
 
 
@@ -88,16 +91,21 @@ class StudyGroup:
             self.patient_issuers.add(patient_issuer(record))
         if "AccessionNumber" in record:
             self.accession_numbers.add(record["AccessionNumber"])
-        if self.representative is None or rank(record) < rank(self.representative):
+        order = rank(record)
+        if self.representative is None or order < rank(self.representative):
             self.representative = record
         series_uid = record["SeriesInstanceUID"]
         current = self.series.get(series_uid)
-        if current is None or rank(record) < rank(current):
+        if current is None or order < rank(current):
             self.series[series_uid] = record
-        sop = record["SOPInstanceUID"]
-        fields = {k: record[k] for k in instance_keys if k in record}
-        self._add_instance(sop, series_uid, fields)
+        self.add_instance(record, instance_keys)
         return self
+
+    def add_instance(self, record: dict, instance_keys: tuple[str, ...]) -> None:
+        """The record's instance-level values (``instances``, duplicates and conflicting SOPs): what
+        ``add`` adds of it beyond counts, identifiers and representatives."""
+        fields = {k: record[k] for k in instance_keys if k in record}
+        self._add_instance(record["SOPInstanceUID"], record["SeriesInstanceUID"], fields)
 
     def _add_instance(self, sop: str, series_uid: str, fields: dict) -> None:
         seen = self.instances.get(sop)
@@ -131,6 +139,13 @@ class StudyGroup:
         for sop, (series_uid, fields) in other.instances.items():
             self._add_instance(sop, series_uid, fields)
         return self
+
+    def __reduce__(self):
+        """Pickled as the class and its values in field order: smaller and faster both ways than the
+        default (a dict of attribute names), and the shuffle carries one per study."""
+        return StudyGroup, (self.study_uid, self.files, self.duplicates, self.patient_ids, self.patient_issuers,
+                            self.accession_numbers, self.representative, self.series, self.instances,
+                            self.conflicting_sops, self.rejected_folders, self.content, self.pending)
 
     def digest(self) -> str:
         """What the study is built from: its records (as a multiset) and the folders rejected with it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import operator
+import typing
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -23,6 +24,7 @@ import orjson
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.codes import TRANSIENT_REASONS
+from beam_pipeline.fhir import keywords
 from beam_pipeline.fhir.study import StudyGroup
 from beam_pipeline.run.state import BYTES_KEY, StateError, check_of, plain_value, seal, typed_value, unseal
 
@@ -51,9 +53,9 @@ def listing_digest(stamped) -> str | None:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """What reading one file gave: its record (None when not an instance), error lines, counts."""
+class FileEntry(typing.NamedTuple):
+    """What reading one file gave: its record (None when not an instance), error lines, counts.
+    (A named tuple: one is made per file, and a frozen dataclass costs several times more to make.)"""
 
     key: str
     stamp: str | None
@@ -67,12 +69,19 @@ class FileEntry:
                 and not any(error.get("reason") in TRANSIENT_REASONS for error in self.errors))
 
 
-_GROUP_FIELDS = tuple(f.name for f in fields(StudyGroup) if f.name != "pending")
+# What a unit line keeps of a group: not its instance-level values (``instances``, and the
+# duplicates and conflicting SOPs they give), which the line's files hold in their records already
+# (``_body_groups`` adds them again, in the files' order, as reading added them).
+_GROUP_FIELDS = tuple(f.name for f in fields(StudyGroup)
+                      if f.name not in ("pending", "instances", "duplicates", "conflicting_sops"))
 _ABSENT = object()  # a key the series' representative lacks
 
 
 def _group_plain(group: StudyGroup) -> dict:
-    body = {name: getattr(group, name) for name in _GROUP_FIELDS}
+    body = {}
+    for name in _GROUP_FIELDS:
+        value = getattr(group, name)
+        body[name] = plain_value(value) if isinstance(value, set) else value  # (not one orjson callback each)
     representative = body.pop("representative")
     body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
     body["content"] = f"{group.content:x}"
@@ -86,6 +95,24 @@ def _group_typed(body: dict) -> StudyGroup:
     group = StudyGroup(**values)
     group.representative = None if representative is None else group.series[representative]
     return group
+
+
+def _body_groups(body: dict) -> tuple[list[tuple[str, str, StudyGroup]], list[FileEntry]]:
+    """A unit line's body -> its groups ((group key, study uid, group), whole again: each file's
+    instance-level values added back in the files' order) and its files with their records."""
+    groups = [(key, uid, _group_typed(plain)) for key, uid, plain in body["groups"]]
+    series = [(group, group.series[series_uid]) for _, _, group in groups for series_uid in sorted(group.series)]
+    instance_keys = keywords.instance_keys()
+    entries = []
+    for key, stamp, at, diff, dropped, errors, counts in body["files"]:
+        record = None
+        if at is not None:
+            group, base = series[at]
+            record = {k: v for k, v in base.items() if k not in dropped}
+            record.update(typed_value(diff))
+            group.add_instance(record, instance_keys)
+        entries.append(FileEntry(key, stamp, record, tuple(errors), counts))
+    return groups, entries
 
 
 def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
@@ -138,6 +165,9 @@ def record_difference(record: dict, base: dict) -> tuple[dict, list]:
     line holds one such difference per file."""
     if record is base:
         return {}, []
+    if len(record) == len(base) and list(record) == list(base):  # the same keys in the same order, as
+        # most files of a series have: their values compared pairwise, without a lookup per key
+        return dict(compress(record.items(), map(operator.ne, record.values(), base.values()))), []
     changed = map(operator.ne, record.values(), map(base.get, record, repeat(_ABSENT)))
     diff = dict(compress(record.items(), changed))
     return diff, ([] if base.keys() <= record.keys() else [k for k in base if k not in record])
@@ -181,17 +211,7 @@ class Unit:
 
     def entries(self) -> list[FileEntry]:
         """Every file of the unit with its record rebuilt."""
-        body = _load(self.place)[_BODY]
-        bases = [group.series[series_uid] for _, _, plain in body["groups"]
-                 for group in [_group_typed(plain)] for series_uid in sorted(group.series)]
-        entries = []
-        for key, stamp, at, diff, dropped, errors, counts in body["files"]:
-            record = None
-            if at is not None:
-                record = {k: v for k, v in bases[at].items() if k not in dropped}
-                record.update(typed_value(diff))
-            entries.append(FileEntry(key, stamp, record, tuple(errors), counts))
-        return entries
+        return _body_groups(_load(self.place)[_BODY])[1]
 
 
 def _load(place: tuple) -> dict:
@@ -209,9 +229,8 @@ def load_pending(group: StudyGroup) -> StudyGroup:
         return group
     loaded = StudyGroup(group.study_uid).merge(dataclasses.replace(group, pending=()))
     for path, offset, key, files, content in group.pending:
-        for group_key, uid, plain in _load((path, offset))[_BODY]["groups"]:
+        for group_key, uid, part in _body_groups(_load((path, offset))[_BODY])[0]:
             if group_key == key and uid == group.study_uid:
-                part = _group_typed(plain)
                 if (part.files, part.content) != (files, content):
                     raise StateError("a source line of the previous state changed during the run: "
                                      "run once without --since")

@@ -1,9 +1,11 @@
 """Step 2: read the headers of a batch of files and pre-aggregate their instances per study."""
 from __future__ import annotations
 
+import operator
 import typing
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -18,6 +20,9 @@ from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY
 from beam_pipeline.run.steps import COUNTS, ERRORS, NAMESPACE, PATHS_PER_BATCH, STATE
 from beam_pipeline.sources import files as inputs
 from beam_pipeline.sources.retry import AdaptiveLimit
+
+
+_KEY = operator.attrgetter("key")
 
 
 class SharedReading:
@@ -69,19 +74,22 @@ class ReadHeaderDoFn(beam.DoFn):
         counts = Counter()
         items = [item for _, to_read, _ in jobs for item in to_read]
         remote = any(isinstance(path, str) and inputs.is_remote(path) for path, *_ in items)
-        stamps = [inputs.stamp(*item) for item in items]  # before reading: a later change is seen
-        outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None)))
+        # before reading (a later change is seen); the same stat tells the reader what the file is
+        stamps, modes = zip(*[inputs.stamp_and_mode(*item) for item in items]) if items else ((), ())
+        outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None,
+                                                              modes)))
         batch_partials: dict[str, dict] = {}
         read_instances = 0
+        entry_of, source_key = folder_state.FileEntry, state.source_key
         for unit, to_read, reused in jobs:
             entries = list(reused)
-            for (path, *_), stamp, outcome in (next(outcomes) for _ in to_read):
-                record = None if outcome.error is not None else outcome.result.record
+            for item, stamp, outcome in islice(outcomes, len(to_read)):
+                error = outcome.error
                 read_instances += outcome.counts["instances_read"]
-                entries.append(folder_state.FileEntry(state.source_key(path), stamp, record,
-                                                      () if outcome.error is None else (outcome.error,),
-                                                      {k: v for k, v in sorted(outcome.counts.items()) if v}))
-            entries.sort(key=lambda entry: entry.key)
+                record = None if error is not None else outcome.result.record
+                entries.append(entry_of(source_key(item[0]), stamp, record, () if error is None else (error,),
+                                        {k: v for k, v in sorted(outcome.counts.items()) if v}))
+            entries.sort(key=_KEY)
             for part, whole in folder_state.unit_parts(entries):
                 partials: dict[str, dict] = {}
                 for entry in part:
@@ -90,8 +98,7 @@ class ReadHeaderDoFn(beam.DoFn):
                     for error in entry.errors:
                         yield beam.pvalue.TaggedOutput(ERRORS, error)
                     if entry.record is not None:
-                        add_partial(partials, entry.record, state.key_path(entry.key), self.group_by, self.root,
-                                    self.instance_keys)
+                        add_partial(partials, entry.record, entry.key, self.group_by, self.root, self.instance_keys)
                 yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME,
                                                        folder_state.unit_line(unit, part, partials, whole)))
                 for key, groups in partials.items():
@@ -110,9 +117,13 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
-def add_partial(partials: dict, record: dict, path, group_by: str, root: str, instance_keys) -> None:
-    """Pre-aggregates a record into the partial groups of a batch, by study (or first-level folder)."""
-    key = inputs.first_level_folder(path, root) if group_by == "directory" else record["StudyInstanceUID"]
+def add_partial(partials: dict, record: dict, source_key: str, group_by: str, root: str, instance_keys) -> None:
+    """Pre-aggregates the record of the file ``source_key`` into the partial groups of a batch, by
+    study (or first-level folder)."""
+    if group_by == "directory":
+        key = inputs.first_level_folder(state.key_path(source_key), root)
+    else:
+        key = record["StudyInstanceUID"]
     study.add_to_directory(partials.setdefault(key, {}), record, instance_keys)
 
 

@@ -162,6 +162,7 @@ class PartLister:
             # A whole folder (``resolve_pattern``): every path under it matches, no test per path.
             if pattern == os.path.join(globlib.escape(root), "**"):
                 self.matches = None
+            self.could_hold = _folder_matcher(pattern)
             self.root_real = os.path.realpath(root)
             self.excluded = _excluded(exclude)
 
@@ -182,13 +183,17 @@ class PartLister:
     def folders(self, part: Path) -> Iterator[tuple[list[Path], list[str] | None]]:
         """The files of one local part, a folder at a time in ``files``' order: (its matching
         files (``portable``), the subfolders the walk enters from it), or ([a folder], None) when
-        it cannot be listed (the reader makes it one error line); never an empty list of files.
+        it cannot be listed and the pattern could match files under it (the reader makes it one
+        error line); never an empty list of files.
         Each folder's files come in one list: only a subfolder that cannot be listed is listed
         later as a "file" of the folder."""
-        matches = self.matches
+        matches, could_hold = self.matches, self.could_hold
         for paths, subfolders in _walk(os.fsdecode(part), self.excluded, self.root_real):
             if matches is not None:
-                paths = [path for path in paths if matches(path)]
+                if subfolders is None:  # a folder that cannot be listed: an error if it could hide matches
+                    paths = [path for path in paths if matches(path) or could_hold(path)]
+                else:
+                    paths = [path for path in paths if matches(path)]
             if paths:
                 yield [path if path.isascii() else portable(path) for path in paths], subfolders
 
@@ -204,6 +209,26 @@ def _matcher(pattern: str):
     with warnings.catch_warnings():  # glob.escape's "[[]" reads to re as a possible nested set
         warnings.simplefilter("ignore", FutureWarning)
         return re.compile(glob_regex(pattern)).fullmatch
+
+
+def _folder_matcher(pattern: str):
+    """Whether files under a local folder could match the glob: the folder's path matches the
+    pattern's leading folders, to any depth once they reach a ``**``. A folder that cannot be
+    listed is an error line when it could hide matching files, and nothing when the pattern
+    cannot reach into it."""
+    folders = pattern.split("/")[:-1]  # the pattern's last part names the files
+    tests = []
+    for folder in folders:
+        if "**" in folder:
+            break
+        tests.append(_matcher(folder))
+    deep = len(tests) < len(folders)
+
+    def could_hold(path: str) -> bool:
+        names = path.split("/")
+        return (deep or len(names) <= len(tests)) and all(map(lambda test, name: test(name), tests, names))
+
+    return could_hold
 
 
 def _excluded(exclude: str | None) -> str | None:
@@ -366,25 +391,34 @@ def stamp(path: Path, size: int | None = None, version: str | None = None) -> st
     """What says a file is unchanged since an earlier run: size and modification time (ns) of a
     local file (of a link's target), size and generation of a gs:// object; None when unknown (the
     file is then always read)."""
+    return stamp_and_mode(path, size, version)[0]
+
+
+def stamp_and_mode(path: Path, size: int | None = None, version: str | None = None) -> tuple[str | None, int | None]:
+    """(``stamp``, the local file's ``st_mode``) from one ``stat``: a reader given the mode
+    (``local_file_problem``) does not ask the file system again. The mode is None for a gs:// object,
+    or when the ``stat`` failed (the reader then finds out why)."""
     if isinstance(path, str) and is_remote(path):
-        return f"{size}:g{version}" if version is not None and size is not None else None
+        return (f"{size}:g{version}" if version is not None and size is not None else None), None
     try:
         info = os.stat(path)
     except OSError:
-        return None
-    return f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else None
+        return None, None
+    return (f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else None), info.st_mode
 
 
-def local_file_problem(path: Path) -> tuple[str, str] | None:
-    """(reason, detail) when a local path is not a regular file that can be read, else None."""
+def local_file_problem(path: Path, mode: int | None = None) -> tuple[str, str] | None:
+    """(reason, detail) when a local path is not a regular file that can be read, else None;
+    ``mode``: its ``st_mode`` when the caller has just stat'ed it (``stamp_and_mode``)."""
     from beam_pipeline.codes import Reason
 
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if os.path.islink(path):
-            return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
-        raise
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            if os.path.islink(path):
+                return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
+            raise
     if stat.S_ISDIR(mode):  # listed by the walker because it could not be listed itself
         return Reason.UNREADABLE, "a folder whose entries cannot be listed"
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
