@@ -69,6 +69,9 @@ def device_id(serial: str, manufacturer: str) -> str:
 
 
 _OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+# The valid offsets in ASCII digits, to their FHIR form: found without parsing (others: ``_OFFSET``)
+_OFFSETS = {f"{sign}{hours:02d}{minutes:02d}": f"{sign}{hours:02d}:{minutes:02d}"
+            for sign in "+-" for hours in range(15) for minutes in range(60) if (hours, minutes) <= (14, 0)}
 
 
 @lru_cache(maxsize=64)
@@ -121,6 +124,9 @@ def _datetime_text(date: str, time: str | None, utc_offset: str | None, timezone
         fraction = f".{clock.fraction}" if clock.fraction else ""
         text = f"{date_text}T{clock.hour:02d}:{clock.minute:02d}:{clock.second:02d}{fraction}"
     if utc_offset:
+        suffix = _OFFSETS.get(utc_offset) if type(utc_offset) is str else None
+        if suffix is not None:
+            return text + suffix, ()
         match = _OFFSET.match(utc_offset)
         if match and (int(match[2]), int(match[3])) <= (14, 0) and int(match[3]) < 60:  # FHIR: up to 14:00
             return f"{text}{match[1]}{match[2]}:{match[3]}", ()
@@ -398,7 +404,11 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
         series["description"] = record["SeriesDescription"]
     series["numberOfInstances"] = len(instances)
     for element, keywords in _SERIES_CODED:
-        term = next((record[k] for k in keywords if record.get(k)), None)
+        term = None
+        for keyword in keywords:
+            term = record.get(keyword)
+            if term:
+                break
         if term:
             lookup = terms.body_site if element == "bodySite" else terms.laterality
             coding = parts.shared((element, term), lambda: lookup(term))

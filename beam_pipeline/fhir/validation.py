@@ -275,8 +275,11 @@ class ShapeVerdicts:
             lines.append(f"{indent} if type({var}) is not {const(kind)}: return None")
             lines.append(f"{indent} if {var} != last[{slot}]:")
             plain = self.plain.get(id(adapter))
+            fast = self.fast.get(id(adapter))
             if plain is not None:  # asked directly: cheaper than the cache, which unique values would churn
                 lines.append(f"{indent}  if {const(plain)}({var}): last[{slot}] = {var}")
+            elif fast is not None:  # a study's start: unique, mostly vouched for by its pattern alone
+                lines.append(f"{indent}  if {const(fast)}({var}) or slow({const(adapter)}, {var}): last[{slot}] = {var}")
             else:
                 lines.append(f"{indent}  k = get(({id(adapter)}, {const(kind)}, {var}))")
                 lines.append(f"{indent}  if k is None: k = slow({const(adapter)}, {var})")
