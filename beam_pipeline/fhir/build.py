@@ -567,11 +567,12 @@ class Validator:
         self.full = full
         self.models = _Models()
         self.verdicts = None if full else validation.ShapeVerdicts()
+        from pydantic import ValidationError  # not at every study (an import statement costs a lookup chain)
+
+        self.invalid = ValidationError
 
     def problem(self, resources) -> tuple[str, str] | None:
         """(Reason.INVALID_FHIR, where and what) for the first invalid resource; values are not quoted."""
-        from pydantic import ValidationError
-
         for resource_type, resource in resources:
             if resource_type == "ImagingStudy" and not self.full:
                 bad_uid, resource = checked_view(resource)
@@ -584,7 +585,7 @@ class Validator:
                     continue
             try:
                 model.model_validate(resource)
-            except ValidationError as exc:
+            except self.invalid as exc:
                 errors = exc.errors(include_input=False, include_url=False)
                 where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
                 return Reason.INVALID_FHIR, f"{resource_type}: {where}"

@@ -110,6 +110,21 @@ def fhir_datetime_ok(value) -> bool:
     return True
 
 
+def _remembering(check):
+    """``check`` that answers at once for the value it passed last (held, so the same object is
+    the same value): a study's start comes again as its series' start, the same string."""
+    passed = [None]
+
+    def remembered(value) -> bool:
+        if value is passed[0]:
+            return True
+        if check(value):
+            passed[0] = value
+            return True
+        return False
+    return remembered
+
+
 def _is_fhir_datetime(annotation) -> bool:
     from fhir_core.types import DateTime
 
@@ -461,5 +476,5 @@ class ShapeVerdicts:
             if adapter.core_schema.get("type") in PLAIN_SCHEMAS:
                 self.plain[id(adapter)] = adapter.validator.isinstance_python
             elif _is_fhir_datetime(annotation):
-                self.fast[id(adapter)] = fhir_datetime_ok
+                self.fast[id(adapter)] = _remembering(fhir_datetime_ok)
         return adapter

@@ -182,11 +182,9 @@ def process_study(group: StudyGroup, config: ConversionConfig, terms, validator,
                          "detail": detail}
         return out
     counts = out.counts
-    counts["studies_written"] = 1
-    counts[_CONVERTED] = len(group.instances)
-    counts[_DUPLICATE] = group.duplicates
+    counts.update({"studies_written": 1, _CONVERTED: len(group.instances), _DUPLICATE: group.duplicates})
     for note, count in built.notes.items():
-        counts[f"note:{note}"] += count
+        counts[f"note:{note}"] = count  # each note once (built.notes is a Counter)
     resources = built.resources
     if config.patients or config.encounters:
         resources = resources + referenced_resources(resources, config.patients, config.encounters)
