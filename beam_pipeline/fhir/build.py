@@ -163,6 +163,9 @@ def _plain_text(date: str, time: str | None) -> tuple | None:
 
 
 _ABSENT = object()  # what MappedParts' keys hold for a keyword the record lacks
+# What ``series_head`` reads of a series' record (its number, modality, description, coded terms, scanner)
+SERIES_HEAD_KEYS = ("SeriesNumber", "Modality", "SeriesDescription", "BodyPartExamined", "Laterality",
+                    "ImageLaterality", "DeviceSerialNumber", "Manufacturer", "ManufacturerModelName")
 
 
 class MappedParts:
@@ -181,6 +184,7 @@ class MappedParts:
     INSTANCE_KEYS = (*mii.KEYWORDS["instance"], INVALID_KEY)
     _SERIES_ABSENT = (_ABSENT,) * len(SERIES_KEYS)  # the defaults of ``get`` for each key
     _INSTANCE_ABSENT = (_ABSENT,) * len(INSTANCE_KEYS)
+    _HEAD_ABSENT = (_ABSENT,) * len(SERIES_HEAD_KEYS)
     MAX_ENTRIES = 4096  # cleared when full (values of a few scanners' protocols: small)
 
     def __init__(self):
@@ -199,6 +203,11 @@ class MappedParts:
     def instance(self, key: tuple, fields: dict, terms) -> tuple[list, Counter]:
         """(extensions, notes to count) of an instance whose ``instance_key`` is ``key``."""
         return self._hit(key, lambda delta: mii.instance_extensions(fields, terms, delta))
+
+    def series_head(self, record: dict, terms, include_devices: bool, notes: Counter) -> tuple:
+        """``series_head`` of a series: the series of a scanner and protocol repeat it study after study."""
+        key = ("head", include_devices, *map(record.get, SERIES_HEAD_KEYS, self._HEAD_ABSENT))
+        return self._mapped(key, lambda delta: series_head(record, terms, include_devices, delta, self), notes)
 
     def device(self, record: dict) -> dict | None:
         """``build_device`` of a series' scanner: a scanner serves many studies, its Device is built once."""
@@ -397,12 +406,34 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
     if extensions:
         series["extension"] = extensions
     series["uid"] = uid
-    if _unsigned_int(record.get("SeriesNumber"), notes, "SeriesNumber"):
-        series["number"] = record["SeriesNumber"]
-    series["modality"] = {"system": DCM_SYSTEM, "code": record["Modality"]}
-    if record.get("SeriesDescription"):
-        series["description"] = record["SeriesDescription"]
+    head, coded, device, performer = parts.series_head(record, terms, config.include_devices, notes)
+    series.update(head)
     series["numberOfInstances"] = len(instances)
+    series.update(coded)
+    started = dicom_datetime(record.get("SeriesDate") or (study.get("StudyDate") if record.get("SeriesTime") else None),
+                             record.get("SeriesTime"), study.get("TimezoneOffsetFromUTC"),
+                             config.timezone, notes, "SeriesDate")
+    if started:
+        series["started"] = started
+    if device:
+        devices[device["id"]] = device
+        series["performer"] = performer
+    if config.include_instances:
+        series["instance"] = _instances(instances, terms, notes, parts)
+    return series
+
+
+def series_head(record: dict, terms, include_devices: bool, notes: Counter, parts: MappedParts) -> tuple:
+    """What a series element is built from its record's plain values (``SERIES_HEAD_KEYS``): (number,
+    modality and description; bodySite and laterality; its scanner's Device and the performer
+    naming it, or None)."""
+    head: dict = {}
+    if _unsigned_int(record.get("SeriesNumber"), notes, "SeriesNumber"):
+        head["number"] = record["SeriesNumber"]
+    head["modality"] = {"system": DCM_SYSTEM, "code": record["Modality"]}
+    if record.get("SeriesDescription"):
+        head["description"] = record["SeriesDescription"]
+    coded: dict = {}
     for element, keywords in _SERIES_CODED:
         term = None
         for keyword in keywords:
@@ -413,22 +444,15 @@ def _series(uid, record, instances, study, config, terms, notes, devices, parts:
             lookup = terms.body_site if element == "bodySite" else terms.laterality
             coding = parts.shared((element, term), lambda: lookup(term))
             if coding:
-                series[element] = coding
+                coded[element] = coding
             else:
                 notes[f"unmapped:{keywords[0]}"] += 1
-    started = dicom_datetime(record.get("SeriesDate") or (study.get("StudyDate") if record.get("SeriesTime") else None),
-                             record.get("SeriesTime"), study.get("TimezoneOffsetFromUTC"),
-                             config.timezone, notes, "SeriesDate")
-    if started:
-        series["started"] = started
-    device = parts.device(record) if config.include_devices else None
+    device = parts.device(record) if include_devices else None
+    performer = None
     if device:
-        devices[device["id"]] = device
-        series["performer"] = parts.shared(("performer", device["id"]),
-                                           lambda: [{"actor": {"reference": "Device/" + device["id"]}}])
-    if config.include_instances:
-        series["instance"] = _instances(instances, terms, notes, parts)
-    return series
+        performer = parts.shared(("performer", device["id"]),
+                                 lambda: [{"actor": {"reference": "Device/" + device["id"]}}])
+    return head, coded, device, performer
 
 
 _SERIES_CODED = (("bodySite", ("BodyPartExamined",)), ("laterality", ("Laterality", "ImageLaterality")))
