@@ -568,7 +568,7 @@ def study_elements(study: Mapping, config: ConversionConfig, terms: Terminologie
                    study_uid: str = "", subject: dict | None = None, started: str | None = None) -> dict:
     """Study-level MII elements: extensions, encounter, procedureCode and vital-sign Observations."""
     out = {}
-    if study.keys().isdisjoint(_STUDY_SOURCES):
+    if study.keys().isdisjoint(_STUDY_SOURCES if config.observations else _STUDY_SOURCES_WITHOUT_VITALS):
         return out  # most studies: none of the values these are made from (nothing to note either)
     extensions = [ext for ext in (simple_extension(BILDGEBUNGSGRUND, study, terms, notes),) if ext]
     observations = []
@@ -598,7 +598,10 @@ KEYWORDS: dict[str, tuple[str, ...]] = {
     "series": _top_keywords(SERIES_ROWS, ("Modality", *ACQUISITION_KEYWORDS)),
     "instance": _top_keywords(INSTANZ_DETAILS.rows),
 }
-_STUDY_SOURCES = frozenset((*KEYWORDS["study"], INVALID_KEY))  # a study without any of them has no study elements
+# A study without any of these has no study elements (without Observations, vital signs make none)
+_STUDY_SOURCES = frozenset((*KEYWORDS["study"], INVALID_KEY))
+_STUDY_SOURCES_WITHOUT_VITALS = frozenset((*_top_keywords([BILDGEBUNGSGRUND], (ADMISSION_ID, PROCEDURE_CODE_SOURCE)),
+                                           INVALID_KEY))
 
 
 def _item_keywords() -> dict[str, tuple[str, ...]]:
