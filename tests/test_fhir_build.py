@@ -575,7 +575,8 @@ def test_dicom_datetime_gives_what_it_gave_before_its_cache_and_its_fast_forms()
              "20240101\n", "", None, "2024-01-01", "20240310", "20241103", "20241027", "20240331"]
     times = [None, "", "000000", "235959", "240000", "236000", "235960", "120000.", "120000.1", "120000.123456",
              "120000.1234567", "12:00:00", "1200", "12", "12000", "120000\n", "12000０", "030000", "023000"]
-    offsets = [None, "", "+0000", "-0400", "+1400", "+1401", "-1359", "+0560", "0400", "+04:00"]
+    offsets = [None, "", "+0000", "-0400", "+1400", "+1401", "-1359", "+0560", "0400", "+04:00", "-1400", "+1359",
+               "-0000", "+1460", "+٠٤٠٠", "+0400\n", " +0400"]
     checked = 0
     for _ in range(2):  # the second time from the cache
         for date, time, offset, zone in itertools.product(dates, times, offsets, ["Europe/Berlin", "America/New_York"]):
@@ -698,3 +699,53 @@ def test_resources_that_passed_whole_pass_in_any_order_and_a_changed_copy_is_che
     bad = {**devices[0], "status": "two  words"}  # a FHIR code: one space at most
     assert check(bad) is False
     assert validator.problem([("Device", bad)])[0] == "invalid-fhir"
+
+
+def test_series_heads_are_mapped_once_and_count_their_notes_in_every_study(terms):
+    """A series' number, modality, description, coded terms and scanner come from a handful of its
+    values (``build.SERIES_HEAD_KEYS``): alike series of many studies share them, each study counts
+    their notes (a number beyond unsignedInt, an unknown body part) and gets what it gets alone; a
+    series that differs in one of those values gets its own."""
+    from beam_pipeline.fhir import keywords
+
+    def group(uid, **values):
+        head = {"SeriesNumber": 3_000_000_000, "BodyPartExamined": "NOT A PART", "Laterality": "L",
+                "SeriesDescription": "AXIAL", "DeviceSerialNumber": "SN1", "Manufacturer": "ACME", **values}
+        built = StudyGroup(uid)
+        for i in (1, 2):
+            built.add(record(f"{uid}.1.{i}", series=f"{uid}.1", number=i, StudyInstanceUID=uid, **head),
+                      keywords.instance_keys())
+        return built
+
+    parts = fhir_build.MappedParts()
+    groups = [group("1.2.3"), group("1.2.4"), group("1.2.5", SeriesDescription="CORONAL")]
+    series = []
+    for study in groups:
+        shared, alone = (build_study(study, ConversionConfig(), terms, p) for p in (parts, None))
+        assert shared.resources == alone.resources and shared.notes == alone.notes
+        assert shared.notes["out-of-range:SeriesNumber"] == 1 and shared.notes["unmapped:BodyPartExamined"] == 1
+        assert [kind for kind, _ in shared.resources] == ["ImagingStudy", "Device"]
+        series.append(shared.resources[0][1]["series"][0])
+    first, second, other = series
+    assert "number" not in first and first["laterality"]["code"] == "7771000" and "bodySite" not in first
+    assert first["modality"] is second["modality"] and first["performer"] is second["performer"]
+    assert first["laterality"] is second["laterality"] is other["laterality"]
+    assert other["description"] == "CORONAL" and other["modality"] is not first["modality"]
+    assert list(first) == ["uid", "modality", "description", "numberOfInstances", "laterality", "performer",
+                           "instance"]
+
+
+def test_a_remembering_check_passes_only_the_same_object_again_and_asks_for_any_other():
+    """The dateTime check remembers the value it passed last (a study's start, again as its series'
+    start): that object passes at once; an equal or other value is checked, an invalid one refused."""
+    asked = []
+
+    def check(value):
+        asked.append(value)
+        return validation.fhir_datetime_ok(value)
+
+    remembered = validation._remembering(check)
+    start = "".join(["2024-01-01T12:00:00", "+01:00"])
+    assert remembered(start) and remembered(start) and asked == [start]
+    assert not remembered("2024-02-30T12:00:00+01:00") and remembered(start) and len(asked) == 2
+    assert remembered("".join(["2024-01-01T12:00:00", "+01:00"])) and len(asked) == 3

@@ -283,3 +283,22 @@ def test_study_elements_of_a_header_without_their_values_are_none_and_an_unparse
     assert notes == Counter({"unparseable:PatientWeight": 1})
     weighed = mii.study_elements({"PatientWeight": 70.0}, CONFIG, TERMS, Counter(), **CONTEXT)
     assert len(weighed["observations"]) == 1 and weighed["extension"]
+
+
+def test_without_observations_vital_signs_alone_make_no_study_elements_and_others_still_do():
+    """Without --observations a weight or height makes nothing, so a header with only those gives
+    none at once (and no note); with a reason for the request or a procedure code beside them, those
+    are mapped as before; an unparseable value of theirs is still noted."""
+    from beam_pipeline.codes import INVALID_KEY
+
+    plain, notes = ConversionConfig(), Counter()
+    assert mii.study_elements({"PatientWeight": 70.0, "PatientSize": 1.8}, plain, TERMS, notes) == {}
+    assert not notes
+    reason = {"RequestAttributesSequence": ({"ReasonForTheRequestedProcedure": "Schmerzen"},)}
+    out = mii.study_elements({"PatientWeight": 70.0, **reason}, plain, TERMS, notes)
+    assert out == {"extension": [{"url": mii.EXT + "bildgebungsgrund", "valueString": "Schmerzen"}]}
+    coded = ({"CodeValue": "77477000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "CT"},)
+    assert mii.study_elements({"PatientSize": 1.8, "ProcedureCodeSequence": coded}, plain, TERMS, notes)["procedureCode"]
+    assert mii.study_elements({"PatientWeight": 70.0, INVALID_KEY: ("ProcedureCodeSequence",)}, plain, TERMS, notes) == {}
+    assert not notes or set(notes) == {"unparseable:ProcedureCodeSequence"}
+    assert mii.study_elements({"PatientWeight": 70.0}, CONFIG, TERMS, Counter(), **CONTEXT)["observations"]
