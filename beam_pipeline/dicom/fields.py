@@ -47,6 +47,13 @@ class Attribute:
     vr: str
     multi: bool
     items: tuple["Attribute", ...] = ()  # for sequences: the attributes read from each item
+    # How its bytes decode (VR and multiplicity): the decoded-value cache's key, so that attributes
+    # decoding alike share their values (a study's StudyDate, SeriesDate and AcquisitionDate are
+    # often the same bytes: decoded once, not once per attribute).
+    decoding: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "decoding", self.vr + ("*" if self.multi else ""))
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], l
     """Decode and store one element into a record, noting unparseable values instead of raising."""
     key = None
     if cache is not None:
-        key = (attr.tag, raw, encodings[0] if len(encodings) == 1 else tuple(encodings), little_endian)
+        key = (attr.decoding, raw, encodings[0] if len(encodings) == 1 else tuple(encodings), little_endian)
         value = cache.get(key)
         if value is not None:
             if value is _INVALID:
