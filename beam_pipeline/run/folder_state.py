@@ -16,7 +16,6 @@ import hashlib
 import operator
 import typing
 import zlib
-from collections import Counter
 from dataclasses import dataclass, fields
 from itertools import compress, repeat
 
@@ -77,14 +76,15 @@ _GROUP_FIELDS = tuple(f.name for f in fields(StudyGroup)
 _ABSENT = object()  # a key the series' representative lacks
 
 
-def _group_plain(group: StudyGroup) -> dict:
+def _group_plain(group: StudyGroup, content: str) -> dict:
+    """A group's line values (``content``: its content in hex, as the line's head has it)."""
     body = {}
     for name in _GROUP_FIELDS:
         value = getattr(group, name)
         body[name] = plain_value(value) if isinstance(value, set) else value  # (not one orjson callback each)
     representative = body.pop("representative")
     body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
-    body["content"] = f"{group.content:x}"
+    body["content"] = content
     return body
 
 
@@ -127,35 +127,36 @@ def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
 
 def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict) -> str:
     """A unit's line (of the part ``entries``); ``partials`` are its entries' records grouped (key ->
-    study uid -> group), ``whole`` from ``unit_parts``."""
-    groups = [(key, uid, partials[key][uid]) for key in sorted(partials) for uid in sorted(partials[key])]
-    series = {(uid, series_uid): index for index, (uid, series_uid) in
-              enumerate((uid, series_uid) for _, uid, group in groups for series_uid in sorted(group.series))}
-    representatives = {(uid, series_uid): group.series[series_uid]
-                       for _, uid, group in groups for series_uid in group.series}
-    files = []
-    for entry in entries:
-        if entry.record is None:
-            files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
-            continue
-        record = entry.record
-        at = (record["StudyInstanceUID"], record["SeriesInstanceUID"])
-        files.append([entry.key, entry.stamp, series[at], *record_difference(record, representatives[at]),
-                      list(entry.errors), entry.counts])
-    counts = Counter()
+    study uid -> group), ``whole`` from ``unit_parts``. (One line per unit: with small studies, one
+    per study or more, so built in one pass over its files.)"""
+    groups = [(key, uid, partials[key][uid], f"{partials[key][uid].content:x}")
+              for key in sorted(partials) for uid in sorted(partials[key])]
+    series: dict[tuple[str, str], tuple[int, dict]] = {}  # (study, series) -> (index, representative)
+    for _, uid, group, _ in groups:
+        for series_uid in sorted(group.series):
+            series[uid, series_uid] = (len(series), group.series[series_uid])
+    files, errors, counts = [], [], {}
     for entry in entries:
         for name, count in entry.counts.items():
-            counts[name] += count
+            counts[name] = counts.get(name, 0) + count
+        errors += entry.errors
+        record = entry.record
+        if record is None:
+            files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
+            continue
+        at, base = series[record["StudyInstanceUID"], record["SeriesInstanceUID"]]
+        files.append([entry.key, entry.stamp, at, *record_difference(record, base), list(entry.errors), entry.counts])
     return seal({
         "unit": unit,
         "digest": whole["digest"],
         "retry": whole["retry"],
         "part": whole["part"],
         "count": len(entries),
-        "errors": [error for entry in entries for error in entry.errors],
+        "errors": errors,
         "counts": {k: v for k, v in sorted(counts.items()) if v},
-        "studies": [[key, uid, group.files, f"{group.content:x}"] for key, uid, group in groups],
-        _BODY: {"groups": [[key, uid, _group_plain(group)] for key, uid, group in groups], "files": files},
+        "studies": [[key, uid, group.files, content] for key, uid, group, content in groups],
+        _BODY: {"groups": [[key, uid, _group_plain(group, content)] for key, uid, group, content in groups],
+                "files": files},
     }, default=plain_value)
 
 
