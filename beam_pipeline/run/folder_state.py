@@ -52,6 +52,9 @@ def listing_digest(stamped) -> str | None:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+_KEY_STAMP = operator.itemgetter(0, 1)  # a ``FileEntry``'s (key, stamp)
+
+
 class FileEntry(typing.NamedTuple):
     """What reading one file gave: its record (None when not an instance), error lines, counts.
     (A named tuple: one is made per file, and a frozen dataclass costs several times more to make.)"""
@@ -119,9 +122,12 @@ def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
     """A unit's files (sorted by key) in consecutive parts of at most ``PART_FILES``, one line
     each, and what each line says of the whole unit: its listing digest, whether a file is to be
     tried again, and which part of how many the line is."""
-    whole = {"digest": listing_digest((entry.key, entry.stamp) for entry in entries),
-             "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors)}
-    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)] or [[]]
+    errors = [error for entry in entries for error in entry.errors]
+    whole = {"digest": listing_digest(map(_KEY_STAMP, entries)),
+             "retry": bool(errors) and any(error.get("reason") in TRANSIENT_REASONS for error in errors)}
+    if len(entries) <= PART_FILES:  # (a unit of one line, as most are)
+        return [(entries, {**whole, "part": [0, 1]})]
+    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)]
     return [(part, {**whole, "part": [index, len(parts)]}) for index, part in enumerate(parts)]
 
 
