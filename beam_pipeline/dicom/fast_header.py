@@ -3,8 +3,8 @@
 ``scan`` walks the elements of one file with ``struct.unpack_from`` over a small window of its bytes
 (the first read, then 64 KiB reads where it needs them): values the spec does not ask for are
 skipped by their length -- seeked over, never read -- and the raw bytes of the needed ones are
-decoded at the end by :func:`beam_pipeline.dicom.fields.add_value`, exactly as the pydicom reader in
-:mod:`beam_pipeline.dicom.header` does.
+decoded at the end by :func:`beam_pipeline.dicom.fields.decode_collected` (``fields.add_value`` through
+a cache), exactly as the pydicom reader in :mod:`beam_pipeline.dicom.header` does.
 
 It walks the top level as ``pydicom.dcmread(stop_before_pixels=True)`` does: to pixel data (or an
 item delimiter, or the end of the file), so that it accepts exactly the files pydicom accepts with
@@ -31,7 +31,8 @@ from pydicom import uid as _uid
 from pydicom.charset import convert_encodings
 from pydicom.values import convert_string
 
-from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, decoded_cache, encodings_for
+from beam_pipeline.dicom.fields import (Attribute, FieldSpec, collected_charset, decode_collected, decoded_cache,
+                                        encodings_for)
 from beam_pipeline.dicom.header_io import READ_COST, Budget
 from beam_pipeline.dicom.records import ParsedHeader
 
@@ -206,7 +207,7 @@ def _parse(source: _Source, spec: FieldSpec) -> ParsedHeader:
         _elements(source, pos, None, _plan(spec), collected, True)
     except _Truncated:
         return ParsedHeader(meta, {}, True)
-    record = _decode(collected, encodings_for(_charset(collected), None), decoded_cache(spec))
+    record = decode_collected(collected, encodings_for(collected_charset(collected), None), decoded_cache(spec))
     return ParsedHeader(meta, record, False)
 
 
@@ -449,29 +450,3 @@ def _check_charset(value: bytes, vr: bytes) -> None:
         convert_encodings(convert_string(value, True))
     except Exception:  # noqa: BLE001 -- whatever pydicom would raise, it decides
         raise _Decline("malformed") from None
-
-
-def _charset(collected: list) -> bytes | None:
-    for attr, value in collected:
-        if attr is None:
-            return value
-    return None
-
-
-def _decode(collected: list, encodings: list[str], cache: dict) -> dict:
-    """Record from collected raw values, in tag order (as header._record decodes them)."""
-    record: dict = {}
-    for attr, value in collected:
-        if attr is None:
-            continue  # SpecificCharacterSet read for decoding
-        if attr.vr == "SQ":
-            records = []
-            for item in value:
-                item_record = _decode(item, encodings_for(_charset(item), encodings), cache)
-                if item_record:
-                    records.append(item_record)
-            if records:
-                record[attr.keyword] = tuple(records)
-        else:
-            add_value(record, attr, value, encodings, True, cache)
-    return record
