@@ -132,9 +132,10 @@ class _Source:
     charged to the budget.
     """
 
-    __slots__ = ("fp", "size", "budget", "data", "base", "fp_pos")
+    __slots__ = ("fp", "size", "budget", "data", "base", "fp_pos", "charsets")
 
-    def __init__(self, head: bytes, fp: BinaryIO, size: int, budget: Budget):
+    def __init__(self, head: bytes, fp: BinaryIO, size: int, budget: Budget, charsets: set):
+        self.charsets = charsets  # (0008,0005) values that pydicom converts (``_check_charset``)
         self.fp = fp
         self.size = size
         self.budget = budget
@@ -176,7 +177,7 @@ def scan(head: bytes, fp: BinaryIO, spec: FieldSpec, size: int, budget: Budget) 
     Raises :class:`beam_pipeline.dicom.header_io.HeaderTooLarge` when the budget runs out.
     """
     try:
-        return _parse(_Source(head, fp, size, budget), spec)
+        return _parse(_Source(head, fp, size, budget, spec.derived.setdefault("charsets", set())), spec)
     except _Decline as decline:
         return Declined(decline.cause)
     except RecursionError:  # sequences nested hundreds deep
@@ -369,7 +370,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 if not top or (entry is not None and entry[1] is not None):
                     raise _Decline("malformed")  # pydicom would parse the cut sequence bytes
                 if tag == _CHARSET:
-                    _check_charset(_value(source, start, size - start), vr)  # pydicom converts the rest
+                    _check_charset(_value(source, start, size - start), vr, source)  # pydicom converts the rest
                 raise _Truncated
             if entry is not None and entry[1] is not None:
                 if vr != _SQ:
@@ -383,7 +384,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 if vr == _SQ:
                     raise _Decline("malformed")
                 if tag == _CHARSET and not length:
-                    _check_charset(b"", vr)
+                    _check_charset(b"", vr, source)
                 if length:
                     if pos > data_end:
                         data = source.window(start, length)
@@ -391,7 +392,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                         data_end = base + len(data)
                     value = data[start - base:pos - base]
                     if tag == _CHARSET:
-                        _check_charset(value, vr)
+                        _check_charset(value, vr, source)
                         collected.append((None, value))
                         if entry[0] is not None:
                             collected.append((entry[0], value))  # recorded too (in an item)
@@ -440,13 +441,21 @@ def _sequence(source: _Source, pos: int, end: int | None, table: _Table) -> tupl
         items.append(item)
 
 
-def _check_charset(value: bytes, vr: bytes) -> None:
+_CHARSETS_KEPT = 256  # (0008,0005) values known good, per spec (so per worker); emptied when full
+
+
+def _check_charset(value: bytes, vr: bytes, source: _Source) -> None:
     """pydicom converts each (0008,0005) while reading and fails the file if that raises (e.g. a
     NUL inside a term), and converts it once more by its VR at the end of the dataset (a numeric VR
     fails there): leave such files to pydicom."""
     if vr != b"CS":
         raise _Decline("malformed")
+    if value in source.charsets:  # (a worker's files use a few values: each converted once)
+        return
     try:
         convert_encodings(convert_string(value, True))
     except Exception:  # noqa: BLE001 -- whatever pydicom would raise, it decides
         raise _Decline("malformed") from None
+    if len(source.charsets) >= _CHARSETS_KEPT:
+        source.charsets.clear()
+    source.charsets.add(value)
