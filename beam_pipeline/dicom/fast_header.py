@@ -3,8 +3,8 @@
 ``scan`` walks the elements of one file with ``struct.unpack_from`` over a small window of its bytes
 (the first read, then 64 KiB reads where it needs them): values the spec does not ask for are
 skipped by their length -- seeked over, never read -- and the raw bytes of the needed ones are
-decoded at the end by :func:`beam_pipeline.dicom.fields.add_value`, exactly as the pydicom reader in
-:mod:`beam_pipeline.dicom.header` does.
+decoded at the end by :func:`beam_pipeline.dicom.fields.decode_collected` (``fields.add_value`` through
+a cache), exactly as the pydicom reader in :mod:`beam_pipeline.dicom.header` does.
 
 It walks the top level as ``pydicom.dcmread(stop_before_pixels=True)`` does: to pixel data (or an
 item delimiter, or the end of the file), so that it accepts exactly the files pydicom accepts with
@@ -31,7 +31,8 @@ from pydicom import uid as _uid
 from pydicom.charset import convert_encodings
 from pydicom.values import convert_string
 
-from beam_pipeline.dicom.fields import Attribute, FieldSpec, add_value, decoded_cache, encodings_for
+from beam_pipeline.dicom.fields import (Attribute, FieldSpec, collected_charset, decode_collected, decoded_cache,
+                                        encodings_for)
 from beam_pipeline.dicom.header_io import READ_COST, Budget
 from beam_pipeline.dicom.records import ParsedHeader
 
@@ -131,9 +132,10 @@ class _Source:
     charged to the budget.
     """
 
-    __slots__ = ("fp", "size", "budget", "data", "base", "fp_pos")
+    __slots__ = ("fp", "size", "budget", "data", "base", "fp_pos", "charsets")
 
-    def __init__(self, head: bytes, fp: BinaryIO, size: int, budget: Budget):
+    def __init__(self, head: bytes, fp: BinaryIO, size: int, budget: Budget, charsets: set):
+        self.charsets = charsets  # (0008,0005) values that pydicom converts (``_check_charset``)
         self.fp = fp
         self.size = size
         self.budget = budget
@@ -175,7 +177,7 @@ def scan(head: bytes, fp: BinaryIO, spec: FieldSpec, size: int, budget: Budget) 
     Raises :class:`beam_pipeline.dicom.header_io.HeaderTooLarge` when the budget runs out.
     """
     try:
-        return _parse(_Source(head, fp, size, budget), spec)
+        return _parse(_Source(head, fp, size, budget, spec.derived.setdefault("charsets", set())), spec)
     except _Decline as decline:
         return Declined(decline.cause)
     except RecursionError:  # sequences nested hundreds deep
@@ -206,7 +208,7 @@ def _parse(source: _Source, spec: FieldSpec) -> ParsedHeader:
         _elements(source, pos, None, _plan(spec), collected, True)
     except _Truncated:
         return ParsedHeader(meta, {}, True)
-    record = _decode(collected, encodings_for(_charset(collected), None), decoded_cache(spec))
+    record = decode_collected(collected, encodings_for(collected_charset(collected), None), decoded_cache(spec))
     return ParsedHeader(meta, record, False)
 
 
@@ -368,7 +370,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 if not top or (entry is not None and entry[1] is not None):
                     raise _Decline("malformed")  # pydicom would parse the cut sequence bytes
                 if tag == _CHARSET:
-                    _check_charset(_value(source, start, size - start), vr)  # pydicom converts the rest
+                    _check_charset(_value(source, start, size - start), vr, source)  # pydicom converts the rest
                 raise _Truncated
             if entry is not None and entry[1] is not None:
                 if vr != _SQ:
@@ -382,7 +384,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                 if vr == _SQ:
                     raise _Decline("malformed")
                 if tag == _CHARSET and not length:
-                    _check_charset(b"", vr)
+                    _check_charset(b"", vr, source)
                 if length:
                     if pos > data_end:
                         data = source.window(start, length)
@@ -390,7 +392,7 @@ def _elements(source: _Source, pos: int, end: int | None, table: _Table, collect
                         data_end = base + len(data)
                     value = data[start - base:pos - base]
                     if tag == _CHARSET:
-                        _check_charset(value, vr)
+                        _check_charset(value, vr, source)
                         collected.append((None, value))
                         if entry[0] is not None:
                             collected.append((entry[0], value))  # recorded too (in an item)
@@ -439,39 +441,21 @@ def _sequence(source: _Source, pos: int, end: int | None, table: _Table) -> tupl
         items.append(item)
 
 
-def _check_charset(value: bytes, vr: bytes) -> None:
+_CHARSETS_KEPT = 256  # (0008,0005) values known good, per spec (so per worker); emptied when full
+
+
+def _check_charset(value: bytes, vr: bytes, source: _Source) -> None:
     """pydicom converts each (0008,0005) while reading and fails the file if that raises (e.g. a
     NUL inside a term), and converts it once more by its VR at the end of the dataset (a numeric VR
     fails there): leave such files to pydicom."""
     if vr != b"CS":
         raise _Decline("malformed")
+    if value in source.charsets:  # (a worker's files use a few values: each converted once)
+        return
     try:
         convert_encodings(convert_string(value, True))
     except Exception:  # noqa: BLE001 -- whatever pydicom would raise, it decides
         raise _Decline("malformed") from None
-
-
-def _charset(collected: list) -> bytes | None:
-    for attr, value in collected:
-        if attr is None:
-            return value
-    return None
-
-
-def _decode(collected: list, encodings: list[str], cache: dict) -> dict:
-    """Record from collected raw values, in tag order (as header._record decodes them)."""
-    record: dict = {}
-    for attr, value in collected:
-        if attr is None:
-            continue  # SpecificCharacterSet read for decoding
-        if attr.vr == "SQ":
-            records = []
-            for item in value:
-                item_record = _decode(item, encodings_for(_charset(item), encodings), cache)
-                if item_record:
-                    records.append(item_record)
-            if records:
-                record[attr.keyword] = tuple(records)
-        else:
-            add_value(record, attr, value, encodings, True, cache)
-    return record
+    if len(source.charsets) >= _CHARSETS_KEPT:
+        source.charsets.clear()
+    source.charsets.add(value)

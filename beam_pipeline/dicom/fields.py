@@ -47,6 +47,13 @@ class Attribute:
     vr: str
     multi: bool
     items: tuple["Attribute", ...] = ()  # for sequences: the attributes read from each item
+    # How its bytes decode (VR and multiplicity): the decoded-value cache's key, so that attributes
+    # decoding alike share their values (a study's StudyDate, SeriesDate and AcquisitionDate are
+    # often the same bytes: decoded once, not once per attribute).
+    decoding: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "decoding", self.vr + ("*" if self.multi else ""))
 
 
 @dataclass(frozen=True)
@@ -184,28 +191,66 @@ def decoded_cache(spec: FieldSpec) -> dict:
     return spec.derived.setdefault("decoded", {})
 
 
-def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool,
-              cache: dict | None = None) -> None:
-    """Decode and store one element into a record, noting unparseable values instead of raising."""
-    key = None
-    if cache is not None:
-        key = (attr.tag, raw, encodings[0] if len(encodings) == 1 else tuple(encodings), little_endian)
-        value = cache.get(key)
-        if value is not None:
-            if value is _INVALID:
-                record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
-            else:
-                record[attr.keyword] = value
-            return
+def _decoded(attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool):
+    """``decode_value``, or ``_INVALID`` when the bytes do not parse."""
     try:
-        value = decode_value(attr, raw, encodings, little_endian)
+        return decode_value(attr, raw, encodings, little_endian)
     except (ValueError, UnicodeDecodeError, LookupError, struct.error):
+        return _INVALID
+
+
+def _store(record: dict, attr: Attribute, value) -> None:
+    if value is _INVALID:
         record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
-        value = _INVALID
-    else:
-        if value is not None:
+    elif value is not None:
+        record[attr.keyword] = value
+
+
+def add_value(record: dict, attr: Attribute, raw: bytes, encodings: list[str], little_endian: bool) -> None:
+    """Decode and store one element into a record, noting unparseable values instead of raising."""
+    _store(record, attr, _decoded(attr, raw, encodings, little_endian))
+
+
+def collected_charset(collected: list) -> bytes | None:
+    """The raw (0008,0005) of a list of collected elements (``decode_collected``), None when absent."""
+    for attr, value in collected:
+        if attr is None:
+            return value
+    return None
+
+
+def decode_collected(collected: list, encodings: list[str], cache: dict) -> dict:
+    """Record from (attribute, raw little-endian bytes) pairs in tag order, as the fast reader
+    collects them: a sequence's value is a list of such lists (its items), attribute None the
+    SpecificCharacterSet read for decoding. Values go through ``cache`` (``decoded_cache``), looked
+    up here in the loop: a header has some 30 elements, most of them hits, and a call per element
+    would cost more than the lookup."""
+    record: dict = {}
+    charsets = encodings[0] if len(encodings) == 1 else tuple(encodings)
+    lookup = cache.get
+    for attr, raw in collected:
+        if attr is None:
+            continue
+        if attr.vr == "SQ":
+            items = []
+            for item in raw:
+                item_record = decode_collected(item, encodings_for(collected_charset(item), encodings), cache)
+                if item_record:
+                    items.append(item_record)
+            if items:
+                record[attr.keyword] = tuple(items)
+            continue
+        key = (attr.decoding, raw, charsets)
+        value = lookup(key)
+        if value is None:
+            value = _decoded(attr, raw, encodings, True)
+            if value is None:
+                continue
+            if len(cache) >= DECODED_CACHE_SIZE:
+                cache.clear()
+            cache[key] = value
+        if value is _INVALID:
+            record[INVALID_KEY] = record.get(INVALID_KEY, ()) + (attr.keyword,)
+        else:
             record[attr.keyword] = value
-    if key is not None and value is not None:
-        if len(cache) >= DECODED_CACHE_SIZE:
-            cache.clear()
-        cache[key] = value
+    return record

@@ -132,7 +132,9 @@ def outcome_of(result: HeaderResult, path: inputs.Path | None = None, **where) -
         problem = dicom_uid_problem(result.record)
         if problem:
             result = HeaderResult(ERROR, reason=Reason.INVALID_UID, detail=problem)
-    counts = Counter({f"note:{note}": 1 for note in result.notes})
+    counts = Counter()  # (filled key by key: ``Counter(mapping)`` costs microseconds per file)
+    for note in result.notes:
+        counts[f"note:{note}"] = 1
     if result.kind == INSTANCE:
         counts["instances_read"] += 1  # its outcome is decided with its study
         return FileOutcome(result, None, counts)

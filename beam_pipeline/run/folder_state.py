@@ -16,7 +16,6 @@ import hashlib
 import operator
 import typing
 import zlib
-from collections import Counter
 from dataclasses import dataclass, fields
 from itertools import compress, repeat
 
@@ -53,6 +52,9 @@ def listing_digest(stamped) -> str | None:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+_KEY_STAMP = operator.itemgetter(0, 1)  # a ``FileEntry``'s (key, stamp)
+
+
 class FileEntry(typing.NamedTuple):
     """What reading one file gave: its record (None when not an instance), error lines, counts.
     (A named tuple: one is made per file, and a frozen dataclass costs several times more to make.)"""
@@ -77,14 +79,15 @@ _GROUP_FIELDS = tuple(f.name for f in fields(StudyGroup)
 _ABSENT = object()  # a key the series' representative lacks
 
 
-def _group_plain(group: StudyGroup) -> dict:
+def _group_plain(group: StudyGroup, content: str) -> dict:
+    """A group's line values (``content``: its content in hex, as the line's head has it)."""
     body = {}
     for name in _GROUP_FIELDS:
         value = getattr(group, name)
         body[name] = plain_value(value) if isinstance(value, set) else value  # (not one orjson callback each)
     representative = body.pop("representative")
     body["representative"] = None if representative is None else representative["SeriesInstanceUID"]
-    body["content"] = f"{group.content:x}"
+    body["content"] = content
     return body
 
 
@@ -119,43 +122,47 @@ def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
     """A unit's files (sorted by key) in consecutive parts of at most ``PART_FILES``, one line
     each, and what each line says of the whole unit: its listing digest, whether a file is to be
     tried again, and which part of how many the line is."""
-    whole = {"digest": listing_digest((entry.key, entry.stamp) for entry in entries),
-             "retry": any(error.get("reason") in TRANSIENT_REASONS for entry in entries for error in entry.errors)}
-    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)] or [[]]
+    errors = [error for entry in entries for error in entry.errors]
+    whole = {"digest": listing_digest(map(_KEY_STAMP, entries)),
+             "retry": bool(errors) and any(error.get("reason") in TRANSIENT_REASONS for error in errors)}
+    if len(entries) <= PART_FILES:  # (a unit of one line, as most are)
+        return [(entries, {**whole, "part": [0, 1]})]
+    parts = [entries[start:start + PART_FILES] for start in range(0, len(entries), PART_FILES)]
     return [(part, {**whole, "part": [index, len(parts)]}) for index, part in enumerate(parts)]
 
 
 def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict) -> str:
     """A unit's line (of the part ``entries``); ``partials`` are its entries' records grouped (key ->
-    study uid -> group), ``whole`` from ``unit_parts``."""
-    groups = [(key, uid, partials[key][uid]) for key in sorted(partials) for uid in sorted(partials[key])]
-    series = {(uid, series_uid): index for index, (uid, series_uid) in
-              enumerate((uid, series_uid) for _, uid, group in groups for series_uid in sorted(group.series))}
-    representatives = {(uid, series_uid): group.series[series_uid]
-                       for _, uid, group in groups for series_uid in group.series}
-    files = []
-    for entry in entries:
-        if entry.record is None:
-            files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
-            continue
-        record = entry.record
-        at = (record["StudyInstanceUID"], record["SeriesInstanceUID"])
-        files.append([entry.key, entry.stamp, series[at], *record_difference(record, representatives[at]),
-                      list(entry.errors), entry.counts])
-    counts = Counter()
+    study uid -> group), ``whole`` from ``unit_parts``. (One line per unit: with small studies, one
+    per study or more, so built in one pass over its files.)"""
+    groups = [(key, uid, partials[key][uid], f"{partials[key][uid].content:x}")
+              for key in sorted(partials) for uid in sorted(partials[key])]
+    series: dict[tuple[str, str], tuple[int, dict]] = {}  # (study, series) -> (index, representative)
+    for _, uid, group, _ in groups:
+        for series_uid in sorted(group.series):
+            series[uid, series_uid] = (len(series), group.series[series_uid])
+    files, errors, counts = [], [], {}
     for entry in entries:
         for name, count in entry.counts.items():
-            counts[name] += count
+            counts[name] = counts.get(name, 0) + count
+        errors += entry.errors
+        record = entry.record
+        if record is None:
+            files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
+            continue
+        at, base = series[record["StudyInstanceUID"], record["SeriesInstanceUID"]]
+        files.append([entry.key, entry.stamp, at, *record_difference(record, base), list(entry.errors), entry.counts])
     return seal({
         "unit": unit,
         "digest": whole["digest"],
         "retry": whole["retry"],
         "part": whole["part"],
         "count": len(entries),
-        "errors": [error for entry in entries for error in entry.errors],
+        "errors": errors,
         "counts": {k: v for k, v in sorted(counts.items()) if v},
-        "studies": [[key, uid, group.files, f"{group.content:x}"] for key, uid, group in groups],
-        _BODY: {"groups": [[key, uid, _group_plain(group)] for key, uid, group in groups], "files": files},
+        "studies": [[key, uid, group.files, content] for key, uid, group, content in groups],
+        _BODY: {"groups": [[key, uid, _group_plain(group, content)] for key, uid, group, content in groups],
+                "files": files},
     }, default=plain_value)
 
 

@@ -101,8 +101,9 @@ class ReadHeaderDoFn(beam.DoFn):
                         add_partial(partials, entry.record, entry.key, self.group_by, self.root, self.instance_keys)
                 yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME,
                                                        folder_state.unit_line(unit, part, partials, whole)))
-                for key, groups in partials.items():
-                    batch_partials[key] = study.merge_directories([batch_partials.get(key, {}), groups])
+                for key, groups in partials.items():  # (most units hold the batch's only part of a study)
+                    merged = batch_partials.get(key)
+                    batch_partials[key] = groups if merged is None else study.merge_directories([merged, groups])
         self.files.inc(len(items))
         self.instances.inc(read_instances)
         self.progress.add({"files_read": len(items), "instances_read": read_instances})
