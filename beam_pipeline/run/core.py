@@ -64,12 +64,11 @@ class FileReader:
         self.spec = keywords.header_spec()
         self.open_file = open_file or inputs.InputOpener()
 
-    def read(self, path: inputs.Path, size: int | None = None, mode: int | None = None) -> HeaderResult:
-        """Classify one file; problems of the file system become error results, never exceptions.
-        ``mode``: a local file's ``st_mode`` when the caller has just stat'ed it."""
+    def read(self, path: inputs.Path, size: int | None = None) -> HeaderResult:
+        """Classify one file; problems of the file system become error results, never exceptions."""
         try:
             if not (isinstance(path, str) and inputs.is_remote(path)):
-                problem = inputs.local_file_problem(path, mode)
+                problem = inputs.local_file_problem(path)
                 if problem:
                     return HeaderResult(ERROR, reason=problem[0], detail=problem[1])
             with self.open_file(path, size) as fp:
@@ -90,29 +89,26 @@ def dicom_uid_problem(record: dict) -> str | None:
     return None
 
 
-def process_file(path: inputs.Path, reader: FileReader, size: int | None = None,
-                 mode: int | None = None) -> FileOutcome:
+def process_file(path: inputs.Path, reader: FileReader, size: int | None = None) -> FileOutcome:
     """Read one file into an instance record, or the error line that stands for it."""
-    return outcome_of(reader.read(path, size, mode), path)
+    return outcome_of(reader.read(path, size), path)
 
 
-def process_files(items, reader: FileReader, pool: Executor | None = None, modes=None) -> list[FileOutcome]:
+def process_files(items, reader: FileReader, pool: Executor | None = None) -> list[FileOutcome]:
     """``process_file`` over (path, size, ...) items with up to the pool's size in flight (object
-    storage is bound by round trips), outcomes in input order: one per item, whatever happens.
-    ``modes``: the items' ``st_mode`` (``inputs.stamp_and_mode``), when the caller has them."""
-    def guarded(item, mode=None) -> FileOutcome:
+    storage is bound by round trips), outcomes in input order: one per item, whatever happens."""
+    def guarded(item) -> FileOutcome:
         path, size = item[0], item[1]
         try:
-            return process_file(path, reader, size, mode)
+            return process_file(path, reader, size)
         except Exception as exc:  # a reader bug or an unexpected client error costs one file
             return outcome_of(HeaderResult(ERROR, reason=Reason.UNREADABLE,
                                            detail=f"{type(exc).__name__} while reading"), path)
 
     items = list(items)
-    modes = [None] * len(items) if modes is None else modes
     if pool is None or len(items) < 2:
-        return [guarded(item, mode) for item, mode in zip(items, modes)]
-    return list(pool.map(guarded, items, modes))
+        return [guarded(item) for item in items]
+    return list(pool.map(guarded, items))
 
 
 def listing_failure(where: inputs.Path, exc: OSError) -> FileOutcome:

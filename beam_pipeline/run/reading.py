@@ -74,10 +74,8 @@ class ReadHeaderDoFn(beam.DoFn):
         counts = Counter()
         items = [item for _, to_read, _ in jobs for item in to_read]
         remote = any(isinstance(path, str) and inputs.is_remote(path) for path, *_ in items)
-        # before reading (a later change is seen); the same stat tells the reader what the file is
-        stamps, modes = zip(*[inputs.stamp_and_mode(*item) for item in items]) if items else ((), ())
-        outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None,
-                                                              modes)))
+        stamps = [inputs.stamp(*item) for item in items]  # before reading: a later change is seen
+        outcomes = iter(zip(items, stamps, core.process_files(items, self.reader, self.pool if remote else None)))
         batch_partials: dict[str, dict] = {}
         read_instances = 0
         entry_of, source_key = folder_state.FileEntry, state.source_key

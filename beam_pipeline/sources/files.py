@@ -391,34 +391,25 @@ def stamp(path: Path, size: int | None = None, version: str | None = None) -> st
     """What says a file is unchanged since an earlier run: size and modification time (ns) of a
     local file (of a link's target), size and generation of a gs:// object; None when unknown (the
     file is then always read)."""
-    return stamp_and_mode(path, size, version)[0]
-
-
-def stamp_and_mode(path: Path, size: int | None = None, version: str | None = None) -> tuple[str | None, int | None]:
-    """(``stamp``, the local file's ``st_mode``) from one ``stat``: a reader given the mode
-    (``local_file_problem``) does not ask the file system again. The mode is None for a gs:// object,
-    or when the ``stat`` failed (the reader then finds out why)."""
     if isinstance(path, str) and is_remote(path):
-        return (f"{size}:g{version}" if version is not None and size is not None else None), None
+        return f"{size}:g{version}" if version is not None and size is not None else None
     try:
         info = os.stat(path)
     except OSError:
-        return None, None
-    return (f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else None), info.st_mode
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else None
 
 
-def local_file_problem(path: Path, mode: int | None = None) -> tuple[str, str] | None:
-    """(reason, detail) when a local path is not a regular file that can be read, else None;
-    ``mode``: its ``st_mode`` when the caller has just stat'ed it (``stamp_and_mode``)."""
+def local_file_problem(path: Path) -> tuple[str, str] | None:
+    """(reason, detail) when a local path is not a regular file that can be read, else None."""
     from beam_pipeline.codes import Reason
 
-    if mode is None:
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            if os.path.islink(path):
-                return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
-            raise
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return Reason.DANGLING_SYMLINK, "symbolic link to a file that does not exist"
+        raise
     if stat.S_ISDIR(mode):  # listed by the walker because it could not be listed itself
         return Reason.UNREADABLE, "a folder whose entries cannot be listed"
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
