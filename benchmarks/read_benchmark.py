@@ -48,7 +48,7 @@ def time_steps(archive: str, rounds: int) -> None:
     results = {path: reader.read(path) for path, *_ in items}
 
     class MemoryReader(core.FileReader):
-        def read(self, path, size=None, mode=None):
+        def read(self, path, size=None):
             return results[path]
 
     dofn = reading.ReadHeaderDoFn()

@@ -162,9 +162,11 @@ def test_a_full_runs_listing_forms_each_unit_once_and_whole(tmp_path, monkeypatc
     ("**/*.dcm", True),     # files under it could match: one error line
     ("*/*/*.dcm", True),    # its depth is the pattern's
     ("p*/s*/*.dcm", True),
+    ("p*/**.dcm", True),    # a ** in the files' part crosses folders too
+    ("p1?s0/*.dcm", True),  # so does a ? (it matches the / of p1/s0, as Beam reads globs)
     ("*/*.dcm", False),     # the pattern cannot reach into it: nothing to tell
     ("q*/s*/*.dcm", False),
-], ids=["any-depth", "its-depth", "its-names", "too-deep", "other-names"])
+], ids=["any-depth", "its-depth", "its-names", "files-part", "question-mark", "too-deep", "other-names"])
 def test_a_folder_that_cannot_be_listed_under_a_glob_is_listed_when_it_could_hide_matches(
         tmp_path, monkeypatch, glob, listed):
     """A folder whose own name does not match the files' pattern is still an error line (a

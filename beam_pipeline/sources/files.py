@@ -213,22 +213,28 @@ def _matcher(pattern: str):
 
 def _folder_matcher(pattern: str):
     """Whether files under a local folder could match the glob: the folder's path matches the
-    pattern's leading folders, to any depth once they reach a ``**``. A folder that cannot be
-    listed is an error line when it could hide matching files, and nothing when the pattern
-    cannot reach into it."""
-    folders = pattern.split("/")[:-1]  # the pattern's last part names the files
+    pattern's leading folders, to any depth from the first part that can match a ``/`` (``**``;
+    ``?`` and a negated set, as ``glob_regex`` reads them), the files' part included. A folder
+    that cannot be listed is an error line when it could hide matching files, and nothing when
+    the pattern cannot reach into it."""
+    parts = pattern.split("/")  # the last part names the files
     tests = []
-    for folder in folders:
-        if "**" in folder:
+    for part in parts[:-1]:
+        if _crosses_folders(part):
             break
-        tests.append(_matcher(folder))
-    deep = len(tests) < len(folders)
+        tests.append(_matcher(part))
+    deep = len(tests) < len(parts) - 1 or _crosses_folders(parts[-1])
 
     def could_hold(path: str) -> bool:
         names = path.split("/")
         return (deep or len(names) <= len(tests)) and all(map(lambda test, name: test(name), tests, names))
 
     return could_hold
+
+
+def _crosses_folders(part: str) -> bool:
+    """Whether a part of a glob can match a ``/`` (conservatively: an escaped ``[?]`` counts)."""
+    return "**" in part or "?" in part or "[!" in part
 
 
 def _excluded(exclude: str | None) -> str | None:
