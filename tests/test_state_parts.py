@@ -4,6 +4,7 @@ unit, reads the changed files of the others, and still writes the full run's sna
 from __future__ import annotations
 
 import json
+import os
 
 import pydicom
 import pytest
@@ -176,3 +177,33 @@ def test_a_unit_line_gives_back_its_groups_and_records_whole(tmp_path):
     loaded = folder_state.load_pending(light)
     assert loaded == made
     assert loaded.instances["1.9.1.1"][1]["SliceThickness"] == 1.0  # the smaller copy, as reading kept
+
+
+def test_a_unit_line_keeps_two_folders_groups_of_one_study_and_series_apart(tmp_path):
+    """Directory mode: a unit of names that are not valid UTF-8 spans folders, so one line can hold
+    the groups of two folders with the same study and series; each comes back as reading made it."""
+    from beam_pipeline.fhir import keywords
+    from beam_pipeline.run import reading
+
+    def record(sop, number):
+        return {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "SOPInstanceUID": sop, "PatientID": "P1",
+                "StudyInstanceUID": "1.9", "SeriesInstanceUID": "1.9.1", "InstanceNumber": number}
+
+    keys = keywords.instance_keys()
+    files = [(state.source_key(os.fsencode("/r/A/x\udce9.dcm")), record("1.9.1.1", 1)),
+             (state.source_key(os.fsencode("/r/B/y\udce9.dcm")), record("1.9.1.2", 2))]
+    entries = sorted((folder_state.FileEntry(key, "1:2", rec, (), {"instances_read": 1}) for key, rec in files),
+                     key=lambda entry: entry.key)
+    partials, group_keys = {}, []
+    for entry in entries:
+        group_keys.append(reading.add_partial(partials, entry.record, entry.key, "directory", "/r", keys))
+    assert sorted(partials) == ["/r/A", "/r/B"]
+    [(part, whole)] = folder_state.unit_parts(entries)
+    line = folder_state.unit_line("|0", part, partials, whole, group_keys)
+    shard = tmp_path / "sources.jsonl"
+    shard.write_text("\n" + line + "\n")
+    unit = folder_state.read_unit_line(line.encode(), (str(shard), 1))
+    for key, groups in unit.light().items():
+        made = partials[key]["1.9"]
+        assert folder_state.load_pending(groups["1.9"]) == made
+        assert list(made.instances) == (["1.9.1.1"] if key == "/r/A" else ["1.9.1.2"])

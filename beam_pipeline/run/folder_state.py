@@ -131,18 +131,24 @@ def unit_parts(entries: list[FileEntry]) -> list[tuple[list[FileEntry], dict]]:
     return [(part, {**whole, "part": [index, len(parts)]}) for index, part in enumerate(parts)]
 
 
-def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict) -> str:
+def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str, StudyGroup]], whole: dict,
+              group_keys: list | None = None) -> str:
     """A unit's line (of the part ``entries``); ``partials`` are its entries' records grouped (key ->
-    study uid -> group), ``whole`` from ``unit_parts``. (One line per unit: with small studies, one
-    per study or more, so built in one pass over its files.)"""
+    study uid -> group), ``whole`` from ``unit_parts``; ``group_keys``: each entry's group key
+    (default: its study uid, as in study mode). In directory mode one unit (of names that are not
+    valid UTF-8) can hold two folders' groups of the same study and series: each file is indexed
+    under its own. (One line per unit: with small studies, one per study or more, so built in one
+    pass over its files.)"""
     groups = [(key, uid, partials[key][uid], f"{partials[key][uid].content:x}")
               for key in sorted(partials) for uid in sorted(partials[key])]
-    series: dict[tuple[str, str], tuple[int, dict]] = {}  # (study, series) -> (index, representative)
-    for _, uid, group, _ in groups:
+    series: dict[tuple, tuple[int, dict]] = {}  # (group key, study, series) -> (index, representative)
+    for key, uid, group, _ in groups:
         for series_uid in sorted(group.series):
-            series[uid, series_uid] = (len(series), group.series[series_uid])
+            series[key, uid, series_uid] = (len(series), group.series[series_uid])
+    if group_keys is None:
+        group_keys = [None if entry.record is None else entry.record["StudyInstanceUID"] for entry in entries]
     files, errors, counts = [], [], {}
-    for entry in entries:
+    for entry, group_key in zip(entries, group_keys):
         for name, count in entry.counts.items():
             counts[name] = counts.get(name, 0) + count
         errors += entry.errors
@@ -150,7 +156,7 @@ def unit_line(unit: str, entries: list[FileEntry], partials: dict[str, dict[str,
         if record is None:
             files.append([entry.key, entry.stamp, None, None, None, list(entry.errors), entry.counts])
             continue
-        at, base = series[record["StudyInstanceUID"], record["SeriesInstanceUID"]]
+        at, base = series[group_key, record["StudyInstanceUID"], record["SeriesInstanceUID"]]
         files.append([entry.key, entry.stamp, at, *record_difference(record, base), list(entry.errors), entry.counts])
     return seal({
         "unit": unit,

@@ -90,15 +90,16 @@ class ReadHeaderDoFn(beam.DoFn):
             entries.sort(key=_KEY)
             for part, whole in folder_state.unit_parts(entries):
                 partials: dict[str, dict] = {}
+                group_keys = []  # each file's group key (None: not an instance)
                 for entry in part:
                     for name, count in entry.counts.items():  # (Counter.update costs more per file)
                         counts[name] += count
                     for error in entry.errors:
                         yield beam.pvalue.TaggedOutput(ERRORS, error)
-                    if entry.record is not None:
-                        add_partial(partials, entry.record, entry.key, self.group_by, self.root, self.instance_keys)
+                    group_keys.append(None if entry.record is None else add_partial(
+                        partials, entry.record, entry.key, self.group_by, self.root, self.instance_keys))
                 yield beam.pvalue.TaggedOutput(STATE, (layout.SOURCE_STATE_NAME,
-                                                       folder_state.unit_line(unit, part, partials, whole)))
+                                                       folder_state.unit_line(unit, part, partials, whole, group_keys)))
                 for key, groups in partials.items():  # (most units hold the batch's only part of a study)
                     merged = batch_partials.get(key)
                     batch_partials[key] = groups if merged is None else study.merge_directories([merged, groups])
@@ -116,14 +117,15 @@ class ReadHeaderDoFn(beam.DoFn):
         self.pool = self.reading = None  # shared with the process's other instances; ends with the last of them
 
 
-def add_partial(partials: dict, record: dict, source_key: str, group_by: str, root: str, instance_keys) -> None:
+def add_partial(partials: dict, record: dict, source_key: str, group_by: str, root: str, instance_keys) -> str:
     """Pre-aggregates the record of the file ``source_key`` into the partial groups of a batch, by
-    study (or first-level folder)."""
+    study (or first-level folder); returns its group key."""
     if group_by == "directory":
         key = inputs.first_level_folder(state.key_path(source_key), root)
     else:
         key = record["StudyInstanceUID"]
     study.add_to_directory(partials.setdefault(key, {}), record, instance_keys)
+    return key
 
 
 class BatchJobsDoFn(beam.DoFn):
