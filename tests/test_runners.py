@@ -173,6 +173,23 @@ def big_archive(tmp_path_factory):
     return root
 
 
+def test_a_portable_job_is_waited_for_past_beams_job_server_timeout_unless_one_is_given():
+    """Beam puts --job_server_timeout (300 s) on the job's state and message streams: a Prism job
+    running longer failed with DEADLINE_EXCEEDED (shown with --job_server_timeout 3 on 64k
+    instances). The CLI waits ``JOB_SERVER_TIMEOUT`` unless the option is given."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    from beam_pipeline.run import cli
+    from beam_pipeline.run.settings import JOB_SERVER_TIMEOUT
+
+    def timeout(*args):
+        return cli.new_pipeline(["--runner", "PrismRunner", *args]).options.view_as(PortableOptions).job_server_timeout
+
+    assert timeout() == JOB_SERVER_TIMEOUT > 24 * 3600
+    assert timeout("--job_server_timeout", "42") == 42
+    assert timeout("--job_server_timeout=43") == 43
+
+
 @pytest.mark.parametrize("message, expected", [
     ("job failed:\nSDK worker disconnected: worker_1, 2 active instructions, error: EOF", "SDK worker disconnected: worker_1"),
     ("panic in stage.Execute bundle processing goroutine: send on closed channel, stage: {ID:stage-3},stackTrace:\n"
@@ -257,14 +274,16 @@ def test_killed_sdk_workers_fail_the_prism_run_with_one_line_and_no_summary(big_
     with engines.worker_pool(tmp_path / "logs") as (address, pool):
         done = run_and_kill(big_archive, tmp_path / "out", ["--runner", "PrismRunner", "--prism_location", str(prism),
                                                             "--environment_type", "EXTERNAL",
-                                                            "--environment_config", address],
+                                                            "--environment_config", address,
+                                                            "--job_server_timeout", "240"],
                             kill=lambda: os.killpg(pool.pid, signal.SIGKILL))
     assert done.returncode == 3, done.stderr[-2000:]
     said = [line for line in done.stderr.splitlines() if not line.startswith("progress")]
     assert len(said) == 1 and said[0].startswith("error: the run failed: "), said
-    # Prism reports the lost worker, or panics in the stage that ran on it (its Go stack cut off)
+    # Prism reports the lost worker, or panics in the stage that ran on it (its Go stack cut off);
+    # on a loaded machine it once reported nothing, and the job service's deadline ended the wait
     assert any(text in said[0] for text in ("SDK worker disconnected", "control connection",
-                                           "panic in stage.Execute")), said[0]
+                                           "panic in stage.Execute", "within --job_server_timeout")), said[0]
     assert ".go:" not in said[0], said[0]
     assert not os.path.exists(tmp_path / "out" / "_report" / "summary.json")  # its absence marks the run incomplete
 

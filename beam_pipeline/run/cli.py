@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    SetupOptions,
+    TypeOptions,
+    _BeamArgumentParser,
+)
 
 from beam_pipeline.codes import EXIT_INCOMPLETE, TRANSIENT_REASONS
 from beam_pipeline.dicom.header_io import MAX_HEADER_BYTES, READ_COST
@@ -24,7 +30,7 @@ from beam_pipeline.fhir.config import ConversionConfig
 from beam_pipeline.run import follow, output, progress, stream
 from beam_pipeline.run.layout import SUMMARY_NAME
 from beam_pipeline.run.pipeline import execute, in_process, local_runner
-from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, Settings
+from beam_pipeline.run.settings import DEFAULT_READ_CONCURRENCY, JOB_SERVER_TIMEOUT, Settings
 from beam_pipeline.run.state import StateError
 from beam_pipeline.run.summary import accounted, describe
 from beam_pipeline.sinks.auth import CLIENT_SECRET_ENV, TOKEN_ENV as FHIR_TOKEN_ENV, Auth, AuthError
@@ -423,6 +429,8 @@ def new_pipeline(beam_args: list[str]) -> beam.Pipeline:
     the tests also run on Prism and Dask, where it stays on)."""
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
+    if not any(arg.split("=", 1)[0] in ("--job_server_timeout", "--job-server-timeout") for arg in beam_args):
+        options.view_as(PortableOptions).job_server_timeout = JOB_SERVER_TIMEOUT  # see settings
     runner = local_runner(options)
     if in_process(runner):
         options.view_as(TypeOptions).pipeline_type_check = False
@@ -439,13 +447,16 @@ def first_line(exc: BaseException, job_error: str | None = None) -> str:
     times; the last line names the problem), a Go stack trace cut off first. An error raised
     ``from None`` is its own cause. A broken stream of the job service (a gRPC error: the job
     server stopped before it reported the job's end) names nothing: then the ``job_error`` the
-    runner logged before it (``JobErrors``) is the cause, else the stream's status."""
+    runner logged before it (``JobErrors``) is the cause, else the stream's status (its deadline:
+    the job server said nothing of the job's end within ``--job_server_timeout``)."""
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
     if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # grpc.RpcError
         if job_error:
             return f"the job failed: {_last_line(job_error)}"
         code = exc.code()
+        if getattr(code, "name", None) == "DEADLINE_EXCEEDED":
+            return "the job server did not report the job's end within --job_server_timeout"
         return f"{type(exc).__name__}: {getattr(code, 'name', code)}: {_last_line(str(exc.details() or ''))}"
     return f"{type(exc).__name__}: {_last_line(str(exc))}"
 

@@ -16,6 +16,10 @@ from beam_pipeline.sources.dicomweb import Source
 # Header reads in flight per worker process on object storage. By Little's law, keeping one core
 # busy (~3,000 gs:// headers/s at ~0.3 ms of CPU each) at ~20 ms per request needs ~60 in flight.
 DEFAULT_READ_CONCURRENCY = 64
+# Beam's portable runner puts --job_server_timeout (300 s by default) on the job's state and
+# message streams too, so a Prism or Flink job running longer failed with DEADLINE_EXCEEDED: unless
+# given, a run waits this long for its job's end.
+JOB_SERVER_TIMEOUT = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
