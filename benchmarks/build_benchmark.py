@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,32 +78,19 @@ def time_groups(groups_path: str, archive: str, rounds: int) -> None:
 
 
 def main(argv=None) -> int:
+    from benchmarks import checkouts  # here: the module itself also runs in baseline checkouts without it
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("archives", nargs="+")
-    p.add_argument("--baseline", type=Path, action="append", default=[], help="another checkout (with its .venv)")
-    p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1], help="this checkout")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per checkout and pair (best taken)")
-    p.add_argument("--pairs", type=int, default=2, help="alternated runs of each checkout")
+    checkouts.add_arguments(p, rounds=3)
     args = p.parse_args(argv)
-    trees = {"this": args.tree.resolve(), **{tree.name: tree.resolve() for tree in args.baseline}}
-    cpu = min(os.sched_getaffinity(0))
+    trees = checkouts.trees_of(args)
     work = Path(tempfile.mkdtemp(prefix="build-benchmark-"))
     for archive in args.archives:
         groups = work / "groups.pkl"
         print(f"{archive}: {group_archive(archive, str(groups))} studies; us per study, best of {args.rounds} rounds")
-        for pair in range(args.pairs):
-            for name in (list(trees) if pair % 2 == 0 else list(reversed(trees))):
-                python = trees[name] / ".venv" / "bin" / "python"
-                # this file's time_groups over that checkout's code (its cwd comes first on sys.path)
-                code = (f"import importlib.util as u; s = u.spec_from_file_location('build_benchmark', {__file__!r}); "
-                        f"m = u.module_from_spec(s); s.loader.exec_module(m); "
-                        f"m.time_groups({str(groups)!r}, {archive!r}, {args.rounds})")
-                out = subprocess.run([str(python), "-c", code], cwd=trees[name], capture_output=True, text=True,
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-                if out.returncode:
-                    print(out.stderr[-800:], file=sys.stderr)
-                    return 1
-                print(f"  {name:6s} {out.stdout.strip()}")
+        call = f"m.time_groups({str(groups)!r}, {archive!r}, {args.rounds})"
+        if checkouts.alternated(trees, args.pairs, __file__, call):
+            return 1
     return 0
 
 
